@@ -1,0 +1,272 @@
+"""Study configuration: validated once at the edge (pydantic), immutable afterwards.
+
+A bad config raises :class:`ConfigError` whose message is one line naming the field path and what
+is allowed; the CLI turns it into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import searchspace
+from automl._data import DATASETS
+from automl._models import list_models
+
+__all__ = ["ConfigError", "StudyConfig", "load_config"]
+
+METRICS = ("accuracy", "size_bytes", "params", "latency_ms", "macs")
+_DEFAULT_DIRECTION = {"accuracy": "maximize", "size_bytes": "minimize", "params": "minimize", "latency_ms": "minimize", "macs": "minimize"}
+
+
+class ConfigError(ValueError):
+    """A study config broke a rule; ``str(err)`` is one line: ``<field>: <rule>, got <value>``."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DatasetConfig(_Frozen):
+    name: str
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = Field(default=None, ge=4, le=1024)
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    seed: int = 0
+    #: Cap on training samples (handy for quick studies on big datasets); None = all.
+    max_train_samples: int | None = Field(default=None, ge=10)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _root(self) -> DatasetConfig:
+        if DATASETS[self.name].needs_root and not self.root:
+            raise ValueError(f"dataset {self.name!r} reads from disk: set dataset.root to its folder")
+        return self
+
+
+class BaseModelConfig(_Frozen):
+    model: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: A user checkpoint (weights-only state dict) to load instead of training the base.
+    checkpoint: str | None = None
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    lr: float = Field(default=3e-3, gt=0.0, le=10.0)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in list_models() and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"unknown base model {v!r}; allowed: {', '.join(list_models())} or 'module:function'")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"checkpoint file must exist, got {v!r}")
+        return v
+
+
+class Objective(_Frozen):
+    metric: Literal["accuracy", "size_bytes", "params", "latency_ms", "macs"]
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or _DEFAULT_DIRECTION[self.metric]
+
+
+class BudgetConfig(_Frozen):
+    trials: int = Field(default=30, ge=1, le=100_000)
+    #: Wall-clock limit of the whole search in seconds; None = no limit.
+    time_limit_s: float | None = Field(default=None, gt=0)
+    #: Fine-tuning epochs after each compression stage that trains.
+    epochs: int = Field(default=3, ge=0, le=10_000)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(default=100, ge=1, le=65_536)
+
+
+class SamplerConfig(_Frozen):
+    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int | None = 0
+
+
+class ResourcesConfig(_Frozen):
+    cpus: float = Field(default=1.0, gt=0.0, le=1024)
+    gpus: float = Field(default=0.0, ge=0.0, le=64)
+    #: Concurrent trials; None = as many as the cluster's resources allow.
+    max_concurrent: int | None = Field(default=None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ResourcesConfig:
+        for field in ("cpus", "gpus"):
+            v = getattr(self, field)
+            if v > 1 and v != int(v):
+                raise ValueError(f"resources.{field} above 1 must be a whole number, got {v}")
+        return self
+
+
+class LatencyConfig(_Frozen):
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    threads: int = Field(default=1, ge=1, le=256)
+    warmup: int = Field(default=10, ge=0, le=100_000)
+    repeats: int = Field(default=30, ge=3, le=100_000)
+
+
+class StudyConfig(_Frozen):
+    """A whole study. See ``studies/*.yaml`` and the README for every field."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    dataset: DatasetConfig
+    base: BaseModelConfig
+    #: Method name -> narrowed hyperparameter ranges ({} = the method's full ranges).
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}, "tucker": {}})
+    #: Narrowing of the fine-tuning options searched for every method (distillation).
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    objectives: tuple[Objective, ...] = (
+        Objective(metric="accuracy"),
+        Objective(metric="size_bytes"),
+        Objective(metric="latency_ms"),
+    )
+    budget: BudgetConfig = BudgetConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: str | None = None
+    ray_address: str | None = None
+    latency: LatencyConfig = LatencyConfig()
+    #: Folder that holds one sub-folder per study.
+    output_dir: str = "runs"
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError(f"at least one method must be enabled; allowed: {', '.join(searchspace.list_methods())}")
+        for name, overrides in v.items():
+            try:
+                method = searchspace.get_method(name)
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+            if not isinstance(overrides, Mapping):
+                raise ValueError(f"methods.{name} must map hyperparameter names to ranges, got {overrides!r}")
+            try:
+                method.narrowed(overrides)
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"methods.{name}: {exc.args[0]}") from None
+        structure = searchspace.list_methods(searchspace.Stage.STRUCTURE)
+        if not any(n in structure for n in v):
+            raise ValueError(f"at least one structure method must be enabled ({', '.join(structure)}), got {sorted(v)}")
+        return v
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune(cls, v: dict[str, Any]) -> dict[str, Any]:
+        allowed = searchspace.FINETUNE_HYPERPARAMETERS
+        for key, value in v.items():
+            if key not in allowed:
+                raise ValueError(f"unknown fine-tuning option {key!r}; allowed: {', '.join(allowed)}")
+            try:
+                allowed[key].narrow(value)
+            except ValueError as exc:
+                raise ValueError(f"finetune.{key}: {exc}") from None
+        return v
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # "accuracy" is shorthand for {metric: accuracy} with its natural direction.
+        if isinstance(v, (list, tuple)):
+            return [{"metric": o} if isinstance(o, str) else o for o in v]
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: tuple[Objective, ...]) -> tuple[Objective, ...]:
+        names = [o.metric for o in v]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"objectives must be a non-empty list of distinct metrics from {list(METRICS)}, got {names}")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[a-z][a-z0-9+]*://", v):
+            raise ValueError(f"storage must be an SQLAlchemy URL such as sqlite:///path.db or postgresql://user@host/db, got {v!r}")
+        return v
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage: the config's URL, or a SQLite file inside the study folder."""
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{(self.study_dir / 'optuna.db').resolve()}"
+
+    def method_instances(self) -> dict[str, searchspace.CompressionMethod]:
+        return {n: searchspace.get_method(n)(ranges=searchspace.get_method(n).narrowed(o)) for n, o in self.methods.items()}
+
+    def finetune_domains(self) -> dict[str, searchspace.Domain]:
+        return {k: searchspace.FINETUNE_HYPERPARAMETERS[k].narrow(v) for k, v in self.finetune.items()}
+
+    def with_overrides(self, **changes: Any) -> StudyConfig:
+        """A validated copy with some top-level fields replaced (CLI flags)."""
+        data = self.model_dump(mode="python")
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return parse_config(data, source="command line")
+
+
+def _format(err: ValidationError, source: str) -> str:
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-")) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (not a field of this section)"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    got = first.get("input")
+    tail = "" if first["type"] in ("missing",) or "got" in msg else f", got {got!r}"
+    more = len(err.errors()) - 1
+    extra = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {loc}: {msg}{tail}{extra}"
+
+
+def parse_config(data: Any, *, source: str = "config") -> StudyConfig:
+    """Validate a mapping as a :class:`StudyConfig`; raise :class:`ConfigError` with one line."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the config must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format(err, source).replace("\n", " ")) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read and validate a YAML study config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, source=str(p))

@@ -1,0 +1,403 @@
+"""Study orchestration: base model, Ray Tune x Optuna search, checkpoints, progress.
+
+Layout of a study folder (``<output_dir>/<name>/``):
+
+- ``config.yaml``: the validated config the study was launched with (``resume`` reads it);
+- ``optuna.db``: the Optuna storage when the config names no other;
+- ``base/``: the trained base model (``weights.pt``) and its measurements (``base.json``);
+- ``checkpoints/trial_NNNNN/``: each finished trial's model (see :func:`save_checkpoint`);
+- ``ray/``: Ray Tune's experiment folder (results, errors, persisted checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+import yaml
+from torch import nn
+
+import searchspace
+from searchspace import Plan, SearchSpace
+from automl._config import StudyConfig, load_config
+from automl._data import Splits, load_dataset
+from automl._measure import Metrics, measure
+from automl._models import StagedNet, build_model
+from automl._trial import TrialSettings, run_trial, save_checkpoint
+from automl._train import TrainOptions, fit
+
+__all__ = ["Payload", "StudyError", "open_storage", "prepare_study", "run_search"]
+
+#: The objective metric reported by trials, per config metric.
+FAIL_REASON = "fail_reason"
+
+
+class StudyError(RuntimeError):
+    """A study cannot start or go on; the message is one line for the user."""
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage; SQLite gets a long lock timeout so concurrent writers wait, not fail.
+
+    Raises:
+        StudyError: the database cannot be reached (one line, no SQLAlchemy stack).
+    """
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+    except Exception as exc:  # noqa: BLE001 - surface a one-line cause for any driver error
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StudyError(f"storage {url!r} cannot be opened: {cause}") from None
+
+
+@dataclass
+class Payload:
+    """What every trial needs, put once in Ray's object store."""
+
+    data: Splits
+    base: nn.Module
+    settings: TrialSettings
+    methods: dict[str, searchspace.CompressionMethod]
+    cpus: float
+    gpus: float
+
+
+# --- base model ----------------------------------------------------------------------------
+
+
+def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:
+    return build_model(cfg.base.model, input_shape=data.input_shape, num_classes=data.num_classes, options=cfg.base.options)
+
+
+def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callable[[str], None] = print) -> tuple[nn.Module, Metrics]:
+    """Train the base once (or load the user's checkpoint), cache it in the study folder, measure it."""
+    folder = study_dir / "base"
+    weights = folder / "weights.pt"
+    record = folder / "base.json"
+    model = _build_base(cfg, data)
+    if weights.is_file() and record.is_file():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        metrics = Metrics(**json.loads(record.read_text())["metrics"])
+        return model.eval(), metrics
+    if cfg.base.checkpoint:
+        try:
+            state = torch.load(cfg.base.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as exc:  # noqa: BLE001
+            raise StudyError(f"base.checkpoint {cfg.base.checkpoint!r} does not fit base.model {cfg.base.model!r}: {exc}") from None
+        log(f"base: loaded {cfg.base.checkpoint}")
+        seconds = 0.0
+    else:
+        log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
+        start = time.perf_counter()
+        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed))
+        seconds = time.perf_counter() - start
+    model.eval()
+    metrics = measure(model, data, TrialSettings.from_config(cfg).latency)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds}, indent=2))
+    log(
+        f"base: accuracy {metrics.accuracy:.4f}, {metrics.params} params, {metrics.size_bytes} bytes, "
+        f"latency {metrics.latency_ms:.3f} ms"
+    )
+    return model, metrics
+
+
+# --- Optuna objects ----------------------------------------------------------------------
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed = cfg.sampler.seed
+    if cfg.sampler.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if cfg.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar keeps parallel workers from sampling the same point while others run.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=8)
+
+
+def objective_values(cfg: StudyConfig, metrics: dict[str, Any]) -> list[float]:
+    return [float(metrics[o.metric]) if metrics.get(o.metric) is not None else math.nan for o in cfg.objectives]
+
+
+def build_space(cfg: StudyConfig, base: nn.Module) -> SearchSpace:
+    methods = cfg.method_instances()
+    usable = {n: m for n, m in methods.items() if m.supports(base) is None}
+    if not any(m.stage == searchspace.Stage.STRUCTURE for m in usable.values()):
+        reasons = "; ".join(f"{n}: {m.supports(base)}" for n, m in methods.items())
+        raise StudyError(f"methods: none of the enabled methods applies to base.model {cfg.base.model!r} ({reasons})")
+    return SearchSpace(usable, finetune=cfg.finetune_domains())
+
+
+def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tuple[Path, Payload, SearchSpace]:
+    """Create (or reopen) the study folder, the Optuna study, the data and the base model."""
+    study_dir = cfg.study_dir
+    storage = open_storage_checked(cfg)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    config_file = study_dir / "config.yaml"
+    if not config_file.exists():
+        saved = cfg.model_dump(mode="json")
+        saved["output_dir"] = str(study_dir.parent.resolve())  # resume works from any folder
+        config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    data = load_dataset(
+        cfg.dataset.name,
+        root=cfg.dataset.root,
+        download=cfg.dataset.download,
+        image_size=cfg.dataset.image_size,
+        val_fraction=cfg.dataset.val_fraction,
+        seed=cfg.dataset.seed,
+        max_train_samples=cfg.dataset.max_train_samples,
+    )
+    base, base_metrics = prepare_base(cfg, data, study_dir, log=log)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.name,
+        directions=[o.resolved_direction for o in cfg.objectives],
+        load_if_exists=True,
+    )
+    study.set_user_attr("base", base_metrics.as_dict())
+    study.set_user_attr("base_model", cfg.base.model)
+    study.set_user_attr("objectives", [o.metric for o in cfg.objectives])
+    study.set_user_attr("study_dir", str(study_dir.resolve()))
+    study.set_user_attr("dataset", cfg.dataset.name)
+    space = build_space(cfg, base)
+    payload = Payload(
+        data=data,
+        base=base,
+        settings=TrialSettings.from_config(cfg),
+        methods=space.methods,
+        cpus=cfg.resources.cpus,
+        gpus=cfg.resources.gpus,
+    )
+    return study_dir, payload, space
+
+
+def open_storage_checked(cfg: StudyConfig) -> optuna.storages.RDBStorage:
+    if not cfg.storage:
+        # The embedded default lives in the study folder: create the folder only once all else is valid.
+        cfg.study_dir.mkdir(parents=True, exist_ok=True)
+    return open_storage(cfg.storage_url)
+
+
+def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
+    """Run one trial from a Ray Tune config; returns the result dict (never raises for trial faults)."""
+    from ray import tune
+
+    threads = max(1, int(payload.cpus))
+    torch.set_num_threads(threads)
+    device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
+    plan = Plan.from_dict(config["plan"])
+    try:
+        outcome = run_trial(plan, payload.base, payload.data, payload.settings, methods=payload.methods, device=device)
+    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the study goes on
+        reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        result = {FAIL_REASON: reason, "method": plan.label}
+        tune.report(result)
+        return result
+    result = {
+        **outcome.metrics.as_dict(),
+        "method": plan.label,
+        "seconds": outcome.seconds,
+        "notes": json.dumps(outcome.notes, default=str),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+    return result
+
+
+# --- Ray Tune glue ------------------------------------------------------------------------
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearcher(OptunaSearch):
+        """OptunaSearch that links Optuna and Ray trials and records why a trial failed."""
+
+        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._extra = extra_metrics
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if config is None:
+                return None
+            ot = self._ot_trials[trial_id]
+            number = ot.number
+            ot.set_user_attr("ray_trial_id", trial_id)
+            ot.set_user_attr("checkpoint", f"checkpoints/trial_{number:05d}")
+            ot.set_user_attr("method", Plan.from_dict(config["plan"]).label)
+            config["optuna_trial_number"] = number
+            return config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot = self._ot_trials.get(trial_id)
+            if ot is None or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            reason = None
+            if error:
+                reason = "the Ray worker running this trial died or raised outside the trial (see the Ray trial's error.txt)"
+            elif not result or result.get(FAIL_REASON):
+                reason = (result or {}).get(FAIL_REASON) or "the trial reported no result"
+            else:
+                values = [result.get(m) for m in self.metric]
+                if any(v is None or not math.isfinite(float(v)) for v in values):
+                    reason = f"objective values are not finite: {dict(zip(self.metric, values))}"
+            if reason is not None:
+                ot.set_user_attr(FAIL_REASON, reason)
+                self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+                self._completed_trials.add(trial_id)
+                return None
+            for key in self._extra:
+                if result.get(key) is not None:
+                    ot.set_user_attr(key, result[key])
+            return super().on_trial_complete(trial_id, result, error)
+
+    return StudySearcher
+
+
+def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None]):
+    from ray.tune import Callback
+
+    class StudyCallback(Callback):
+        """Copies each trial's persisted checkpoint into the study folder and prints progress."""
+
+        def __init__(self) -> None:
+            self.done = 0
+            self.failed = 0
+
+        def _progress(self, trial: Any, status: str) -> None:
+            storage = open_storage(cfg.storage_url)
+            study = optuna.load_study(study_name=cfg.name, storage=storage)
+            front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
+            number = trial.config.get("optuna_trial_number", "?")
+            log(f"[{self.done}/{total}] trial {number} {status} | failed {self.failed} | front {front}")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            number = trial.config.get("optuna_trial_number")
+            if result.get(FAIL_REASON):
+                self.failed += 1
+                self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")
+                return
+            if trial.checkpoint is not None and number is not None:
+                dest = study_dir / "checkpoints" / f"trial_{number:05d}"
+                tmp = dest.with_name(dest.name + ".partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                trial.checkpoint.to_directory(str(tmp))
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+            acc = result.get("accuracy")
+            self._progress(trial, f"{result.get('method')} acc={acc:.4f} size={result.get('size_bytes')}B lat={result.get('latency_ms', 0):.3f}ms" if acc is not None else "done")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            self.failed += 1
+            self._progress(trial, "FAILED (worker error)")
+
+    return StudyCallback()
+
+
+def run_search(
+    cfg: StudyConfig,
+    *,
+    trials: int | None = None,
+    log: Callable[[str], None] = print,
+) -> optuna.Study:
+    """Run (or continue) the study until it holds ``budget.trials`` finished trials.
+
+    Finished (COMPLETE or FAIL) trials already in the storage count toward the budget, so
+    ``resume`` calls this again with the same config. Trials left RUNNING by a killed launcher are
+    marked FAIL with the reason "interrupted".
+    """
+    import ray
+    from ray import tune
+
+    study_dir, payload, space = prepare_study(cfg, log=log)
+    storage = open_storage(cfg.storage_url)
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher stopped while this trial ran")
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)))
+    budget = trials if trials is not None else cfg.budget.trials
+    remaining = budget - finished
+    if remaining <= 0:
+        log(f"study {cfg.name!r} already holds {finished} finished trials (budget {budget})")
+        return study
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            logging_level="ERROR",
+        )
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
+    if cfg.resources.gpus > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // cfg.resources.gpus))
+        if slots == 0:
+            raise StudyError(f"resources.gpus: {cfg.resources.gpus} per trial requested, but the Ray cluster has {resources.get('GPU', 0)} GPUs")
+    concurrent = max(1, min(slots, cfg.resources.max_concurrent or slots, remaining))
+    metrics = [o.metric for o in cfg.objectives]
+    searcher = _searcher_class()(
+        space=space,
+        metric=metrics,
+        mode=["max" if o.resolved_direction == "maximize" else "min" for o in cfg.objectives],
+        sampler=make_sampler(cfg),
+        study_name=cfg.name,
+        storage=storage,
+        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "seconds", "notes") if m not in metrics),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, payload=payload),
+        {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
+    )
+    log(f"search: {remaining} trials, {concurrent} at a time, methods {sorted(space.methods)}, storage {cfg.storage_url}")
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=remaining,
+            max_concurrent_trials=concurrent,
+            time_budget_s=cfg.budget.time_limit_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"search_{int(time.time())}",
+            storage_path=str((study_dir / "ray").resolve()),
+            callbacks=[_callbacks(study_dir, cfg, remaining, log)],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+    return optuna.load_study(study_name=cfg.name, storage=storage)
+
+
+def load_study_config(study: str | Path) -> StudyConfig:
+    """The config of an existing study, from its folder (or ``<runs>/<name>``)."""
+    p = Path(study)
+    candidates = [p / "config.yaml", Path("runs") / str(study) / "config.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return load_config(c)
+    raise StudyError(f"study {str(study)!r} not found: no config.yaml in {p} or runs/{study}")

@@ -1,0 +1,164 @@
+"""One trial: apply a plan's chain of methods to the base, fine-tune, measure, save.
+
+Nothing here knows about Ray or Optuna's storage: the same function runs under Ray Tune, under a
+plain ``study.optimize`` loop (benchmarks) and in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import searchspace
+from searchspace import ApplyContext, CompressionMethod, Plan
+from automl._data import Splits
+from automl._measure import LatencySettings, Metrics, count_macs, measure
+from automl._train import TrainOptions, TrialFailed, fit
+
+__all__ = ["TrialOutcome", "TrialSettings", "load_checkpoint", "run_trial", "save_checkpoint"]
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """The parts of a study config a trial needs (kept small: it travels to every worker)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    latency: LatencySettings
+    seed: int = 0
+    calibration_batches: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrialSettings:
+        lat = cfg.latency
+        return cls(
+            epochs=cfg.budget.epochs,
+            lr=cfg.budget.lr,
+            batch_size=cfg.budget.batch_size,
+            latency=LatencySettings(batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats),
+            seed=cfg.seed,
+        )
+
+
+@dataclass
+class TrialOutcome:
+    plan: Plan
+    metrics: Metrics
+    model: nn.Module
+    notes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_trial(
+    plan: Plan,
+    base: nn.Module,
+    data: Splits,
+    settings: TrialSettings,
+    *,
+    methods: Mapping[str, CompressionMethod] | None = None,
+    device: torch.device | str = "cpu",
+) -> TrialOutcome:
+    """Apply ``plan`` to a copy of ``base``, fine-tune after each training stage, and measure.
+
+    Args:
+        methods: configured method instances by name (defaults: registered classes, full ranges).
+
+    Raises:
+        TrialFailed: a stage cannot apply, or training diverged.
+    """
+    start = time.perf_counter()
+    base = base.eval()
+    example = data.x_train[:1].to(device)
+    teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
+    notes: dict[str, Any] = {}
+    model: nn.Module = base
+    float_macs: int | None = None
+
+    def train(module: nn.Module, *, epochs: int | None = None, extra_loss: Any = None, seed_offset: int = 0) -> nn.Module:
+        opts = TrainOptions(
+            epochs=settings.epochs if epochs is None else epochs,
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            teacher=teacher,
+            temperature=plan.finetune.get("distill.temperature", 4.0),
+            distill_weight=plan.finetune.get("distill.weight", 0.5),
+            seed=settings.seed + seed_offset,
+        )
+        return fit(module, data, opts, device=device, extra_loss=extra_loss)
+
+    def calibration():
+        return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))
+
+    for i, (name, params) in enumerate(plan.chain):
+        method = (methods or {}).get(name) or searchspace.get_method(name)()
+        reason = method.supports(model)
+        if reason is not None:
+            raise TrialFailed(f"{name} cannot apply: {reason}")
+        if not method.finetune and float_macs is None:
+            # Post-training stages (int8) change the arithmetic, not the graph: MACs are those of
+            # the float model they start from (a quantised graph may not trace at all).
+            float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
+        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes)
+        model = method.apply(model, params, context=ctx)
+        if method.finetune:
+            model = train(model.to(device), seed_offset=i + 1)
+            float_macs = None
+    if model is base:
+        model = copy.deepcopy(base)
+    model.eval()
+    cpu_model = model.to("cpu")
+    metrics = measure(cpu_model, data, settings.latency, macs=float_macs)
+    if not math.isfinite(metrics.accuracy):
+        raise TrialFailed("accuracy is not finite")
+    return TrialOutcome(plan=plan, metrics=metrics, model=cpu_model, notes=notes, seconds=time.perf_counter() - start)
+
+
+def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.script(model)
+    except Exception:  # noqa: BLE001 - fall back to tracing for models script cannot compile
+        with torch.no_grad():
+            return torch.jit.trace(model, example, check_trace=False)
+
+
+def save_checkpoint(outcome: TrialOutcome, directory: str | Path, *, example: torch.Tensor) -> Path:
+    """Write what export needs: TorchScript model, weights-only state dict, and ``trial.json``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model = outcome.model.eval()
+    _to_torchscript(model, example).save(str(d / "model.ts"))
+    torch.save(model.state_dict(), d / "weights.pt")
+    record = {
+        "plan": outcome.plan.to_dict(),
+        "label": outcome.plan.label,
+        "metrics": outcome.metrics.as_dict(),
+        "notes": outcome.notes,
+        "seconds": outcome.seconds,
+        "input_shape": list(example.shape[1:]),
+    }
+    (d / "trial.json").write_text(json.dumps(record, indent=2, default=str))
+    return d
+
+
+def load_checkpoint(directory: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Load a trial's TorchScript model and record; raises ``FileNotFoundError``/``ValueError``."""
+    d = Path(directory)
+    record_path, model_path = d / "trial.json", d / "model.ts"
+    if not record_path.is_file() or not model_path.is_file():
+        raise FileNotFoundError(f"checkpoint folder must hold model.ts and trial.json, got {d}")
+    try:
+        record = json.loads(record_path.read_text())
+        model = torch.jit.load(str(model_path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupted checkpoint
+        raise ValueError(f"checkpoint {d} is corrupted: {type(exc).__name__}: {exc}") from exc
+    return model, record
+

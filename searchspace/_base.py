@@ -1,0 +1,134 @@
+"""The interface every compression method implements."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+
+import optuna
+import torch
+from torch import nn
+
+from searchspace._domains import Domain
+
+__all__ = ["ApplyContext", "CompressionMethod", "Stage"]
+
+
+class Stage(enum.IntEnum):
+    """Where a method sits in a chain. A trial applies at most one method per stage, in this order.
+
+    STRUCTURE methods re-parameterise layers (Tucker, WSNet, IGC...) and always have a pick, ``none``
+    being the base as is. PRUNE and QUANTIZE methods are optional stages stacked after it.
+    """
+
+    STRUCTURE = 0
+    PRUNE = 1
+    QUANTIZE = 2
+
+    @property
+    def param(self) -> str:
+        """The suffix of the Optuna parameter that picks the method of this stage."""
+        return {Stage.STRUCTURE: "method", Stage.PRUNE: "prune", Stage.QUANTIZE: "quantize"}[self]
+
+
+@dataclass
+class ApplyContext:
+    """What a method may use besides the model and its parameters.
+
+    Attributes:
+        example_input: one batch-1 input on the model's device, for tracing and shape inference.
+        calibration: yields ``(inputs, targets)`` training batches (never validation or test data),
+            for data-driven criteria (APoZ, ThiNet) and int8 calibration.
+        fit: trains a module in place, ``fit(module, epochs=..., extra_loss=...)``; for methods that
+            learn something before they cut (learned gates).
+        base: the trained base model (read only), e.g. as a distillation teacher.
+        notes: what the method did (converted layers, skipped layers and why); stored with the trial.
+    """
+
+    example_input: torch.Tensor
+    calibration: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] = lambda: iter(())
+    fit: Callable[..., Any] | None = None
+    base: nn.Module | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate over at most ``limit`` calibration batches."""
+        for i, batch in enumerate(self.calibration()):
+            if limit is not None and i >= limit:
+                return
+            yield batch
+
+
+class CompressionMethod(abc.ABC):
+    """A compression method from a paper, searchable by Optuna.
+
+    Subclasses set :attr:`name`, :attr:`stage` and :attr:`hyperparameters`, and implement
+    :meth:`apply`. They are registered with :func:`searchspace.register_method`, which is all it
+    takes for the search, the CLI and the registry-driven tests to pick them up.
+
+    Args:
+        ranges: narrowed domains for some hyperparameters (validated by :meth:`narrowed`).
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage] = Stage.STRUCTURE
+    #: Whether the trial fine-tunes the model after :meth:`apply` (False for post-training int8).
+    finetune: ClassVar[bool] = True
+    #: The settings the search may tune; keys are un-prefixed, Optuna sees ``"<name>.<key>"``.
+    hyperparameters: ClassVar[Mapping[str, Domain]] = {}
+    #: The paper the method follows, cited in reports and cards.
+    reference: ClassVar[str] = ""
+
+    def __init__(self, *, ranges: Mapping[str, Domain] | None = None) -> None:
+        self.ranges: dict[str, Domain] = dict(self.hyperparameters)
+        self.ranges.update(ranges or {})
+
+    @classmethod
+    def narrowed(cls, overrides: Mapping[str, Any]) -> dict[str, Domain]:
+        """Validate a config's narrowing of this method's hyperparameters.
+
+        Raises:
+            KeyError: an unknown hyperparameter name (message lists the allowed ones).
+            ValueError: a value outside the method's domain.
+        """
+        out: dict[str, Domain] = {}
+        for key, value in overrides.items():
+            if key not in cls.hyperparameters:
+                allowed = ", ".join(sorted(cls.hyperparameters)) or "none"
+                raise KeyError(f"unknown hyperparameter {key!r} of method {cls.name!r}; allowed: {allowed}")
+            out[key] = cls.hyperparameters[key].narrow(value)
+        return out
+
+    def suggest(self, trial: optuna.Trial, key: str) -> Any:
+        """Sample hyperparameter ``key`` under its prefixed Optuna name."""
+        return self.ranges[key].suggest(trial, f"{self.name}.{key}")
+
+    def space(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Sample this method's settings. Only calls ``trial.suggest_*``; returns plain values.
+
+        The default samples every hyperparameter independently; methods whose settings are
+        conditional on each other override it.
+        """
+        return {key: self.suggest(trial, key) for key in self.ranges}
+
+    def supports(self, model: nn.Module) -> str | None:
+        """Return why the method cannot apply to ``model``, or None when it can."""
+        return None
+
+    def accepts(self, chain: tuple[str, ...]) -> bool:
+        """Whether this method may follow the methods already in ``chain`` (names, in order)."""
+        return True
+
+    @abc.abstractmethod
+    def apply(
+        self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext
+    ) -> nn.Module:
+        """Return a compressed copy of ``model``; never modify ``model`` itself.
+
+        Args:
+            model: the model to compress (the trained base, or the previous stage's output).
+            params: the values :meth:`space` returned.
+            context: example input, calibration data, and a place for notes.
+        """

@@ -1,0 +1,1 @@
+"""Built-in compression methods: one module each, registered on import."""
