@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny real datasets and the base models every method is checked on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automl import build_model, load_dataset
+
+#: (model name, one sample's input shape). Every registered method is applied to each of these.
+BASE_MODELS = [
+    ("digits_cnn", (1, 8, 8)),
+    ("mnist1d_cnn", (40,)),
+    ("resnet18", (3, 32, 32)),
+    ("mobilenet_v2", (3, 32, 32)),
+]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist1d():
+    return load_dataset("mnist1d", seed=0)
+
+
+def make_base(name: str, shape: tuple[int, ...], num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, input_shape=shape, num_classes=num_classes).eval()

@@ -1,0 +1,105 @@
+"""Registry-driven checks: every registered method on every base model.
+
+A new method file in searchspace/methods/ is tested here the moment it exists.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+import searchspace
+from searchspace import ApplyContext, SearchSpace, Stage
+from tests.conftest import BASE_MODELS, make_base
+
+METHODS = searchspace.list_methods()
+
+
+def _sample_params(method: searchspace.CompressionMethod, seed: int) -> dict:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    trial = study.ask()
+    return method.space(trial), trial.params
+
+
+def _context(shape, base) -> ApplyContext:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *shape, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    return ApplyContext(
+        example_input=x[:1],
+        calibration=lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]),
+        fit=lambda module, **kw: module,
+        base=base,
+    )
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_space_replays_on_fixed_trial(name):
+    method = searchspace.get_method(name)()
+    params, raw = _sample_params(method, seed=1)
+    replay = method.space(optuna.trial.FixedTrial(raw))
+    assert replay == params, f"{name}: FixedTrial replay {replay} != sampled {params}"
+    assert all(k.startswith(f"{name}.") for k in raw), f"{name}: parameter names must be prefixed: {sorted(raw)}"
+
+
+@pytest.mark.parametrize("model_name,shape", BASE_MODELS, ids=[m for m, _ in BASE_MODELS])
+@pytest.mark.parametrize("name", METHODS)
+def test_method_on_base_model(name, model_name, shape):
+    method = searchspace.get_method(name)()
+    base = make_base(model_name, shape)
+    reason = method.supports(base)
+    if reason is not None:
+        pytest.skip(f"{name} does not apply to {model_name}: {reason}")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    params, _ = _sample_params(method, seed=3)
+    ctx = _context(shape, base)
+    out = method.apply(base, params, context=ctx)
+    assert out is not base, f"{name}: apply must return a new module"
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), f"{name}: apply modified the base model's {k}"
+    x = torch.randn(4, *shape)
+    out.eval()
+    with torch.no_grad():
+        y = out(x)
+    assert y.shape == (4, 10), f"{name} on {model_name}: output shape {tuple(y.shape)} != (4, 10)"
+    assert torch.isfinite(y).all(), f"{name} on {model_name}: non-finite outputs"
+    if method.finetune:
+        out.train()
+        loss = out(x).square().mean()
+        loss.backward()
+        missing = [n for n, p in out.named_parameters() if p.requires_grad and (p.grad is None)]
+        assert not missing, f"{name} on {model_name}: no gradient reaches {missing[:5]}"
+
+
+def test_space_samples_valid_chains():
+    methods = {n: searchspace.get_method(n)() for n in METHODS}
+    space = SearchSpace(methods)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        plan = space.sample(trial)
+        stages = [methods[n].stage for n, _ in plan.chain]
+        assert stages == sorted(stages), f"chain out of stage order: {plan.label}"
+        assert stages and stages[0] == Stage.STRUCTURE, f"chain must start with a structure method: {plan.label}"
+        for i, (n, _) in enumerate(plan.chain):
+            assert methods[n].accepts(tuple(m for m, _ in plan.chain[:i])), f"{n} may not follow {plan.label}"
+        assert space.sample(optuna.trial.FixedTrial(trial.params)) == plan
+        seen.add(plan.chain[0][0])
+        study.tell(trial, 0.0)
+    structure = {n for n in METHODS if methods[n].stage == Stage.STRUCTURE}
+    assert seen == structure, f"60 random trials never picked {structure - seen}"
+
+
+def test_registry_rejects_duplicates_and_lists_allowed():
+    cls = searchspace.get_method("none")
+    with pytest.raises(ValueError, match="registered twice"):
+        searchspace.register_method(type("Other", (cls,), {"name": "none"}))
+    with pytest.raises(KeyError, match="allowed: .*none"):
+        searchspace.get_method("nope")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_cites_its_paper(name):
+    assert searchspace.get_method(name).reference, f"{name}: cite the paper the method follows in `reference`"
