@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import statistics
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,7 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which warns on every CPU-only worker that it found no
+# CUDA runtime: noise in every trial's log, not a problem.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 
 from automl._data import Splits
 from automl._train import evaluate

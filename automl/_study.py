@@ -326,6 +326,10 @@ def run_search(
     ``resume`` calls this again with the same config. Trials left RUNNING by a killed launcher are
     marked FAIL with the reason "interrupted".
     """
+    # A local single-user Ray needs no auth token and no dashboard; Tune's own table is replaced by
+    # our one-line progress (StudyCallback).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
@@ -380,6 +384,7 @@ def run_search(
             max_concurrent_trials=concurrent,
             time_budget_s=cfg.budget.time_limit_s,
             reuse_actors=True,
+            trial_dirname_creator=lambda t: f"trial_{t.config.get('optuna_trial_number', t.trial_id)}_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
             name=f"search_{int(time.time())}",
