@@ -6,6 +6,7 @@ is allowed; the CLI turns it into exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -129,12 +130,18 @@ class StudyConfig(_Frozen):
     """A whole study. See ``studies/*.yaml`` and the README for every field."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    #: Modules imported before anything else; each may register extra methods (a user's own
+    #: compression method, written like the built-ins). Trials import them too.
+    plugins: tuple[str, ...] = ()
     dataset: DatasetConfig
     base: BaseModelConfig
     #: Method name -> narrowed hyperparameter ranges ({} = the method's full ranges).
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}, "tucker": {}})
     #: Narrowing of the fine-tuning options searched for every method (distillation).
     finetune: dict[str, Any] = Field(default_factory=dict)
+    #: Points evaluated first, as Optuna parameter names -> values (Optuna's ``enqueue_trial``),
+    #: e.g. ``{method: tucker, tucker.rank_out: 0.5, tucker.rank_in: 0.5, distill: false}``.
+    enqueue: tuple[dict[str, Any], ...] = ()
     objectives: tuple[Objective, ...] = (
         Objective(metric="accuracy"),
         Objective(metric="size_bytes"),
@@ -149,6 +156,16 @@ class StudyConfig(_Frozen):
     #: Folder that holds one sub-folder per study.
     output_dir: str = "runs"
     seed: int = 0
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, module in enumerate(v):
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - any import failure is a bad config
+                raise ValueError(f"plugins[{i}]: module {module!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -165,7 +182,7 @@ class StudyConfig(_Frozen):
             try:
                 method.narrowed(overrides)
             except (KeyError, ValueError) as exc:
-                raise ValueError(f"methods.{name}: {exc.args[0]}") from None
+                raise ValueError(exc.args[0]) from None
         structure = searchspace.list_methods(searchspace.Stage.STRUCTURE)
         if not any(n in structure for n in v):
             raise ValueError(f"at least one structure method must be enabled ({', '.join(structure)}), got {sorted(v)}")

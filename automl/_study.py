@@ -73,6 +73,7 @@ class Payload:
     methods: dict[str, searchspace.CompressionMethod]
     cpus: float
     gpus: float
+    plugins: tuple[str, ...] = ()
 
 
 # --- base model ----------------------------------------------------------------------------
@@ -182,6 +183,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         methods=space.methods,
         cpus=cfg.resources.cpus,
         gpus=cfg.resources.gpus,
+        plugins=cfg.plugins,
     )
     return study_dir, payload, space
 
@@ -195,8 +197,12 @@ def open_storage_checked(cfg: StudyConfig) -> optuna.storages.RDBStorage:
 
 def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     """Run one trial from a Ray Tune config; returns the result dict (never raises for trial faults)."""
+    import importlib
+
     from ray import tune
 
+    for module in payload.plugins:  # user methods register themselves on import
+        importlib.import_module(module)
     threads = max(1, int(payload.cpus))
     torch.set_num_threads(threads)
     device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -205,7 +211,9 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         outcome = run_trial(plan, payload.base, payload.data, payload.settings, methods=payload.methods, device=device)
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the study goes on
         reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        result = {FAIL_REASON: reason, "method": plan.label}
+        # Every metric key is present (as NaN) so Tune's metric check passes; the searcher records
+        # the trial as FAIL with this reason.
+        result = {FAIL_REASON: reason, "method": plan.label, **{k: math.nan for k in Metrics.__dataclass_fields__}}
         tune.report(result)
         return result
     result = {
@@ -340,6 +348,8 @@ def run_search(
         storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher stopped while this trial ran")
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)))
+    for point in cfg.enqueue:  # skip_if_exists: a resumed study does not evaluate them twice
+        study.enqueue_trial(dict(point), skip_if_exists=True)
     budget = trials if trials is not None else cfg.budget.trials
     remaining = budget - finished
     if remaining <= 0:

@@ -98,7 +98,10 @@ class CompressionMethod(abc.ABC):
             if key not in cls.hyperparameters:
                 allowed = ", ".join(sorted(cls.hyperparameters)) or "none"
                 raise KeyError(f"unknown hyperparameter {key!r} of method {cls.name!r}; allowed: {allowed}")
-            out[key] = cls.hyperparameters[key].narrow(value)
+            try:
+                out[key] = cls.hyperparameters[key].narrow(value)
+            except ValueError as exc:
+                raise ValueError(f"{cls.name}.{key}: {exc}") from None
         return out
 
     def suggest(self, trial: optuna.Trial, key: str) -> Any:

@@ -29,3 +29,20 @@ def mnist1d():
 def make_base(name: str, shape: tuple[int, ...], num_classes: int = 10) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(name, input_shape=shape, num_classes=num_classes).eval()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray for the session; workers import this checkout (and tests.fixtures plugins)."""
+    import os
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
