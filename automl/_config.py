@@ -64,6 +64,7 @@ class BaseModelConfig(_Frozen):
     checkpoint: str | None = None
     epochs: int = Field(default=20, ge=1, le=10_000)
     lr: float = Field(default=3e-3, gt=0.0, le=10.0)
+    schedule: Literal["onecycle", "constant"] = "onecycle"
 
     @field_validator("model")
     @classmethod

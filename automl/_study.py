@@ -104,7 +104,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     else:
         log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
         start = time.perf_counter()
-        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed))
+        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, schedule=cfg.base.schedule))
         seconds = time.perf_counter() - start
     model.eval()
     metrics = measure(model, data, TrialSettings.from_config(cfg).latency)

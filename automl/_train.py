@@ -40,6 +40,9 @@ class TrainOptions:
     temperature: float = 4.0
     distill_weight: float = 0.5
     seed: int = 0
+    #: "onecycle" (warm-up then anneal; the default for fine-tuning) or "constant" (the MNIST-1D
+    #: paper's recipe for training from scratch).
+    schedule: str = "onecycle"
 
 
 def fit(
@@ -68,7 +71,11 @@ def fit(
         teacher.to(device).eval()
     opt = torch.optim.Adam(params, lr=options.lr)
     steps_per_epoch = math.ceil(len(data.x_train) / options.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=options.lr, total_steps=options.epochs * steps_per_epoch)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=options.lr, total_steps=options.epochs * steps_per_epoch)
+        if options.schedule == "onecycle"
+        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    )
     t = options.temperature
     for epoch in range(options.epochs):
         for step, (x, y) in enumerate(data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch)):
