@@ -150,10 +150,19 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     storage = open_storage_checked(cfg)
     study_dir.mkdir(parents=True, exist_ok=True)
     config_file = study_dir / "config.yaml"
-    if not config_file.exists():
-        saved = cfg.model_dump(mode="json")
-        saved["output_dir"] = str(study_dir.parent.resolve())  # resume works from any folder
-        config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    saved = cfg.model_dump(mode="json")
+    saved["output_dir"] = str(study_dir.parent.resolve())  # resume works from any folder
+    if config_file.exists():
+        before = yaml.safe_load(config_file.read_text())
+        # Budget, cluster address and storage may change between runs; what defines the search may not.
+        ignored = ("budget", "ray_address", "storage", "output_dir")
+        changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])
+        if changed:
+            raise StudyError(
+                f"study {cfg.name!r} already exists in {study_dir} with a different {', '.join(changed)}; "
+                "resume it with `automl resume` or give the new study another name"
+            )
+    config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
     data = load_dataset(
         cfg.dataset.name,
         root=cfg.dataset.root,
@@ -279,7 +288,7 @@ def _searcher_class():
     return StudySearcher
 
 
-def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None]):
+def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], storage: optuna.storages.BaseStorage):
     from ray.tune import Callback
 
     class StudyCallback(Callback):
@@ -290,7 +299,6 @@ def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str
             self.failed = 0
 
         def _progress(self, trial: Any, status: str) -> None:
-            storage = open_storage(cfg.storage_url)
             study = optuna.load_study(study_name=cfg.name, storage=storage)
             front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
             number = trial.config.get("optuna_trial_number", "?")
@@ -399,7 +407,7 @@ def run_search(
         run_config=tune.RunConfig(
             name=f"search_{int(time.time())}",
             storage_path=str((study_dir / "ray").resolve()),
-            callbacks=[_callbacks(study_dir, cfg, remaining, log)],
+            callbacks=[_callbacks(study_dir, cfg, remaining, log, storage)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),

@@ -139,3 +139,17 @@ def test_shipped_study_configs_are_valid(path):
 def test_config_error_is_value_error():
     with pytest.raises(ConfigError):
         parse_config({"name": "x"})
+
+
+def test_relaunch_with_a_changed_search_is_refused(tmp_path):
+    out = tmp_path / "runs"
+    study_dir = out / "t"
+    study_dir.mkdir(parents=True)
+    old = parse_config({**VALID, "output_dir": str(out)})
+    (study_dir / "config.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "methods": {"none": {}}, "output_dir": str(out)}))
+    result = _run(["launch", str(path)])
+    text = (result.stderr or "") + (result.stdout or "")
+    assert result.exit_code == 2 and "already exists" in text and "methods" in text, text
+    assert sorted(p.name for p in study_dir.iterdir()) == ["config.yaml", "optuna.db"], "refused relaunch wrote more than the storage"
