@@ -18,11 +18,11 @@ Compute (section 3 of the paper):
   no multiplies either way, so the L-term sum is kept (:meth:`WSConv.forward_product_map`).
 
 Which forward runs is measured, not assumed: the product map issues L gathers of small tensors,
-a plain conv with the materialised M/C-channel kernel issues one oneDNN call. BENCHMARKS.md
-(section "issue 3") measures both at batch 1, one thread; the materialised conv (after the channel
-sum) was faster on every layer measured, so it is the forward used in training, inference and
-export (:attr:`WSConv.mode` = ``"conv"``), and ``"product_map"`` stays available and tested as the
-paper's compute path.
+the plain conv runs one oneDNN call on the channel-summed input with the materialised M/C-channel
+kernel (built once and kept while in inference, so the exported/inference path is a plain conv).
+For every 1D layer, ``WSNet.apply`` times both at batch 1, one thread, on the layer's real input
+shape and keeps the faster (``WSConv.mode``, timings in the trial notes under ``wsnet.forward``);
+2D layers use the plain conv. BENCHMARKS.md (section "issue 3") has both side by side.
 
 2D kernels: sampling runs along the kernel's width axis (the last one); the condensed filter keeps
 the full height, so filter i is Phi[:, :, i*S : i*S + kw]. The paper is 1D (audio); the width axis is
@@ -86,7 +86,10 @@ class WSConv(nn.Module):
         self.kernel_size = tuple(conv.kernel_size)
         self.stride, self.padding, self.dilation = tuple(conv.stride), conv.padding, tuple(conv.dilation)
         self.sample_stride, self.repeat = stride, repeat
+        #: "conv": channel sum, then a plain conv with the materialised M/C-channel kernel;
+        #: "product_map": the paper's computation reuse (1D). Set by measurement in WSNet.apply.
         self.mode = "conv"
+        self.frozen: torch.Tensor | None = None
         condensed = length + (conv.out_channels - 1) * stride
         shape = (conv.in_channels // repeat, *self.kernel_size[:-1], condensed)
         self.condensed = nn.Parameter(torch.empty(shape))
@@ -120,13 +123,26 @@ class WSConv(nn.Module):
         b, _, *sp = x.shape
         return x.view(b, self.repeat, self.in_channels // self.repeat, *sp).sum(1)
 
+    def train(self, mode: bool = True) -> WSConv:
+        self.frozen = None  # the materialised kernel is only valid until the next training step
+        return super().train(mode)
+
+    def materialised(self) -> torch.Tensor:
+        """The kernel for the plain-conv forward; in inference (eval, no grad) built once and kept."""
+        if self.training or torch.is_grad_enabled():
+            return self.weight()
+        if self.frozen is None:
+            self.frozen = self.weight().detach()
+        return self.frozen
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "product_map":
             return self.forward_product_map(x)
         xs = self.channel_sum(x)
+        w = self.materialised()
         if self.dim == 1:
-            return F.conv1d(xs, self.weight(), self.bias, self.stride, self.padding, self.dilation)
-        return F.conv2d(xs, self.weight(), self.bias, self.stride, self.padding, self.dilation)
+            return F.conv1d(xs, w, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(xs, w, self.bias, self.stride, self.padding, self.dilation)
 
     def forward_product_map(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's computation reuse (1D): product map once, then diagonal sums per filter."""
@@ -213,8 +229,10 @@ class WSNet(CompressionMethod):
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
         out = clone(model)
+        inputs = self.layer_inputs(out, context.example_input)
         converted: dict[str, list[int]] = {}
         skipped: dict[str, str] = {}
+        modes: dict[str, str] = {}
         for name, conv in list(iter_convs(out)):
             if conv.groups != 1 or conv.padding_mode != "zeros":
                 skipped[name] = "grouped" if conv.groups != 1 else f"padding_mode={conv.padding_mode}"
@@ -223,8 +241,50 @@ class WSNet(CompressionMethod):
             if wsnet_param_count(conv, s, c) >= sum(p.numel() for p in conv.parameters()):
                 skipped[name] = f"no saving at S={s}, C={c}"
                 continue
-            replace(out, name, WSConv.from_conv(conv, stride=s, repeat=c, init=params.get("init", "lstsq")))
+            layer = WSConv.from_conv(conv, stride=s, repeat=c, init=params.get("init", "lstsq"))
+            if name in inputs:
+                layer.mode, timing = self.faster_forward(layer, inputs[name])
+                modes[name] = timing
+            replace(out, name, layer)
             converted[name] = [s, c]
         context.notes["wsnet.converted"] = converted
         context.notes["wsnet.skipped"] = skipped
+        context.notes["wsnet.forward"] = modes
         return out
+
+    @staticmethod
+    def layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch-1 input of every 1D conv without dilation (the layers with two forwards to choose from)."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            conv.register_forward_pre_hook(lambda _m, args, n=name: seen.__setitem__(n, args[0].detach()))
+            for name, conv in iter_convs(model)
+            if isinstance(conv, nn.Conv1d) and conv.dilation == (1,) and not isinstance(conv.padding, str)
+        ]
+        try:
+            with torch.no_grad():
+                model.eval()(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    @staticmethod
+    def faster_forward(layer: WSConv, x: torch.Tensor) -> tuple[str, str]:
+        """Time both 1D forwards at batch 1, one thread, and return the faster mode and the timings.
+
+        Latency is measured, never assumed: which one wins depends on the layer's shape (the
+        product map trades multiplies for L gathers of small tensors).
+        """
+        from torch.utils import benchmark
+
+        layer = layer.eval()
+        times = {}
+        with torch.no_grad():
+            for mode in ("conv", "product_map"):
+                layer.mode = mode
+                timer = benchmark.Timer(stmt="layer(x)", globals={"layer": layer, "x": x}, num_threads=1)
+                timer.timeit(5)
+                times[mode] = min(timer.timeit(20).mean for _ in range(5))
+        best = min(times, key=times.get)
+        return best, f"{best} ({', '.join(f'{k} {v * 1e6:.1f} us' for k, v in times.items())})"

@@ -223,3 +223,26 @@ def test_scale_digits_resamples_and_mnist1d_notes_why_not():
     assert str(ctx.notes["scale.resolution"]).startswith("1.0"), ctx.notes
     assert out(torch.randn(2, 40)).shape == (2, 10), "scaled MNIST-1D CNN must still classify"
     assert param_count(out) < param_count(m1d), "phi < 0 must shrink the MNIST-1D CNN"
+
+
+def test_wsnet_inference_kernel_is_kept_and_dropped_on_train():
+    conv = nn.Conv1d(16, 24, 3, padding=1)
+    layer = WSConv.from_conv(conv, stride=1, repeat=4).eval()
+    x = _x(conv)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer.frozen is not None, "inference must keep the materialised kernel"
+        _close(layer(x), first, "second inference call with the kept kernel")
+    layer.train()
+    assert layer.frozen is None, "train() must drop the kept kernel (weights are about to change)"
+    _close(layer(x), first, "training-mode forward vs inference forward")
+
+
+def test_wsnet_records_measured_forward_for_1d_layers():
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = WSNet().apply(base, {"stride": 1, "repeat": 4, "init": "lstsq"}, context=ctx)
+    modes = ctx.notes["wsnet.forward"]
+    assert set(modes) == set(ctx.notes["wsnet.converted"]), f"every converted 1D layer needs a measured forward: {modes}"
+    for name, text in modes.items():
+        assert out.get_submodule(name).mode == text.split()[0], f"{name}: mode {out.get_submodule(name).mode} != note {text}"
