@@ -14,10 +14,10 @@ than starting from noise.
 Resolution: the input is resampled (linear / bilinear interpolation, ``Resampled``) to
 round(gamma^phi * size) per spatial axis, at least :data:`MIN_SIZE`, and the net runs on that. It is
 applied only where the dataset and the net allow it, checked by running the scaled net on a
-resampled example: a net ending in global pooling (digits CNN) accepts any size; the MNIST-1D CNN
-flattens its last feature map into a linear layer sized for length 40, so there the resolution stays
-1 and the notes say why. Resampling a 40-point MNIST-1D signal would be meaningful data-wise; it is
-the architecture that fixes the length.
+resampled example: a net ending in global pooling (digits CNN, 8x8 images) accepts any size. MNIST-1D
+samples come as (N, 40) without a channel axis and the MNIST-1D CNN flattens its last feature map into
+a linear layer sized for length 40, so there the resolution stays 1 and the notes say why (resampling
+the 40-point signal would be meaningful data-wise; it is the architecture that fixes the length).
 """
 
 from __future__ import annotations
