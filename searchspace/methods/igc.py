@@ -1,0 +1,115 @@
+"""IGCV1: interleaved group convolutions.
+
+Zhang, Qi, Xiao, Wang, "Interleaved Group Convolutions for Deep Neural Networks", ICCV 2017
+(arXiv 1707.02725). A conv (M_in -> M_out, k x k) becomes
+
+1. a primary group conv with L partitions (the spatial k x k kernel, block-diagonal), L*M = M_out
+   output channels laid out as (L, M);
+2. a permutation: the m-th secondary partition takes the m-th channel of every primary partition
+   ((L, M) -> transpose -> (M, L));
+3. a secondary 1x1 group conv with M partitions of L channels;
+4. the inverse permutation.
+
+The composition is a dense kernel with exactly one path from each input to each output channel
+(tested on the product of the blocks' connectivity masks). Parameters:
+M_in*M_out*k/L + M_out*L (+ M_out bias). L = 1 is the dense conv exactly (secondary = identity).
+
+Initialisation: the primary conv keeps the block-diagonal part of the base kernel and the secondary
+conv starts as the identity, so every output starts as the base output restricted to its partition's
+inputs (the paper trains from scratch; this is the closest start a trained base offers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from searchspace._base import ApplyContext, CompressionMethod, Stage
+from searchspace._domains import Categorical
+from searchspace._registry import register_method
+from searchspace._surgery import clone, iter_convs, replace
+from searchspace.methods._reparam import Permute, divisor_at_most, interleave
+
+
+def igc_param_count(conv: nn.Conv1d | nn.Conv2d, partitions: int) -> int:
+    """Closed form: M_in * M_out * k / L + M_out * L (+ M_out bias)."""
+    m_in, m_out, k = conv.in_channels, conv.out_channels, math.prod(conv.kernel_size)
+    bias = m_out if conv.bias is not None else 0
+    return m_in * m_out * k // partitions + m_out * partitions + bias
+
+
+class IGCConv(nn.Sequential):
+    """primary (L groups, k x k) -> interleave -> secondary (M groups, 1x1) -> interleave back."""
+
+    def __init__(self, *, conv: nn.Conv1d | nn.Conv2d, partitions: int) -> None:
+        m_in, m_out = conv.in_channels, conv.out_channels
+        if m_in % partitions or m_out % partitions:
+            raise ValueError(f"partitions must divide in and out channels ({m_in}, {m_out}), but got partitions={partitions}")
+        cls, ones = type(conv), (1,) * len(conv.kernel_size)
+        per = m_out // partitions  # M: channels per primary partition = number of secondary partitions
+        super().__init__()
+        self.primary = cls(m_in, m_out, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=partitions, bias=False, padding_mode=conv.padding_mode)
+        self.shuffle = Permute(interleave(partitions, per))
+        self.secondary = cls(m_out, m_out, ones, groups=per, bias=conv.bias is not None)
+        self.unshuffle = Permute(interleave(per, partitions))
+        self.partitions = partitions
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, *, partitions: int) -> IGCConv:
+        layer = cls(conv=conv, partitions=partitions).to(conv.weight.device, conv.weight.dtype)
+        m_in, m_out, lp = conv.in_channels, conv.out_channels, partitions
+        with torch.no_grad():
+            w = conv.weight.detach()
+            blocks = [w[g * m_out // lp : (g + 1) * m_out // lp, g * m_in // lp : (g + 1) * m_in // lp] for g in range(lp)]
+            layer.primary.weight.copy_(torch.cat(blocks, 0))
+            eye = torch.eye(lp, dtype=w.dtype, device=w.device).repeat(m_out // lp, 1)
+            layer.secondary.weight.copy_(eye.reshape(layer.secondary.weight.shape))
+            if conv.bias is not None:
+                layer.secondary.bias.copy_(conv.bias.detach()[layer.shuffle.index])
+        return layer
+
+
+@register_method
+class IGC(CompressionMethod):
+    """IGCV1 on every eligible conv (Zhang et al., ICCV 2017).
+
+    Rule: a conv with ``groups == 1`` gets L = the largest divisor of gcd(in, out) that is <= the
+    searched partition count; it is skipped when that is 1 (e.g. a first conv with 1 or 3 input
+    channels) or when the IGC form has no fewer parameters. Grouped convs are skipped.
+    """
+
+    name = "igc"
+    stage = Stage.STRUCTURE
+    reference = "Zhang, Qi, Xiao, Wang, Interleaved Group Convolutions, ICCV 2017, arXiv:1707.02725"
+    hyperparameters = {"partitions": Categorical([2, 4, 8, 16, 32])}
+
+    @staticmethod
+    def layer_partitions(conv: nn.Conv1d | nn.Conv2d, partitions: int) -> int:
+        return divisor_at_most(math.gcd(conv.in_channels, conv.out_channels), partitions)
+
+    def supports(self, model: nn.Module) -> str | None:
+        if not any(c.groups == 1 and self.layer_partitions(c, 32) > 1 for _, c in iter_convs(model)):
+            return "no convolution with groups == 1 whose in and out channels share a divisor > 1"
+        return None
+
+    def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
+        out = clone(model)
+        converted: dict[str, int] = {}
+        skipped: dict[str, str] = {}
+        for name, conv in list(iter_convs(out)):
+            lp = self.layer_partitions(conv, params["partitions"])
+            if conv.groups != 1:
+                skipped[name] = "grouped"
+            elif lp == 1:
+                skipped[name] = f"gcd(in={conv.in_channels}, out={conv.out_channels}) has no divisor in [2, {params['partitions']}]"
+            elif igc_param_count(conv, lp) >= sum(p.numel() for p in conv.parameters()):
+                skipped[name] = f"no saving at L={lp}"
+            else:
+                replace(out, name, IGCConv.from_conv(conv, partitions=lp))
+                converted[name] = lp
+        context.notes["igc.converted"] = converted
+        context.notes["igc.skipped"] = skipped
+        return out

@@ -1,0 +1,248 @@
+"""Closed-form parameter counts, connectivity masks and identity equivalences of the re-parameterised
+convolutions (wsnet, igc, igcv2, igcv3, dwsep, scale)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from searchspace import ApplyContext
+from searchspace.methods._reparam import connectivity, param_count
+from searchspace.methods.dwsep import DepthwiseSeparable, DWSepConv, dwsep_param_count
+from searchspace.methods.igc import IGC, IGCConv, igc_param_count
+from searchspace.methods.igcv2 import IGCV2, IGCV2Conv, balanced_factors, igcv2_param_count
+from searchspace.methods.igcv3 import IGCV3, IGCV3Conv, igcv3_param_count
+from searchspace.methods.scale import CompoundScaling, Resampled
+from searchspace.methods.wsnet import WSNet, WSConv, wsnet_param_count
+from tests.conftest import make_base
+
+CONVS = [
+    pytest.param(lambda: nn.Conv1d(16, 24, 5, stride=2, padding=2), id="1d-k5-s2"),
+    pytest.param(lambda: nn.Conv1d(32, 32, 3, padding=1, bias=False), id="1d-k3-nobias"),
+    pytest.param(lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1), id="2d-k3-s2"),
+    pytest.param(lambda: nn.Conv2d(24, 48, 1, bias=False), id="2d-1x1"),
+]
+
+
+def _x(conv: nn.Module, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(1)
+    shape = (batch, conv.in_channels, 20) if isinstance(conv, nn.Conv1d) else (batch, conv.in_channels, 9, 9)
+    return torch.randn(shape)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = (a - b).abs().max().item()
+    assert err < tol * max(1.0, b.abs().max().item()), f"{what}: max abs difference {err:.2e}"
+
+
+# --- WSNet ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", CONVS)
+@pytest.mark.parametrize("stride,repeat", [(1, 1), (1, 4), (2, 2), (3, 8)])
+def test_wsnet_param_count_matches_formula(make, stride, repeat):
+    conv = make()
+    s = min(stride, conv.kernel_size[-1])
+    layer = WSConv(conv=conv, stride=s, repeat=repeat)
+    assert param_count(layer) == wsnet_param_count(conv, s, repeat), f"S={s} C={repeat}: {param_count(layer)} != formula"
+
+
+@pytest.mark.parametrize("make", CONVS)
+def test_wsnet_identity_setting_equals_dense(make):
+    # S = L and C = 1: the windows do not overlap and Phi holds every filter once: the dense conv.
+    conv = make()
+    layer = WSConv.from_conv(conv, stride=conv.kernel_size[-1], repeat=1)
+    x = _x(conv)
+    _close(layer(x), conv(x), "WSConv(S=L, C=1) vs dense conv")
+
+
+@pytest.mark.parametrize("make", CONVS)
+@pytest.mark.parametrize("stride,repeat", [(1, 4), (2, 2)])
+def test_wsnet_channel_sum_equals_tiled_dense_conv(make, stride, repeat):
+    conv = make()
+    layer = WSConv(conv=conv, stride=min(stride, conv.kernel_size[-1]), repeat=repeat)
+    x = _x(conv)
+    dense = (F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d)(x, layer.dense_weight(), layer.bias, conv.stride, conv.padding)
+    _close(layer(x), dense, "sum-then-conv vs conv with the tiled kernel")
+    # The tiled kernel really is windows of the condensed filter: filter i, channel j = Phi[j, i*S:i*S+L].
+    w = layer.dense_weight()
+    length, s = conv.kernel_size[-1], layer.sample_stride
+    for i in (0, conv.out_channels - 1):
+        got = w[i, (repeat - 1) * (conv.in_channels // repeat)].reshape(-1)  # Phi channel 0, last copy
+        want = layer.condensed[0, ..., i * s : i * s + length].reshape(-1)
+        assert torch.equal(got, want), f"filter {i} is not window [{i * s}, {i * s + length}) of Phi"
+
+
+@pytest.mark.parametrize("make", [CONVS[0], CONVS[1]])
+@pytest.mark.parametrize("stride,repeat", [(1, 1), (1, 4), (2, 2)])
+def test_wsnet_product_map_equals_conv(make, stride, repeat):
+    conv = make()
+    layer = WSConv(conv=conv, stride=stride, repeat=repeat)
+    x = _x(conv)
+    _close(layer.forward_product_map(x), layer(x), "product-map forward vs materialised conv")
+
+
+@pytest.mark.parametrize("make", CONVS)
+def test_wsnet_lstsq_recovers_a_sampled_kernel(make):
+    # When the base kernel is exactly representable, the least-squares fit must reproduce it.
+    conv = make()
+    target = WSConv(conv=conv, stride=1, repeat=4 if conv.in_channels % 4 == 0 else 1)
+    with torch.no_grad():
+        conv.weight.copy_(target.dense_weight())
+    fitted = WSConv.from_conv(conv, stride=1, repeat=target.repeat)
+    x = _x(conv)
+    _close(fitted(x), conv(x), "lstsq fit of an exactly sampled kernel")
+
+
+def test_wsnet_notes_and_skip_rule_on_mnist1d():
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = WSNet().apply(base, {"stride": 1, "repeat": 8, "init": "lstsq"}, context=ctx)
+    conv = ctx.notes["wsnet.converted"]
+    assert conv["stages.0.0"] == [1, 1], f"first conv (1 input channel) must not repeat channels: {conv}"
+    assert conv["stages.1.0"] == [1, 5], f"25 channels: C=8 lowers to 5, the largest divisor <= 25 // 4: {conv}"
+    assert param_count(out) < param_count(base), "wsnet must reduce parameters"
+
+
+# --- depthwise-separable -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [CONVS[0], CONVS[1], CONVS[2]])
+@pytest.mark.parametrize("activation", [True, False])
+def test_dwsep_param_count_matches_formula(make, activation):
+    conv = make()
+    layer = DWSepConv(conv=conv, activation=activation)
+    assert param_count(layer) == dwsep_param_count(conv, activation), f"{param_count(layer)} != formula"
+
+
+@pytest.mark.parametrize("make", [CONVS[0], CONVS[2]])
+def test_dwsep_lstsq_is_exact_on_separable_kernel(make):
+    conv = make()
+    torch.manual_seed(0)
+    n, m = conv.weight.shape[:2]
+    d = torch.randn(m, *conv.kernel_size)
+    p = torch.randn(n, m)
+    with torch.no_grad():
+        conv.weight.copy_(p[:, :, *([None] * len(conv.kernel_size))] * d[None])
+    layer = DWSepConv.from_conv(conv, activation=False)
+    x = _x(conv)
+    _close(layer(x), conv(x), "linear dwsep lstsq fit of a separable kernel")
+
+
+def test_dwsep_width_multiplier_thins_builtin_and_notes_torchvision():
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = DepthwiseSeparable().apply(base, {"width": 0.5, "activation": True, "init": "lstsq"}, context=ctx)
+    assert ctx.notes["dwsep.width"] == 0.5, ctx.notes
+    assert out.stages[0][0].pointwise.out_channels == round(25 * 0.5), f"width 0.5 of 25 channels: {out.stages[0][0]}"
+    res = make_base("resnet18", (3, 32, 32))
+    ctx = ApplyContext(example_input=torch.randn(1, 3, 32, 32))
+    DepthwiseSeparable().apply(res, {"width": 0.5, "activation": True, "init": "random"}, context=ctx)
+    assert str(ctx.notes["dwsep.width"]).startswith("1.0"), f"resnet18 cannot thin; notes: {ctx.notes['dwsep.width']}"
+
+
+# --- IGCV1 / IGCV2 / IGCV3 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cin,cout,parts", [(16, 16, 2), (16, 32, 4), (24, 48, 8), (32, 64, 32)])
+def test_igc_connectivity_exactly_once(cin, cout, parts):
+    layer = IGCConv(conv=nn.Conv2d(cin, cout, 3, padding=1), partitions=parts)
+    mask = connectivity(list(layer.children()))
+    assert mask.shape == (cout, cin), f"mask shape {tuple(mask.shape)}"
+    assert (mask == 1).all(), f"IGCV1 L={parts}: path counts {mask.unique().tolist()} (want exactly 1)"
+    assert param_count(layer) == igc_param_count(nn.Conv2d(cin, cout, 3), parts), "IGCV1 param count != formula"
+
+
+@pytest.mark.parametrize("make", CONVS)
+def test_igc_single_partition_equals_dense(make):
+    conv = make()
+    layer = IGCConv.from_conv(conv, partitions=1)
+    x = _x(conv)
+    _close(layer(x), conv(x), "IGC with L=1 vs dense conv")
+
+
+def test_igc_init_keeps_block_diagonal_part():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    parts = 4
+    with torch.no_grad():  # zero the off-block-diagonal weights: the IGC start must then be exact
+        mask = torch.block_diag(*[torch.ones(8, 4)] * parts)
+        conv.weight.mul_(mask[:, :, None, None])
+    layer = IGCConv.from_conv(conv, partitions=parts)
+    x = _x(conv)
+    _close(layer(x), conv(x), "IGC init on a block-diagonal kernel")
+
+
+@pytest.mark.parametrize("cin,cout,convs", [(16, 16, 2), (64, 128, 2), (128, 128, 3), (24, 48, 3), (25, 25, 2)])
+def test_igcv2_connectivity_exactly_once(cin, cout, convs):
+    conv = nn.Conv1d(cin, cout, 3, padding=1)
+    factors = IGCV2.layer_factors(conv, convs)
+    assert factors is not None, f"{cin}->{cout} should be interleavable"
+    layer = IGCV2Conv(conv=conv, factors=factors)
+    mask = connectivity(list(layer.children()))
+    assert (mask == 1).all(), f"IGCV2 factors {factors}: path counts {mask.unique().tolist()} (want exactly 1)"
+    assert param_count(layer) == igcv2_param_count(conv, factors), "IGCV2 param count != formula"
+
+
+def test_balanced_factors():
+    assert balanced_factors(64, 2) == [8, 8], balanced_factors(64, 2)
+    assert balanced_factors(128, 3) == [8, 4, 4], balanced_factors(128, 3)
+    assert balanced_factors(7, 2) == [7], balanced_factors(7, 2)
+
+
+@pytest.mark.parametrize("cin,cout,t,g1,g2", [(16, 16, 1, 2, 2), (16, 32, 2, 4, 2), (32, 32, 6, 4, 4), (3, 16, 1, 1, 1)])
+def test_igcv3_connectivity_and_params(cin, cout, t, g1, g2):
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    a, b = IGCV3.layer_settings(conv, t, g1, g2)
+    layer = IGCV3Conv(conv=conv, expansion=t, g1=a, g2=b)
+    mask = connectivity(list(layer.children()))
+    assert (mask >= 1).all(), f"IGCV3 t={t} G1={a} G2={b}: some output misses some input"
+    assert param_count(layer) == igcv3_param_count(conv, t, a, b), "IGCV3 param count != formula"
+
+
+def test_group_conv_without_interleave_is_not_connected():
+    # The mask test has teeth: two group convs without the permutation leave blocks unconnected.
+    mask = connectivity([nn.Conv2d(16, 16, 3, groups=4), nn.Conv2d(16, 16, 1, groups=4)])
+    assert (mask == 0).any(), "stacked group convs without a shuffle must not connect everything"
+
+
+# --- compound scaling ----------------------------------------------------------------------
+
+
+def test_scale_digits_resamples_and_mnist1d_notes_why_not():
+    digits = make_base("digits_cnn", (1, 8, 8))
+    ctx = ApplyContext(example_input=torch.randn(1, 1, 8, 8))
+    out = CompoundScaling().apply(digits, {"phi": -4.0}, context=ctx)
+    assert isinstance(out, Resampled) and out.size == [round(8 * 1.15**-4)] * 2, f"digits resolution: {ctx.notes}"
+    assert param_count(out) < param_count(digits), "phi < 0 must shrink the digits CNN"
+    m1d = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = CompoundScaling().apply(m1d, {"phi": -8.0}, context=ctx)
+    assert str(ctx.notes["scale.resolution"]).startswith("1.0"), ctx.notes
+    assert out(torch.randn(2, 40)).shape == (2, 10), "scaled MNIST-1D CNN must still classify"
+    assert param_count(out) < param_count(m1d), "phi < 0 must shrink the MNIST-1D CNN"
+
+
+def test_wsnet_inference_kernel_is_kept_and_dropped_on_train():
+    conv = nn.Conv1d(16, 24, 3, padding=1)
+    layer = WSConv.from_conv(conv, stride=1, repeat=4).eval()
+    x = _x(conv)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer.frozen is not None, "inference must keep the materialised kernel"
+        _close(layer(x), first, "second inference call with the kept kernel")
+    layer.train()
+    assert layer.frozen is None, "train() must drop the kept kernel (weights are about to change)"
+    _close(layer(x), first, "training-mode forward vs inference forward")
+
+
+def test_wsnet_records_measured_forward_for_1d_layers():
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = WSNet().apply(base, {"stride": 1, "repeat": 4, "init": "lstsq"}, context=ctx)
+    modes = ctx.notes["wsnet.forward"]
+    assert set(modes) == set(ctx.notes["wsnet.converted"]), f"every converted 1D layer needs a measured forward: {modes}"
+    for name, text in modes.items():
+        assert out.get_submodule(name).mode == text.split()[0], f"{name}: mode {out.get_submodule(name).mode} != note {text}"
