@@ -57,7 +57,16 @@ class Metrics:
 
 
 def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    # Quantised layers keep packed weights that are not Parameters; their ``weight()``/``bias()``
+    # accessors unpack them, so int8 weights still count once each.
+    for m in model.modules():
+        for attr in ("weight", "bias"):
+            get = getattr(type(m), attr, None)
+            if callable(get) and not isinstance(get, property):
+                t = getattr(m, attr)()
+                n += t.numel() if isinstance(t, torch.Tensor) else 0
+    return n
 
 
 def size_bytes(model: nn.Module) -> int:

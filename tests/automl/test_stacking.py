@@ -1,0 +1,65 @@
+"""Chains end to end through the real trial: tucker -> prune -> int8 and tnet -> int8 on digits."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+import searchspace
+from automl import build_model
+from automl._measure import LatencySettings
+from automl._train import TrainOptions, evaluate, fit
+from automl._trial import TrialSettings, load_checkpoint, run_trial, save_checkpoint
+from searchspace import Plan, SearchSpace
+
+SETTINGS = TrialSettings(epochs=3, lr=3e-3, batch_size=100, latency=LatencySettings(warmup=1, repeats=3))
+
+
+def _base(digits, **options):
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", input_shape=digits.input_shape, num_classes=10, options=options)
+    return fit(model, digits, TrainOptions(epochs=8, lr=3e-3, batch_size=64)).eval()
+
+
+def test_tucker_prune_int8_chain(digits, tmp_path):
+    base = _base(digits)
+    plan = Plan(
+        chain=(
+            ("tucker", {"rank_out": 0.5, "rank_in": 0.5}),
+            ("prune", {"criterion": "l1", "ratio": 0.3, "per_stage": False}),
+            ("int8", {"mode": "static"}),
+        )
+    )
+    out = run_trial(plan, base, digits, SETTINGS)
+    assert out.notes["tucker.converted"] and out.notes["prune.channels"] and out.notes["int8.quantised"], f"a stage did nothing: {sorted(out.notes)}"
+    from automl._measure import size_bytes
+
+    assert out.metrics.size_bytes < 0.2 * size_bytes(base), f"tucker+prune+int8 is {out.metrics.size_bytes} bytes vs base {size_bytes(base)}"
+    assert out.metrics.accuracy > 0.5, f"the chain collapsed to accuracy {out.metrics.accuracy}"
+    assert out.metrics.macs and out.metrics.macs > 0, "MACs of the float graph before int8 must be recorded"
+    save_checkpoint(out, tmp_path, example=digits.x_test[:1])
+    loaded, _ = load_checkpoint(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(digits.x_test[:8]), out.model(digits.x_test[:8])), "checkpoint differs from the trial's model"
+
+
+def test_tnet_int8_chain(digits):
+    base = _base(digits, depth=2)
+    plan = Plan(chain=(("tnet", {"rank_layers": 0.7, "rank_out": 0.5, "rank_in": 0.5, "rank_kernel": 1.0}), ("int8", {"mode": "static"})))
+    out = run_trial(plan, base, digits, SETTINGS)
+    assert out.notes["tnet.groups"] and out.notes["int8.frozen"], f"tnet layers must be frozen before int8: {sorted(out.notes)}"
+    assert out.metrics.accuracy > evaluate(base, digits) - 0.1, f"tnet+int8 accuracy {out.metrics.accuracy} far below base"
+
+
+def test_space_never_samples_prune_after_tnet():
+    methods = {n: searchspace.get_method(n)() for n in ("none", "tnet", "tucker", "prune", "int8")}
+    space = SearchSpace(methods)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    labels = set()
+    for _ in range(80):
+        t = study.ask()
+        labels.add(space.sample(t).label)
+        study.tell(t, 0.0)
+    assert not any(label.startswith("tnet+prune") for label in labels), f"invalid chains sampled: {sorted(labels)}"
+    assert {"tucker+prune+int8", "tnet+int8"} & labels, f"stacked chains never sampled: {sorted(labels)}"
