@@ -22,8 +22,9 @@ from searchspace import ApplyContext, get_method
 CASES = {
     "wsnet S=1 C=4": ("wsnet", {"stride": 1, "repeat": 4}),
     "wsnet S=2 C=8": ("wsnet", {"stride": 2, "repeat": 8}),
-    "dwsep linear": ("dwsep", {"width": 1.0, "activation": False}),
-    "dwsep BN+ReLU": ("dwsep", {"width": 1.0, "activation": True}),
+    "dwsep linear": ("dwsep", {"width": 1.0, "activation": False, "first_layer": False}),
+    "dwsep BN+ReLU": ("dwsep", {"width": 1.0, "activation": True, "first_layer": False}),
+    "dwsep BN+ReLU, first layer too": ("dwsep", {"width": 1.0, "activation": True, "first_layer": True}),
 }
 
 

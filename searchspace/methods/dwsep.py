@@ -35,6 +35,9 @@ from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
 from searchspace.methods._reparam import bn_like, try_scaled
 
+#: Convs with fewer input channels are first layers; converted only with ``first_layer = True``.
+MIN_IN_CHANNELS = 4
+
 
 def dwsep_param_count(conv: nn.Conv1d | nn.Conv2d, activation: bool) -> int:
     """Closed form: M*k (depthwise) + 2M (BN, when present) + M*N (pointwise) + N (bias)."""
@@ -88,9 +91,13 @@ class DWSepConv(nn.Sequential):
 class DepthwiseSeparable(CompressionMethod):
     """MobileNet's depthwise-separable factorisation of every k x k conv, with a width multiplier.
 
-    Rule: a conv with ``groups == 1`` and a kernel larger than 1 is converted (first convs with 1 or
-    3 input channels included: their depthwise part is tiny); 1x1 and grouped convs are skipped
-    (nothing to separate), as is any conv whose separable form has no fewer parameters.
+    Rule: a conv with ``groups == 1`` and a kernel larger than 1 is converted; 1x1 and grouped convs
+    are skipped (nothing to separate), as is any conv whose separable form has no fewer parameters.
+    A conv with fewer than :data:`MIN_IN_CHANNELS` input channels (a first layer) is converted only
+    with ``first_layer = True``: MobileNet keeps its first layer a full conv, and separating a conv
+    with one input channel leaves ONE depthwise filter for all outputs (on the MNIST-1D base that
+    cost 30-60 accuracy points after fine-tuning, BENCHMARKS.md "issue 3"). On mobilenet_v2 the stem
+    is the only dense k x k conv, so there the method only acts with ``first_layer = True``.
     """
 
     name = "dwsep"
@@ -100,6 +107,7 @@ class DepthwiseSeparable(CompressionMethod):
         "width": Categorical([0.25, 0.5, 0.75, 1.0]),
         "activation": Categorical([True, False]),
         "init": Categorical(["lstsq", "random"]),
+        "first_layer": Categorical([False, True]),
     }
 
     def supports(self, model: nn.Module) -> str | None:
@@ -123,6 +131,8 @@ class DepthwiseSeparable(CompressionMethod):
                 skipped[name] = "grouped"
             elif math.prod(conv.kernel_size) == 1:
                 skipped[name] = "1x1 kernel"
+            elif conv.in_channels < MIN_IN_CHANNELS and not params.get("first_layer", False):
+                skipped[name] = f"first layer ({conv.in_channels} input channels) and first_layer=False"
             elif dwsep_param_count(conv, activation) >= sum(p.numel() for p in conv.parameters()):
                 skipped[name] = "no saving"
             else:

@@ -31,6 +31,9 @@ from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
 from searchspace.methods._reparam import Permute, bn_like, divisor_at_most, interleave
 
+#: Convs with fewer input channels are first layers; converted only with ``first_layer = True``.
+MIN_IN_CHANNELS = 4
+
 
 def igcv3_param_count(conv: nn.Conv1d | nn.Conv2d, expansion: int, g1: int, g2: int) -> int:
     """Closed form of the block's parameters (see the module docstring)."""
@@ -68,7 +71,11 @@ class IGCV3(CompressionMethod):
     Rule: a conv with ``groups == 1`` and a kernel larger than 1 (the block's depthwise conv carries
     the spatial kernel; a 1x1 conv has none) is converted with G1 = the largest divisor of M_in that
     is <= the searched G1, G2 = the largest divisor of gcd(t*M_in, M_out) that is <= the searched G2
-    and <= t*M_in / G1; it is skipped when the block has no fewer parameters than the conv.
+    and <= t*M_in / G1; it is skipped when the block has no fewer parameters than the conv. A conv
+    with fewer than :data:`MIN_IN_CHANNELS` input channels (a first layer) is converted only with
+    ``first_layer = True``: its expansion would be a rank-t bottleneck right at the input (on the
+    MNIST-1D base, t*1 channels feeding 128 outputs). On mobilenet_v2 the stem is the only dense
+    k x k conv, so there the method only acts with ``first_layer = True``.
     """
 
     name = "igcv3"
@@ -78,6 +85,7 @@ class IGCV3(CompressionMethod):
         "expansion": Categorical([1, 2, 4, 6]),
         "groups1": Categorical([1, 2, 4]),
         "groups2": Categorical([1, 2, 4]),
+        "first_layer": Categorical([False, True]),
     }
 
     @staticmethod
@@ -103,6 +111,9 @@ class IGCV3(CompressionMethod):
                 continue
             if math.prod(conv.kernel_size) == 1:
                 skipped[name] = "1x1 kernel"
+                continue
+            if conv.in_channels < MIN_IN_CHANNELS and not params.get("first_layer", False):
+                skipped[name] = f"first layer ({conv.in_channels} input channels) and first_layer=False"
                 continue
             g1, g2 = self.layer_settings(conv, t, params["groups1"], params["groups2"])
             if igcv3_param_count(conv, t, g1, g2) >= sum(p.numel() for p in conv.parameters()):

@@ -137,7 +137,11 @@ def test_dwsep_width_multiplier_thins_builtin_and_notes_torchvision():
     ctx = ApplyContext(example_input=torch.randn(1, 40))
     out = DepthwiseSeparable().apply(base, {"width": 0.5, "activation": True, "init": "lstsq"}, context=ctx)
     assert ctx.notes["dwsep.width"] == 0.5, ctx.notes
-    assert out.stages[0][0].pointwise.out_channels == round(25 * 0.5), f"width 0.5 of 25 channels: {out.stages[0][0]}"
+    assert out.stages[0][0].out_channels == round(25 * 0.5), f"width 0.5 of 25 channels: {out.stages[0][0]}"
+    assert "stages.0.0" in ctx.notes["dwsep.skipped"], f"first layer kept dense by default: {ctx.notes}"
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    DepthwiseSeparable().apply(base, {"width": 1.0, "activation": True, "init": "lstsq", "first_layer": True}, context=ctx)
+    assert "stages.0.0" in ctx.notes["dwsep.converted"], f"first_layer=True converts the first conv: {ctx.notes}"
     res = make_base("resnet18", (3, 32, 32))
     ctx = ApplyContext(example_input=torch.randn(1, 3, 32, 32))
     DepthwiseSeparable().apply(res, {"width": 0.5, "activation": True, "init": "random"}, context=ctx)
