@@ -137,7 +137,13 @@ class TuckerTensor(nn.Module):
         memo[id(self)] = new
         new.load_state_dict(self.state_dict())
         new.train(self.training)
-        return new.to(self.core.device)
+        new = new.to(self.core.device)
+        if not new.training:
+            # Fill the inference cache now, so that a trace of the copy (MAC counting) sees the
+            # convolutions with constant kernels, as inference runs them.
+            for i in range(new.shape[0]):
+                new.slice(i)
+        return new
 
 
 class _TNetConv:
