@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import optuna
-import pytest
 import torch
 
 import searchspace
@@ -46,7 +45,7 @@ def test_tucker_prune_int8_chain(digits, tmp_path):
 
 def test_tnet_int8_chain(digits):
     base = _base(digits, depth=2)
-    plan = Plan(chain=(("tnet", {"rank_layers": 0.7, "rank_out": 0.5, "rank_in": 0.5, "rank_kernel": 1.0}), ("int8", {"mode": "static"})))
+    plan = Plan(chain=(("tnet", {"rank_layers": 1.0, "rank_out": 0.6, "rank_in": 0.6, "rank_kernel": 1.0}), ("int8", {"mode": "static"})))
     out = run_trial(plan, base, digits, SETTINGS)
     assert out.notes["tnet.groups"] and out.notes["int8.frozen"], f"tnet layers must be frozen before int8: {sorted(out.notes)}"
     assert out.metrics.accuracy > evaluate(base, digits) - 0.1, f"tnet+int8 accuracy {out.metrics.accuracy} far below base"

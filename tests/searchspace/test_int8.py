@@ -19,7 +19,7 @@ from searchspace import ApplyContext
 def trained_digits(digits):
     torch.manual_seed(0)
     model = build_model("digits_cnn", input_shape=digits.input_shape, num_classes=10)
-    return fit(model, digits, TrainOptions(epochs=15, lr=3e-3, batch_size=64)).eval()
+    return fit(model, digits, TrainOptions(epochs=8, lr=3e-3, batch_size=64)).eval()
 
 
 def _context(data) -> ApplyContext:

@@ -139,7 +139,7 @@ def test_gates_close_the_gate_of_the_channel_nothing_reads():
     assert int(gates.argmin()) == 0 or gates[int(gates.argmin())] == gates[0], f"channel 0 must rank lowest, got {gates.tolist()}"
 
 
-def test_gates_fold_into_weights_keeps_function():
+def test_gates_are_non_negative_and_release_the_weights():
     model = _toy()
     x = torch.rand(32, 1, 8, 8)
     y = model(x).argmax(1)
