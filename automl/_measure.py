@@ -15,7 +15,8 @@ Dynamic models (early exits), recognised by the :class:`DynamicInference` protoc
 per input, so for them:
 
 - ``latency_ms``: mean per-sample latency over the whole test split, fed one sample at a time (batch 1,
-  real early termination), median over ``latency.repeats`` passes (IQR over the same passes);
+  real early termination); each sample's time is its median over ``latency.repeats`` passes
+  (:func:`measure_sample_latency`), ``latency_iqr_ms`` the IQR of the per-pass means;
 - ``macs``: expected MACs, sum over exits of (fraction of test samples leaving there) x (MACs of
   everything a sample leaving there runs);
 - ``exit_fractions``, ``exit_accuracy``, ``exit_macs``: per exit, the fraction of test samples that
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import io
 import statistics
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -128,16 +130,35 @@ def measure_latency(model: nn.Module, example: torch.Tensor, settings: LatencySe
 
 @torch.no_grad()
 def measure_sample_latency(model: nn.Module, inputs: torch.Tensor, settings: LatencySettings) -> tuple[float, float]:
-    """Median and IQR over ``settings.repeats`` passes of the mean per-sample latency (ms) when
-    every sample of ``inputs`` is fed alone (batch 1), so input-dependent work is measured as it runs."""
+    """Mean per-sample latency (ms) when every sample of ``inputs`` is fed alone (batch 1), so
+    input-dependent work (early exits) is measured as it runs; and the IQR of the per-pass means.
+
+    Each sample is timed on its own in each of ``settings.repeats`` passes and its latency is the
+    median over the passes; the result is the mean over samples. On a shared machine a pass over a
+    whole test set is long enough to be preempted; a per-sample median, like the block median of
+    :func:`measure_latency`, discards those interruptions instead of averaging them in.
+    """
     model.eval()
     samples = list(inputs.split(1))
-    timer = benchmark.Timer(stmt="for s in samples: model(s)", globals={"model": model, "samples": samples}, num_threads=settings.threads)
-    if settings.warmup:
-        timer.timeit(1)
-    passes = [timer.timeit(1).mean * 1e3 / max(len(samples), 1) for _ in range(settings.repeats)]
-    q = statistics.quantiles(passes, n=4)
-    return statistics.median(passes), q[2] - q[0]
+    if not samples:
+        raise ValueError("measure_sample_latency needs at least one input sample, got none")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        for s in samples[: settings.warmup]:
+            model(s)
+        times = torch.empty(settings.repeats, len(samples), dtype=torch.float64)
+        clock = time.perf_counter
+        for r in range(settings.repeats):
+            for i, s in enumerate(samples):
+                start = clock()
+                model(s)
+                times[r, i] = clock() - start
+    finally:
+        torch.set_num_threads(previous)
+    per_pass = (times.mean(dim=1) * 1e3).tolist()
+    q = statistics.quantiles(per_pass, n=4) if len(per_pass) > 1 else [per_pass[0]] * 3
+    return float(times.median(dim=0).values.mean()) * 1e3, q[2] - q[0]
 
 
 @torch.no_grad()
