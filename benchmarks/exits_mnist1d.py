@@ -26,6 +26,7 @@ CONFIGS = {
     "avgpool(4), frozen, after conv1+conv2": dict(points="blocks", count=2, head="avgpool", pool=4, training="frozen", thresholds="budget", q=0.5),
     "iSQRT-COV(d=8, N=3), frozen, after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=8, iterations=3, training="frozen", thresholds="budget", q=0.5),
     "iSQRT-COV(d=16, N=5), frozen, after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=16, iterations=5, training="frozen", thresholds="budget", q=0.5),
+    "iSQRT-COV(d=16, N=3), joint (linear weights), after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=16, iterations=3, training="joint", weighting="linear", thresholds="budget", q=0.5),
 }
 
 
