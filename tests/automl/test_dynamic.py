@@ -26,7 +26,6 @@ def small_mnist1d(mnist1d):
     return dataclasses.replace(mnist1d, x_test=mnist1d.x_test[:120], y_test=mnist1d.y_test[:120])
 
 
-@pytest.mark.slow
 def test_trial_measures_exits_and_variants(small_mnist1d):
     base = make_base("mnist1d_cnn", (40,))
     settings = TrialSettings(epochs=1, lr=1e-3, batch_size=100, latency=LatencySettings(warmup=1, repeats=3))
