@@ -10,6 +10,17 @@
   ``latency.threads`` threads, after ``latency.warmup`` untimed passes, over ``latency.repeats``
   timed blocks (``torch.utils.benchmark``); ``latency_iqr_ms`` is the interquartile range of those
   blocks, the spread that tells whether the median can be trusted.
+
+Dynamic models (early exits), recognised by the :class:`DynamicInference` protocol, do different work
+per input, so for them:
+
+- ``latency_ms``: mean per-sample latency over the whole test split, fed one sample at a time (batch 1,
+  real early termination); each sample's time is its median over ``latency.repeats`` passes
+  (:func:`measure_sample_latency`), ``latency_iqr_ms`` the IQR of the per-pass means;
+- ``macs``: expected MACs, sum over exits of (fraction of test samples leaving there) x (MACs of
+  everything a sample leaving there runs);
+- ``exit_fractions``, ``exit_accuracy``, ``exit_macs``: per exit, the fraction of test samples that
+  leave there, their accuracy, and the MACs up to and including that exit (None for static models).
 """
 
 from __future__ import annotations
@@ -17,9 +28,10 @@ from __future__ import annotations
 import io
 import logging
 import statistics
+import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,7 +44,31 @@ from torch.utils import benchmark  # noqa: E402
 from automl._data import Splits
 from automl._train import evaluate
 
-__all__ = ["LatencySettings", "Metrics", "count_macs", "measure", "measure_latency", "param_count", "size_bytes"]
+__all__ = [
+    "DynamicInference",
+    "LatencySettings",
+    "Metrics",
+    "count_macs",
+    "measure",
+    "measure_latency",
+    "measure_sample_latency",
+    "param_count",
+    "size_bytes",
+]
+
+
+@runtime_checkable
+class DynamicInference(Protocol):
+    """A model whose cost depends on its input, e.g. early exits (``searchspace.methods.exits``).
+
+    ``exit_indices(x)`` gives the exit each sample of ``x`` leaves at, under the model's current
+    settings; ``exit_paths()`` gives, per exit, a module that runs exactly what a sample leaving
+    there runs (for counting MACs with the same counter as every other model).
+    """
+
+    def exit_indices(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def exit_paths(self) -> list[nn.Module]: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +87,9 @@ class Metrics:
     macs: int | None
     latency_ms: float
     latency_iqr_ms: float
+    exit_fractions: list[float] | None = None
+    exit_accuracy: list[float | None] | None = None
+    exit_macs: list[int | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +142,74 @@ def measure_latency(model: nn.Module, example: torch.Tensor, settings: LatencySe
     return statistics.median(blocks), q[2] - q[0]
 
 
+@torch.no_grad()
+def measure_sample_latency(model: nn.Module, inputs: torch.Tensor, settings: LatencySettings) -> tuple[float, float]:
+    """Mean per-sample latency (ms) when every sample of ``inputs`` is fed alone (batch 1), so
+    input-dependent work (early exits) is measured as it runs; and the IQR of the per-pass means.
+
+    Each sample is timed on its own in each of ``settings.repeats`` passes and its latency is the
+    median over the passes; the result is the mean over samples. On a shared machine a pass over a
+    whole test set is long enough to be preempted; a per-sample median, like the block median of
+    :func:`measure_latency`, discards those interruptions instead of averaging them in.
+    """
+    model.eval()
+    samples = list(inputs.split(1))
+    if not samples:
+        raise ValueError("measure_sample_latency needs at least one input sample, got none")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        for s in samples[: settings.warmup]:
+            model(s)
+        times = torch.empty(settings.repeats, len(samples), dtype=torch.float64)
+        clock = time.perf_counter
+        for r in range(settings.repeats):
+            for i, s in enumerate(samples):
+                start = clock()
+                model(s)
+                times[r, i] = clock() - start
+    finally:
+        torch.set_num_threads(previous)
+    per_pass = (times.mean(dim=1) * 1e3).tolist()
+    q = statistics.quantiles(per_pass, n=4) if len(per_pass) > 1 else [per_pass[0]] * 3
+    return float(times.median(dim=0).values.mean()) * 1e3, q[2] - q[0]
+
+
+@torch.no_grad()
+def _measure_dynamic(model: Any, data: Splits, settings: LatencySettings, device: torch.device | str) -> Metrics:
+    model.eval()
+    taken, preds = [], []
+    for x, _ in data.batches("test", 500):
+        x = x.to(device)
+        taken.append(model.exit_indices(x).cpu())
+        preds.append(model(x).argmax(dim=1).cpu())
+    exit_of, pred = torch.cat(taken), torch.cat(preds)
+    paths = model.exit_paths()
+    example = data.x_test[:1].to(device)
+    exit_macs = [count_macs(p, example) for p in paths]
+    n = len(exit_of)
+    fractions, accuracy = [], []
+    for k in range(len(paths)):
+        mask = exit_of == k
+        fractions.append(float(mask.sum()) / max(n, 1))
+        accuracy.append(float((pred[mask] == data.y_test[mask]).float().mean()) if mask.any() else None)
+    expected = None
+    if all(m is not None for m in exit_macs):
+        expected = round(sum(f * m for f, m in zip(fractions, exit_macs)))
+    latency, iqr = measure_sample_latency(model, data.x_test.to(device), settings)
+    return Metrics(
+        accuracy=float((pred == data.y_test).float().mean()),
+        params=param_count(model),
+        size_bytes=size_bytes(model),
+        macs=expected,
+        latency_ms=latency,
+        latency_iqr_ms=iqr,
+        exit_fractions=fractions,
+        exit_accuracy=accuracy,
+        exit_macs=exit_macs,
+    )
+
+
 def measure(
     model: nn.Module,
     data: Splits,
@@ -116,6 +223,8 @@ def measure(
     Args:
         macs: a MAC count to use instead of tracing (e.g. the float graph of an int8 model).
     """
+    if isinstance(model, DynamicInference):
+        return _measure_dynamic(model, data, settings, device)
     model.eval()
     example = data.x_test[:1].to(device)
     acc = evaluate(model, data, "test", device=device)

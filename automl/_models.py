@@ -36,7 +36,8 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 2:
-            x = x.mean(dim=tuple(range(2, x.dim())))
+            # flatten + mean rather than mean over tuple(range(...)): TorchScript cannot script the latter.
+            x = x.flatten(2).mean(dim=2)
         return self.fc(self.dropout(x))
 
 

@@ -39,6 +39,10 @@ __all__ = ["Payload", "StudyError", "open_storage", "prepare_study", "run_search
 
 #: The objective metric reported by trials, per config metric.
 FAIL_REASON = "fail_reason"
+#: Result key of a trial's extra operating points (see ``automl._trial.Calibrated``).
+VARIANTS = "variants"
+#: User attribute of a trial recorded from another trial's model: the parent's number.
+DERIVED_FROM = "derived_from"
 
 
 class StudyError(RuntimeError):
@@ -231,6 +235,9 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         "seconds": outcome.seconds,
         "notes": json.dumps(outcome.notes, default=str),
     }
+    if outcome.variants:
+        # A JSON string: Ray flattens nested results; the searcher turns each into an Optuna trial.
+        result[VARIANTS] = json.dumps([v.as_dict() for v in outcome.variants], default=str)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -283,7 +290,46 @@ def _searcher_class():
             for key in self._extra:
                 if result.get(key) is not None:
                     ot.set_user_attr(key, result[key])
-            return super().on_trial_complete(trial_id, result, error)
+            parent = (ot.number, dict(ot.params), dict(ot.user_attrs))
+            out = super().on_trial_complete(trial_id, result, error)
+            if result.get(VARIANTS):
+                self._add_variants(*parent, json.loads(result[VARIANTS]))
+            return out
+
+        def _add_variants(self, number: int, params: dict[str, Any], attrs: dict[str, Any], variants: list[dict[str, Any]]) -> None:
+            """Record each extra operating point of a trial's model as its own COMPLETE trial.
+
+            Its parameters are the parent's with the variant's overrides, replayed through the search
+            space so that exactly the active parameters (and their distributions) are stored; it
+            points at the parent's checkpoint and says which state (e.g. thresholds) to set on it.
+            """
+            for variant in variants:
+                metrics = variant["metrics"]
+                values = [metrics.get(m) for m in self.metric]
+                if any(v is None or not math.isfinite(float(v)) for v in values):
+                    continue
+                replay = optuna.trial.FixedTrial({**params, **variant["params"]})
+                try:
+                    self._space(replay)
+                except Exception:  # noqa: BLE001 - an override outside the space is skipped, not fatal
+                    continue
+                user_attrs = {k: metrics[k] for k in self._extra if metrics.get(k) is not None}
+                user_attrs.update(
+                    {
+                        DERIVED_FROM: number,
+                        "checkpoint": attrs.get("checkpoint"),
+                        "method": attrs.get("method"),
+                        "state": variant["state"],
+                    }
+                )
+                self._ot_study.add_trial(
+                    optuna.trial.create_trial(
+                        params=replay.params,
+                        distributions=replay.distributions,
+                        values=[float(v) for v in values],
+                        user_attrs=user_attrs,
+                    )
+                )
 
     return StudySearcher
 
@@ -355,7 +401,10 @@ def run_search(
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher stopped while this trial ran")
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)))
+    finished = sum(
+        DERIVED_FROM not in t.user_attrs  # extra operating points of a trial's model are not trials run
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
+    )
     for point in cfg.enqueue:  # skip_if_exists: a resumed study does not evaluate them twice
         study.enqueue_trial(dict(point), skip_if_exists=True)
     budget = trials if trials is not None else cfg.budget.trials
@@ -387,7 +436,7 @@ def run_search(
         sampler=make_sampler(cfg),
         study_name=cfg.name,
         storage=storage,
-        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "seconds", "notes") if m not in metrics),
+        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "notes") if m not in metrics),
     )
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, payload=payload),

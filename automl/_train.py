@@ -58,6 +58,11 @@ def fit(
     Args:
         extra_loss: a regulariser added to every step's loss (e.g. a sparsity penalty on gates).
 
+    A model with several outputs to train (early exits) may define
+    ``training_loss(x, y, criterion) -> Tensor``; it is then called instead of
+    ``criterion(model(x), y)``, where ``criterion(logits, y)`` is this function's loss (cross-entropy,
+    plus distillation from ``options.teacher`` when set), to apply to each of its outputs.
+
     Raises:
         TrialFailed: the loss became NaN or infinite.
     """
@@ -80,13 +85,20 @@ def fit(
     for epoch in range(options.epochs):
         for step, (x, y) in enumerate(data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch)):
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            soft = None
             if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / t, dim=1)
-                kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
-                loss = (1 - options.distill_weight) * loss + options.distill_weight * kd
+
+            def criterion(logits: torch.Tensor, target: torch.Tensor, soft: torch.Tensor | None = soft) -> torch.Tensor:
+                loss = F.cross_entropy(logits, target)
+                if soft is not None:
+                    kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
+                    loss = (1 - options.distill_weight) * loss + options.distill_weight * kd
+                return loss
+
+            hook = getattr(model, "training_loss", None)
+            loss = hook(x, y, criterion) if callable(hook) else criterion(model(x), y)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             if not torch.isfinite(loss):

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,7 +23,34 @@ from automl._data import Splits
 from automl._measure import LatencySettings, Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
 
-__all__ = ["TrialOutcome", "TrialSettings", "load_checkpoint", "run_trial", "save_checkpoint"]
+__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "load_checkpoint", "run_trial", "save_checkpoint"]
+
+
+@runtime_checkable
+class Calibrated(Protocol):
+    """A trained model with inference-time settings fitted on the validation split (e.g. exit
+    thresholds), each of which is an operating point worth measuring without retraining.
+
+    ``calibrate(x_val, y_val)`` fits them and returns the settings, the trial's own first; each is
+    ``{"params": {optuna name: value} overriding the trial's parameters, "state": {...} JSON-able
+    record of what was set}``. ``use_setting(setting)`` puts the model in one of them, in place.
+    """
+
+    def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> list[dict[str, Any]]: ...
+
+    def use_setting(self, setting: Mapping[str, Any]) -> None: ...
+
+
+@dataclass
+class Variant:
+    """Another operating point of a trial's trained model: parameter overrides, state, metrics."""
+
+    params: dict[str, Any]
+    state: dict[str, Any]
+    metrics: Metrics
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "state": self.state, "metrics": self.metrics.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,8 @@ class TrialOutcome:
     model: nn.Module
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Extra operating points of the same trained model (see :class:`Calibrated`).
+    variants: list[Variant] = field(default_factory=list)
 
 
 def run_trial(
@@ -116,10 +145,20 @@ def run_trial(
         model = copy.deepcopy(base)
     model.eval()
     cpu_model = model.to("cpu")
+    variants: list[Variant] = []
+    if isinstance(cpu_model, Calibrated):
+        # Settings fitted on the validation split after training; every extra one is measured as
+        # its own point, then the trial's own setting is restored and measured last.
+        options = cpu_model.calibrate(data.x_val, data.y_val)
+        for option in options[1:]:
+            cpu_model.use_setting(option)
+            variants.append(Variant(dict(option["params"]), dict(option["state"]), measure(cpu_model, data, settings.latency, macs=float_macs)))
+        cpu_model.use_setting(options[0])
+        notes["calibrated"] = options[0]["state"]
     metrics = measure(cpu_model, data, settings.latency, macs=float_macs)
     if not math.isfinite(metrics.accuracy):
         raise TrialFailed("accuracy is not finite")
-    return TrialOutcome(plan=plan, metrics=metrics, model=cpu_model, notes=notes, seconds=time.perf_counter() - start)
+    return TrialOutcome(plan=plan, metrics=metrics, model=cpu_model, notes=notes, seconds=time.perf_counter() - start, variants=variants)
 
 
 def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -144,6 +183,7 @@ def save_checkpoint(outcome: TrialOutcome, directory: str | Path, *, example: to
         "notes": outcome.notes,
         "seconds": outcome.seconds,
         "input_shape": list(example.shape[1:]),
+        "variants": [v.as_dict() for v in outcome.variants],
     }
     (d / "trial.json").write_text(json.dumps(record, indent=2, default=str))
     return d

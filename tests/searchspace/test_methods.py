@@ -66,7 +66,11 @@ def test_method_on_base_model(name, model_name, shape):
     assert torch.isfinite(y).all(), f"{name} on {model_name}: non-finite outputs"
     if method.finetune:
         out.train()
-        loss = out(x).square().mean()
+        # Train the way automl._train.fit does: through the model's own training_loss when it has one
+        # (several outputs, e.g. early exits), else on the forward's output.
+        hook = getattr(out, "training_loss", None)
+        y_true = torch.randint(0, 10, (4,))
+        loss = hook(x, y_true, lambda logits, t: logits.square().mean()) if callable(hook) else out(x).square().mean()
         loss.backward()
         missing = [n for n, p in out.named_parameters() if p.requires_grad and (p.grad is None)]
         assert not missing, f"{name} on {model_name}: no gradient reaches {missing[:5]}"

@@ -1,0 +1,82 @@
+"""Early exits on the MNIST-1D CNN at its plateau: per-exit fractions and accuracy, expected MACs vs
+measured mean batch-1 latency, eager and TorchScript, all side by side in one run.
+
+    PYTHONPATH=. python benchmarks/exits_mnist1d.py [--base runs/mnist1d_exits/base/weights.pt]
+
+Every exit model is trained once (``run_trial``: apply, fine-tune, calibrate on validation) and then
+measured at its own MSDNet budget and at every q of the variant grid, with no retraining.
+Latency: mean per-sample time over the 1000 test samples fed one at a time (1 thread), median over
+``--repeats`` passes; the base is measured with the same loop in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from automl import build_model, load_dataset
+from automl._measure import LatencySettings, count_macs, measure_sample_latency
+from automl._train import TrainOptions, evaluate, fit
+from automl._trial import TrialSettings, _to_torchscript, run_trial
+from searchspace import Plan
+
+CONFIGS = {
+    "avgpool(4), frozen, after conv1+conv2": dict(points="blocks", count=2, head="avgpool", pool=4, training="frozen", thresholds="budget", q=0.5),
+    "iSQRT-COV(d=8, N=3), frozen, after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=8, iterations=3, training="frozen", thresholds="budget", q=0.5),
+    "iSQRT-COV(d=16, N=5), frozen, after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=16, iterations=5, training="frozen", thresholds="budget", q=0.5),
+    "iSQRT-COV(d=16, N=3), joint (linear weights), after conv1": dict(points="stages", count=1, head="isqrtcov", cov_dim=16, iterations=3, training="joint", weighting="linear", thresholds="budget", q=0.5),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", help="weights of a trained 128-channel base (else trained here)")
+    ap.add_argument("--epochs", type=int, default=120, help="base training epochs")
+    ap.add_argument("--finetune", type=int, default=8, help="exit training epochs")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="config names to run (substring match)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = load_dataset("mnist1d", seed=0)
+    base = build_model("mnist1d_cnn", input_shape=data.input_shape, num_classes=10, options={"channels": 128})
+    if args.base:
+        base.load_state_dict(torch.load(args.base, weights_only=True))
+    else:
+        fit(base, data, TrainOptions(epochs=args.epochs, lr=0.003, batch_size=100))
+    base.eval()
+    lat = LatencySettings(warmup=10, repeats=args.repeats)
+    base_acc = evaluate(base, data, "test")
+    base_macs = count_macs(base, data.x_test[:1])
+    base_eager = measure_sample_latency(base, data.x_test, lat)[0]
+    # As save_checkpoint exports it: script, else trace (MNIST1DCNN's super().forward does not script).
+    base_ts = measure_sample_latency(_to_torchscript(base, data.x_test[:1]), data.x_test, lat)[0]
+    print(f"base: {data.describe()}; params {sum(p.numel() for p in base.parameters())}, accuracy {base_acc:.4f}, "
+          f"MACs {base_macs}, per-sample latency eager {base_eager * 1e3:.1f} us, TorchScript {base_ts * 1e3:.1f} us\n")
+    settings = TrialSettings(epochs=args.finetune, lr=0.002, batch_size=100, latency=lat)
+    for name, params in CONFIGS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        start = time.perf_counter()
+        out = run_trial(Plan(chain=(("exits", params),), finetune={"distill": False}), base, data, settings)
+        print(f"### {name}  (trained + measured in {time.perf_counter() - start:.0f} s; MACs up to each exit {out.metrics.exit_macs})\n")
+        print("| q | exit fractions (test) | accuracy per exit | accuracy | Δ vs base (pt) | expected MACs | MACs-predicted latency (us) | measured eager (us) | speed-up eager | measured TorchScript (us) | speed-up TorchScript |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        model = out.model
+        rows = [(params["q"], out.metrics, out.notes["calibrated"])] + [(v.params["exits.q"], v.metrics, v.state) for v in out.variants]
+        for q, m, state in sorted(rows, key=lambda r: r[0]):
+            model.use_setting({"state": state})
+            scripted = torch.jit.script(model)
+            ts = measure_sample_latency(scripted, data.x_test, lat)[0]
+            predicted = base_eager * m.macs / base_macs
+            fr = " / ".join(f"{f:.3f}" for f in m.exit_fractions)
+            acc = " / ".join("-" if a is None else f"{a:.3f}" for a in m.exit_accuracy)
+            print(f"| {q:.3f} | {fr} | {acc} | {m.accuracy:.3f} | {100 * (m.accuracy - base_acc):+.1f} | {m.macs} | {predicted * 1e3:.0f} | "
+                  f"{m.latency_ms * 1e3:.0f} | {base_eager / m.latency_ms:.2f}x | {ts * 1e3:.0f} | {base_ts / ts:.2f}x |")
+        model.use_setting({"state": out.notes["calibrated"]})
+        print()
+
+
+if __name__ == "__main__":
+    main()

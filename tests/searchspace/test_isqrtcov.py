@@ -1,0 +1,68 @@
+"""iSQRT-COV: Newton-Schulz square root against an eigendecomposition, gradients, the head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from searchspace import ApplyContext, get_method
+from searchspace.methods.isqrtcov import ISqrtCovHead, covariance, newton_schulz_sqrt
+from tests.conftest import make_base
+
+
+def _eig_sqrt(s: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(s)
+    return vectors @ torch.diag_embed(values.clamp_min(0).sqrt()) @ vectors.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_newton_schulz_matches_eigendecomposition(d):
+    gen = torch.Generator().manual_seed(d)
+    # Covariances of random features: SPD with a spread of eigenvalues, as the head computes them.
+    sigma = covariance(torch.randn(16, d, 64, generator=gen, dtype=torch.float64) * 3.0)
+    exact = _eig_sqrt(sigma)
+    approx = newton_schulz_sqrt(sigma, 5)
+    rel = ((approx - exact).norm(dim=(-2, -1)) / exact.norm(dim=(-2, -1))).max().item()
+    assert rel < 1e-3, f"d={d}: 5 Newton-Schulz iterations are {rel:.2e} (relative) from the eigendecomposition root"
+    # More iterations never hurt: 3 is coarser than 5 (the search trades this for speed).
+    rel3 = ((newton_schulz_sqrt(sigma, 3) - exact).norm(dim=(-2, -1)) / exact.norm(dim=(-2, -1))).max().item()
+    assert rel3 > rel, f"d={d}: 3 iterations ({rel3:.2e}) should be coarser than 5 ({rel:.2e})"
+
+
+def test_post_compensation_restores_scale():
+    gen = torch.Generator().manual_seed(0)
+    sigma = covariance(torch.randn(4, 3, 50, generator=gen, dtype=torch.float64))
+    a = newton_schulz_sqrt(sigma, 5)
+    b = newton_schulz_sqrt(sigma * 100.0, 5)
+    assert torch.allclose(b, a * 10.0, rtol=1e-9), f"sqrt(100 S) must be 10 sqrt(S); max diff {float((b - a * 10).abs().max()):.2e}"
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 5])
+def test_newton_schulz_gradcheck(iterations):
+    gen = torch.Generator().manual_seed(iterations)
+    x = torch.randn(2, 3, 20, generator=gen, dtype=torch.float64)
+    sigma = covariance(x).requires_grad_(True)
+    ok = torch.autograd.gradcheck(lambda s: newton_schulz_sqrt(s, iterations), (sigma,), eps=1e-6, atol=1e-5)
+    assert ok, f"gradcheck failed at {iterations} iterations"
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (12, 5, 5), (12, 1)])
+def test_head_shapes_scripting_and_single_position(shape):
+    torch.manual_seed(0)
+    head = ISqrtCovHead(in_channels=12, num_classes=10, dim=6, iterations=3).eval()
+    x = torch.randn(3, *shape)
+    y = head(x)
+    assert y.shape == (3, 10), f"head output {tuple(y.shape)} != (3, 10) for features {shape}"
+    assert torch.isfinite(y).all(), f"non-finite head output for features {shape} (a single position has a zero covariance)"
+    scripted = torch.jit.script(head)
+    assert torch.allclose(scripted(x), y, atol=1e-6), "TorchScript head differs from eager"
+
+
+def test_isqrtcov_method_replaces_final_head():
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = get_method("isqrtcov")().apply(base, {"dim": 8, "iterations": 5}, context=ctx)
+    assert isinstance(out.head, ISqrtCovHead), f"final head is {type(out.head).__name__}, not ISqrtCovHead"
+    assert not isinstance(base.head, ISqrtCovHead), "apply edited the base model's head"
+    assert ctx.notes["isqrtcov.features"][0] == 25, f"head should read the 25-channel map, notes say {ctx.notes}"
+    assert out(torch.randn(4, 40)).shape == (4, 10)
