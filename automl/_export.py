@@ -206,11 +206,23 @@ def _same_weights(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 # --- latency in a fresh process -------------------------------------------------------------
 
 
-def _fresh_latency(folder: Path, input_shape: list[int], latency: Any, has_onnx: bool, timeout: float = 600.0) -> dict[str, Any]:
-    """Median/IQR latency of the exported files, measured by a new Python process doing nothing else."""
+def _fresh_latency(folder: Path, example: torch.Tensor, latency: Any, has_onnx: bool, timeout: float = 600.0) -> dict[str, Any]:
+    """Median/IQR latency of the exported files, measured by a new Python process doing nothing else.
+
+    ``example`` is the batch-1 test sample trials time (a real input, so a model whose forward
+    depends on the data takes the path it takes in use); it travels as a weights-only tensor file.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(example.detach().cpu().contiguous(), Path(tmp) / "example.pt")
+        return _run_latency_process(folder, Path(tmp) / "example.pt", latency, has_onnx, timeout)
+
+
+def _run_latency_process(folder: Path, example: Path, latency: Any, has_onnx: bool, timeout: float) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "automl._export", "latency", str(folder),
-        "--shape", ",".join(str(s) for s in input_shape),
+        "--example", str(example),
         "--batch-size", str(latency.batch_size), "--threads", str(latency.threads),
         "--warmup", str(latency.warmup), "--repeats", str(latency.repeats),
     ]
@@ -232,7 +244,7 @@ def _latency_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m automl._export latency")
     ap.add_argument("folder")
-    ap.add_argument("--shape", required=True)
+    ap.add_argument("--example", required=True, help="a batch-1 input saved with torch.save")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=10)
@@ -240,10 +252,10 @@ def _latency_main(argv: list[str]) -> int:
     ap.add_argument("--onnx", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shape = [int(s) for s in args.shape.split(",")]
     settings = LatencySettings(batch_size=args.batch_size, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
     folder = Path(args.folder)
-    example = torch.zeros(1, *shape)
+    example = torch.load(args.example, map_location="cpu", weights_only=True)
+    shape = list(example.shape[1:])
     model = torch.jit.load(str(folder / "model.ts"), map_location="cpu").eval()
     median, iqr = measure_latency(model, example, settings)
     out: dict[str, Any] = {"torchscript_ms": median, "torchscript_iqr_ms": iqr}
@@ -444,7 +456,7 @@ def export_trial(
             log(f"verified: ONNX Runtime matches PyTorch (max |diff| {max_diff:.2e} <= {ONNX_ATOL:g}), accuracy {onnx_info['accuracy']:.4f}")
 
         # 4. latency of the exported files in a fresh, otherwise idle process.
-        fresh = _fresh_latency(tmp, input_shape, latency, onnx_info["status"] == "ok") if measure_latency else {"skipped": True}
+        fresh = _fresh_latency(tmp, data.x_test[:1], latency, onnx_info["status"] == "ok") if measure_latency else {"skipped": True}
         if "torchscript_ms" in fresh:
             log(f"latency: {fresh['torchscript_ms']:.3f} ms re-measured in a fresh process (recorded {recorded.get('latency_ms') or float('nan'):.3f} ms)")
 
@@ -505,4 +517,4 @@ def export_trial(
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "latency":
         sys.exit(_latency_main(sys.argv[2:]))
-    sys.exit("usage: python -m automl._export latency FOLDER --shape C,H,W [...]")
+    sys.exit("usage: python -m automl._export latency FOLDER --example EXAMPLE.pt [...]")
