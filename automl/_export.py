@@ -46,9 +46,14 @@ import torch
 
 from automl._pareto import FrontRow, StudyView
 
-# torch.jit.load warns on every call that TorchScript is deprecated; TorchScript is what trials save
-# and the one format that keeps data-dependent control flow, so the warning is only noise here.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.(load|save|script|trace)` is deprecated", category=FutureWarning)
+
+
+def _jit_load(path: Path) -> torch.jit.ScriptModule:
+    # torch.jit.load warns on every call that TorchScript is deprecated; TorchScript is what trials
+    # save and the one format that keeps data-dependent control flow, so the warning is only noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
 
 __all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_study_data", "load_trial_checkpoint"]
 
@@ -95,7 +100,7 @@ def load_trial_checkpoint(study_dir: Path, row: FrontRow) -> LoadedCheckpoint:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ExportError(f"{where} is corrupted: trial.json: {exc}") from None
     try:
-        model = torch.jit.load(str(folder / "model.ts"), map_location="cpu")
+        model = _jit_load(folder / "model.ts")
     except Exception as exc:  # noqa: BLE001 - any load failure means the file is damaged
         raise ExportError(f"{where} is corrupted: model.ts does not load ({type(exc).__name__}: {_first_line(exc)})") from None
     try:
@@ -256,7 +261,7 @@ def _latency_main(argv: list[str]) -> int:
     folder = Path(args.folder)
     example = torch.load(args.example, map_location="cpu", weights_only=True)
     shape = list(example.shape[1:])
-    model = torch.jit.load(str(folder / "model.ts"), map_location="cpu").eval()
+    model = _jit_load(folder / "model.ts").eval()
     median, iqr = measure_latency(model, example, settings)
     out: dict[str, Any] = {"torchscript_ms": median, "torchscript_iqr_ms": iqr}
     if args.onnx:
@@ -414,7 +419,7 @@ def export_trial(
         weights_name = _write_weights(ckpt.state_dict, tmp)
 
         # 1. accuracy of the exported TorchScript file, evaluated as trials evaluate.
-        exported = torch.jit.load(str(tmp / "model.ts"), map_location="cpu").eval()
+        exported = _jit_load(tmp / "model.ts").eval()
         n_test = len(data.y_test)
         with torch.no_grad():
             acc = evaluate(exported, data, "test")

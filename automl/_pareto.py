@@ -296,9 +296,15 @@ def hypervolume_history(view: StudyView) -> list[tuple[int, float]]:
     rows = sorted(view.trials, key=lambda r: r.number)
     pts, ref = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
     out: list[tuple[int, float]] = []
-    for i, r in enumerate(rows):
-        # Fronts are small (tens of points): recomputing exactly each step is cheap and obviously right.
-        out.append((r.number, hypervolume(pts[: i + 1], ref)))
+    front = np.empty((0, len(ref)))
+    value = 0.0
+    for r, p in zip(rows, pts):
+        # Keep only the running non-dominated set inside the box: a dominated or out-of-box trial
+        # leaves the volume unchanged, and WFG then works on tens of points, not on every trial.
+        if np.isfinite(p).all() and (p < ref).all() and not ((front <= p).all(axis=1)).any():
+            front = np.vstack([front[~((p <= front).all(axis=1))], p])
+            value = hypervolume(front, ref)
+        out.append((r.number, value))
     return out
 
 
