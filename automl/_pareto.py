@@ -20,6 +20,7 @@ __all__ = [
     "hypervolume_history",
     "knee_point",
     "load_view",
+    "nondominated_mask",
     "normalise",
     "params_summary",
     "pick",
@@ -313,16 +314,20 @@ def front_hypervolume(rows: Sequence[FrontRow], objectives: Sequence[str], direc
     return hypervolume(pts, ref)
 
 
+def nondominated_mask(points: np.ndarray) -> np.ndarray:
+    """Which rows of ``points`` (minimisation, finite) no other row dominates; one vectorised pass per row."""
+    pts = np.asarray(points, dtype=float)
+    keep = np.isfinite(pts).all(axis=1)
+    for i in np.flatnonzero(keep):
+        others = pts[keep]
+        if ((others <= pts[i]).all(axis=1) & (others < pts[i]).any(axis=1)).any():
+            keep[i] = False
+    return keep
+
+
 def _non_dominated(rows: Sequence[FrontRow], view: StudyView) -> list[FrontRow]:
     pts, _ = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
-    keep = []
-    for i, p in enumerate(pts):
-        if not np.isfinite(p).all():
-            continue
-        dominated = any(np.isfinite(q).all() and (q <= p).all() and (q < p).any() for j, q in enumerate(pts) if j != i)
-        if not dominated:
-            keep.append(rows[i])
-    return keep
+    return [r for r, k in zip(rows, nondominated_mask(pts)) if k]
 
 
 def knee_point(front: Sequence[FrontRow], view: StudyView) -> int | None:

@@ -29,6 +29,7 @@ from automl._pareto import (
     best_per_method,
     hypervolume_history,
     knee_point,
+    nondominated_mask,
     params_summary,
 )
 
@@ -162,7 +163,9 @@ def trial_table(rows: Sequence[FrontRow], view: StudyView, *, knee: int | None =
     df = pd.DataFrame.from_records(records, columns=_COLUMNS)
     # Nullable dtypes keep integers integers when some rows (failed trials) lack a value.
     for col in ("size_bytes", "macs", "n_params"):
-        df[col] = df[col].astype("Int64")
+        values = pd.to_numeric(df[col], errors="coerce").astype("Float64")
+        integral = bool(((values.round() == values) | values.isna()).all())
+        df[col] = values.astype("Int64") if integral else values
     for col in ("accuracy", "accuracy_delta_pt", "compression", "latency_ms", "latency_iqr_ms", "speedup", "macs_reduction"):
         df[col] = df[col].astype("Float64")
     return df
@@ -183,20 +186,15 @@ def _point(r: FrontRow, axes: Sequence[str], front: set[int]) -> Point | None:
     return Point(r.number, r.method, tuple(float(v) for v in values), r.number in front, f"trial {r.number}: {r.method} {params_summary(_search_params(r), 120)}")
 
 
-def _dominates(a: Sequence[float], b: Sequence[float], maximise: Sequence[bool]) -> bool:
-    better_or_equal = all((x >= y) if mx else (x <= y) for x, y, mx in zip(a, b, maximise))
-    strictly = any((x > y) if mx else (x < y) for x, y, mx in zip(a, b, maximise))
-    return better_or_equal and strictly
-
-
 def pair_data(view: StudyView, axes: Sequence[str], *, knee: int | None = None) -> ScatterData:
     """Record of one objective-space figure over ``axes`` (2 or 3 of the study's objectives)."""
     directions = dict(zip(view.objectives, view.directions))
     maximise = [directions.get(a, "minimize") == "maximize" for a in axes]
     front_numbers = {r.number for r in view.front}
     points = tuple(p for p in (_point(r, axes, front_numbers) for r in sorted(view.trials, key=lambda r: r.number)) if p is not None)
-    local = [p for p in points if not any(_dominates(q.coords, p.coords, maximise) for q in points if q is not p)]
-    local.sort(key=lambda p: p.coords)
+    signs = np.array([-1.0 if mx else 1.0 for mx in maximise])
+    mask = nondominated_mask(np.array([p.coords for p in points]).reshape(len(points), len(axes)) * signs) if points else []
+    local = sorted((p for p, k in zip(points, mask) if k), key=lambda p: p.coords)
     base = tuple(float(view.base[a]) for a in axes) if all(view.base.get(a) is not None for a in axes) else None
     by_number = {p.number: p for p in points}
     best = tuple(by_number[r.number] for r in best_per_method(view) if r.number in by_number)
