@@ -20,7 +20,8 @@ Checks (any failing one aborts the export):
 2. the exported TorchScript model's test accuracy equals the trial's recorded accuracy (the same
    number of correct test samples, i.e. ``|diff| < 0.5 / n_test``), evaluated exactly as trials do;
 3. ONNX Runtime's outputs equal PyTorch's within ``1e-4`` (max absolute difference of the logits on
-   the whole test split);
+   the whole test split); an ONNX file that does not (or that cannot be made) is not shipped, and
+   ``card.json`` says why under ``onnx`` (the TorchScript export still succeeds);
 4. the weights file reloads (weights-only) to tensors equal to the exported model's state dict.
 
 Latency is then re-measured on the exported files in a fresh Python process that does nothing else
@@ -168,6 +169,33 @@ def _onnx_session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _check_onnx(exported: torch.jit.ScriptModule, path: Path, data: Any, n_test: int) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch on the whole test split (batches of 500, as trials evaluate).
+
+    An ONNX file whose outputs differ by more than :data:`ONNX_ATOL` is rejected rather than
+    shipped: it would be a different model from the one the card describes. This is expected for
+    torch.ao int8 models, where ONNX Runtime's QLinear kernels round differently from fbgemm by up to
+    one quantisation step; the card then records the difference and ONNX's own accuracy.
+    """
+    try:
+        sess = _onnx_session(path)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime lacks a kernel or rejects the graph
+        return {"status": "rejected", "reason": f"ONNX Runtime cannot load the model: {type(exc).__name__}: {_first_line(exc)}"}
+    max_diff, correct = 0.0, 0
+    with torch.no_grad():
+        for x, y in data.batches("test", 500):
+            ref = exported(x)
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+            if got.shape != ref.shape:
+                return {"status": "rejected", "reason": f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}"}
+            max_diff = max(max_diff, float((got - ref).abs().max()))
+            correct += int((got.argmax(1) == y).sum())
+    info = {"opset": ONNX_OPSET, "max_abs_diff_vs_torch": max_diff, "accuracy": correct / max(n_test, 1), "atol": ONNX_ATOL}
+    if not max_diff <= ONNX_ATOL:
+        return {"status": "rejected", "reason": f"ONNX Runtime outputs differ from PyTorch by {max_diff:.3g} > {ONNX_ATOL:g}; model.onnx not shipped", **info}
+    return {"status": "ok", **info}
+
+
 # --- weights ------------------------------------------------------------------------------
 
 
@@ -193,14 +221,19 @@ def _reload_weights(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _same_weights(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """None if equal, else what differs (only tensor entries are compared)."""
-    ta = {k: v for k, v in a.items() if isinstance(v, torch.Tensor)}
-    tb = {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}
-    if set(ta) != set(tb):
-        return f"keys differ: only in file {sorted(set(ta) - set(tb))[:3]}, only in model {sorted(set(tb) - set(ta))[:3]}"
-    for k in ta:
-        x, y = ta[k], tb[k]
+def _same_weights(saved: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """None if every tensor of the exported model's state dict is in ``saved`` and equal, else what differs.
+
+    ``saved`` may hold more: a TorchScript state dict omits entries kept in script objects (packed
+    int8 weights of torch.ao quantised layers), which the eager state dict in the checkpoint has.
+    """
+    ts = {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    tm = {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(tm) - set(ts))
+    if missing:
+        return f"{len(missing)} tensors of the model are not in the file, e.g. {missing[:3]}"
+    for k in tm:
+        x, y = ts[k], tm[k]
         if x.is_quantized or y.is_quantized:
             x, y = x.dequantize(), y.dequantize()
         if x.shape != y.shape or not torch.equal(x, y):
@@ -445,20 +478,12 @@ def export_trial(
             onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
             log(f"ONNX: not exported ({onnx_info['reason']})")
         else:
-            sess = _onnx_session(tmp / "model.onnx")
-            max_diff, correct = 0.0, 0
-            with torch.no_grad():
-                for x, y in data.batches("test", 500):
-                    ref = exported(x)
-                    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
-                    if got.shape != ref.shape:
-                        raise ExportError(f"verification failed: ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}", code=1)
-                    max_diff = max(max_diff, float((got - ref).abs().max()))
-                    correct += int((got.argmax(1) == y).sum())
-            if not max_diff <= ONNX_ATOL:
-                raise ExportError(f"verification failed: ONNX Runtime outputs differ from PyTorch by {max_diff:.3g} > {ONNX_ATOL:g}", code=1)
-            onnx_info = {"status": "ok", "opset": ONNX_OPSET, "max_abs_diff_vs_torch": max_diff, "accuracy": correct / max(n_test, 1), "atol": ONNX_ATOL}
-            log(f"verified: ONNX Runtime matches PyTorch (max |diff| {max_diff:.2e} <= {ONNX_ATOL:g}), accuracy {onnx_info['accuracy']:.4f}")
+            onnx_info = _check_onnx(exported, tmp / "model.onnx", data, n_test)
+            if onnx_info["status"] == "ok":
+                log(f"verified: ONNX Runtime matches PyTorch (max |diff| {onnx_info['max_abs_diff_vs_torch']:.2e} <= {ONNX_ATOL:g}), accuracy {onnx_info['accuracy']:.4f}")
+            else:
+                (tmp / "model.onnx").unlink(missing_ok=True)
+                log(f"ONNX: not shipped ({onnx_info['reason']})")
 
         # 4. latency of the exported files in a fresh, otherwise idle process.
         fresh = _fresh_latency(tmp, data.x_test[:1], latency, onnx_info["status"] == "ok") if measure_latency else {"skipped": True}

@@ -237,3 +237,50 @@ def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_pa
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(ref - eager).max() <= 1e-5, "the flipped TorchScript must take the other branch like the eager model"
     assert np.abs(got - ref).max() <= 1e-4, f"after flipping the threshold ONNX and TorchScript differ by {np.abs(got - ref).max()}"
+
+
+def _checkpoint_trial(cfg, model, name: str):
+    """Save ``model`` as a trial checkpoint of the study ``cfg`` (through the foundation's own
+    ``save_checkpoint``) and return (view, row, data) to export it."""
+    import dataclasses
+
+    from automl._measure import Metrics
+    from automl._train import evaluate
+    from automl._trial import TrialOutcome, save_checkpoint
+    from searchspace import Plan
+
+    view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
+    data = load_study_data(cfg)
+    acc = evaluate(model, data, "test")
+    metrics = Metrics(accuracy=acc, params=0, size_bytes=0, macs=None, latency_ms=1.0, latency_iqr_ms=0.0)
+    save_checkpoint(TrialOutcome(plan=Plan(chain=((name, {}),)), metrics=metrics, model=model), cfg.study_dir / "checkpoints" / name, example=data.x_test[:1])
+    row = dataclasses.replace(view.trials[0], method=name, metrics=metrics.as_dict(), attrs={"checkpoint": f"checkpoints/{name}"})
+    return view, row, data
+
+
+def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small_study, tmp_path):
+    """A torch.ao int8 model: the TorchScript export is verified; ONNX is either within 1e-4 or not
+    shipped with the measured difference in the card (never shipped unverified)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from automl._export import export_trial
+    from automl._measure import LatencySettings
+
+    cfg = copy_study(small_study, tmp_path)
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    data = load_study_data(cfg)
+    prepared = prepare_fx(float_model, get_default_qconfig_mapping("x86"), (data.x_train[:1],))
+    prepared(data.x_train[:256])
+    view, row, data = _checkpoint_trial(cfg, convert_fx(prepared), "int8_fixture")
+    out = tmp_path / "int8"
+    card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "int8 TorchScript accuracy must be re-verified"
+    assert (out / "weights.pt").is_file() or (out / "weights.safetensors").is_file(), f"no weights file in {sorted(p.name for p in out.iterdir())}"
+    onnx = card["onnx"]
+    if onnx["status"] == "ok":
+        assert (out / "model.onnx").is_file() and onnx["max_abs_diff_vs_torch"] <= 1e-4, f"ONNX marked ok but {onnx}"
+    else:
+        assert not (out / "model.onnx").exists(), "an ONNX file that failed verification must not be shipped"
+        assert onnx["reason"] and card["files"]["onnx"] is None, f"the card must say why ONNX is absent: {onnx}"
