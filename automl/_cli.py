@@ -148,7 +148,7 @@ def _load_study(study: str, runs: Path):
         fail(f"study {cfg.name!r} has no Optuna study in {cfg.storage_url}")
 
 
-def _print_front(study, constraints=None) -> None:
+def _print_front(study, constraints=None, *, all_trials: bool = False) -> None:
     from automl._pareto import Constraints, load_view, params_summary
 
     view = load_view(study)
@@ -162,13 +162,15 @@ def _print_front(study, constraints=None) -> None:
     if not view.front:
         console.print("no finished trial yet: the front is empty", markup=False)
         return
-    rows = list(view.front)
-    title = f"Pareto front ({len(view.front)} trials)"
+    pool = sorted(view.trials, key=lambda r: -(r.metrics.get("accuracy") or 0.0)) if all_trials else list(view.front)
+    what = "finished trials" if all_trials else "Pareto front"
+    rows = pool
+    title = f"{what} ({len(pool)} trials)"
     if constraints is not None and constraints != Constraints():
-        rows = constraints.filter(rows)
-        title = f"Pareto front: {len(rows)} of {len(view.front)} trials with {constraints.describe()}"
+        rows = constraints.filter(pool)
+        title = f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}"
         if not rows:
-            console.print(f"no trial on the front meets {constraints.describe()}", markup=False)
+            console.print(f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}", markup=False)
             return
     table = Table(title=title)
     for col in ("trial", "method", "accuracy", "Δacc", "size (B)", "x smaller", "latency (ms)", "x faster", "MACs", "params"):
@@ -209,7 +211,7 @@ _MIN_ACCURACY = typer.Option(None, "--min-accuracy", help="Keep models with test
 def show(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
-    front: bool = typer.Option(True, "--front/--no-front", help="Print the Pareto front (the default view)."),
+    front: bool = typer.Option(True, "--front/--all", help="Print the Pareto front (default) or every finished trial."),
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
@@ -217,7 +219,7 @@ def show(
     """Print a study's Pareto front as a table, optionally only the models meeting bounds."""
     constraints = _constraints(max_latency, max_size, min_accuracy)
     _, s = _load_study(study, runs)
-    _print_front(s, constraints if front else None)
+    _print_front(s, constraints, all_trials=not front)
 
 
 @app.command()
