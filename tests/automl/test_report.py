@@ -107,3 +107,42 @@ def test_report_renders_in_headless_chromium(small_study, tmp_path):
     shot.unlink(missing_ok=True)
     _chromium(["--virtual-time-budget=15000", "--window-size=1400,2600", f"--screenshot={shot}", out.as_uri()], tmp_path)
     assert shot.is_file() and shot.stat().st_size > 10_000, f"screenshot {shot} was not written"
+
+
+def test_cli_report_formats(small_study, tmp_path):
+    runner = CliRunner()
+    for fmt, target in (("md", tmp_path / "r.md"), ("csv", tmp_path / "csv"), ("parquet", tmp_path / "pq")):
+        r = runner.invoke(app, ["report", str(small_study.study_dir), "--format", fmt, "--output", str(target)])
+        assert r.exit_code == 0, f"report --format {fmt} failed: {r.output}"
+        assert "knee point: trial" in r.output, f"report must name the knee: {r.output}"
+    assert "## front" in (tmp_path / "r.md").read_text(), "markdown report lacks the front"
+    front_csv, front_pq = pd.read_csv(tmp_path / "csv" / "front.csv"), pd.read_parquet(tmp_path / "pq" / "front.parquet")
+    assert list(front_csv["trial"]) == list(front_pq["trial"]) and len(front_csv), "csv and parquet must hold the same front"
+    r = runner.invoke(app, ["report", str(small_study.study_dir), "--format", "xlsx"])
+    assert r.exit_code == 2 and "--format must be one of html, md, csv, parquet" in r.output, f"bad format must exit 2: {r.output}"
+
+
+def test_cli_report_on_a_study_with_no_finished_trial(small_study, tmp_path):
+    """A study folder whose Optuna study holds only a failed trial: the report says so and still renders."""
+    import yaml
+
+    from automl._study import open_storage
+
+    config = yaml.safe_load((small_study.study_dir / "config.yaml").read_text())
+    config.update(name="empty", output_dir=str(tmp_path))
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    study = optuna.create_study(study_name="empty", storage=open_storage(f"sqlite:///{folder / 'optuna.db'}"), directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("base", {"accuracy": 0.9, "size_bytes": 1000, "latency_ms": 1.0})
+    study.set_user_attr("objectives", ["accuracy", "size_bytes", "latency_ms"])
+    dist = {"method": optuna.distributions.CategoricalDistribution(["tucker"])}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"method": "tucker"}, distributions=dist, user_attrs={"method": "tucker", "fail_reason": "TrialFailed: diverged"}))
+    r = CliRunner().invoke(app, ["report", str(folder)])
+    assert r.exit_code == 0 and "No finished trial yet" in r.output, f"report must say plainly there is no finished trial: {r.output}"
+    page = (folder / "report.html").read_text()
+    assert "No finished trial yet" in page and "TrialFailed: diverged" in page, "the page must state it and list the failure"
+    r = CliRunner().invoke(app, ["show", str(folder)])
+    assert r.exit_code == 0 and "front is empty" in r.output, f"show must say the front is empty: {r.output}"
+    r = CliRunner().invoke(app, ["export", str(folder), "--pick", "knee"])
+    assert r.exit_code == 2 and "no finished trial" in r.output, f"export from an empty study must exit 2: {r.output}"
