@@ -194,27 +194,15 @@ class _EarlyExit(torch.nn.Module):
 def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_path):
     """Both branches of an early-exit forward survive export: TorchScript and ONNX (as an ``If``)
     give the PyTorch outputs whichever way the threshold sends the batch."""
-    import dataclasses
-
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
 
     from automl._export import export_trial
-    from automl._measure import LatencySettings, Metrics
-    from automl._train import evaluate
-    from automl._trial import TrialOutcome, save_checkpoint
-    from searchspace import Plan
+    from automl._measure import LatencySettings
 
     cfg = copy_study(small_study, tmp_path)
-    view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
-    data = load_study_data(cfg)
-    model = _EarlyExit(threshold).eval()
-    acc = evaluate(model, data, "test")
-    metrics = Metrics(accuracy=acc, params=0, size_bytes=0, macs=None, latency_ms=1.0, latency_iqr_ms=0.0)
-    plan = Plan(chain=(("early_exit_fixture", {"threshold": threshold}),))
-    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=model), cfg.study_dir / "checkpoints" / "early_exit", example=data.x_test[:1])
-    row = dataclasses.replace(view.trials[0], method="early_exit_fixture", metrics=metrics.as_dict(), attrs={"checkpoint": "checkpoints/early_exit"})
+    view, row, data = _checkpoint_trial(cfg, _EarlyExit(threshold).eval(), "early_exit_fixture")
     out = tmp_path / "ee"
     card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert card["onnx"]["status"] == "ok", f"ONNX export of a scripted early exit failed: {card['onnx']}"
@@ -284,3 +272,22 @@ def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small
     else:
         assert not (out / "model.onnx").exists(), "an ONNX file that failed verification must not be shipped"
         assert onnx["reason"] and card["files"]["onnx"] is None, f"the card must say why ONNX is absent: {onnx}"
+
+
+def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
+    """A checkpoint whose model does not reproduce the recorded accuracy is refused, nothing written."""
+    import dataclasses
+
+    cfg = copy_study(small_study, tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    view, row, _ = _checkpoint_trial(cfg, model, "mismatch_fixture")
+    wrong = dataclasses.replace(row, metrics={**row.metrics, "accuracy": row.metrics["accuracy"] + 0.1})
+    from automl._export import ExportError, export_trial
+    from automl._measure import LatencySettings
+
+    out = tmp_path / "exports" / "mismatch"
+    with pytest.raises(ExportError, match=r"verification failed: exported model's test accuracy .* != recorded") as info:
+        export_trial(view, wrong, out, study_dir=cfg.study_dir, load_data=lambda: load_study_data(cfg), latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    assert info.value.code == 1, f"a failed verification exits 1, got {info.value.code}"
+    assert not (tmp_path / "exports").exists(), f"nothing may be written, found {list((tmp_path / 'exports').rglob('*'))}"
