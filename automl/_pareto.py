@@ -280,8 +280,12 @@ def _objective_values(rows: Sequence[FrontRow], objectives: Sequence[str]) -> np
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     """Hypervolume (minimisation) dominated by ``points`` and bounded by ``reference``.
 
-    Uses Optuna's exact WFG implementation; points not strictly better than the reference in every
-    objective (or with a missing value) dominate nothing inside the box and are dropped first.
+    Uses Optuna's exact WFG implementation (``optuna._hypervolume.compute_hypervolume``, the function
+    ``optuna.visualization.plot_hypervolume_history`` uses; Optuna has no public alias). We do not
+    call ``plot_hypervolume_history`` itself because it works in raw units against one reference
+    point, where size in bytes would swamp accuracy; :func:`normalise` puts every objective in base
+    units first. Points not strictly better than the reference in every objective (or with a missing
+    value) dominate nothing inside the box and are dropped first.
     """
     from optuna._hypervolume import compute_hypervolume
 
