@@ -133,8 +133,23 @@ def list_studies(runs: Path = typer.Option(Path("runs"), "--runs", help="Folder 
     console.print(table)
 
 
-def _print_front(study) -> None:
-    from automl._pareto import load_view, params_summary
+def _load_study(study: str, runs: Path):
+    """(config, Optuna study) of an existing study folder or name; exits 2 with one line if absent."""
+    import optuna
+
+    from automl._study import StudyError, open_storage
+
+    cfg = _resolve_study(study, runs)
+    try:
+        return cfg, optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url))
+    except StudyError as exc:
+        fail(str(exc))
+    except KeyError:
+        fail(f"study {cfg.name!r} has no Optuna study in {cfg.storage_url}")
+
+
+def _print_front(study, constraints=None, *, all_trials: bool = False) -> None:
+    from automl._pareto import Constraints, load_view, params_summary
 
     view = load_view(study)
     base = view.base
@@ -147,10 +162,20 @@ def _print_front(study) -> None:
     if not view.front:
         console.print("no finished trial yet: the front is empty", markup=False)
         return
-    table = Table(title=f"Pareto front ({len(view.front)} trials)")
+    pool = sorted(view.trials, key=lambda r: -(r.metrics.get("accuracy") or 0.0)) if all_trials else list(view.front)
+    what = "finished trials" if all_trials else "Pareto front"
+    rows = pool
+    title = f"{what} ({len(pool)} trials)"
+    if constraints is not None and constraints != Constraints():
+        rows = constraints.filter(pool)
+        title = f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}"
+        if not rows:
+            console.print(f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}", markup=False)
+            return
+    table = Table(title=title)
     for col in ("trial", "method", "accuracy", "Δacc", "size (B)", "x smaller", "latency (ms)", "x faster", "MACs", "params"):
         table.add_column(col, justify="right" if col not in ("method", "params") else "left")
-    for r in view.front:
+    for r in rows:
         m = r.metrics
         table.add_row(
             str(r.number),
@@ -169,24 +194,151 @@ def _print_front(study) -> None:
         console.print(f"failed trial {number}: {reason}", markup=False)
 
 
+def _constraints(max_latency: float | None, max_size: float | None, min_accuracy: float | None):
+    from automl._pareto import Constraints
+
+    if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
+        fail(f"--min-accuracy must be a fraction in [0, 1], got {min_accuracy}")
+    return Constraints(max_latency_ms=max_latency, max_size_bytes=max_size, min_accuracy=min_accuracy)
+
+
+_MAX_LATENCY = typer.Option(None, "--max-latency", min=0.0, help="Keep models with latency_ms <= this.")
+_MAX_SIZE = typer.Option(None, "--max-size", min=0.0, help="Keep models with size_bytes <= this.")
+_MIN_ACCURACY = typer.Option(None, "--min-accuracy", help="Keep models with test accuracy >= this (fraction).")
+
+
 @app.command()
 def show(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
+    front: bool = typer.Option(True, "--front/--all", help="Print the Pareto front (default) or every finished trial."),
+    max_latency: Optional[float] = _MAX_LATENCY,
+    max_size: Optional[float] = _MAX_SIZE,
+    min_accuracy: Optional[float] = _MIN_ACCURACY,
 ) -> None:
-    """Print a study's Pareto front as a table."""
-    import optuna
+    """Print a study's Pareto front as a table, optionally only the models meeting bounds."""
+    constraints = _constraints(max_latency, max_size, min_accuracy)
+    _, s = _load_study(study, runs)
+    _print_front(s, constraints, all_trials=not front)
 
-    from automl._study import StudyError, open_storage
 
-    cfg = _resolve_study(study, runs)
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
+    fmt: str = typer.Option("html", "--format", help="html (one self-contained page), md (one file), csv or parquet (one file per table)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File (html, md) or folder (csv, parquet); default: in the study folder."),
+) -> None:
+    """Write the study's report: Pareto fronts, hypervolume, knee point, best per method, tables."""
+    from automl._pareto import load_view
+    from automl._report import FORMATS, build_report, render_html, write_tables
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    cfg, s = _load_study(study, runs)
+    data = build_report(load_view(s))
+    for note in data.notes:
+        _log(note)
+    if fmt == "html":
+        out = output or cfg.study_dir / "report.html"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_html(data), encoding="utf-8")
+        written = [out]
+    else:
+        out = output or (cfg.study_dir / ("report.md" if fmt == "md" else f"report_{fmt}"))
+        written = write_tables(data, out, fmt)
+    if data.knee is not None:
+        _log(f"knee point: trial {data.knee}; front of {len(data.front)}; hypervolume {data.hypervolume['hypervolume'].iloc[-1]:.4f} (base alone = 1)")
+    for path in written:
+        _log(f"wrote {path}")
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="First study (folder or name under --runs)."),
+    b: str = typer.Argument(..., help="Second study."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
+) -> None:
+    """Compare two studies' fronts by hypervolume on one common reference point."""
+    from automl._pareto import COST_REFERENCE, front_hypervolume, load_view
+
+    va, vb = (load_view(_load_study(x, runs)[1]) for x in (a, b))
+    if va.objectives != vb.objectives or va.directions != vb.directions:
+        fail(f"studies must share objectives to be compared, got {list(va.objectives)} vs {list(vb.objectives)}")
+    # One unit system for both fronts: study A's base model (the same base in the usual case of two
+    # searches over one model); the reference point is then common by construction.
+    unit = va.base or vb.base
+    table = Table(title=f"Fronts on a common reference point (units of {va.name}'s base; cost reference {COST_REFERENCE:g}x, accuracy 0)")
+    for col in ("study", "finished", "failed", "front", "hypervolume", "best accuracy", "smallest (B)", "fastest (ms)"):
+        table.add_column(col, justify="left" if col == "study" else "right")
+    for v in (va, vb):
+        def best(key, fn):
+            vals = [r.metrics[key] for r in v.front if r.metrics.get(key) is not None]
+            return fn(vals) if vals else None
+        acc, size, lat = best("accuracy", max), best("size_bytes", min), best("latency_ms", min)
+        table.add_row(
+            v.name, str(len(v.trials)), str(v.n_failed), str(len(v.front)),
+            f"{front_hypervolume(v.front, v.objectives, v.directions, unit):.4f}",
+            f"{acc:.4f}" if acc is not None else "-", f"{int(size)}" if size is not None else "-", f"{lat:.3f}" if lat is not None else "-",
+        )
+    console.print(table)
+    if va.base and vb.base and any(va.base.get(k) != vb.base.get(k) for k in va.objectives):
+        _log(f"note: the two studies have different base models; both fronts are measured in units of {va.name}'s base")
+
+
+@app.command("export")
+def export_cmd(
+    study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
+    trial: Optional[int] = typer.Option(None, "--trial", min=0, help="Export this trial number."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial: knee, best-accuracy, smallest, fastest, fewest-macs (within the bounds given)."),
+    max_latency: Optional[float] = _MAX_LATENCY,
+    max_size: Optional[float] = _MAX_SIZE,
+    min_accuracy: Optional[float] = _MIN_ACCURACY,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder (default: <study>/exports/trial_NNNNN)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing destination folder."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
+) -> None:
+    """Export one trial (TorchScript, ONNX, weights, card.json), verified before success is reported."""
+    from automl._export import ExportError, export_trial
+    from automl._pareto import load_view, pick
+
+    if (trial is None) == (pick_ is None):
+        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+    constraints = _constraints(max_latency, max_size, min_accuracy)
+    cfg, s = _load_study(study, runs)
+    view = load_view(s)
+    if trial is not None:
+        row = view.row(trial)
+        if row is None:
+            fail(f"--trial {trial}: study {view.name!r} has no finished trial {trial} (finished: {', '.join(str(r.number) for r in view.trials) or 'none'})")
+        if row.state != "complete":
+            fail(f"--trial {trial}: that trial failed ({row.fail_reason}); only finished trials can be exported")
+        if not constraints.admits(row):
+            fail(f"--trial {trial} does not meet {constraints.describe()}")
+    else:
+        try:
+            row = pick(view, pick_, constraints)
+        except ValueError as exc:
+            fail(str(exc))
+        _log(f"picked trial {row.number} ({row.method}) by {pick_} with {constraints.describe()}")
+    study_dir = cfg.study_dir
+    dest = out or study_dir / "exports" / f"trial_{row.number:05d}"
+
+    def load_data():
+        from automl._export import load_study_data
+
+        return load_study_data(cfg)
+
     try:
-        s = optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url))
-    except StudyError as exc:
-        fail(str(exc))
-    except KeyError:
-        fail(f"study {cfg.name!r} has no Optuna study in {cfg.storage_url}")
-    _print_front(s)
+        card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency, force=force, log=_log)
+    except ExportError as exc:
+        fail(str(exc), code=exc.code)
+    exp = card["metrics"]["exported"]
+    _log(
+        f"exported trial {row.number} ({row.method}) to {dest}: accuracy {exp['accuracy']:.4f}, "
+        f"ONNX {card['onnx']['status']}, latency {exp['latency_ms'] if exp['latency_ms'] is not None else float('nan'):.3f} ms "
+        f"(recorded {card['metrics']['recorded'].get('latency_ms') or float('nan'):.3f} ms)"
+    )
 
 
 def main() -> None:

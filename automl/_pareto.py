@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+import math
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import optuna
 
-__all__ = ["FrontRow", "StudyView", "front_rows", "load_view", "params_summary"]
+__all__ = [
+    "COST_REFERENCE",
+    "Constraints",
+    "FrontRow",
+    "StudyView",
+    "best_per_method",
+    "front_rows",
+    "hypervolume",
+    "hypervolume_history",
+    "knee_point",
+    "load_view",
+    "nondominated_mask",
+    "normalise",
+    "params_summary",
+    "pick",
+]
 
 _METRIC_KEYS = ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms")
 
@@ -24,6 +41,14 @@ class FrontRow:
     speedup: float | None = None  # base latency / latency
     accuracy_delta: float | None = None  # accuracy - base accuracy (fraction)
     attrs: dict[str, Any] = field(default_factory=dict)
+    state: str = "complete"  # "complete" | "failed"
+    fail_reason: str | None = None
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint folder, relative to the study folder (None if the trial never saved one)."""
+        value = self.attrs.get("checkpoint")
+        return str(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -37,9 +62,29 @@ class StudyView:
     n_failed: int
     n_running: int
     failures: tuple[tuple[int, str], ...]
+    failed: tuple[FrontRow, ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def study_dir(self) -> str | None:
+        return self.attrs.get("study_dir")
+
+    def row(self, number: int) -> FrontRow | None:
+        """The finished or failed trial ``number`` (None if it is running or does not exist)."""
+        return next((r for r in (*self.trials, *self.failed) if r.number == number), None)
 
 
 def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[str, Any]) -> FrontRow:
+    if t.state == optuna.trial.TrialState.FAIL:
+        return FrontRow(
+            number=t.number,
+            method=str(t.user_attrs.get("method", t.params.get("method", "?"))),
+            params=dict(t.params),
+            metrics={k: None for k in _METRIC_KEYS},
+            attrs={k: v for k, v in t.user_attrs.items() if k not in _METRIC_KEYS},
+            state="failed",
+            fail_reason=str(t.user_attrs.get("fail_reason", "unknown")),
+        )
     metrics: dict[str, float | None] = {k: t.user_attrs.get(k) for k in _METRIC_KEYS}
     for name, value in zip(objectives, t.values or ()):
         metrics[name] = value
@@ -87,6 +132,8 @@ def load_view(study: optuna.Study) -> StudyView:
         n_failed=len(failed),
         n_running=sum(t.state == optuna.trial.TrialState.RUNNING for t in all_trials),
         failures=tuple((t.number, str(t.user_attrs.get("fail_reason", "unknown"))) for t in failed),
+        failed=tuple(_row(t, objectives, base) for t in failed),
+        attrs={k: v for k, v in attrs.items() if k != "base"},
     )
 
 
@@ -98,3 +145,228 @@ def params_summary(params: dict[str, Any], limit: int = 80) -> str:
     text = ", ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+
+# --- constraints and picks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Bounds a user puts on a model (None = unbounded)."""
+
+    max_latency_ms: float | None = None
+    max_size_bytes: float | None = None
+    min_accuracy: float | None = None
+
+    def admits(self, row: FrontRow) -> bool:
+        m = row.metrics
+
+        def known(key: str) -> float | None:
+            v = m.get(key)
+            return None if v is None else float(v)
+
+        # A bound on an unmeasured number excludes the row: we cannot promise it holds.
+        if self.max_latency_ms is not None and (known("latency_ms") is None or known("latency_ms") > self.max_latency_ms):
+            return False
+        if self.max_size_bytes is not None and (known("size_bytes") is None or known("size_bytes") > self.max_size_bytes):
+            return False
+        if self.min_accuracy is not None and (known("accuracy") is None or known("accuracy") < self.min_accuracy):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_latency_ms is not None:
+            parts.append(f"latency_ms <= {self.max_latency_ms:g}")
+        if self.max_size_bytes is not None:
+            parts.append(f"size_bytes <= {self.max_size_bytes:g}")
+        if self.min_accuracy is not None:
+            parts.append(f"accuracy >= {self.min_accuracy:g}")
+        return " and ".join(parts) or "no constraint"
+
+    def filter(self, rows: Sequence[FrontRow]) -> list[FrontRow]:
+        return [r for r in rows if self.admits(r)]
+
+
+#: ``pick`` strategies: name -> (metric, maximise?). ``knee`` is handled apart.
+PICKS: dict[str, tuple[str, bool]] = {
+    "best-accuracy": ("accuracy", True),
+    "smallest": ("size_bytes", False),
+    "fastest": ("latency_ms", False),
+    "fewest-macs": ("macs", False),
+}
+
+
+def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) -> FrontRow:
+    """Choose one finished trial: ``knee`` of the (constrained) front or the best by one metric.
+
+    Ties on the metric are broken by accuracy, then by the lower trial number, so a pick is stable.
+
+    Raises:
+        ValueError: unknown ``how``, or no finished trial meets ``constraints`` (one line).
+    """
+    allowed = ["knee", *PICKS]
+    if how not in allowed:
+        raise ValueError(f"--pick must be one of {', '.join(allowed)}, got {how!r}")
+    rows = constraints.filter(view.trials)
+    if not rows:
+        raise ValueError(f"no finished trial of study {view.name!r} meets {constraints.describe()} ({len(view.trials)} finished)")
+    if how == "knee":
+        # The knee of the front of the admitted trials: constraining first, then taking the front,
+        # keeps the pick on the trade-off curve the user can actually use.
+        front = _non_dominated(rows, view)
+        number = knee_point(front, view)
+        return next(r for r in front if r.number == number)
+    metric, maximise = PICKS[how]
+    measured = [r for r in rows if r.metrics.get(metric) is not None]
+    if not measured:
+        raise ValueError(f"--pick {how}: no finished trial meeting {constraints.describe()} has a measured {metric}")
+    sign = -1.0 if maximise else 1.0
+    return min(measured, key=lambda r: (sign * float(r.metrics[metric]), -(r.metrics.get("accuracy") or 0.0), r.number))
+
+
+def best_per_method(view: StudyView) -> list[FrontRow]:
+    """For each method chain (label), its most accurate finished trial (ties: smaller, then earlier)."""
+    best: dict[str, FrontRow] = {}
+    for r in view.trials:
+        key = (-(r.metrics.get("accuracy") or 0.0), r.metrics.get("size_bytes") or 0.0, r.number)
+        cur = best.get(r.method)
+        if cur is None or key < (-(cur.metrics.get("accuracy") or 0.0), cur.metrics.get("size_bytes") or 0.0, cur.number):
+            best[r.method] = r
+    return sorted(best.values(), key=lambda r: -(r.metrics.get("accuracy") or 0.0))
+
+
+# --- normalised objective space, hypervolume, knee ------------------------------------------
+
+#: Reference point of a cost objective (minimised: size, latency, MACs, params) in base units:
+#: a model twice as large/slow as the base still adds volume, anything worse adds none.
+COST_REFERENCE = 2.0
+
+
+def normalise(values: Sequence[Sequence[float]], objectives: Sequence[str], directions: Sequence[str], base: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Objective values in base-relative units, all to be minimised, and the reference point.
+
+    Each objective is divided by the base model's value, so every axis reads "times the base" and a
+    hypervolume means the same for any model, dataset or unit:
+
+    - a minimised (cost) objective ``v`` becomes ``v / base``; its reference is
+      :data:`COST_REFERENCE` (2x the base's cost);
+    - a maximised objective (accuracy) ``v`` becomes ``-v / base``; its reference is 0 (accuracy 0).
+
+    The base model itself therefore sits at ``(-1, 1, 1, ...)`` and its own hypervolume is exactly 1:
+    a front's hypervolume is "how many times the volume the base alone dominates". Where the base
+    lacks a value (or it is 0), the largest absolute value among ``values`` is the unit instead.
+
+    Returns:
+        ``(points, reference)``: an ``(n, k)`` array and a ``(k,)`` array.
+    """
+    pts = np.asarray(values, dtype=float).reshape(-1, len(objectives))
+    unit = np.ones(len(objectives))
+    for j, name in enumerate(objectives):
+        b = base.get(name)
+        if b is not None and float(b) != 0.0 and math.isfinite(float(b)):
+            unit[j] = abs(float(b))
+        elif len(pts) and np.isfinite(pts[:, j]).any():
+            unit[j] = float(np.nanmax(np.abs(pts[:, j]))) or 1.0
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    ref = np.array([0.0 if d == "maximize" else COST_REFERENCE for d in directions])
+    return signs * pts / unit, ref
+
+
+def _objective_values(rows: Sequence[FrontRow], objectives: Sequence[str]) -> np.ndarray:
+    return np.array([[float(r.metrics[o]) if r.metrics.get(o) is not None else np.nan for o in objectives] for r in rows], dtype=float).reshape(len(rows), len(objectives))
+
+
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """Hypervolume (minimisation) dominated by ``points`` and bounded by ``reference``.
+
+    Uses Optuna's exact WFG implementation (``optuna._hypervolume.compute_hypervolume``, the function
+    ``optuna.visualization.plot_hypervolume_history`` uses; Optuna has no public alias). We do not
+    call ``plot_hypervolume_history`` itself because it works in raw units against one reference
+    point, where size in bytes would swamp accuracy; :func:`normalise` puts every objective in base
+    units first. Points not strictly better than the reference in every objective (or with a missing
+    value) dominate nothing inside the box and are dropped first.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    pts = np.asarray(points, dtype=float).reshape(-1, len(reference))
+    keep = np.isfinite(pts).all(axis=1) & (pts < reference).all(axis=1)
+    if not keep.any():
+        return 0.0
+    return float(compute_hypervolume(pts[keep], np.asarray(reference, dtype=float)))
+
+
+def hypervolume_history(view: StudyView) -> list[tuple[int, float]]:
+    """``(trial number, hypervolume of all finished trials up to it)`` in trial order (normalised space)."""
+    rows = sorted(view.trials, key=lambda r: r.number)
+    pts, ref = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
+    out: list[tuple[int, float]] = []
+    front = np.empty((0, len(ref)))
+    value = 0.0
+    for r, p in zip(rows, pts):
+        # Keep only the running non-dominated set inside the box: a dominated or out-of-box trial
+        # leaves the volume unchanged, and WFG then works on tens of points, not on every trial.
+        if np.isfinite(p).all() and (p < ref).all() and not ((front <= p).all(axis=1)).any():
+            front = np.vstack([front[~((p <= front).all(axis=1))], p])
+            value = hypervolume(front, ref)
+        out.append((r.number, value))
+    return out
+
+
+def front_hypervolume(rows: Sequence[FrontRow], objectives: Sequence[str], directions: Sequence[str], base: Mapping[str, Any]) -> float:
+    pts, ref = normalise(_objective_values(rows, objectives), objectives, directions, base)
+    return hypervolume(pts, ref)
+
+
+def nondominated_mask(points: np.ndarray) -> np.ndarray:
+    """Which rows of ``points`` (minimisation, finite) no other row dominates; one vectorised pass per row."""
+    pts = np.asarray(points, dtype=float)
+    keep = np.isfinite(pts).all(axis=1)
+    for i in np.flatnonzero(keep):
+        others = pts[keep]
+        if ((others <= pts[i]).all(axis=1) & (others < pts[i]).any(axis=1)).any():
+            keep[i] = False
+    return keep
+
+
+def _non_dominated(rows: Sequence[FrontRow], view: StudyView) -> list[FrontRow]:
+    pts, _ = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
+    return [r for r, k in zip(rows, nondominated_mask(pts)) if k]
+
+
+def knee_point(front: Sequence[FrontRow], view: StudyView) -> int | None:
+    """Trial number of the knee of ``front`` (None if it is empty).
+
+    Definition (Das, 1999, "On characterizing the knee of the Pareto curve"; the "maximum distance to
+    the extreme-point hyperplane" of Branke et al., 2004): map the front's objectives to minimisation
+    and scale each to [0, 1] over the front; take the k extreme points (the best point of each
+    objective) and the hyperplane through them (the line through both extremes for k = 2); the knee
+    is the point farthest from that hyperplane on the side of the ideal point, i.e. the point where
+    giving up a little of one objective buys the most of the others. If the extremes do not span a
+    hyperplane (fewer distinct extremes than objectives, e.g. a front of one or two points in 3-D),
+    the knee falls back to the point closest to the ideal point (the origin after scaling).
+    """
+    rows = [r for r in front if all(r.metrics.get(o) is not None for o in view.objectives)]
+    if not rows:
+        return None
+    if len(rows) == 1:
+        return rows[0].number
+    pts, _ = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    z = (pts - lo) / span
+    k = z.shape[1]
+    extremes = z[[int(np.argmin(z[:, j])) for j in range(k)]]
+    diffs = extremes[1:] - extremes[0]
+    best: int | None = None
+    if k >= 2 and np.linalg.matrix_rank(diffs, tol=1e-9) == k - 1:
+        normal = np.linalg.svd(diffs)[2][-1]
+        # Orient the normal toward the ideal point (the origin), then measure signed distance.
+        if float(normal @ (np.zeros(k) - extremes[0])) < 0:
+            normal = -normal
+        dist = (z - extremes[0]) @ normal
+        if dist.max() > 1e-12:
+            best = int(np.argmax(dist))
+    if best is None:
+        best = int(np.argmin(np.linalg.norm(z, axis=1)))
+    return rows[best].number

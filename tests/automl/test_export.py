@@ -1,0 +1,293 @@
+"""Export: every method family the small study trained is exported, then loaded in fresh processes
+holding only torch (TorchScript) and only onnxruntime (ONNX), reproducing the card's accuracy; bad
+checkpoints fail with exit 2 writing nothing; show/compare on the same study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from automl._cli import app
+from automl._export import load_study_data
+from automl._pareto import load_view
+from tests.automl.conftest import applicable_methods, copy_study
+
+TORCH_ONLY = r"""
+import json, sys
+import numpy as np
+import torch
+folder, data = sys.argv[1], sys.argv[2]
+x, y = torch.from_numpy(np.load(data + "/x.npy")), torch.from_numpy(np.load(data + "/y.npy"))
+model = torch.jit.load(folder + "/model.ts").eval()
+correct = 0
+with torch.no_grad():
+    for i in range(0, len(y), 500):  # the batch size trials evaluate with
+        correct += int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("automl", "searchspace", "onnxruntime", "optuna", "ray"))
+print(json.dumps({"accuracy": correct / len(y), "project_modules": ours}))
+"""
+
+ORT_ONLY = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+folder, data = sys.argv[1], sys.argv[2]
+x, y = np.load(data + "/x.npy"), np.load(data + "/y.npy")
+sess = ort.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
+name = sess.get_inputs()[0].name
+correct = 0
+for i in range(0, len(y), 500):
+    correct += int((sess.run(None, {name: x[i:i + 500]})[0].argmax(1) == y[i:i + 500]).sum())
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "automl", "searchspace"))
+print(json.dumps({"accuracy": correct / len(y), "project_modules": ours}))
+"""
+
+
+def _fresh(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, f"fresh process failed: {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def test_split(small_study, tmp_path_factory):
+    data = load_study_data(small_study)
+    folder = tmp_path_factory.mktemp("testsplit")
+    np.save(folder / "x.npy", data.x_test.numpy())
+    np.save(folder / "y.npy", data.y_test.numpy())
+    return folder
+
+
+@pytest.mark.parametrize("method", applicable_methods())
+def test_export_each_method_family_reloads_in_fresh_processes(method, small_study, test_split, tmp_path):
+    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
+    rows = [r for r in view.trials if method in r.method.split("+")]
+    if not rows:
+        failed = [f"trial {r.number}: {r.fail_reason}" for r in view.failed if method in r.method.split("+")]
+        pytest.fail(f"the small study has no finished trial of {method!r} to export; its trials failed: {failed or 'none ran'}")
+    row = rows[0]
+    out = tmp_path / f"export_{method}"
+    result = CliRunner().invoke(app, ["export", str(small_study.study_dir), "--trial", str(row.number), "--out", str(out)])
+    assert result.exit_code == 0, f"export of trial {row.number} ({row.method}) failed: {result.output}"
+    card = json.loads((out / "card.json").read_text())
+    assert card["trial"] == row.number and card["method"] == row.method, f"card names the wrong trial: {card['trial']} {card['method']}"
+    assert [s["method"] for s in card["chain"]] == row.method.split("+"), f"card chain differs from the trial's: {card['chain']}"
+    for key in ("versions", "cpu", "latency", "python"):
+        assert key in card["environment"], f"card.environment lacks {key!r}: {sorted(card['environment'])}"
+    recorded = card["metrics"]["recorded"]["accuracy"]
+    assert card["metrics"]["exported"]["accuracy"] == pytest.approx(recorded, abs=1e-12), "card's verified accuracy must equal the recorded one"
+    assert card["metrics"]["exported"]["latency_ms"] is not None, f"latency was not re-measured: {card['metrics']['exported']}"
+    assert (out / card["files"]["weights"]).is_file(), f"weights file {card['files']['weights']} is missing"
+    assert not list(tmp_path.glob(".*partial*")), "a .partial folder was left behind"
+
+    ts = _fresh(TORCH_ONLY, str(out), str(test_split))
+    assert ts["project_modules"] == [], f"TorchScript check must run with torch only, but imported {ts['project_modules']}"
+    assert ts["accuracy"] == pytest.approx(recorded, abs=1e-12), f"TorchScript in a fresh process: accuracy {ts['accuracy']} != card {recorded}"
+
+    if card["onnx"]["status"] != "ok":
+        pytest.xfail(f"{row.method}: ONNX not exported: {card['onnx'].get('reason')}")
+    ox = _fresh(ORT_ONLY, str(out), str(test_split))
+    assert ox["project_modules"] == [], f"ONNX check must run with onnxruntime only, but imported {ox['project_modules']}"
+    assert ox["accuracy"] == pytest.approx(recorded, abs=1e-12), f"ONNX Runtime in a fresh process: accuracy {ox['accuracy']} != card {recorded}"
+
+
+def _damage_missing(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+def _damage_model(folder: Path) -> None:
+    (folder / "model.ts").write_bytes(b"not a torchscript archive")
+
+
+def _damage_weights(folder: Path) -> None:
+    data = (folder / "weights.pt").read_bytes()
+    (folder / "weights.pt").write_bytes(data[: len(data) // 2])
+
+
+def _damage_record(folder: Path) -> None:
+    (folder / "trial.json").write_text("{ truncated")
+
+
+@pytest.mark.parametrize("damage,words", [(_damage_missing, "is missing"), (_damage_model, "model.ts does not load"), (_damage_weights, "weights.pt does not load"), (_damage_record, "trial.json")], ids=["missing", "model", "weights", "record"])
+def test_export_of_bad_checkpoint_exits_2_writing_nothing(damage, words, small_study, tmp_path):
+    cfg = copy_study(small_study, tmp_path)
+    view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
+    assert cfg.storage_url != small_study.storage_url, "the copy must have its own database"
+    row = view.trials[0]
+    damage(cfg.study_dir / row.checkpoint)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["export", str(cfg.study_dir), "--trial", str(row.number)])
+    assert result.exit_code == 2, f"expected exit 2, got {result.exit_code}: {result.output}"
+    lines = [l for l in result.output.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0] and f"trial {row.number}" in lines[0], f"expected one clear error line mentioning {words!r}: {result.output}"
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before, f"a failed export must write nothing, new paths: {sorted(set(after) - set(before))}"
+
+
+def test_pick_with_constraint_and_bad_selection(small_study, tmp_path):
+    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(small_study.study_dir), "--pick", "best-accuracy", "--max-latency", "1e-9"])
+    assert r.exit_code == 2 and "meets latency_ms <= 1e-09" in r.output, f"an impossible bound must exit 2 naming it: {r.output}"
+    r = runner.invoke(app, ["export", str(small_study.study_dir), "--trial", "999"])
+    assert r.exit_code == 2 and "no finished trial 999" in r.output, f"unknown trial must exit 2: {r.output}"
+    r = runner.invoke(app, ["export", str(small_study.study_dir)])
+    assert r.exit_code == 2 and "exactly one of --trial" in r.output, f"no selection must exit 2: {r.output}"
+    out = tmp_path / "knee"
+    r = runner.invoke(app, ["export", str(small_study.study_dir), "--pick", "knee", "--out", str(out)])
+    assert r.exit_code == 0, f"--pick knee failed: {r.output}"
+    from automl._pareto import knee_point
+
+    assert json.loads((out / "card.json").read_text())["trial"] == knee_point(view.front, view), "--pick knee must export the knee trial"
+    r = runner.invoke(app, ["export", str(small_study.study_dir), "--pick", "knee", "--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output, f"an existing destination must not be overwritten silently: {r.output}"
+
+
+def test_show_filters_and_compare(small_study):
+    runner = CliRunner()
+    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
+    best = max(r.metrics["accuracy"] for r in view.front)
+    r = runner.invoke(app, ["show", str(small_study.study_dir), "--front", "--min-accuracy", str(best)])
+    assert r.exit_code == 0 and f"with accuracy >= {best:g}" in r.output, f"show --min-accuracy failed: {r.output}"
+    kept = [r_.number for r_ in view.front if r_.metrics["accuracy"] >= best]
+    assert f"{len(kept)} of {len(view.front)} trials" in r.output, f"filter kept the wrong number of trials: {r.output}"
+    r = runner.invoke(app, ["show", str(small_study.study_dir), "--max-size", "1"])
+    assert r.exit_code == 0 and "no trial on the front meets size_bytes <= 1" in r.output, f"empty filter must say so: {r.output}"
+    r = runner.invoke(app, ["compare", str(small_study.study_dir), str(small_study.study_dir)])
+    assert r.exit_code == 0, f"compare failed: {r.output}"
+    hv = [line for line in r.output.splitlines() if line.strip().startswith("│ tiny")]
+    assert len(hv) == 2 and hv[0] == hv[1], f"a study compared with itself must show equal rows: {hv}"
+
+
+class _EarlyExit(torch.nn.Module):
+    """A data-dependent forward like early-exit methods make: leave at the first head when it is
+    confident enough (threshold kept as a buffer), else run the rest of the network."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.exit1 = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 10))
+        self.rest = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+        self.register_buffer("threshold", torch.tensor(threshold))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        early = self.exit1(h)
+        if bool((torch.softmax(early, dim=1).amax(dim=1) >= self.threshold).all()):
+            return early
+        return self.rest(h)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5], ids=["always-exit", "never-exit"])
+def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_path):
+    """Both branches of an early-exit forward survive export: TorchScript and ONNX (as an ``If``)
+    give the PyTorch outputs whichever way the threshold sends the batch."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from automl._export import export_trial
+    from automl._measure import LatencySettings
+
+    cfg = copy_study(small_study, tmp_path)
+    view, row, data = _checkpoint_trial(cfg, _EarlyExit(threshold).eval(), "early_exit_fixture")
+    out = tmp_path / "ee"
+    card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    assert card["onnx"]["status"] == "ok", f"ONNX export of a scripted early exit failed: {card['onnx']}"
+    m = onnx.load(str(out / "model.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert "If" in ops, f"the ONNX graph must keep the data-dependent branch as an If node, has {sorted(ops)}"
+    exported = torch.jit.load(str(out / "model.ts"))
+    assert float(exported.threshold) == pytest.approx(threshold), f"threshold {float(exported.threshold)} != {threshold} in the exported TorchScript"
+    # The other branch too: flip the threshold in the exported TorchScript and in the ONNX initializer.
+    flipped = 1.5 if threshold == 0.0 else 0.0
+    exported.threshold.fill_(flipped)
+    inits = [i for i in m.graph.initializer if i.name.endswith("threshold")]
+    assert len(inits) == 1, f"the threshold must be one ONNX initializer, found {[i.name for i in m.graph.initializer]}"
+    inits[0].CopyFrom(numpy_helper.from_array(np.array(flipped, dtype=np.float32), inits[0].name))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = data.x_test[:64]
+    with torch.no_grad():
+        ref = exported(x).numpy()
+        eager = _EarlyExit(flipped)(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(ref - eager).max() <= 1e-5, "the flipped TorchScript must take the other branch like the eager model"
+    assert np.abs(got - ref).max() <= 1e-4, f"after flipping the threshold ONNX and TorchScript differ by {np.abs(got - ref).max()}"
+
+
+def _checkpoint_trial(cfg, model, name: str):
+    """Save ``model`` as a trial checkpoint of the study ``cfg`` (through the foundation's own
+    ``save_checkpoint``) and return (view, row, data) to export it."""
+    import dataclasses
+
+    from automl._measure import Metrics
+    from automl._train import evaluate
+    from automl._trial import TrialOutcome, save_checkpoint
+    from searchspace import Plan
+
+    view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
+    data = load_study_data(cfg)
+    acc = evaluate(model, data, "test")
+    metrics = Metrics(accuracy=acc, params=0, size_bytes=0, macs=None, latency_ms=1.0, latency_iqr_ms=0.0)
+    save_checkpoint(TrialOutcome(plan=Plan(chain=((name, {}),)), metrics=metrics, model=model), cfg.study_dir / "checkpoints" / name, example=data.x_test[:1])
+    row = dataclasses.replace(view.trials[0], method=name, metrics=metrics.as_dict(), attrs={"checkpoint": f"checkpoints/{name}"})
+    return view, row, data
+
+
+def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small_study, tmp_path):
+    """A torch.ao int8 model: the TorchScript export is verified; ONNX is either within 1e-4 or not
+    shipped with the measured difference in the card (never shipped unverified)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from automl._export import export_trial
+    from automl._measure import LatencySettings
+
+    cfg = copy_study(small_study, tmp_path)
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    data = load_study_data(cfg)
+    prepared = prepare_fx(float_model, get_default_qconfig_mapping("x86"), (data.x_train[:1],))
+    prepared(data.x_train[:256])
+    view, row, data = _checkpoint_trial(cfg, convert_fx(prepared), "int8_fixture")
+    out = tmp_path / "int8"
+    card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "int8 TorchScript accuracy must be re-verified"
+    assert (out / "weights.pt").is_file() or (out / "weights.safetensors").is_file(), f"no weights file in {sorted(p.name for p in out.iterdir())}"
+    onnx = card["onnx"]
+    if onnx["status"] == "ok":
+        assert (out / "model.onnx").is_file() and onnx["max_abs_diff_vs_torch"] <= 1e-4, f"ONNX marked ok but {onnx}"
+    else:
+        assert not (out / "model.onnx").exists(), "an ONNX file that failed verification must not be shipped"
+        assert onnx["reason"] and card["files"]["onnx"] is None, f"the card must say why ONNX is absent: {onnx}"
+
+
+def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
+    """A checkpoint whose model does not reproduce the recorded accuracy is refused, nothing written."""
+    import dataclasses
+
+    cfg = copy_study(small_study, tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    view, row, _ = _checkpoint_trial(cfg, model, "mismatch_fixture")
+    wrong = dataclasses.replace(row, metrics={**row.metrics, "accuracy": row.metrics["accuracy"] + 0.1})
+    from automl._export import ExportError, export_trial
+    from automl._measure import LatencySettings
+
+    out = tmp_path / "exports" / "mismatch"
+    with pytest.raises(ExportError, match=r"verification failed: exported model's test accuracy .* != recorded") as info:
+        export_trial(view, wrong, out, study_dir=cfg.study_dir, load_data=lambda: load_study_data(cfg), latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    assert info.value.code == 1, f"a failed verification exits 1, got {info.value.code}"
+    assert not (tmp_path / "exports").exists(), f"nothing may be written, found {list((tmp_path / 'exports').rglob('*'))}"
