@@ -355,24 +355,23 @@ def _error_text(trial: Any) -> str:
 def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None):
     from ray.tune import Callback
 
-    class StudyCallback(Callback):
-        """Copies each trial's persisted checkpoint into the study folder and prints progress."""
+    class StudyCallback(Callback, _CallbackState):
+        """Prints one progress line per finished trial; records why a Ray worker failed.
 
-        def __init__(self) -> None:
-            self.done = 0
-            self.failed = 0
-            self.storage = open_storage(cfg.storage_url)
+        Everything it uses is an attribute (not a closure variable) so that ``__getstate__`` can leave
+        out what cannot be pickled (the log function's console, storages): Tune pickles its callbacks
+        with the Tuner, and the pickled copy is never run.
+        """
 
         def _progress(self, trial: Any, status: str) -> None:
-            study = optuna.load_study(study_name=cfg.name, storage=self.storage)
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
             front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
             number = trial.config.get("optuna_trial_number", "?")
-            log(f"[{self.done}/{total}] trial {number} {status} | failed {self.failed} | front {front}")
+            self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             result = trial.last_result or {}
-            number = trial.config.get("optuna_trial_number")
             if result.get(FAIL_REASON):
                 self.failed += 1
                 self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")
@@ -384,11 +383,36 @@ def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str
             self.done += 1
             self.failed += 1
             reason = _error_text(trial)
-            if searcher is not None:
-                searcher.close_errored(trial.trial_id, reason)
+            if self.searcher is not None:
+                self.searcher.close_errored(trial.trial_id, reason)
             self._progress(trial, f"FAILED: {reason[:160]}")
 
-    return StudyCallback()
+    cb = StudyCallback()
+    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    return cb
+
+
+class _CallbackState:
+    """The callback's state, kept out of closures (cloudpickle pickles a local class's closures)."""
+
+    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any) -> None:
+        self.done = 0
+        self.failed = 0
+        self.total = total
+        self.url = url
+        self.name = name
+        self._storage: Any = None
+        self.log = log
+        self.searcher = searcher
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        if self._storage is None:
+            self._storage = open_storage(self.url)
+        return self._storage
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_storage": None, "log": print, "searcher": None}
 
 
 def run_search(
