@@ -1,0 +1,241 @@
+"""Crash recovery and trial faults: closing interrupted trials, budgets, time limits, retries.
+
+The fast tests drive :mod:`automl._recovery` against a real SQLite Optuna storage; the slow one kills
+a real launcher process (``automl launch``) with SIGKILL at random moments and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from automl import _recovery
+from automl._recovery import TrialTimeLimit, close_interrupted, finished_count, guarded, is_stale, remove_orphan_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _study(tmp_path: Path) -> optuna.Study:
+    return optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s", directions=["maximize"])
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# --- closing interrupted trials --------------------------------------------------------------
+
+
+def test_trial_of_dead_launcher_is_closed_and_requeued_once(tmp_path):
+    study = _study(tmp_path)
+    dead = study.ask()
+    dead.suggest_float("x", 0, 1)
+    dead.set_user_attr("launcher", {"host": _recovery.LAUNCHER["host"], "pid": _dead_pid(), "id": "gone"})
+    dead.set_user_attr("heartbeat", time.time())
+    alive = study.ask()
+    alive.suggest_float("x", 0, 1)
+    # A live launcher on this host (our parent process) with a fresh heartbeat: must be left alone.
+    alive.set_user_attr("launcher", {"host": _recovery.LAUNCHER["host"], "pid": os.getppid(), "id": "other"})
+    alive.set_user_attr("heartbeat", time.time())
+
+    closed = close_interrupted(study, log=lambda m: None)
+    assert closed == [dead.number], f"expected only the dead launcher's trial {dead.number} closed, got {closed}"
+    again = close_interrupted(study, log=lambda m: None)
+    assert again == [], f"a second pass must close nothing, closed {again}"
+
+    trials = study.get_trials(deepcopy=False)
+    t_dead = trials[dead.number]
+    assert t_dead.state == TrialState.FAIL and t_dead.user_attrs.get("interrupted") is True, f"dead trial is {t_dead.state} {t_dead.user_attrs}"
+    assert "interrupted" in t_dead.user_attrs.get("fail_reason", ""), f"reason missing: {t_dead.user_attrs}"
+    assert trials[alive.number].state == TrialState.RUNNING, f"the live launcher's trial became {trials[alive.number].state}"
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1, f"expected one re-queued trial, got {len(waiting)}"
+    fixed = waiting[0].system_attrs.get("fixed_params")
+    assert fixed == t_dead.params and waiting[0].user_attrs.get("requeue_of") == dead.number, (
+        f"re-queued {fixed} {waiting[0].user_attrs} differs from {t_dead.params}"
+    )
+    # The re-queued point is what the next ask evaluates.
+    nxt = study.ask()
+    assert nxt.suggest_float("x", 0, 1) == t_dead.params["x"], "ask did not pop the re-queued parameters"
+
+
+def test_stale_heartbeat_on_another_host(tmp_path):
+    study = _study(tmp_path)
+    t = study.ask()
+    t.set_user_attr("launcher", {"host": "elsewhere", "pid": 1, "id": "x"})
+    t.set_user_attr("heartbeat", time.time())
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert not is_stale(frozen), "a fresh heartbeat from another host must not count as stale"
+    assert is_stale(frozen, now=time.time() + _recovery.GRACE_S + 1), "a heartbeat older than GRACE_S must count as stale"
+
+
+def test_budget_ignores_interrupted_and_orphan_checkpoints_go(tmp_path):
+    study = _study(tmp_path)
+    done = study.ask()
+    study.tell(done, 1.0)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    interrupted = study.ask()
+    interrupted.set_user_attr("interrupted", True)
+    study.tell(interrupted, state=TrialState.FAIL)
+    assert finished_count(study) == 2, f"COMPLETE + genuine FAIL = 2, got {finished_count(study)}"
+    ck = tmp_path / "checkpoints"
+    for n in (done.number, interrupted.number):
+        (ck / f"trial_{n:05d}").mkdir(parents=True)
+    (ck / "trial_00009.partial").mkdir()
+    removed = sorted(remove_orphan_checkpoints(study, tmp_path))
+    assert removed == sorted([f"trial_{interrupted.number:05d}", "trial_00009.partial"]), f"removed {removed}"
+    assert (ck / f"trial_{done.number:05d}").is_dir(), "the COMPLETE trial's checkpoint was removed"
+
+
+# --- trial faults ------------------------------------------------------------------------------
+
+
+def test_guarded_raise_records_reason():
+    def boom():
+        raise ValueError("bad rank")
+
+    value, reason, attempts = guarded(boom, retries=2)
+    assert value is None and reason == "ValueError: bad rank" and attempts == 3, f"got {(value, reason, attempts)}"
+
+
+def test_guarded_retry_succeeds():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise MemoryError("out of memory")
+        return 7
+
+    assert guarded(flaky, retries=1) == (7, None, 2), f"calls {len(calls)}"
+
+
+def test_guarded_time_limit_interrupts_a_python_loop():
+    def forever():
+        while True:
+            sum(range(1000))
+
+    start = time.perf_counter()
+    value, reason, attempts = guarded(forever, time_limit_s=0.3, retries=3)
+    took = time.perf_counter() - start
+    assert value is None and reason and reason.startswith("TrialTimeLimit"), f"reason {reason!r}"
+    assert attempts == 1, f"a time-limit overrun must not be retried, attempts {attempts}"
+    assert took < 5, f"the limit of 0.3 s took {took:.1f}s to act"
+
+
+def test_guarded_time_limit_does_not_fire_after_success():
+    value, reason, _ = guarded(lambda: 3, time_limit_s=0.05)
+    time.sleep(0.2)  # a stray async exception would surface here
+    assert (value, reason) == (3, None), f"got {(value, reason)}"
+    assert issubclass(TrialTimeLimit, Exception)
+
+
+# --- SIGKILL the launcher, resume, repeat ----------------------------------------------------
+
+
+def _config(tmp_path: Path, trials: int) -> Path:
+    cfg = {
+        "name": "crashy",
+        "dataset": {"name": "digits"},
+        "base": {"model": "digits_cnn", "epochs": 2},
+        "methods": {"none": {}, "tucker": {}},
+        "budget": {"trials": trials, "epochs": 1},
+        "resources": {"cpus": 1},
+        "latency": {"warmup": 2, "repeats": 5, "remeasure_front": False},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "crashy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(args: list[str], tmp_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTOML_LATENCY_LOCK": str(tmp_path / "latency.lock")}
+    # Own session: Ray processes started by this launcher's ray.init can be stopped by group id.
+    return subprocess.Popen(
+        [sys.executable, "-c", "from automl._cli import main; main()", *args],
+        cwd=tmp_path, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_sigkill_launcher_five_times_then_finish(tmp_path):
+    budget = 8
+    cfg = _config(tmp_path, budget)
+    study_dir = tmp_path / "runs" / "crashy"
+    log = tmp_path / "launcher.log"
+    rng = random.Random(7)
+    kills = 0
+    first = True
+    while kills < 5:
+        proc = _run(["launch", str(cfg)] if first else ["resume", str(study_dir)], tmp_path, log)
+        first = False
+        delay = rng.uniform(4.0, 24.0)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)  # the launcher itself, at a random moment
+            proc.wait()
+            kills += 1
+        finally:
+            _kill_group(proc)  # the local Ray it started
+        if proc.returncode == 0:
+            # Finished before the kill: start over is impossible, so this run's kills are what they are.
+            break
+    final = _run(["resume", str(study_dir)], tmp_path, log)
+    try:
+        rc = final.wait(timeout=600)
+    finally:
+        _kill_group(final)
+    text = log.read_text()
+    assert rc == 0, f"final resume exited {rc}; log tail:\n{text[-3000:]}"
+    assert kills >= 5 or "already holds" in text, f"only {kills} kills happened"
+
+    study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+    complete = by_state[TrialState.COMPLETE]
+    genuine_fail = [t for t in by_state[TrialState.FAIL] if not t.user_attrs.get("interrupted")]
+    assert not by_state[TrialState.RUNNING], f"trials left RUNNING: {[t.number for t in by_state[TrialState.RUNNING]]}"
+    assert not by_state[TrialState.WAITING], f"re-queued trials never run: {[t.number for t in by_state[TrialState.WAITING]]}"
+    assert not genuine_fail, f"unexpected failures: {[(t.number, t.user_attrs.get('fail_reason')) for t in genuine_fail]}"
+    assert len(complete) == budget, f"expected exactly {budget} COMPLETE trials, got {len(complete)}"
+
+    # No duplicate: a re-queued trial only ever repeats an interrupted one, never a completed one.
+    numbers = {t.number: t for t in trials}
+    for t in complete:
+        src = t.user_attrs.get("requeue_of")
+        if src is not None:
+            assert numbers[src].state == TrialState.FAIL and numbers[src].user_attrs.get("interrupted"), (
+                f"trial {t.number} repeats trial {src} which is {numbers[src].state}, not an interrupted one"
+            )
+    # No loss: every COMPLETE trial has its checkpoint with the same accuracy; no other checkpoint.
+    folders = sorted(p.name for p in (study_dir / "checkpoints").iterdir())
+    assert folders == sorted(f"trial_{t.number:05d}" for t in complete), f"checkpoints {folders} vs complete {[t.number for t in complete]}"
+    for t in complete:
+        record = json.loads((study_dir / "checkpoints" / f"trial_{t.number:05d}" / "trial.json").read_text())
+        assert math.isclose(record["metrics"]["accuracy"], t.values[0]), f"trial {t.number}: checkpoint accuracy {record['metrics']['accuracy']} != {t.values[0]}"
+    interrupted = [t.number for t in by_state[TrialState.FAIL]]
+    print(f"kills={kills} interrupted trials={interrupted} complete={[t.number for t in complete]}")
