@@ -54,6 +54,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         StudyError: the database cannot be reached (one line, no SQLAlchemy stack).
     """
     engine_kwargs: dict[str, Any] = {}
+    shown = _hide_password(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the project ships psycopg2-binary.
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
@@ -62,7 +66,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
     except Exception as exc:  # noqa: BLE001 - surface a one-line cause for any driver error
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StudyError(f"storage {url!r} cannot be opened: {cause}") from None
+        if isinstance(exc, ImportError) and exc.__cause__ is not None:
+            cause = f"its database driver is not installed ({exc.__cause__})"
+        raise StudyError(f"storage {shown!r} cannot be opened: {cause}") from None
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return url
 
 
 @dataclass
