@@ -2,11 +2,14 @@
 
 Three measures, all on top of :func:`automl._measure.measure_latency` (``torch.utils.benchmark``):
 
-1. **One measurement at a time per node**: :func:`latency_lock` is an exclusive ``fcntl`` lock on a
-   node-local file, so the trials of one node (each in its own Ray worker process) never time a
-   model while another times one. A file lock rather than a named Ray actor because the kernel
-   releases it when a worker dies (no lock leaked by a crashed trial) and it needs no round trip
-   through Ray. It does not stop another trial from *training* meanwhile; that is what (3) is for.
+1. **One measurement at a time per node, and no training meanwhile**: :func:`latency_lock` takes an
+   exclusive ``fcntl`` lock on a node-local file; every training step of every trial on the node
+   holds the same lock *shared* (:func:`gated_batches` wraps the trial's data), so a measurement
+   waits for the running steps to end, and steps wait while a model is timed. A turnstile file
+   (taken by trainers only in passing, held by the measurer while it waits) keeps a stream of
+   overlapping training steps from starving the measurement. File locks rather than a named Ray
+   actor: the kernel releases them when a worker dies (no lock leaked by a crashed trial) and they
+   cost a system call, not a round trip through Ray, per step.
 2. **Repeat when the spread is too wide**: :func:`stable_latency` re-measures while
    IQR/median > ``latency.max_spread`` (up to ``latency.max_attempts``) and keeps the tightest one.
    Threads are pinned by ``latency.threads`` (``Timer(num_threads=...)``).
@@ -34,7 +37,7 @@ import torch
 
 from automl._measure import LatencySettings, measure_latency
 
-__all__ = ["latency_lock", "lock_path", "remeasure_front", "stable_latency"]
+__all__ = ["gated_batches", "latency_lock", "lock_path", "remeasure_front", "stable_latency"]
 
 
 def lock_path() -> Path:
@@ -42,20 +45,83 @@ def lock_path() -> Path:
     return Path(os.environ.get("AUTOML_LATENCY_LOCK") or Path(tempfile.gettempdir()) / "automl-latency.lock")
 
 
+_FILES: dict[str, object] = {}
+
+
+def _files() -> tuple[int, int]:
+    """This process's descriptors of the turnstile and the lock (one pair per process and path).
+
+    One pair per process, not one per use: ``flock`` locks belong to an open file description, so a
+    measurement in a process whose own training step still holds the lock shared (a step abandoned
+    by an exception) converts that hold to exclusive instead of deadlocking on itself.
+    """
+    path = lock_path()
+    key = str(path)
+    if _FILES.get("key") != key:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _FILES.update(key=key, gate=open(path.with_name(path.name + ".turnstile"), "a+"), lock=open(path, "a+"))
+    return _FILES["gate"].fileno(), _FILES["lock"].fileno()  # type: ignore[union-attr]
+
+
 @contextlib.contextmanager
 def latency_lock(enabled: bool = True) -> Iterator[None]:
-    """Hold the node's latency lock (blocks while another process on this node measures)."""
+    """Hold the node's latency lock exclusively: no other measurement, no training step meanwhile."""
     if not enabled:
         yield
         return
-    path = lock_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    gate, lock = _files()
+    fcntl.flock(gate, fcntl.LOCK_EX)  # new training steps now wait at the turnstile...
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ...and the running ones finish
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def _step_enter() -> None:
+    gate, lock = _files()
+    fcntl.flock(gate, fcntl.LOCK_EX)
+    fcntl.flock(gate, fcntl.LOCK_UN)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+
+
+def _step_leave() -> None:
+    fcntl.flock(_files()[1], fcntl.LOCK_UN)
+
+
+class gated_batches:
+    """A view of a :class:`~automl._data.Splits` whose training batches hold the node's latency lock
+    shared from the moment a batch is handed out until the next one is asked for (one training step).
+
+    Only the ``train`` split is gated; evaluation and calibration passes are short and untimed.
+    """
+
+    def __init__(self, data) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str):
+        return getattr(self._data, name)
+
+    def __getstate__(self):
+        return {"_data": self._data}
+
+    def __setstate__(self, state) -> None:
+        self._data = state["_data"]
+
+    def batches(self, split: str, *args, **kwargs):
+        inner = self._data.batches(split, *args, **kwargs)
+        if split != "train":
+            yield from inner
+            return
+        for batch in inner:
+            _step_enter()
+            try:
+                yield batch
+            finally:
+                _step_leave()
 
 
 def stable_latency(model: torch.nn.Module, example: torch.Tensor, settings: LatencySettings) -> tuple[float, float, int]:

@@ -31,6 +31,7 @@ from searchspace import Plan, SearchSpace
 from automl._cluster import pack_folder, start_sink
 from automl._config import StudyConfig, load_config
 from automl._data import Splits, load_dataset
+from automl._latency import gated_batches
 from automl._measure import Metrics, measure
 from automl._models import StagedNet, build_model
 from automl._recovery import LAUNCHER, Heartbeat, close_interrupted, finished_count, guarded, remove_orphan_checkpoints
@@ -224,8 +225,10 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
     plan = Plan.from_dict(config["plan"])
+    # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
+    data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
     outcome, reason, attempts = guarded(
-        lambda: run_trial(plan, payload.base, payload.data, payload.settings, methods=payload.methods, device=device),
+        lambda: run_trial(plan, payload.base, data, payload.settings, methods=payload.methods, device=device),
         time_limit_s=payload.time_limit_s,
         retries=payload.retries,
     )
@@ -239,6 +242,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         "seconds": outcome.seconds,
         "attempts": attempts,
         "notes": json.dumps(outcome.notes, default=str),
+        "node": _node_id(),
     }
     number = config.get("optuna_trial_number")
     if payload.sink is not None and number is not None:
@@ -254,6 +258,16 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
             ray.get(payload.sink.write.remote(int(number), pack_folder(tmp)))
     tune.report(result)
     return result
+
+
+def _node_id() -> str | None:
+    """The Ray node that ran the trial (user attr ``node``: which machine of a cluster measured it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests, benchmarks) there is no node
+        return None
 
 
 # --- Ray Tune glue ------------------------------------------------------------------------
@@ -492,7 +506,7 @@ def run_search(
         sampler=make_sampler(cfg),
         study_name=cfg.name,
         storage=storage,
-        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "seconds", "attempts", "notes") if m not in metrics),
+        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "seconds", "attempts", "notes", "node") if m not in metrics),
         budget=budget,
     )
     payload.sink = start_sink(study_dir)
