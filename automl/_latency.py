@@ -153,8 +153,12 @@ def remeasure_front(study: optuna.Study, study_dir: Path, settings: LatencySetti
     medians = dict(study.user_attrs.get("latency_ms_isolated") or {})
     iqrs = dict(study.user_attrs.get("latency_iqr_ms_isolated") or {})
     out: dict[int, float] = {}
+    elsewhere = []
     for t in study.best_trials:
         folder = study_dir / str(t.user_attrs.get("checkpoint") or f"checkpoints/trial_{t.number:05d}")
+        if not folder.is_dir():
+            elsewhere.append(t.number)  # run by another launcher sharing the study: it re-measures
+            continue
         try:
             record = json.loads((folder / "trial.json").read_text())
             # The eager module the trial timed (module.pt); TorchScript only for older checkpoints.
@@ -174,6 +178,8 @@ def remeasure_front(study: optuna.Study, study_dir: Path, settings: LatencySetti
         out[t.number] = median
     study.set_user_attr("latency_ms_isolated", medians)
     study.set_user_attr("latency_iqr_ms_isolated", iqrs)
+    if elsewhere:
+        log(f"re-measure: front trials {elsewhere} were run by another launcher (their checkpoints are in its study folder)")
     if out:
         log("re-measured front latency alone (ms): " + ", ".join(f"trial {n}: {v:.3f}" for n, v in sorted(out.items())))
     return out

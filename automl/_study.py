@@ -142,8 +142,13 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
 # --- Optuna objects ----------------------------------------------------------------------
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = cfg.sampler.seed
+def make_sampler(cfg: StudyConfig, *, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; ``offset`` (trials already in the study) shifts the seed.
+
+    Without the shift a resumed launcher, or a second launcher joining the study, would replay the
+    first launcher's random start-up points and evaluate the same parameters again.
+    """
+    seed = None if cfg.sampler.seed is None else cfg.sampler.seed + offset
     if cfg.sampler.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.sampler.name == "random":
@@ -503,7 +508,7 @@ def run_search(
         space=space,
         metric=metrics,
         mode=["max" if o.resolved_direction == "maximize" else "min" for o in cfg.objectives],
-        sampler=make_sampler(cfg),
+        sampler=make_sampler(cfg, offset=len(study.get_trials(deepcopy=False))),
         study_name=cfg.name,
         storage=storage,
         extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "seconds", "attempts", "notes", "node") if m not in metrics),
