@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-def _trainer(gated: bool, threads: int, lock: str, stop) -> None:
+def _trainer(gated: bool, threads: int, lock: str, stop, ready) -> None:
     os.environ["AUTOML_LATENCY_LOCK"] = lock
     torch.set_num_threads(threads)
     from automl import build_model, load_dataset
@@ -34,6 +34,8 @@ def _trainer(gated: bool, threads: int, lock: str, stop) -> None:
     data = load_dataset("digits", seed=0)
     model = build_model("digits_cnn", input_shape=data.input_shape, num_classes=data.num_classes).scaled(width=4.0, depth=1.0)
     feed = gated_batches(data) if gated else data
+    fit(model, data, TrainOptions(epochs=1, lr=1e-3, batch_size=64))  # warm: allocator, kernels
+    ready.set()
     while not stop.is_set():
         fit(model, feed, TrainOptions(epochs=1, lr=1e-3, batch_size=64))
 
@@ -66,10 +68,12 @@ def main() -> None:
             procs = []
             if mode != "a":
                 for _ in range(args.trainers):
-                    p = ctx.Process(target=_trainer, args=(mode == "c", args.trainer_threads, lock, stop), daemon=True)
+                    ready = ctx.Event()
+                    p = ctx.Process(target=_trainer, args=(mode == "c", args.trainer_threads, lock, stop, ready), daemon=True)
                     p.start()
                     procs.append(p)
-                time.sleep(4.0)  # imports done, training in full swing
+                    ready.wait(timeout=120)  # imports done, training in full swing
+                time.sleep(0.5)
             start = time.perf_counter()
             if mode == "c":
                 med, iqr, _ = stable_latency(model, x, isolated)
@@ -82,6 +86,10 @@ def main() -> None:
                 if p.is_alive():
                     p.kill()
             rows[mode].append((med, iqr, took))
+    if args.rounds <= 0:
+        if args.study:
+            _study(args.study)
+        return
     names = {"a": "(a) alone", "b": "(b) another trial trains", "c": "(c) trains, with isolation"}
     base = statistics.median(r[0] for r in rows["a"])
     print(f"model {args.model}, batch 1, 1 thread; {args.trainers} trainer(s) x {args.trainer_threads} thread(s); {args.rounds} rounds, cpu count {os.cpu_count()}")

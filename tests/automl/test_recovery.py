@@ -262,3 +262,31 @@ def test_sigkill_launcher_five_times_then_finish(tmp_path):
     interrupted = [t.number for t in by_state[TrialState.FAIL]]
     assert interrupted, "no kill landed while a trial ran: the test did not exercise recovery"
     print(f"kills={kills} interrupted trials={interrupted} complete={[t.number for t in complete]}")
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    cfg = _config(tmp_path, 6)
+    log = tmp_path / "launcher.log"
+    log.touch()
+    proc = _run(["launch", str(cfg)], tmp_path, log)
+    try:
+        assert _wait_for(log, 0, "search:", proc), f"the search never started:\n{log.read_text()[-2000:]}"
+        time.sleep(2.0)  # trials are running
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        _kill_group(proc)
+    text = log.read_text()
+    study_dir = tmp_path / "runs" / "crashy"
+    assert rc == 130, f"Ctrl-C should exit 130, got {rc}:\n{text[-2000:]}"
+    assert f"automl resume {study_dir}" in text, f"no resume hint in:\n{text[-2000:]}"
+    assert "Traceback" not in text, f"traceback after Ctrl-C:\n{text[-3000:]}"
+    study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    assert not running, f"Ctrl-C left trials RUNNING: {running}"
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        assert t.user_attrs.get("interrupted"), f"trial {t.number} failed for another reason: {t.user_attrs.get('fail_reason')}"
