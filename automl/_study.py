@@ -238,7 +238,10 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         retries=payload.retries,
     )
     if outcome is None:
-        result = {FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
+        # Every metric present (NaN): Tune rejects a result without the searched metrics and would
+        # end the whole study; the searcher records the trial as FAIL by its fail_reason.
+        nan_metrics = {m: math.nan for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms")}
+        result = {**nan_metrics, FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
         tune.report(result)
         return result
     result = {
@@ -333,6 +336,8 @@ def _searcher_class():
                     reason = f"objective values are not finite: {dict(zip(self.metric, values))}"
             if reason is not None:
                 ot.set_user_attr(FAIL_REASON, reason)
+                if result and result.get("attempts") is not None:
+                    ot.set_user_attr("attempts", result["attempts"])
                 self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
                 self._completed_trials.add(trial_id)
                 return None

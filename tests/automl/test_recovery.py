@@ -290,3 +290,28 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert not running, f"Ctrl-C left trials RUNNING: {running}"
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         assert t.user_attrs.get("interrupted"), f"trial {t.number} failed for another reason: {t.user_attrs.get('fail_reason')}"
+
+
+@pytest.mark.slow
+def test_time_limit_through_ray_records_fail_and_the_study_goes_on(tmp_path):
+    cfg_path = _config(tmp_path, 2)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["budget"].update(trial_time_limit_s=0.2, retries=1, epochs=3)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "launcher.log"
+    proc = _run(["launch", str(cfg_path)], tmp_path, log)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    text = log.read_text()
+    assert rc == 0, f"a study whose trials all fail must still finish (exit 0), got {rc}:\n{text[-2000:]}"
+    study_dir = tmp_path / "runs" / "crashy"
+    study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 2, f"budget 2, got {len(trials)} trials"
+    for t in trials:
+        reason = t.user_attrs.get("fail_reason", "")
+        assert t.state == TrialState.FAIL and reason.startswith("TrialTimeLimit"), f"trial {t.number}: {t.state} {reason!r}"
+        assert t.user_attrs.get("attempts") == 1, f"time limits are not retried: {t.user_attrs}"
+    assert "TrialTimeLimit" in text, f"the failure reason is not shown to the user:\n{text[-2000:]}"
