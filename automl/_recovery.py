@@ -166,9 +166,17 @@ class Heartbeat:
     trials here are driven through ask/tell by Ray Tune's searcher, so the launcher beats for them.
     """
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: Callable[[], Iterable[int]], interval: float = HEARTBEAT_S) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        trial_ids: Callable[[], Iterable[int]],
+        interval: float = HEARTBEAT_S,
+        *,
+        sweep: Callable[[], Any] | None = None,
+    ) -> None:
         self._storage = storage
         self._trial_ids = trial_ids
+        self._sweep = sweep
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="automl-heartbeat", daemon=True)
@@ -186,6 +194,13 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.beat()
+            if self._sweep is not None:
+                # Trials of a launcher on another host that died after this one started become
+                # stale while this one runs: close them now, not at the next resume.
+                try:
+                    self._sweep()
+                except Exception:  # noqa: BLE001 - retried next interval
+                    pass
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -545,7 +545,8 @@ def run_search(
         ),
     )
     try:
-        with Heartbeat(storage, searcher.running_trial_ids):
+        sweep = lambda: close_interrupted(optuna.load_study(study_name=cfg.name, storage=storage), log=log)  # noqa: E731
+        with Heartbeat(storage, searcher.running_trial_ids, sweep=sweep):
             tuner.fit()
     except KeyboardInterrupt:
         closed = searcher.close_running("interrupted: stopped with Ctrl-C; its parameters were re-queued")

@@ -102,6 +102,19 @@ def test_budget_ignores_interrupted_and_orphan_checkpoints_go(tmp_path):
     assert (ck / f"trial_{done.number:05d}").is_dir(), "the COMPLETE trial's checkpoint was removed"
 
 
+def test_heartbeat_beats_running_trials_and_sweeps(tmp_path):
+    study = _study(tmp_path)
+    t = study.ask()
+    swept = []
+    with _recovery.Heartbeat(study._storage, lambda: [t._trial_id], interval=0.05, sweep=lambda: swept.append(1)):
+        deadline = time.monotonic() + 10
+        while not swept and time.monotonic() < deadline:
+            time.sleep(0.05)
+    beat = study.get_trials(deepcopy=False)[0].user_attrs.get("heartbeat")
+    assert beat is not None and time.time() - beat < 60, f"no fresh heartbeat recorded: {beat}"
+    assert swept, "the sweep never ran"
+
+
 # --- trial faults ------------------------------------------------------------------------------
 
 
