@@ -328,3 +328,27 @@ def test_time_limit_through_ray_records_fail_and_the_study_goes_on(tmp_path):
         assert t.state == TrialState.FAIL and reason.startswith("TrialTimeLimit"), f"trial {t.number}: {t.state} {reason!r}"
         assert t.user_attrs.get("attempts") == 1, f"time limits are not retried: {t.user_attrs}"
     assert "TrialTimeLimit" in text, f"the failure reason is not shown to the user:\n{text[-2000:]}"
+
+
+@pytest.mark.slow
+def test_worker_killed_like_oom_is_retried_then_fail_with_rays_reason(tmp_path):
+    cfg_path = _config(tmp_path, 1)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["base"] = {"model": "tests.automl.crash_model:build", "epochs": 1}
+    cfg["methods"] = {"none": {}}
+    cfg["budget"]["retries"] = 1
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "launcher.log"
+    proc = _run(["launch", str(cfg_path)], tmp_path, log)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    text = log.read_text()
+    assert rc == 0, f"the study must go on after a dead worker (exit 0), got {rc}:\n{text[-3000:]}"
+    study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{tmp_path / 'runs' / 'crashy' / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL], f"want one FAIL trial, got {[(t.number, t.state.name) for t in trials]}"
+    reason = trials[0].user_attrs.get("fail_reason", "")
+    assert reason.startswith("the Ray worker running this trial failed"), f"reason {reason!r}"
+    print(f"reason: {reason}")
