@@ -126,6 +126,23 @@ def test_guarded_raise_records_reason():
     assert value is None and reason == "ValueError: bad rank" and attempts == 3, f"got {(value, reason, attempts)}"
 
 
+def test_guarded_nan_loss_is_a_recorded_failure(digits):
+    import torch
+
+    from automl._train import TrainOptions, fit
+
+    class NaNNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) * float("nan")
+
+    value, reason, attempts = guarded(lambda: fit(NaNNet(), digits, TrainOptions(epochs=1)), retries=0)
+    assert value is None and reason and "TrialFailed" in reason, f"got {(value, reason, attempts)}"
+
+
 def test_guarded_retry_succeeds():
     calls = []
 
