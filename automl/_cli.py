@@ -65,7 +65,7 @@ def _launch(cfg: StudyConfig, trials: int | None) -> None:
             shutil.rmtree(cfg.study_dir, ignore_errors=True)
         fail(str(exc))
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: finished trials are saved; continue with `automl resume {cfg.study_dir}`")
+        err_console.print(f"interrupted: finished trials are saved; continue with `automl resume {cfg.study_dir}`", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except BaseException:
         if created and not started:

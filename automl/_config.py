@@ -98,6 +98,10 @@ class BudgetConfig(_Frozen):
     epochs: int = Field(default=3, ge=0, le=10_000)
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     batch_size: int = Field(default=100, ge=1, le=65_536)
+    #: Wall-clock limit of one trial in seconds (FAIL "TrialTimeLimit" when over); None = no limit.
+    trial_time_limit_s: float | None = Field(default=None, gt=0)
+    #: Times a trial that raised (or whose Ray worker died) is tried again before it is recorded FAIL.
+    retries: int = Field(default=0, ge=0, le=10)
 
 
 class SamplerConfig(_Frozen):
@@ -125,6 +129,13 @@ class LatencyConfig(_Frozen):
     threads: int = Field(default=1, ge=1, le=256)
     warmup: int = Field(default=10, ge=0, le=100_000)
     repeats: int = Field(default=30, ge=3, le=100_000)
+    #: One latency measurement at a time per node (node-local lock), see automl._latency.
+    isolate: bool = True
+    #: A measurement whose IQR/median is above this is repeated (up to max_attempts times).
+    max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    #: Re-measure the Pareto front's models alone at the end of the study.
+    remeasure_front: bool = True
 
 
 class StudyConfig(_Frozen):

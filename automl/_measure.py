@@ -77,6 +77,11 @@ class LatencySettings:
     threads: int = 1
     warmup: int = 10
     repeats: int = 30
+    #: Hold the node-local latency lock while timing (one measurement at a time per node).
+    isolate: bool = True
+    #: Repeat a measurement whose IQR/median exceeds this, up to ``max_attempts`` times.
+    max_spread: float = 0.1
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,9 @@ def measure(
     model.eval()
     example = data.x_test[:1].to(device)
     acc = evaluate(model, data, "test", device=device)
-    latency, iqr = measure_latency(model, example, settings)
+    from automl._latency import stable_latency  # lock + spread check around measure_latency
+
+    latency, iqr, _ = stable_latency(model, example, settings)
     return Metrics(
         accuracy=acc,
         params=param_count(model),

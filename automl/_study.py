@@ -28,10 +28,13 @@ from torch import nn
 
 import searchspace
 from searchspace import Plan, SearchSpace
+from automl._cluster import pack_folder, start_sink
 from automl._config import StudyConfig, load_config
 from automl._data import Splits, load_dataset
+from automl._latency import gated_batches
 from automl._measure import Metrics, measure
 from automl._models import StagedNet, build_model
+from automl._recovery import LAUNCHER, Heartbeat, close_interrupted, finished_count, guarded, remove_orphan_checkpoints
 from automl._trial import TrialSettings, run_trial, save_checkpoint
 from automl._train import TrainOptions, fit
 
@@ -56,6 +59,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         StudyError: the database cannot be reached (one line, no SQLAlchemy stack).
     """
     engine_kwargs: dict[str, Any] = {}
+    shown = _hide_password(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the project ships psycopg2-binary.
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
@@ -64,7 +71,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
     except Exception as exc:  # noqa: BLE001 - surface a one-line cause for any driver error
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StudyError(f"storage {url!r} cannot be opened: {cause}") from None
+        if isinstance(exc, ImportError) and exc.__cause__ is not None:
+            cause = f"its database driver is not installed ({exc.__cause__})"
+        raise StudyError(f"storage {shown!r} cannot be opened: {cause}") from None
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return url
 
 
 @dataclass
@@ -78,6 +96,10 @@ class Payload:
     cpus: float
     gpus: float
     plugins: tuple[str, ...] = ()
+    #: Trial faults (see automl._recovery.guarded) and where checkpoints go (automl._cluster).
+    time_limit_s: float | None = None
+    retries: int = 0
+    sink: Any = None
 
 
 # --- base model ----------------------------------------------------------------------------
@@ -125,8 +147,13 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
 # --- Optuna objects ----------------------------------------------------------------------
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = cfg.sampler.seed
+def make_sampler(cfg: StudyConfig, *, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; ``offset`` (trials already in the study) shifts the seed.
+
+    Without the shift a resumed launcher, or a second launcher joining the study, would replay the
+    first launcher's random start-up points and evaluate the same parameters again.
+    """
+    seed = None if cfg.sampler.seed is None else cfg.sampler.seed + offset
     if cfg.sampler.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.sampler.name == "random":
@@ -197,6 +224,8 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         cpus=cfg.resources.cpus,
         gpus=cfg.resources.gpus,
         plugins=cfg.plugins,
+        time_limit_s=cfg.budget.trial_time_limit_s,
+        retries=cfg.budget.retries,
     )
     return study_dir, payload, space
 
@@ -220,28 +249,55 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
     plan = Plan.from_dict(config["plan"])
-    try:
-        outcome = run_trial(plan, payload.base, payload.data, payload.settings, methods=payload.methods, device=device)
-    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the study goes on
-        reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        # Every metric key is present (as NaN) so Tune's metric check passes; the searcher records
-        # the trial as FAIL with this reason.
-        result = {FAIL_REASON: reason, "method": plan.label, **{k: math.nan for k in Metrics.__dataclass_fields__}}
+    # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
+    data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
+    outcome, reason, attempts = guarded(
+        lambda: run_trial(plan, payload.base, data, payload.settings, methods=payload.methods, device=device),
+        time_limit_s=payload.time_limit_s,
+        retries=payload.retries,
+    )
+    if outcome is None:
+        # Every metric present (NaN): Tune rejects a result without the searched metrics and would
+        # end the whole study; the searcher records the trial as FAIL by its fail_reason.
+        nan_metrics = {m: math.nan for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms")}
+        result = {**nan_metrics, FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
         tune.report(result)
         return result
     result = {
         **outcome.metrics.as_dict(),
         "method": plan.label,
         "seconds": outcome.seconds,
+        "attempts": attempts,
         "notes": json.dumps(outcome.notes, default=str),
+        "node": _node_id(),
     }
     if outcome.variants:
         # A JSON string: Ray flattens nested results; the searcher turns each into an Optuna trial.
         result[VARIANTS] = json.dumps([v.as_dict() for v in outcome.variants], default=str)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+    number = config.get("optuna_trial_number")
+    if payload.sink is not None and number is not None:
+        # The checkpoint reaches the launcher's study folder before the result reaches Optuna, so a
+        # COMPLETE trial always has its checkpoint, whichever node ran it (automl._cluster).
+        import ray
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
+            # The eager module as well: the end-of-study re-measurement times the very module the
+            # trial timed (TorchScript runs a different interpreter, its latency differs).
+            torch.save(outcome.model, Path(tmp) / "module.pt")
+            ray.get(payload.sink.write.remote(int(number), pack_folder(tmp)))
+    tune.report(result)
     return result
+
+
+def _node_id() -> str | None:
+    """The Ray node that ran the trial (user attr ``node``: which machine of a cluster measured it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests, benchmarks) there is no node
+        return None
 
 
 # --- Ray Tune glue ------------------------------------------------------------------------
@@ -253,16 +309,32 @@ def _searcher_class():
     class StudySearcher(OptunaSearch):
         """OptunaSearch that links Optuna and Ray trials and records why a trial failed."""
 
-        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), **kwargs: Any) -> None:
+        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), budget: int | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._extra = extra_metrics
+            self._budget = budget
+            self._errored: dict[str, Any] = {}
+
+        def running_trial_ids(self) -> list[int]:
+            """Optuna ids of the trials this launcher runs now (for the heartbeat)."""
+            return [ot._trial_id for tid, ot in list(self._ot_trials.items()) if tid not in self._completed_trials]
 
         def suggest(self, trial_id: str) -> dict | None:
+            if self._budget is not None and self._ot_study is not None:
+                # Several launchers may share one study (PostgreSQL): stop once the budget is
+                # covered by finished trials plus those running anywhere.
+                running = len(self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                if finished_count(self._ot_study) + running >= self._budget:
+                    return Searcher.FINISHED
             config = super().suggest(trial_id)
             if config is None:
                 return None
             ot = self._ot_trials[trial_id]
             number = ot.number
+            # Owner and first heartbeat right after ask: a resuming launcher can tell a trial of a
+            # dead launcher (closed and re-queued) from one of a live launcher (left alone).
+            ot.set_user_attr("launcher", LAUNCHER)
+            ot.set_user_attr("heartbeat", time.time())
             ot.set_user_attr("ray_trial_id", trial_id)
             ot.set_user_attr("checkpoint", f"checkpoints/trial_{number:05d}")
             ot.set_user_attr("method", Plan.from_dict(config["plan"]).label)
@@ -275,7 +347,9 @@ def _searcher_class():
                 return super().on_trial_complete(trial_id, result, error)
             reason = None
             if error:
-                reason = "the Ray worker running this trial died or raised outside the trial (see the Ray trial's error.txt)"
+                # The callback's on_trial_error (called right after this) knows the Ray error text.
+                self._errored[trial_id] = ot
+                return None
             elif not result or result.get(FAIL_REASON):
                 reason = (result or {}).get(FAIL_REASON) or "the trial reported no result"
             else:
@@ -284,6 +358,8 @@ def _searcher_class():
                     reason = f"objective values are not finite: {dict(zip(self.metric, values))}"
             if reason is not None:
                 ot.set_user_attr(FAIL_REASON, reason)
+                if result and result.get("attempts") is not None:
+                    ot.set_user_attr("attempts", result["attempts"])
                 self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
                 self._completed_trials.add(trial_id)
                 return None
@@ -331,49 +407,112 @@ def _searcher_class():
                     )
                 )
 
+        def close_errored(self, trial_id: str, reason: str) -> None:
+            """Record a trial whose Ray worker died (OOM kill, segfault...) as FAIL with Ray's reason."""
+            ot = self._errored.pop(trial_id, None)
+            if ot is None or trial_id in self._completed_trials:
+                return
+            ot.set_user_attr(FAIL_REASON, reason)
+            self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+
+        def close_running(self, reason: str) -> list[int]:
+            """Ctrl-C: close this launcher's running trials as interrupted and re-queue their params."""
+            closed = []
+            for tid, ot in list(self._ot_trials.items()):
+                if tid in self._completed_trials:
+                    continue
+                try:
+                    ot.set_user_attr("interrupted", True)
+                    ot.set_user_attr(FAIL_REASON, reason)
+                    self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+                except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                    continue
+                self._completed_trials.add(tid)
+                closed.append(ot.number)
+                if ot.params:
+                    self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
+            return closed
+
+    from ray.tune.search import Searcher
+
     return StudySearcher
 
 
-def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], storage: optuna.storages.BaseStorage):
+def _error_text(trial: Any) -> str:
+    """One line from Ray's record of a trial whose worker failed (e.g. killed when out of memory)."""
+    text = ""
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    try:
+        if path and Path(path).is_file() and not str(path).endswith(".pkl"):
+            lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+            text = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    except OSError:
+        pass
+    return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
+
+
+def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None):
     from ray.tune import Callback
 
-    class StudyCallback(Callback):
-        """Copies each trial's persisted checkpoint into the study folder and prints progress."""
+    class StudyCallback(Callback, _CallbackState):
+        """Prints one progress line per finished trial; records why a Ray worker failed.
 
-        def __init__(self) -> None:
-            self.done = 0
-            self.failed = 0
+        Everything it uses is an attribute (not a closure variable) so that ``__getstate__`` can leave
+        out what cannot be pickled (the log function's console, storages): Tune pickles its callbacks
+        with the Tuner, and the pickled copy is never run.
+        """
 
         def _progress(self, trial: Any, status: str) -> None:
-            study = optuna.load_study(study_name=cfg.name, storage=storage)
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
             front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
             number = trial.config.get("optuna_trial_number", "?")
-            log(f"[{self.done}/{total}] trial {number} {status} | failed {self.failed} | front {front}")
+            self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             result = trial.last_result or {}
-            number = trial.config.get("optuna_trial_number")
             if result.get(FAIL_REASON):
                 self.failed += 1
                 self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")
                 return
-            if trial.checkpoint is not None and number is not None:
-                dest = study_dir / "checkpoints" / f"trial_{number:05d}"
-                tmp = dest.with_name(dest.name + ".partial")
-                shutil.rmtree(tmp, ignore_errors=True)
-                trial.checkpoint.to_directory(str(tmp))
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(tmp, dest)
             acc = result.get("accuracy")
             self._progress(trial, f"{result.get('method')} acc={acc:.4f} size={result.get('size_bytes')}B lat={result.get('latency_ms', 0):.3f}ms" if acc is not None else "done")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             self.failed += 1
-            self._progress(trial, "FAILED (worker error)")
+            reason = _error_text(trial)
+            if self.searcher is not None:
+                self.searcher.close_errored(trial.trial_id, reason)
+            self._progress(trial, f"FAILED: {reason[:160]}")
 
-    return StudyCallback()
+    cb = StudyCallback()
+    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    return cb
+
+
+class _CallbackState:
+    """The callback's state, kept out of closures (cloudpickle pickles a local class's closures)."""
+
+    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any) -> None:
+        self.done = 0
+        self.failed = 0
+        self.total = total
+        self.url = url
+        self.name = name
+        self._storage: Any = None
+        self.log = log
+        self.searcher = searcher
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        if self._storage is None:
+            self._storage = open_storage(self.url)
+        return self._storage
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_storage": None, "log": print, "searcher": None}
 
 
 def run_search(
@@ -385,32 +524,36 @@ def run_search(
     """Run (or continue) the study until it holds ``budget.trials`` finished trials.
 
     Finished (COMPLETE or FAIL) trials already in the storage count toward the budget, so
-    ``resume`` calls this again with the same config. Trials left RUNNING by a killed launcher are
-    marked FAIL with the reason "interrupted".
+    ``resume`` calls this again with the same config. Trials left RUNNING by a launcher that died are
+    closed as FAIL "interrupted" and their parameters re-queued; they do not count toward the budget
+    (see :mod:`automl._recovery`). Ctrl-C closes this launcher's running trials the same way and
+    raises ``KeyboardInterrupt``.
     """
     # A local single-user Ray needs no auth token and no dashboard; Tune's own table is replaced by
     # our one-line progress (StudyCallback).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C raises KeyboardInterrupt here at once (Tune would otherwise save a Tune state we never
+    # restore: Optuna is the record); run_search closes and re-queues the running trials.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
     from ray import tune
 
     study_dir, payload, space = prepare_study(cfg, log=log)
     storage = open_storage(cfg.storage_url)
     study = optuna.load_study(study_name=cfg.name, storage=storage)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher stopped while this trial ran")
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    finished = sum(
-        DERIVED_FROM not in t.user_attrs  # extra operating points of a trial's model are not trials run
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
-    )
+    close_interrupted(study, log=log)
+    removed = remove_orphan_checkpoints(study, study_dir)
+    if removed:
+        log(f"recovered: removed checkpoints of trials that did not complete: {removed}")
+    finished = finished_count(study)
     for point in cfg.enqueue:  # skip_if_exists: a resumed study does not evaluate them twice
         study.enqueue_trial(dict(point), skip_if_exists=True)
     budget = trials if trials is not None else cfg.budget.trials
     remaining = budget - finished
     if remaining <= 0:
         log(f"study {cfg.name!r} already holds {finished} finished trials (budget {budget})")
+        _remeasure(cfg, study, study_dir, log)
         return study
 
     if not ray.is_initialized():
@@ -433,11 +576,13 @@ def run_search(
         space=space,
         metric=metrics,
         mode=["max" if o.resolved_direction == "maximize" else "min" for o in cfg.objectives],
-        sampler=make_sampler(cfg),
+        sampler=make_sampler(cfg, offset=len(study.get_trials(deepcopy=False))),
         study_name=cfg.name,
         storage=storage,
-        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "notes") if m not in metrics),
+        extra_metrics=tuple(m for m in ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node") if m not in metrics),
+        budget=budget,
     )
+    payload.sink = start_sink(study_dir)
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, payload=payload),
         {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
@@ -456,13 +601,33 @@ def run_search(
         run_config=tune.RunConfig(
             name=f"search_{int(time.time())}",
             storage_path=str((study_dir / "ray").resolve()),
-            callbacks=[_callbacks(study_dir, cfg, remaining, log, storage)],
+            callbacks=[_callbacks(study_dir, cfg, remaining, log, searcher)],
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose worker died is started again (same config, same Optuna trial) this often.
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.retries),
         ),
     )
-    tuner.fit()
-    return optuna.load_study(study_name=cfg.name, storage=storage)
+    try:
+        sweep = lambda: close_interrupted(optuna.load_study(study_name=cfg.name, storage=storage), log=log)  # noqa: E731
+        with Heartbeat(storage, searcher.running_trial_ids, sweep=sweep):
+            tuner.fit()
+    except KeyboardInterrupt:
+        closed = searcher.close_running("interrupted: stopped with Ctrl-C; its parameters were re-queued")
+        if closed:
+            log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
+        raise
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    _remeasure(cfg, study, study_dir, log)
+    return study
+
+
+def _remeasure(cfg: StudyConfig, study: optuna.Study, study_dir: Path, log: Callable[[str], None]) -> None:
+    """Time the front's models again with nothing else running (see automl._latency)."""
+    if not cfg.latency.remeasure_front or "latency_ms" not in [o.metric for o in cfg.objectives]:
+        return
+    from automl._latency import remeasure_front
+
+    remeasure_front(study, study_dir, TrialSettings.from_config(cfg).latency, log=log)
 
 
 def load_study_config(study: str | Path) -> StudyConfig:

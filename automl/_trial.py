@@ -71,7 +71,10 @@ class TrialSettings:
             epochs=cfg.budget.epochs,
             lr=cfg.budget.lr,
             batch_size=cfg.budget.batch_size,
-            latency=LatencySettings(batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats),
+            latency=LatencySettings(
+                batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                isolate=lat.isolate, max_spread=lat.max_spread, max_attempts=lat.max_attempts,
+            ),
             seed=cfg.seed,
         )
 

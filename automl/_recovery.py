@@ -1,0 +1,288 @@
+"""Crash recovery and trial-fault handling: nothing finished is lost, nothing is counted twice.
+
+The Optuna storage is the single source of truth of a study. Ray Tune's experiment folder of a
+launcher that died is *superseded*, not restored: every ``launch``/``resume`` starts a fresh Tune run
+(``ray/search_<time>/``) for the trials still missing, because the facts Tune would restore (which
+trials finished, their results) are already in Optuna, and a restored Tune run would re-ask the
+searcher for trials it already told Optuna about.
+
+What happens to a trial left RUNNING by a launcher that was killed (SIGKILL, power cut, lost node):
+
+1. It is *stale* when its launcher is known dead (same host, process gone) or its heartbeat (user
+   attr ``heartbeat``, refreshed every :data:`HEARTBEAT_S` seconds by the launcher that owns it) is
+   older than :data:`GRACE_S`. A RUNNING trial of a live launcher on the same PostgreSQL study is never
+   touched.
+2. It is closed as FAIL with ``fail_reason`` "interrupted ..." and ``interrupted = True``; the
+   storage's compare-and-set (``set_trial_state_values`` returns False / raises for a trial another
+   process already finished) makes exactly one launcher win.
+3. The winner re-queues the same parameters (``study.enqueue_trial``, user attr ``requeue_of``), so
+   the point the sampler chose is still evaluated; the next ``ask`` pops it.
+4. Interrupted trials do not count toward the budget (:func:`finished_count`), so a study killed any
+   number of times still ends with ``budget.trials`` finished trials.
+
+A checkpoint folder is written *before* the trial's result reaches Optuna (see
+``automl._study``'s checkpoint sink), so a COMPLETE trial always has its checkpoint; a checkpoint of a
+trial that was then interrupted is an orphan and is removed here (:func:`remove_orphan_checkpoints`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import optuna
+from optuna.trial import TrialState
+
+__all__ = [
+    "GRACE_S",
+    "HEARTBEAT_S",
+    "LAUNCHER",
+    "Heartbeat",
+    "TrialTimeLimit",
+    "close_interrupted",
+    "finished_count",
+    "guarded",
+    "remove_orphan_checkpoints",
+]
+
+FAIL_REASON = "fail_reason"
+#: Seconds between two heartbeats of a launcher's running trials.
+HEARTBEAT_S = 10.0
+#: A RUNNING trial whose heartbeat is older than this belongs to a launcher that is gone.
+GRACE_S = 60.0
+
+#: Who owns the trials this process starts: recorded on each trial (user attr ``launcher``).
+LAUNCHER: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex}
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when ``pid`` runs on this host (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def is_stale(trial: optuna.trial.FrozenTrial, *, now: float | None = None, me: dict[str, Any] = LAUNCHER) -> bool:
+    """Whether a RUNNING trial's launcher is gone (see the module docstring)."""
+    now = _now() if now is None else now
+    owner = trial.user_attrs.get("launcher") or {}
+    if owner.get("id") == me["id"]:
+        return False
+    if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and owner["pid"] != me["pid"]:
+        # Same machine: the process table answers at once, no need to wait for the heartbeat.
+        if not _pid_alive(owner["pid"]):
+            return True
+    beat = trial.user_attrs.get("heartbeat")
+    if beat is None:
+        # Killed between ``ask`` and the first heartbeat (a few milliseconds): judge by start time.
+        # Optuna stores naive local datetimes (datetime.now()): .timestamp() reads them as local.
+        start = trial.datetime_start.timestamp() if trial.datetime_start is not None else 0.0
+        return now - start > GRACE_S
+    return now - float(beat) > GRACE_S
+
+
+def close_interrupted(study: optuna.Study, *, log: Callable[[str], None] = print, requeue: bool = True) -> list[int]:
+    """Close the stale RUNNING trials of ``study`` as FAIL and re-queue their parameters.
+
+    Returns:
+        The numbers of the trials this call closed.
+    """
+    storage = study._storage
+    closed: list[int] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher running this trial stopped; its parameters were re-queued")
+            won = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another launcher closed it first
+        if not won:
+            continue
+        closed.append(t.number)
+        if requeue and t.params:
+            study.enqueue_trial(dict(t.params), user_attrs={"requeue_of": t.number}, skip_if_exists=False)
+    if closed:
+        log(f"recovered: trials {closed} were left running by a stopped launcher; closed as FAIL (interrupted) and re-queued")
+    return closed
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count toward the budget: COMPLETE, and FAIL that were not merely interrupted.
+
+    Derived trials (``derived_from``: settings of an already trained model) never count.
+    """
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if "derived_from" in t.user_attrs:
+            continue  # extra operating points of a trial's model (e.g. exit thresholds) are not runs
+        if t.state == TrialState.COMPLETE or not t.user_attrs.get("interrupted"):
+            n += 1
+    return n
+
+
+def remove_orphan_checkpoints(study: optuna.Study, study_dir: Path) -> list[str]:
+    """Delete checkpoint folders of trials that did not COMPLETE (and half-written ``.partial`` ones)."""
+    folder = study_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    removed = []
+    for d in folder.iterdir():
+        name = d.name
+        orphan = name.endswith(".partial")
+        if not orphan and name.startswith("trial_"):
+            try:
+                number = int(name.removeprefix("trial_"))
+            except ValueError:
+                continue
+            orphan = states.get(number) in (TrialState.FAIL,)
+        if orphan:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+class Heartbeat:
+    """Refreshes the ``heartbeat`` user attr of this launcher's RUNNING trials every ``interval`` s.
+
+    Optuna's own heartbeat (``RDBStorage(heartbeat_interval=...)``) is tied to ``study.optimize``;
+    trials here are driven through ask/tell by Ray Tune's searcher, so the launcher beats for them.
+    """
+
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        trial_ids: Callable[[], Iterable[int]],
+        interval: float = HEARTBEAT_S,
+        *,
+        sweep: Callable[[], Any] | None = None,
+    ) -> None:
+        self._storage = storage
+        self._trial_ids = trial_ids
+        self._sweep = sweep
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="automl-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        now = _now()
+        for tid in list(self._trial_ids()):
+            try:
+                self._storage.set_trial_user_attr(tid, "heartbeat", now)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # finished between listing and writing
+            except Exception:  # noqa: BLE001 - a missed beat is retried next interval
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()
+            if self._sweep is not None:
+                # Trials of a launcher on another host that died after this one started become
+                # stale while this one runs: close them now, not at the next resume.
+                try:
+                    self._sweep()
+                except Exception:  # noqa: BLE001 - retried next interval
+                    pass
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# --- trial faults ----------------------------------------------------------------------------
+
+
+class TrialTimeLimit(Exception):
+    """Raised inside a trial's thread when it exceeds ``budget.trial_time_limit_s``."""
+
+
+def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
+    # CPython's documented hook for asynchronous exceptions: the exception is raised in the target
+    # thread at its next bytecode boundary (a running torch op finishes first, a training step does
+    # not). Ray runs function trainables in a non-main thread, so signal.alarm cannot be used.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
+
+
+def guarded(fn: Callable[[], Any], *, time_limit_s: float | None = None, retries: int = 0) -> tuple[Any, str | None, int]:
+    """Run ``fn`` with a time limit and retries; never raises for a trial fault.
+
+    A raised exception (including ``MemoryError`` and CUDA out-of-memory) is retried up to
+    ``retries`` times; a time-limit overrun is not retried (it would overrun again).
+
+    Returns:
+        ``(value, None, attempts)`` on success, ``(None, reason, attempts)`` on failure, where
+        ``reason`` is one line ``"<ExceptionType>: <message>"``.
+    """
+    attempts = 0
+    reason: str | None = None
+    while attempts <= retries:
+        attempts += 1
+        lock = threading.Lock()
+        state = {"done": False, "fired": False}
+        ident = threading.get_ident()
+
+        def fire() -> None:
+            with lock:
+                if not state["done"]:
+                    state["fired"] = True
+                    _raise_in_thread(ident, TrialTimeLimit)
+
+        timer = threading.Timer(time_limit_s, fire) if time_limit_s else None
+        start = time.perf_counter()
+        # The outer try also catches a limit that fires while the inner handler runs: the async
+        # exception can land at any bytecode until ``done`` is set under the lock.
+        try:
+            try:
+                if timer is not None:
+                    timer.daemon = True
+                    timer.start()
+                value = fn()
+                with lock:
+                    state["done"] = True
+                if timer is not None:
+                    timer.cancel()
+                return value, None, attempts
+            except TrialTimeLimit:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the study goes on
+                with lock:
+                    state["done"] = True
+                if timer is not None:
+                    timer.cancel()
+                reason = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")[:2000]
+        except TrialTimeLimit:
+            if timer is not None:
+                timer.cancel()
+            return None, f"TrialTimeLimit: the trial ran {time.perf_counter() - start:.1f}s, over budget.trial_time_limit_s={time_limit_s}", attempts
+    return None, reason, attempts
+
+
+def finite(values: Iterable[Any]) -> bool:
+    return all(v is not None and math.isfinite(float(v)) for v in values)
