@@ -74,7 +74,12 @@ class StudyView:
         return next((r for r in (*self.trials, *self.failed) if r.number == number), None)
 
 
-def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[str, Any]) -> FrontRow:
+def _row(
+    t: optuna.trial.FrozenTrial,
+    objectives: tuple[str, ...],
+    base: dict[str, Any],
+    isolated: dict[str, Any] | None = None,
+) -> FrontRow:
     if t.state == optuna.trial.TrialState.FAIL:
         return FrontRow(
             number=t.number,
@@ -88,6 +93,15 @@ def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[st
     metrics: dict[str, float | None] = {k: t.user_attrs.get(k) for k in _METRIC_KEYS}
     for name, value in zip(objectives, t.values or ()):
         metrics[name] = value
+    # The end-of-study re-measurement, with nothing else running, replaces the in-trial latency
+    # (which other trials' training disturbed); the in-trial value is kept beside it.
+    iso = (isolated or {}).get("latency_ms", {}).get(str(t.number))
+    if iso is not None:
+        metrics["latency_ms_in_trial"] = metrics.get("latency_ms")
+        metrics["latency_ms"] = float(iso)
+        iqr = (isolated or {}).get("latency_iqr_ms", {}).get(str(t.number))
+        if iqr is not None:
+            metrics["latency_iqr_ms"] = float(iqr)
 
     def ratio(a: Any, b: Any) -> float | None:
         return float(a) / float(b) if a and b else None
@@ -117,7 +131,11 @@ def load_view(study: optuna.Study) -> StudyView:
     base = dict(attrs.get("base") or {})
     all_trials = study.get_trials(deepcopy=False)
     done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
-    rows = tuple(_row(t, objectives, base) for t in done)
+    isolated = {
+        "latency_ms": dict(attrs.get("latency_ms_isolated") or {}),
+        "latency_iqr_ms": dict(attrs.get("latency_iqr_ms_isolated") or {}),
+    }
+    rows = tuple(_row(t, objectives, base, isolated) for t in done)
     best = {t.number for t in study.best_trials} if done else set()
     key = "accuracy" if "accuracy" in objectives else objectives[0]
     front = tuple(sorted((r for r in rows if r.number in best), key=lambda r: -(r.metrics.get(key) or 0.0)))

@@ -111,3 +111,18 @@ def test_best_per_method_and_failed_and_running_trials():
     (failed,) = view.failed
     assert failed.state == "failed" and failed.method == "wsnet" and "shapes do not match" in failed.fail_reason, f"failed row differs: {failed}"
     assert view.row(3) is failed and view.row(4) is None, "row() must find finished and failed trials only"
+
+
+def test_front_uses_the_isolated_re_measurement_when_present():
+    import optuna as _optuna
+
+    from automl._pareto import load_view
+
+    study = _optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["accuracy", "latency_ms"])
+    study.set_user_attr("base", {"accuracy": 0.9, "latency_ms": 2.0, "size_bytes": 100})
+    study.add_trial(_optuna.trial.create_trial(values=[0.9, 4.0], params={}, distributions={}))
+    study.set_user_attr("latency_ms_isolated", {"0": 1.0})
+    row = load_view(study).front[0]
+    assert row.metrics["latency_ms"] == 1.0 and row.metrics["latency_ms_in_trial"] == 4.0, row.metrics
+    assert row.speedup == 2.0, f"speed-up must use the re-measured latency, got {row.speedup}"
