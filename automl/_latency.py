@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import pickle
 import warnings
 import os
 import tempfile
@@ -143,8 +142,20 @@ def stable_latency(model: torch.nn.Module, example: torch.Tensor, settings: Late
     return best[0], best[1], attempts
 
 
-def remeasure_front(study: optuna.Study, study_dir: Path, settings: LatencySettings, *, log: Callable[[str], None] = print) -> dict[int, float]:
-    """Time each front trial's saved model again, alone; store and return ``{number: ms}``."""
+def remeasure_front(
+    study: optuna.Study,
+    study_dir: Path,
+    settings: LatencySettings,
+    *,
+    base: torch.nn.Module | None = None,
+    example: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[int, float]:
+    """Time each front trial's saved TorchScript model again, alone; store and return ``{number: ms}``.
+
+    The base model is timed the same way (as TorchScript, study attr ``base_latency_ms_isolated``),
+    so speed-ups computed from re-measured values compare like with like.
+    """
     from automl._trial import load_checkpoint
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -160,15 +171,12 @@ def remeasure_front(study: optuna.Study, study_dir: Path, settings: LatencySetti
             elsewhere.append(t.number)  # run by another launcher sharing the study: it re-measures
             continue
         try:
-            record = json.loads((folder / "trial.json").read_text())
-            # The eager module the trial timed (module.pt); TorchScript only for older checkpoints.
-            if (folder / "module.pt").is_file():
-                model = torch.load(folder / "module.pt", map_location="cpu", weights_only=False)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model, record = load_checkpoint(folder)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+            # The saved TorchScript model: what export ships, and loadable without unpickling code
+            # (the eager module of an arbitrary method would need unrestricted pickle).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, record = load_checkpoint(folder)
+        except (OSError, ValueError, RuntimeError) as exc:
             log(f"re-measure: trial {t.number} skipped: {type(exc).__name__}: {exc}")
             continue
         example = torch.zeros(1, *record["input_shape"])
@@ -176,6 +184,11 @@ def remeasure_front(study: optuna.Study, study_dir: Path, settings: LatencySetti
         medians[str(t.number)] = median
         iqrs[str(t.number)] = iqr
         out[t.number] = median
+    if out and base is not None and example is not None:
+        from automl._trial import _to_torchscript
+
+        scripted = _to_torchscript(base.eval(), example)
+        study.set_user_attr("base_latency_ms_isolated", stable_latency(scripted, example, settings)[0])
     study.set_user_attr("latency_ms_isolated", medians)
     study.set_user_attr("latency_iqr_ms_isolated", iqrs)
     if elsewhere:

@@ -106,13 +106,16 @@ def _row(
     def ratio(a: Any, b: Any) -> float | None:
         return float(a) / float(b) if a and b else None
 
+    base_latency = base.get("latency_ms")
+    if iso is not None and (isolated or {}).get("base") is not None:
+        base_latency = isolated["base"]  # both re-measured the same way (TorchScript, alone)
     return FrontRow(
         number=t.number,
         method=str(t.user_attrs.get("method", t.params.get("method", "?"))),
         params=dict(t.params),
         metrics=metrics,
         compression=ratio(base.get("size_bytes"), metrics.get("size_bytes")),
-        speedup=ratio(base.get("latency_ms"), metrics.get("latency_ms")),
+        speedup=ratio(base_latency, metrics.get("latency_ms")),
         accuracy_delta=(metrics["accuracy"] - base["accuracy"]) if metrics.get("accuracy") is not None and "accuracy" in base else None,
         attrs={k: v for k, v in t.user_attrs.items() if k not in _METRIC_KEYS},
     )
@@ -134,6 +137,7 @@ def load_view(study: optuna.Study) -> StudyView:
     isolated = {
         "latency_ms": dict(attrs.get("latency_ms_isolated") or {}),
         "latency_iqr_ms": dict(attrs.get("latency_iqr_ms_isolated") or {}),
+        "base": attrs.get("base_latency_ms_isolated"),
     }
     rows = tuple(_row(t, objectives, base, isolated) for t in done)
     best = {t.number for t in study.best_trials} if done else set()

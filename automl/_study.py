@@ -282,9 +282,6 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
 
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
-            # The eager module as well: the end-of-study re-measurement times the very module the
-            # trial timed (TorchScript runs a different interpreter, its latency differs).
-            torch.save(outcome.model, Path(tmp) / "module.pt")
             ray.get(payload.sink.write.remote(int(number), pack_folder(tmp)))
     tune.report(result)
     return result
@@ -553,7 +550,7 @@ def run_search(
     remaining = budget - finished
     if remaining <= 0:
         log(f"study {cfg.name!r} already holds {finished} finished trials (budget {budget})")
-        _remeasure(cfg, study, study_dir, log)
+        _remeasure(cfg, study, study_dir, payload, log)
         return study
 
     if not ray.is_initialized():
@@ -617,17 +614,19 @@ def run_search(
             log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
         raise
     study = optuna.load_study(study_name=cfg.name, storage=storage)
-    _remeasure(cfg, study, study_dir, log)
+    _remeasure(cfg, study, study_dir, payload, log)
     return study
 
 
-def _remeasure(cfg: StudyConfig, study: optuna.Study, study_dir: Path, log: Callable[[str], None]) -> None:
+def _remeasure(cfg: StudyConfig, study: optuna.Study, study_dir: Path, payload: Payload, log: Callable[[str], None]) -> None:
     """Time the front's models again with nothing else running (see automl._latency)."""
     if not cfg.latency.remeasure_front or "latency_ms" not in [o.metric for o in cfg.objectives]:
         return
     from automl._latency import remeasure_front
 
-    remeasure_front(study, study_dir, TrialSettings.from_config(cfg).latency, log=log)
+    remeasure_front(
+        study, study_dir, TrialSettings.from_config(cfg).latency, base=payload.base, example=payload.data.x_test[:1], log=log
+    )
 
 
 def load_study_config(study: str | Path) -> StudyConfig:
