@@ -172,13 +172,24 @@ def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Script
             return torch.jit.trace(model, example, check_trace=False)
 
 
+def _weights_only_state(model: nn.Module) -> dict[str, Any]:
+    """The state dict with quantised packed parameters (TorchScript objects) replaced by their
+    tensors, so the file loads with ``torch.load(weights_only=True)``."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+            value = value.__getstate__()
+        state[key] = value
+    return state
+
+
 def save_checkpoint(outcome: TrialOutcome, directory: str | Path, *, example: torch.Tensor) -> Path:
     """Write what export needs: TorchScript model, weights-only state dict, and ``trial.json``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model = outcome.model.eval()
     _to_torchscript(model, example).save(str(d / "model.ts"))
-    torch.save(model.state_dict(), d / "weights.pt")
+    torch.save(_weights_only_state(model), d / "weights.pt")
     record = {
         "plan": outcome.plan.to_dict(),
         "label": outcome.plan.label,

@@ -80,6 +80,10 @@ class CompressionMethod(abc.ABC):
     hyperparameters: ClassVar[Mapping[str, Domain]] = {}
     #: The paper the method follows, cited in reports and cards.
     reference: ClassVar[str] = ""
+    #: Whether channel pruning may follow this method. False where the method's layers index or
+    #: reshape channels in ways Torch-Pruning's dependency graph cannot follow (channel
+    #: permutations, computed kernels, exit heads sized at apply time).
+    prunable_layers: ClassVar[bool] = True
 
     def __init__(self, *, ranges: Mapping[str, Domain] | None = None) -> None:
         self.ranges: dict[str, Domain] = dict(self.hyperparameters)

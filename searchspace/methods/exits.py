@@ -355,6 +355,7 @@ class Exits(CompressionMethod):
     """Early exits on a staged model (MSDNet-style thresholds); see the module docstring."""
 
     name = "exits"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = (
         "Huang et al., ICLR 2018, arXiv:1703.09844 (MSDNet: early exits, budgeted thresholds); "

@@ -82,6 +82,7 @@ class IGC(CompressionMethod):
     """
 
     name = "igc"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = "Zhang, Qi, Xiao, Wang, Interleaved Group Convolutions, ICCV 2017, arXiv:1707.02725"
     hyperparameters = {"partitions": Categorical([2, 4, 8, 16, 32])}

@@ -102,6 +102,7 @@ class IGCV2(CompressionMethod):
     """
 
     name = "igcv2"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = "Xie, Wang, Wei, Wang, Qi, IGCV2, CVPR 2018, arXiv:1804.06202"
     hyperparameters = {"convs": Categorical([2, 3])}

@@ -79,6 +79,7 @@ class IGCV3(CompressionMethod):
     """
 
     name = "igcv3"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = "Sun, Li, Liu, Wang, IGCV3, BMVC 2018, arXiv:1806.00178"
     hyperparameters = {

@@ -108,7 +108,7 @@ class ISqrtCovHead(nn.Module):
             nn.Conv1d(in_channels, dim, 1, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)
         )
         rows, cols = torch.triu_indices(dim, dim)
-        self.register_buffer("triu", rows * dim + cols, persistent=False)
+        self.register_buffer("triu", rows * dim + cols)
         self.fc = nn.Linear(dim * (dim + 1) // 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +141,7 @@ class ISqrtCov(CompressionMethod):
     """
 
     name = "isqrtcov"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = "Li et al., CVPR 2018, arXiv:1712.01034 (iSQRT-COV: iterative matrix square root normalisation)"
     hyperparameters = {

@@ -207,6 +207,7 @@ class WSNet(CompressionMethod):
     """
 
     name = "wsnet"
+    prunable_layers = False
     stage = Stage.STRUCTURE
     reference = "Jin, Yang, Xu, Yan et al., WSNet, ICML 2018, arXiv:1711.10067"
     hyperparameters = {

@@ -27,11 +27,20 @@ def applicable_methods() -> list[str]:
 
 
 def _enqueue_params(name: str) -> dict[str, str]:
-    stage = searchspace.get_method(name).stage
-    if stage == searchspace.Stage.STRUCTURE:
-        return {"method": name}
-    # A prune/quantize method is tried after the base as is ("none"), the shortest chain holding it.
-    return {"method": "none", f"none:{stage.param}": name}
+    """The shortest chain holding ``name``: every other stage off, so each family is exported alone
+    (a chain ending in int8 would make every family's ONNX check an int8 check)."""
+    method = searchspace.get_method(name)
+    chain = [name] if method.stage == searchspace.Stage.STRUCTURE else ["none", name]
+    params = {"method": chain[0]}
+    picked = [chain[0]]
+    for stage in (searchspace.Stage.PRUNE, searchspace.Stage.QUANTIZE):
+        key = f"{'+'.join(picked)}:{stage.param}"
+        if method.stage == stage:
+            params[key] = name
+            picked.append(name)
+        else:
+            params[key] = "off"
+    return params
 
 
 @pytest.fixture(scope="session")
