@@ -40,7 +40,7 @@ from automl._train import TrainOptions, fit
 
 __all__ = ["Payload", "StudyError", "open_storage", "prepare_study", "run_search"]
 
-#: The objective metric reported by trials, per config metric.
+#: User attribute (and result key) holding why a trial failed.
 FAIL_REASON = "fail_reason"
 #: Result key of a trial's extra operating points (see ``automl._trial.Calibrated``).
 VARIANTS = "variants"
