@@ -395,9 +395,9 @@ class Prune(CompressionMethod):
         return out
 
     def accepts(self, chain: tuple[str, ...]) -> bool:
-        # A method whose layers compute their weights (shared factors) declares it; Torch-Pruning
-        # can only slice stored weight tensors.
-        return all(getattr(searchspace.get_method(n), "prunable_layers", True) for n in chain)
+        # Methods whose layers Torch-Pruning cannot slice (computed kernels, channel permutations,
+        # exit heads) declare it with CompressionMethod.prunable_layers.
+        return all(searchspace.get_method(n).prunable_layers for n in chain)
 
     def supports(self, model: nn.Module) -> str | None:
         computed = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not isinstance(m.weight, nn.Parameter)]

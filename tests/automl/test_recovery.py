@@ -203,6 +203,17 @@ def _run(args: list[str], tmp_path: Path, log: Path) -> subprocess.Popen:
     )
 
 
+def _launch_to_end(cfg_path: Path, tmp_path: Path) -> tuple[int, str]:
+    """Run ``automl launch`` to its end; return its exit code and everything it printed."""
+    log = tmp_path / "launcher.log"
+    proc = _run(["launch", str(cfg_path)], tmp_path, log)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    return rc, log.read_text()
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -328,13 +339,7 @@ def test_time_limit_through_ray_records_fail_and_the_study_goes_on(tmp_path):
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["budget"].update(trial_time_limit_s=0.2, retries=1, epochs=3)
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "launcher.log"
-    proc = _run(["launch", str(cfg_path)], tmp_path, log)
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        _kill_group(proc)
-    text = log.read_text()
+    rc, text = _launch_to_end(cfg_path, tmp_path)
     assert rc == 0, f"a study whose trials all fail must still finish (exit 0), got {rc}:\n{text[-2000:]}"
     study_dir = tmp_path / "runs" / "crashy"
     study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{study_dir / 'optuna.db'}")
@@ -355,13 +360,7 @@ def test_worker_killed_like_oom_is_retried_then_fail_with_rays_reason(tmp_path):
     cfg["methods"] = {"none": {}}
     cfg["budget"]["retries"] = 1
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "launcher.log"
-    proc = _run(["launch", str(cfg_path)], tmp_path, log)
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        _kill_group(proc)
-    text = log.read_text()
+    rc, text = _launch_to_end(cfg_path, tmp_path)
     assert rc == 0, f"the study must go on after a dead worker (exit 0), got {rc}:\n{text[-3000:]}"
     study = optuna.load_study(study_name="crashy", storage=f"sqlite:///{tmp_path / 'runs' / 'crashy' / 'optuna.db'}")
     trials = study.get_trials(deepcopy=False)
