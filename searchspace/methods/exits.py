@@ -40,7 +40,7 @@ from searchspace._registry import register_method
 from searchspace._surgery import clone
 from searchspace.methods.isqrtcov import ISqrtCovHead
 
-__all__ = ["EarlyExitNet", "Exits", "PoolHead", "budget_thresholds", "exit_fractions"]
+__all__ = ["EarlyExitNet", "Exits", "PoolHead", "adaptive_pool_matrix", "budget_thresholds", "exit_fractions"]
 
 #: Most intermediate exits the search may ask for.
 MAX_EXITS = 4
@@ -103,20 +103,42 @@ def exit_fractions(confidence: torch.Tensor, thresholds: list[float]) -> tuple[t
     return taken, [float(c) / max(n, 1) for c in counts]
 
 
+def adaptive_pool_matrix(size: tuple[int, ...], pool: int) -> torch.Tensor:
+    """(prod(size), pool**len(size)) matrix ``P`` with ``x.flatten(2) @ P`` equal to adaptive average
+    pooling of ``x`` (batch, channels, *size) to ``pool`` positions per axis, flattened.
+
+    Windows are PyTorch's: output ``i`` of an axis of length ``n`` averages inputs
+    ``floor(i n / pool)`` to ``ceil((i + 1) n / pool) - 1``.
+    """
+    full = torch.ones(1, 1)
+    for n in size:
+        axis = torch.zeros(n, pool)
+        for i in range(pool):
+            lo, hi = (i * n) // pool, -((-(i + 1) * n) // pool)
+            axis[lo:hi, i] = 1.0 / (hi - lo)
+        full = torch.kron(full, axis)
+    return full
+
+
 class PoolHead(nn.Module):
     """Average pooling to ``pool`` positions per spatial axis, then a linear classifier.
 
     ``pool = 1`` is global average pooling; larger values keep coarse position, which matters for
     sequence data such as MNIST-1D where the base itself classifies flattened features.
+
+    The pooling is adaptive average pooling written as one matrix product over the flattened
+    positions (:func:`adaptive_pool_matrix`, built for the feature map's ``size``): the same numbers
+    as ``nn.AdaptiveAvgPool*d``, but exportable to ONNX inside the early-exit routing, where the
+    exporter no longer knows the spatial size and refuses adaptive pooling to more than one position.
     """
 
-    def __init__(self, *, in_channels: int, spatial: int, pool: int, num_classes: int) -> None:
+    def __init__(self, *, in_channels: int, size: tuple[int, ...], pool: int, num_classes: int) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool1d(pool) if spatial == 1 else nn.AdaptiveAvgPool2d(pool)
-        self.fc = nn.Linear(in_channels * pool**spatial, num_classes)
+        self.register_buffer("pool_matrix", adaptive_pool_matrix(tuple(size), pool))
+        self.fc = nn.Linear(in_channels * pool ** len(size), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(torch.matmul(x.flatten(2), self.pool_matrix).flatten(1))
 
 
 class Exit(nn.Module):
@@ -484,4 +506,4 @@ class Exits(CompressionMethod):
             raise ValueError(f"an exit needs a feature map (channels, positions...), but got features of shape {shape}")
         if params["head"] == "isqrtcov":
             return ISqrtCovHead(in_channels=shape[0], num_classes=num_classes, dim=int(params["cov_dim"]), iterations=int(params["iterations"]))
-        return PoolHead(in_channels=shape[0], spatial=len(shape) - 1, pool=int(params["pool"]), num_classes=num_classes)
+        return PoolHead(in_channels=shape[0], size=tuple(shape[1:]), pool=int(params["pool"]), num_classes=num_classes)

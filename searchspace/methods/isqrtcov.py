@@ -69,7 +69,9 @@ def newton_schulz_sqrt(sigma: torch.Tensor, iterations: int, eps: float = TRACE_
         raise ValueError("iterations >= 1 must hold for newton_schulz_sqrt")
     d = sigma.shape[-1]
     eye = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
-    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0.0) + eps
+    # The trace as a masked sum rather than diagonal().sum(): the same value, and the ONNX exporter
+    # (TorchScript path) loses the dtype after `diagonal` and then cannot export the sum.
+    trace = (sigma * eye).sum(dim=[1, 2]).clamp_min(0.0) + eps
     a = sigma / trace[:, None, None]
     # Expanded to (batch, d, d) so MAC counters (torchprofile's baddbmm handler) read its shape.
     half3 = (1.5 * eye).expand_as(sigma)

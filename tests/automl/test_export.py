@@ -94,8 +94,8 @@ def test_export_each_method_family_reloads_in_fresh_processes(method, small_stud
     assert ts["project_modules"] == [], f"TorchScript check must run with torch only, but imported {ts['project_modules']}"
     assert ts["accuracy"] == pytest.approx(recorded, abs=1e-12), f"TorchScript in a fresh process: accuracy {ts['accuracy']} != card {recorded}"
 
-    if card["onnx"]["status"] != "ok":
-        pytest.xfail(f"{row.method}: ONNX not exported: {card['onnx'].get('reason')}")
+    assert card["onnx"]["status"] == "ok", f"{row.method}: ONNX not exported: {card['onnx'].get('reason')}"
+    assert (out / "model.onnx").is_file(), "card says ONNX is ok but model.onnx is missing"
     ox = _fresh(ORT_ONLY, str(out), str(test_split))
     assert ox["project_modules"] == [], f"ONNX check must run with onnxruntime only, but imported {ox['project_modules']}"
     assert ox["accuracy"] == pytest.approx(recorded, abs=1e-12), f"ONNX Runtime in a fresh process: accuracy {ox['accuracy']} != card {recorded}"

@@ -152,3 +152,16 @@ def test_apply_rejects_a_model_whose_forward_is_not_its_stages():
     odd.load_state_dict(base.state_dict())
     with pytest.raises(ValueError, match="does more than run its stages"):
         get_method("exits")().apply(odd.eval(), PARAMS, context=ApplyContext(example_input=torch.randn(1, 40)))
+
+
+@pytest.mark.parametrize("size,pool", [((19,), 4), ((10,), 2), ((5,), 4), ((4, 4), 2), ((3, 5), 4), ((8, 8), 1)])
+def test_pool_matrix_equals_adaptive_average_pooling(size, pool):
+    """PoolHead's matrix product is PyTorch's adaptive average pooling, windows included (also when
+    the map is smaller than the pooled size or does not divide by it)."""
+    from searchspace.methods.exits import adaptive_pool_matrix
+
+    x = torch.randn(3, 5, *size)
+    ref = (torch.nn.AdaptiveAvgPool1d(pool) if len(size) == 1 else torch.nn.AdaptiveAvgPool2d(pool))(x).flatten(2)
+    got = torch.matmul(x.flatten(2), adaptive_pool_matrix(size, pool))
+    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.allclose(got, ref, atol=1e-6), f"max diff {(got - ref).abs().max()}"
