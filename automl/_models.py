@@ -9,6 +9,7 @@ from there instead of guessing per architecture.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "DigitsCNN",
     "MNIST1DCNN",
     "StagedNet",
+    "TorchvisionNet",
     "build_model",
     "list_models",
 ]
@@ -159,23 +161,94 @@ def _from_features_classifier(net: nn.Module, n_stages: int = 4) -> StagedNet:
     return StagedNet(stages=stages, head=head)
 
 
-def _torchvision(name: str, num_classes: int, in_channels: int) -> StagedNet:
+#: torchvision ResNets by name: (block, blocks per stage).
+_RESNETS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet34": ("BasicBlock", (3, 4, 6, 3)), "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+#: MobileNetV2's inverted residual setting (t, c, n, s) from torchvision / the paper's Table 2.
+_MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def _repeats(n: int, depth: float) -> int:
+    # EfficientNet's round_repeats: ceil, so that a stage never disappears.
+    return max(1, math.ceil(n * depth))
+
+
+def _scaled_resnet(name: str, num_classes: int, width: float, depth: float) -> nn.Module:
+    """A torchvision ResNet with ``width`` x the planes of each stage and ``depth`` x its blocks,
+    built by torchvision's own ``_make_layer`` and initialised as torchvision initialises it."""
+    from torchvision.models import resnet
+
+    block_name, layers = _RESNETS[name]
+    block = getattr(resnet, block_name)
+    net = resnet.ResNet(block, [_repeats(n, depth) for n in layers], num_classes=num_classes)
+    if width == 1.0:
+        return net
+    planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
+    net.inplanes = planes[0]
+    net.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(planes[0])
+    for i, (c, n) in enumerate(zip(planes, layers)):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, c, _repeats(n, depth), stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(planes[-1] * block.expansion, num_classes)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def _torchvision_net(name: str, num_classes: int, width: float, depth: float) -> nn.Module:
     import torchvision
 
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if hasattr(net, "layer4"):
-        staged = _from_resnet(net)
-    elif hasattr(net, "features") and hasattr(net, "classifier"):
-        staged = _from_features_classifier(net)
-    else:
-        raise ValueError(f"torchvision model {name!r} has no known stage layout (resnet or features/classifier)")
-    if in_channels != 3:
-        first_name, first = next((n, m) for n, m in staged.named_modules() if isinstance(m, nn.Conv2d))
-        staged.set_submodule(
-            first_name,
-            nn.Conv2d(in_channels, first.out_channels, first.kernel_size, stride=first.stride, padding=first.padding, bias=first.bias is not None),
-        )
-    return staged
+    if (width, depth) == (1.0, 1.0):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if name in _RESNETS:
+        return _scaled_resnet(name, num_classes, width, depth)
+    if name == "mobilenet_v2":
+        setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
+        return torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting)
+    raise NotImplementedError(f"torchvision model {name!r} does not declare how it scales here (resnet18/34/50 and mobilenet_v2 do)")
+
+
+class TorchvisionNet(StagedNet):
+    """A torchvision architecture (freshly initialised) in the staged layout.
+
+    ResNets: the stem and ``layer1`` form stage 0, ``layer2..4`` stages 1-3. MobileNet/EfficientNet
+    style nets (``features`` + ``classifier``): ``features`` split into 4 stages of about equal
+    length. Compound scaling (:meth:`scaled`) is declared for the ResNets (planes and blocks per
+    stage) and MobileNetV2 (its own ``width_mult`` and the repeats ``n`` of its setting).
+
+    Args:
+        arch: torchvision model name.
+        num_classes: classes.
+        in_channels: input channels; the first convolution is replaced when it is not 3.
+        width: multiplier on the channels of every stage.
+        depth: multiplier on the blocks of every stage (rounded up, as EfficientNet does).
+    """
+
+    def __init__(self, *, arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: float = 1.0) -> None:
+        net = _torchvision_net(arch, num_classes, width, depth)
+        if hasattr(net, "layer4"):
+            staged = _from_resnet(net)
+        elif hasattr(net, "features") and hasattr(net, "classifier"):
+            staged = _from_features_classifier(net)
+        else:
+            raise ValueError(f"torchvision model {arch!r} has no known stage layout (resnet or features/classifier)")
+        super().__init__(stages=list(staged.stages), head=staged.head)
+        if in_channels != 3:
+            first_name, first = next((n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
+            self.set_submodule(
+                first_name,
+                nn.Conv2d(in_channels, first.out_channels, first.kernel_size, stride=first.stride, padding=first.padding, bias=first.bias is not None),
+            )
+        self.config = dict(arch=arch, num_classes=num_classes, in_channels=in_channels, width=width, depth=depth)
+
+    def scaled(self, *, width: float, depth: float) -> TorchvisionNet:
+        c = self.config
+        if c["arch"] not in _RESNETS and c["arch"] != "mobilenet_v2":
+            raise NotImplementedError(f"torchvision model {c['arch']!r} does not declare how it scales here (resnet18/34/50 and mobilenet_v2 do)")
+        return TorchvisionNet(arch=c["arch"], num_classes=c["num_classes"], in_channels=c["in_channels"], width=c["width"] * width, depth=c["depth"] * depth)
 
 
 _BUILTIN: dict[str, Callable[..., StagedNet]] = {
@@ -208,7 +281,7 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
     if name in _BUILTIN:
         return _BUILTIN[name](input_shape=tuple(input_shape), num_classes=num_classes, **options)
     if name in _TORCHVISION:
-        return _torchvision(name, num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
+        return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

@@ -8,8 +8,8 @@ instead of M*N*k. The width multiplier alpha thins every layer to alpha times it
 Width multiplier: it changes every layer's channel count, which only the architecture itself knows
 how to do consistently (residual additions, the flattened head of the MNIST-1D CNN), so it goes
 through ``StagedNet.scaled(width=alpha, depth=1)``; the thinned net inherits the base's leading
-channels. Base models that do not declare how they scale (torchvision ones) keep alpha = 1 and the
-notes say so.
+channels. Base models that do not declare how they scale (a user factory, torchvision nets other
+than the ResNets and MobileNetV2) keep alpha = 1 and the notes say so.
 
 Initialisation (``init = "lstsq"``): the least-squares fit of the separable pair to the base kernel.
 Per input channel m the base holds an N x k matrix W[:, m, :]; a separable layer can only express the

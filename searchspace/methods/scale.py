@@ -7,7 +7,8 @@ finds alpha = 1.2, beta = 1.1, gamma = 1.15 by a grid search on its B0 base and 
 those are the defaults here, and each may be searched or narrowed by the config. phi <= 0 shrinks.
 
 Width and depth go through ``StagedNet.scaled(width=, depth=)``: only the architecture knows how it
-scales (the built-in CNNs declare it; torchvision conversions do not, and ``supports`` says so). The
+scales (the built-in CNNs declare it, and so do torchvision's ResNets and MobileNetV2 through
+``TorchvisionNet``; for other nets ``supports`` says why not). The
 scaled net inherits the base's leading channels and same-named blocks (``inherit_weights``) rather
 than starting from noise.
 

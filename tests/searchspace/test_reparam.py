@@ -132,7 +132,7 @@ def test_dwsep_lstsq_is_exact_on_separable_kernel(make):
     _close(layer(x), conv(x), "linear dwsep lstsq fit of a separable kernel")
 
 
-def test_dwsep_width_multiplier_thins_builtin_and_notes_torchvision():
+def test_dwsep_width_multiplier_thins_builtin_and_torchvision():
     base = make_base("mnist1d_cnn", (40,))
     ctx = ApplyContext(example_input=torch.randn(1, 40))
     out = DepthwiseSeparable().apply(base, {"width": 0.5, "activation": True, "init": "lstsq"}, context=ctx)
@@ -144,8 +144,9 @@ def test_dwsep_width_multiplier_thins_builtin_and_notes_torchvision():
     assert "stages.0.0" in ctx.notes["dwsep.converted"], f"first_layer=True converts the first conv: {ctx.notes}"
     res = make_base("resnet18", (3, 32, 32))
     ctx = ApplyContext(example_input=torch.randn(1, 3, 32, 32))
-    DepthwiseSeparable().apply(res, {"width": 0.5, "activation": True, "init": "random"}, context=ctx)
-    assert str(ctx.notes["dwsep.width"]).startswith("1.0"), f"resnet18 cannot thin; notes: {ctx.notes['dwsep.width']}"
+    thin = DepthwiseSeparable().apply(res, {"width": 0.5, "activation": True, "init": "random"}, context=ctx)
+    assert ctx.notes["dwsep.width"] == 0.5, f"resnet18 declares how it scales; notes: {ctx.notes['dwsep.width']}"
+    assert thin(torch.randn(2, 3, 32, 32)).shape == (2, 10) and param_count(thin) < param_count(res) / 3, "width 0.5 thins resnet18"
 
 
 # --- IGCV1 / IGCV2 / IGCV3 -----------------------------------------------------------------
@@ -250,3 +251,51 @@ def test_wsnet_records_measured_forward_for_1d_layers():
     assert set(modes) == set(ctx.notes["wsnet.converted"]), f"every converted 1D layer needs a measured forward: {modes}"
     for name, text in modes.items():
         assert out.get_submodule(name).mode == text.split()[0], f"{name}: mode {out.get_submodule(name).mode} != note {text}"
+
+
+@pytest.mark.parametrize("phi", [-2.0, -6.0])
+def test_scale_torchvision_matches_torchvision_built_at_the_scaled_width_and_depth(phi):
+    """resnet18 and mobilenet_v2 scale as EfficientNet says: planes x beta^phi, blocks per stage
+    ceil(n alpha^phi), input resolution gamma^phi; the parameter count is that of torchvision's own
+    architecture at those settings (closed form: torchvision builds it)."""
+    import math
+
+    import torchvision
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    depth, width, resolution = CompoundScaling.factors({"phi": phi})
+    for name in ("resnet18", "mobilenet_v2"):
+        base = make_base(name, (3, 32, 32))
+        ctx = ApplyContext(example_input=torch.randn(1, 3, 32, 32))
+        out = CompoundScaling().apply(base, {"phi": phi}, context=ctx)
+        assert isinstance(out, Resampled) and out.size == [round(32 * resolution)] * 2, f"{name}: resolution {ctx.notes}"
+        assert out(torch.randn(2, 3, 32, 32)).shape == (2, 10), f"{name}: scaled net must still classify"
+        if name == "resnet18":
+            blocks = [max(1, math.ceil(2 * depth))] * 4
+            planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
+            convs = [m for m in out.net.modules() if isinstance(m, nn.Conv2d)]
+            assert convs[0].out_channels == planes[0] and convs[-1].out_channels == planes[-1], f"resnet18 planes {[c.out_channels for c in convs]}"
+            assert len(out.net.stages[1]) == blocks[1], f"resnet18 blocks per stage {len(out.net.stages[1])} != {blocks[1]}"
+            # Closed form of a BasicBlock ResNet at these planes (torchvision's counts at width 1 as a check).
+            expected = _basic_resnet_params(planes, blocks, 10)
+            assert _basic_resnet_params([64, 128, 256, 512], [2, 2, 2, 2], 10) == param_count(ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10)), "closed form vs torchvision's resnet18"
+        else:
+            setting = [[t, c, max(1, math.ceil(n * depth)), s] for t, c, n, s in [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]]
+            expected = param_count(torchvision.models.MobileNetV2(num_classes=10, width_mult=width, inverted_residual_setting=setting))
+        assert param_count(out) == expected, f"{name} at phi={phi}: {param_count(out)} params != {expected}"
+        assert param_count(out) < param_count(base), f"{name}: phi < 0 must shrink it"
+
+
+def _basic_resnet_params(planes: list[int], blocks: list[int], classes: int) -> int:
+    """Parameters of a BasicBlock ResNet: 7x7 stem + BN, per block two 3x3 conv-BN (+ a 1x1
+    conv-BN shortcut where the shape changes), then the linear classifier."""
+    total = 3 * planes[0] * 49 + 2 * planes[0]
+    c_in = planes[0]
+    for i, (c, n) in enumerate(zip(planes, blocks)):
+        for j in range(n):
+            src = c_in if j == 0 else c
+            total += src * c * 9 + 2 * c + c * c * 9 + 2 * c
+            if j == 0 and (i > 0 or src != c):
+                total += src * c + 2 * c
+        c_in = c
+    return total + planes[-1] * classes + classes
