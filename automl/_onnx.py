@@ -113,7 +113,10 @@ def to_onnx(model: torch.jit.ScriptModule, example: torch.Tensor, path: Path) ->
     quantized = is_quantized(model)
     # Early-exit thresholds stay ONNX initializers (tunable after export) rather than constants.
     keep = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in THRESHOLD_BUFFERS]
-    target: Any = model if quantized else torch.jit.freeze(model.eval(), preserved_attrs=keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # freeze is "deprecated" with the rest of TorchScript
+        # optimize_numerics=False: no conv-BN folding or other rewrites that change the numbers.
+        target: Any = model if quantized else torch.jit.freeze(model.eval(), preserved_attrs=keep, optimize_numerics=False)
     _DYNAMIC_LINEAR.clear()
     _DYNAMIC_LINEAR.update(_packed_linears(model))
     registered = bool(_DYNAMIC_LINEAR)
