@@ -5,7 +5,10 @@ run), recorded vs re-verified accuracy (TorchScript and ONNX Runtime), the large
 output difference, and latency as recorded by the trial vs re-measured on the exported TorchScript
 and ONNX files in a fresh process (batch and threads from the study config).
 
-Usage: python benchmarks/export_front.py STUDY_DIR [--out /tmp/exports]
+With ``--per-method``: instead of the front, one trial per method the study ran (the most accurate
+among the shortest chains holding it), so every method family's export is measured.
+
+Usage: python benchmarks/export_front.py STUDY_DIR [--out /tmp/exports] [--per-method]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("study_dir")
     ap.add_argument("--out", default="/tmp/automl-export-bench")
+    ap.add_argument("--per-method", action="store_true", help="one trial per method instead of the front")
     args = ap.parse_args()
     cfg = load_study_config(args.study_dir)
     view = load_view(optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url)))
@@ -35,7 +39,7 @@ def main() -> None:
     shutil.rmtree(out_root, ignore_errors=True)
     print("| trial | method | export wall s | acc recorded | acc TorchScript | acc ONNX | max abs diff ONNX vs torch | latency recorded ms | latency TorchScript fresh ms (IQR) | latency ONNX Runtime fresh ms (IQR) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in sorted(view.front, key=lambda r: r.number):
+    for row in _per_method(view.trials) if args.per_method else sorted(view.front, key=lambda r: r.number):
         out = out_root / f"trial_{row.number:05d}"
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "automl._cli", "export", args.study_dir, "--trial", str(row.number), "--out", str(out)], capture_output=True, text=True)
@@ -45,12 +49,26 @@ def main() -> None:
             continue
         card = json.loads((out / "card.json").read_text())
         rec, exp, onnx = card["metrics"]["recorded"], card["metrics"]["exported"], card["onnx"]
+        ort_ms = "-" if exp["latency_onnxruntime_ms"] is None else f"{_f(exp['latency_onnxruntime_ms'], '.3f')} ({_f(exp['latency_onnxruntime_iqr_ms'], '.3f')})"
         print(
-            f"| {row.number} | {row.method} | {wall:.1f} | {rec['accuracy']:.4f} | {exp['accuracy']:.4f} | "
-            f"{exp['accuracy_onnx'] if exp['accuracy_onnx'] is None else format(exp['accuracy_onnx'], '.4f')} | "
-            f"{onnx.get('max_abs_diff_vs_torch', float('nan')):.2e} | {rec['latency_ms']:.3f} | "
-            f"{exp['latency_ms']:.3f} ({exp['latency_iqr_ms']:.3f}) | {exp['latency_onnxruntime_ms']:.3f} ({exp['latency_onnxruntime_iqr_ms']:.3f}) |"
+            f"| {row.number} | {row.method} | {wall:.1f} | {_f(rec['accuracy'], '.4f')} | {_f(exp['accuracy'], '.4f')} | "
+            f"{_f(exp['accuracy_onnx'], '.4f')} | {_f(onnx.get('max_abs_diff_vs_torch'), '.2e')} | {_f(rec['latency_ms'], '.3f')} | "
+            f"{_f(exp['latency_ms'], '.3f')} ({_f(exp['latency_iqr_ms'], '.3f')}) | {ort_ms} |"
+            + ("" if onnx["status"] == "ok" else f" ONNX {onnx['status']}: {onnx.get('reason', '')[:120]} |")
         )
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _per_method(rows):
+    chosen = {}
+    for method in sorted({m for r in rows for m in r.method.split("+")}):
+        holding = [r for r in rows if method in r.method.split("+")]
+        shortest = min(len(r.method.split("+")) for r in holding)
+        chosen[method] = max((r for r in holding if len(r.method.split("+")) == shortest), key=lambda r: r.metrics.get("accuracy") or 0.0)
+    return sorted({r.number: r for r in chosen.values()}.values(), key=lambda r: r.number)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,9 @@ def _checkpoint_trial(cfg, model, name: str):
 
 
 def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small_study, tmp_path):
-    """A torch.ao int8 model: the TorchScript export is verified; ONNX is either within 1e-4 or not
-    shipped with the measured difference in the card (never shipped unverified)."""
+    """A torch.ao (static, FX) int8 model: the TorchScript export is verified; ONNX ships only when
+    ONNX Runtime's integer kernels give the same accuracy and the same prediction on >= 99 % of the
+    test samples, else it is not shipped and the card says why (never shipped unverified)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -268,8 +269,11 @@ def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "int8 TorchScript accuracy must be re-verified"
     assert (out / "weights.pt").is_file() or (out / "weights.safetensors").is_file(), f"no weights file in {sorted(p.name for p in out.iterdir())}"
     onnx = card["onnx"]
+    assert onnx["quantized"], f"the int8 model must be recognised as quantised: {onnx}"
     if onnx["status"] == "ok":
-        assert (out / "model.onnx").is_file() and onnx["max_abs_diff_vs_torch"] <= 1e-4, f"ONNX marked ok but {onnx}"
+        n = len(data.y_test)
+        assert (out / "model.onnx").is_file(), "ONNX marked ok but not shipped"
+        assert onnx["predictions_equal"] >= 0.99 * n and onnx["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), f"ONNX marked ok but {onnx}"
     else:
         assert not (out / "model.onnx").exists(), "an ONNX file that failed verification must not be shipped"
         assert onnx["reason"] and card["files"]["onnx"] is None, f"the card must say why ONNX is absent: {onnx}"
