@@ -17,12 +17,14 @@ exporter cannot take a ``ScriptModule``). Two things make that work across the f
   x86 kernel uses ``reduce_range``), ``QuantizeLinear`` to uint8, ``MatMulInteger`` with the int8
   weight, then ``x_scale * w_scale`` and the float bias. Static int8 (``quantized::conv*``,
   ``quantized::linear``) uses PyTorch's own symbolics (QuantizeLinear/DequantizeLinear around
-  float ops, which ONNX Runtime fuses into QLinear kernels). Quantised models are exported
+  float ops, which ONNX Runtime may fuse into QLinear kernels). Quantised models are exported
   unfrozen: freezing cannot hold their packed-weight objects.
 
-int8 models do not match PyTorch to 1e-4: ONNX Runtime's integer kernels and fbgemm round the
-activations and requantise differently, by up to about one quantisation step of a layer's output.
-:func:`compare` says how the check treats that.
+Static int8 models do not match PyTorch to 1e-4: PyTorch's symbolics (int32-quantised bias,
+QuantizeLinear/DequantizeLinear around float ops) and fbgemm's requantisation round differently, by
+up to about one quantisation step of a layer's output, whether or not ONNX Runtime fuses them
+(``benchmarks/int8_onnx_rounding.py``). Dynamic int8 matches to float rounding. :func:`compare` says
+how the check treats int8.
 """
 
 from __future__ import annotations
