@@ -198,17 +198,21 @@ def _scaled_resnet(name: str, num_classes: int, width: float, depth: float) -> n
     return net
 
 
+def _check_scalable(name: str) -> None:
+    if name not in _RESNETS and name != "mobilenet_v2":
+        raise NotImplementedError(f"torchvision model {name!r} does not declare how it scales here (resnet18/34/50 and mobilenet_v2 do)")
+
+
 def _torchvision_net(name: str, num_classes: int, width: float, depth: float) -> nn.Module:
     import torchvision
 
     if (width, depth) == (1.0, 1.0):
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    _check_scalable(name)
     if name in _RESNETS:
         return _scaled_resnet(name, num_classes, width, depth)
-    if name == "mobilenet_v2":
-        setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
-        return torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting)
-    raise NotImplementedError(f"torchvision model {name!r} does not declare how it scales here (resnet18/34/50 and mobilenet_v2 do)")
+    setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
+    return torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting)
 
 
 class TorchvisionNet(StagedNet):
@@ -246,8 +250,7 @@ class TorchvisionNet(StagedNet):
 
     def scaled(self, *, width: float, depth: float) -> TorchvisionNet:
         c = self.config
-        if c["arch"] not in _RESNETS and c["arch"] != "mobilenet_v2":
-            raise NotImplementedError(f"torchvision model {c['arch']!r} does not declare how it scales here (resnet18/34/50 and mobilenet_v2 do)")
+        _check_scalable(c["arch"])
         return TorchvisionNet(arch=c["arch"], num_classes=c["num_classes"], in_channels=c["in_channels"], width=c["width"] * width, depth=c["depth"] * depth)
 
 
