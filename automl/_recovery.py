@@ -11,7 +11,11 @@ What happens to a trial left RUNNING by a launcher that was killed (SIGKILL, pow
 1. It is *stale* when its launcher is known dead (same host, process gone) or its heartbeat (user
    attr ``heartbeat``, refreshed every :data:`HEARTBEAT_S` seconds by the launcher that owns it) is
    older than :data:`GRACE_S`. A RUNNING trial of a live launcher on the same PostgreSQL study is never
-   touched.
+   touched. A launcher killed between Optuna's ``ask`` and writing its ``launcher`` attr leaves a
+   trial with no owner: every launcher registers itself on the study first (study user attr
+   ``launcher.<id>``, :func:`register_launcher`), so such a trial is stale at once when it is older
+   than this launcher and every other registered launcher is on this host and dead; otherwise it
+   waits out :data:`GRACE_S` from its start.
 2. It is closed as FAIL with ``fail_reason`` "interrupted ..." and ``interrupted = True``; the
    storage's compare-and-set (``set_trial_state_values`` returns False / raises for a trial another
    process already finished) makes exactly one launcher win.
@@ -50,6 +54,7 @@ __all__ = [
     "close_interrupted",
     "finished_count",
     "guarded",
+    "register_launcher",
     "remove_orphan_checkpoints",
 ]
 
@@ -61,6 +66,27 @@ GRACE_S = 60.0
 
 #: Who owns the trials this process starts: recorded on each trial (user attr ``launcher``).
 LAUNCHER: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex}
+#: Study user attrs naming the launchers that ever ran on the study: ``launcher.<id>`` -> LAUNCHER + start.
+REGISTRY_PREFIX = "launcher."
+#: When this process started launching (set by :func:`register_launcher`); trials it asks for are newer.
+_STARTED: list[float] = []
+
+
+def register_launcher(study: optuna.Study) -> None:
+    """Record this launcher on the study before it asks for any trial (see the module docstring)."""
+    if not _STARTED:
+        _STARTED.append(_now())
+    study.set_user_attr(f"{REGISTRY_PREFIX}{LAUNCHER['id']}", {**LAUNCHER, "started": _STARTED[0]})
+
+
+def _others_all_dead(study_attrs: dict[str, Any], me: dict[str, Any]) -> bool:
+    """Every launcher registered on the study other than ``me`` ran on this host and is gone."""
+    for key, owner in study_attrs.items():
+        if not key.startswith(REGISTRY_PREFIX) or not isinstance(owner, dict) or owner.get("id") == me["id"]:
+            continue
+        if owner.get("host") != me["host"] or not isinstance(owner.get("pid"), int) or _pid_alive(owner["pid"]):
+            return False
+    return True
 
 
 def _now() -> float:
@@ -82,10 +108,24 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def is_stale(trial: optuna.trial.FrozenTrial, *, now: float | None = None, me: dict[str, Any] = LAUNCHER) -> bool:
-    """Whether a RUNNING trial's launcher is gone (see the module docstring)."""
+def is_stale(
+    trial: optuna.trial.FrozenTrial,
+    *,
+    now: float | None = None,
+    me: dict[str, Any] = LAUNCHER,
+    study_attrs: dict[str, Any] | None = None,
+) -> bool:
+    """Whether a RUNNING trial's launcher is gone (see the module docstring).
+
+    Args:
+        study_attrs: the study's user attrs (the launcher registry), to judge a trial with no owner.
+    """
     now = _now() if now is None else now
     owner = trial.user_attrs.get("launcher") or {}
+    start = trial.datetime_start.timestamp() if trial.datetime_start is not None else 0.0
+    if not owner and study_attrs is not None and _STARTED and start < _STARTED[0] and _others_all_dead(study_attrs, me):
+        # Asked for before this launcher started, by a launcher that is now dead on this host.
+        return True
     if owner.get("id") == me["id"]:
         return False
     if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and owner["pid"] != me["pid"]:
@@ -96,7 +136,6 @@ def is_stale(trial: optuna.trial.FrozenTrial, *, now: float | None = None, me: d
     if beat is None:
         # Killed between ``ask`` and the first heartbeat (a few milliseconds): judge by start time.
         # Optuna stores naive local datetimes (datetime.now()): .timestamp() reads them as local.
-        start = trial.datetime_start.timestamp() if trial.datetime_start is not None else 0.0
         return now - start > GRACE_S
     return now - float(beat) > GRACE_S
 
@@ -109,8 +148,9 @@ def close_interrupted(study: optuna.Study, *, log: Callable[[str], None] = print
     """
     storage = study._storage
     closed: list[int] = []
+    attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
+        if not is_stale(t, study_attrs=attrs):
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)

@@ -34,7 +34,7 @@ from automl._data import Splits, load_dataset
 from automl._latency import gated_batches
 from automl._measure import Metrics, measure
 from automl._models import StagedNet, build_model
-from automl._recovery import LAUNCHER, Heartbeat, close_interrupted, finished_count, guarded, remove_orphan_checkpoints
+from automl._recovery import LAUNCHER, Heartbeat, close_interrupted, finished_count, guarded, register_launcher, remove_orphan_checkpoints
 from automl._trial import TrialSettings, run_trial, save_checkpoint
 from automl._train import TrainOptions, fit
 
@@ -539,6 +539,7 @@ def run_search(
     study_dir, payload, space = prepare_study(cfg, log=log)
     storage = open_storage(cfg.storage_url)
     study = optuna.load_study(study_name=cfg.name, storage=storage)
+    register_launcher(study)
     close_interrupted(study, log=log)
     removed = remove_orphan_checkpoints(study, study_dir)
     if removed:

@@ -73,6 +73,29 @@ def test_trial_of_dead_launcher_is_closed_and_requeued_once(tmp_path):
     assert nxt.suggest_float("x", 0, 1) == t_dead.params["x"], "ask did not pop the re-queued parameters"
 
 
+def test_trial_without_owner_of_a_dead_launcher_is_closed_at_once(tmp_path, monkeypatch):
+    """A launcher SIGKILLed between Optuna's ask and writing its owner attr leaves an owner-less
+    RUNNING trial. The next launcher closes it at once when every other launcher registered on the
+    study ran on this host and is dead, and leaves it alone while another registered launcher lives."""
+    study = _study(tmp_path)
+    study.set_user_attr("launcher.gone", {"host": _recovery.LAUNCHER["host"], "pid": _dead_pid(), "id": "gone"})
+    orphan = study.ask()
+    orphan.suggest_float("x", 0, 1)
+    time.sleep(0.05)
+    monkeypatch.setattr(_recovery, "_STARTED", [])
+    _recovery.register_launcher(study)
+    assert f"launcher.{_recovery.LAUNCHER['id']}" in study.user_attrs, "register_launcher must record this launcher on the study"
+
+    study.set_user_attr("launcher.alive", {"host": _recovery.LAUNCHER["host"], "pid": os.getppid(), "id": "alive"})
+    assert close_interrupted(study, log=lambda m: None) == [], "another live launcher may still own it: wait for the grace period"
+    study.set_user_attr("launcher.alive", {"host": _recovery.LAUNCHER["host"], "pid": _dead_pid(), "id": "alive"})
+    assert close_interrupted(study, log=lambda m: None) == [orphan.number], "every other launcher is dead: close it now"
+    # A trial this launcher asks for itself, before its owner attr is written, is never taken for an orphan.
+    mine = study.ask()
+    mine.suggest_float("x", 0, 1)
+    assert close_interrupted(study, log=lambda m: None) == [], "this launcher's own fresh trial must be left alone"
+
+
 def test_stale_heartbeat_on_another_host(tmp_path):
     study = _study(tmp_path)
     t = study.ask()
@@ -281,7 +304,8 @@ def test_sigkill_launcher_five_times_then_finish(tmp_path):
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete = by_state[TrialState.COMPLETE]
     genuine_fail = [t for t in by_state[TrialState.FAIL] if not t.user_attrs.get("interrupted")]
-    assert not by_state[TrialState.RUNNING], f"trials left RUNNING: {[t.number for t in by_state[TrialState.RUNNING]]}"
+    left = [(t.number, t.datetime_start, dict(t.user_attrs)) for t in by_state[TrialState.RUNNING]]
+    assert not left, f"trials left RUNNING: {left}; launchers {study.user_attrs}; log tail:\n{text[-3000:]}"
     assert not by_state[TrialState.WAITING], f"re-queued trials never run: {[t.number for t in by_state[TrialState.WAITING]]}"
     assert not genuine_fail, f"unexpected failures: {[(t.number, t.user_attrs.get('fail_reason')) for t in genuine_fail]}"
     assert len(complete) == budget, f"expected exactly {budget} COMPLETE trials, got {len(complete)}"
