@@ -22,8 +22,8 @@ Checks (any failing one aborts the export):
 3. ONNX Runtime's outputs equal PyTorch's within ``1e-4`` (max absolute difference of the logits on
    the whole test split); for int8 models, whose integer kernels round differently in the two
    runtimes, the same test accuracy and the same prediction on >= 99 % of the samples instead (the
-   card records the logit difference). An ONNX file that fails (or that cannot be made) is not shipped, and ``card.json``
-   says why under ``onnx`` (the TorchScript export still succeeds);
+   card records the logit difference). An ONNX file that fails (or that cannot be made) is not
+   shipped, and ``card.json`` says why under ``onnx`` (the TorchScript export still succeeds);
 4. the weights file reloads (weights-only) to tensors equal to the exported model's state dict.
 
 Latency is then re-measured on the exported files in a fresh Python process that does nothing else
@@ -50,6 +50,7 @@ import torch
 from automl import _onnx as onnx_export
 from automl._pareto import FrontRow, StudyView
 
+__all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_study_data", "load_trial_checkpoint"]
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
@@ -58,9 +59,6 @@ def _jit_load(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path), map_location="cpu")
-
-__all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_study_data", "load_trial_checkpoint"]
-
 
 
 class ExportError(RuntimeError):
@@ -151,7 +149,8 @@ def _check_onnx(exported: torch.jit.ScriptModule, path: Path, data: Any, n_test:
 
     An ONNX file that fails :func:`automl._onnx.compare` is rejected rather than shipped: it would
     be a different model from the one the card describes. Float models must match to 1e-4; int8
-    ones (integer kernels round differently) must reach the same accuracy with (almost) the same predictions.
+    ones (integer kernels round differently) must reach the same accuracy with (almost) the same
+    predictions.
     """
     try:
         sess = _onnx_session(path)
