@@ -59,8 +59,7 @@ def _packed_linears(model: torch.jit.ScriptModule) -> dict[str, tuple[torch.Tens
     int8 Linear; the name is the attribute path the exporter gives the packed weights."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     for name, m in model.named_modules():
-        holder = getattr(m, "_packed_params", None) if hasattr(m, "_packed_params") else None
-        packed = getattr(holder, "_packed_params", None) if holder is not None and hasattr(holder, "_packed_params") else None
+        packed = getattr(getattr(m, "_packed_params", None), "_packed_params", None)
         if not isinstance(packed, torch.ScriptObject) or "Linear" not in str(packed._type()):
             continue
         weight, bias = torch.ops.quantized.linear_unpack(packed)

@@ -31,6 +31,29 @@ def make_base(name: str, shape: tuple[int, ...], num_classes: int = 10) -> torch
     return build_model(name, input_shape=shape, num_classes=num_classes).eval()
 
 
+def sample_params(method, seed: int) -> tuple[dict, dict]:
+    """(method params, raw Optuna params) of one random draw from ``method.space``."""
+    import optuna
+
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    return method.space(trial), trial.params
+
+
+def random_context(shape, base, seed: int = 0):
+    """An ApplyContext with 64 seeded random samples of ``shape`` as two calibration batches."""
+    from searchspace import ApplyContext
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, *shape, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    return ApplyContext(
+        example_input=x[:1],
+        calibration=lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]),
+        fit=lambda module, **kw: module,
+        base=base,
+    )
+
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 

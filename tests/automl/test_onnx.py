@@ -4,7 +4,6 @@ ONNX Runtime reproduces PyTorch at batch 1 and on a batch (the two paths an earl
 from __future__ import annotations
 
 import numpy as np
-import optuna
 import pytest
 import torch
 
@@ -12,19 +11,9 @@ import searchspace
 from automl._export import _jit_load
 from automl._onnx import ATOL, THRESHOLD_BUFFERS, is_quantized, to_onnx
 from automl._trial import _to_torchscript
-from searchspace import ApplyContext
-from tests.conftest import BASE_MODELS, make_base
+from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
 SMALL = [b for b in BASE_MODELS if b[0] in ("digits_cnn", "mnist1d_cnn")]
-
-
-def _calibrated(method, base, shape, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, *shape, generator=gen)
-    y = torch.randint(0, 10, (64,), generator=gen)
-    ctx = ApplyContext(example_input=x[:1], calibration=lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), fit=lambda m, **kw: m, base=base)
-    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
-    return method.apply(base, method.space(trial), context=ctx).eval(), x
 
 
 @pytest.mark.parametrize("model_name,shape", SMALL, ids=[m for m, _ in SMALL])
@@ -37,7 +26,9 @@ def test_every_method_exports_to_onnx_matching_torchscript(name, model_name, sha
     base = make_base(model_name, shape)
     if method.supports(base) is not None:
         pytest.skip(f"{name} does not apply to {model_name}")
-    model, x = _calibrated(method, base, shape, seed=5)
+    ctx = random_context(shape, base, seed=5)
+    model = method.apply(base, sample_params(method, seed=5)[0], context=ctx).eval()
+    x = torch.cat([batch for batch, _ in ctx.calibration()])
     thresholds = getattr(model, "thresholds", None)
     if isinstance(thresholds, torch.Tensor) and thresholds.numel() > 1:
         # Send about half of a batch out at the first exit, so the batch path routes samples apart.

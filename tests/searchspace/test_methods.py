@@ -10,34 +10,16 @@ import pytest
 import torch
 
 import searchspace
-from searchspace import ApplyContext, SearchSpace, Stage
-from tests.conftest import BASE_MODELS, make_base
+from searchspace import SearchSpace, Stage
+from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
 METHODS = searchspace.list_methods()
-
-
-def _sample_params(method: searchspace.CompressionMethod, seed: int) -> dict:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    trial = study.ask()
-    return method.space(trial), trial.params
-
-
-def _context(shape, base) -> ApplyContext:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, *shape, generator=gen)
-    y = torch.randint(0, 10, (64,), generator=gen)
-    return ApplyContext(
-        example_input=x[:1],
-        calibration=lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]),
-        fit=lambda module, **kw: module,
-        base=base,
-    )
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_space_replays_on_fixed_trial(name):
     method = searchspace.get_method(name)()
-    params, raw = _sample_params(method, seed=1)
+    params, raw = sample_params(method, seed=1)
     replay = method.space(optuna.trial.FixedTrial(raw))
     assert replay == params, f"{name}: FixedTrial replay {replay} != sampled {params}"
     assert all(k.startswith(f"{name}.") for k in raw), f"{name}: parameter names must be prefixed: {sorted(raw)}"
@@ -52,8 +34,8 @@ def test_method_on_base_model(name, model_name, shape):
     if reason is not None:
         pytest.skip(f"{name} does not apply to {model_name}: {reason}")
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    params, _ = _sample_params(method, seed=3)
-    ctx = _context(shape, base)
+    params, _ = sample_params(method, seed=3)
+    ctx = random_context(shape, base)
     out = method.apply(base, params, context=ctx)
     assert out is not base, f"{name}: apply must return a new module"
     for k, v in base.state_dict().items():
