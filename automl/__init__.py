@@ -4,7 +4,8 @@ from automl._config import ConfigError, StudyConfig, load_config, parse_config
 from automl._data import DATASETS, Splits, load_dataset
 from automl._measure import LatencySettings, Metrics, measure
 from automl._models import StagedNet, build_model, list_models
-from automl._study import StudyError, run_search
+from automl._search import run_search
+from automl._study import StudyError
 from automl._trial import TrialOutcome, TrialSettings, run_trial
 
 __all__ = [

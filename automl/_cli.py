@@ -48,7 +48,8 @@ def _resolve_study(study: str, runs: Path) -> StudyConfig:
 
 
 def _launch(cfg: StudyConfig, trials: int | None) -> None:
-    from automl._study import StudyError, run_search
+    from automl._search import run_search
+    from automl._study import StudyError
 
     created = not cfg.study_dir.exists()
     started = False
@@ -325,12 +326,12 @@ def export_cmd(
     dest = out or study_dir / "exports" / f"trial_{row.number:05d}"
 
     def load_data():
-        from automl._export import load_study_data
+        from automl._data import load_study_dataset
 
-        return load_study_data(cfg)
+        return load_study_dataset(cfg.dataset, download=False)  # export never downloads
 
     try:
-        card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency, force=force, log=_log)
+        card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency.settings(), force=force, log=_log)
     except ExportError as exc:
         fail(str(exc), code=exc.code)
     exp = card["metrics"]["exported"]

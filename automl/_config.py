@@ -17,12 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import searchspace
 from automl._data import DATASETS
+from automl._latency import LatencySettings
+from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
 from automl._models import list_models
 
 __all__ = ["ConfigError", "StudyConfig", "load_config"]
-
-METRICS = ("accuracy", "size_bytes", "params", "latency_ms", "macs")
-_DEFAULT_DIRECTION = {"accuracy": "maximize", "size_bytes": "minimize", "params": "minimize", "latency_ms": "minimize", "macs": "minimize"}
 
 
 class ConfigError(ValueError):
@@ -82,12 +81,12 @@ class BaseModelConfig(_Frozen):
 
 
 class Objective(_Frozen):
-    metric: Literal["accuracy", "size_bytes", "params", "latency_ms", "macs"]
+    metric: ObjectiveName
     direction: Literal["maximize", "minimize"] | None = None
 
     @property
     def resolved_direction(self) -> str:
-        return self.direction or _DEFAULT_DIRECTION[self.metric]
+        return self.direction or DEFAULT_DIRECTION[self.metric]
 
 
 class BudgetConfig(_Frozen):
@@ -125,6 +124,9 @@ class ResourcesConfig(_Frozen):
 
 
 class LatencyConfig(_Frozen):
+    #: Whose artifact is timed: the ONNX file export ships (onnxruntime), model.ts, or the module.
+    runtime: Runtime = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(default=1, ge=1, le=4096)
     threads: int = Field(default=1, ge=1, le=256)
     warmup: int = Field(default=10, ge=0, le=100_000)
@@ -134,8 +136,15 @@ class LatencyConfig(_Frozen):
     #: A measurement whose IQR/median is above this is repeated (up to max_attempts times).
     max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
     max_attempts: int = Field(default=3, ge=1, le=100)
-    #: Re-measure the Pareto front's models alone at the end of the study.
-    remeasure_front: bool = True
+    #: Dynamic models (early exits): at most this many test samples are timed one by one.
+    max_samples: int = Field(default=1000, ge=1, le=1_000_000)
+    #: At the end of a search, time the front's artifacts again with nothing else running and
+    #: record how far each moved from its trial value (study attr ``latency_drift``); never replaces it.
+    drift_check: bool = True
+
+    def settings(self) -> LatencySettings:
+        """The timing settings (:class:`automl._latency.LatencySettings`) this section describes."""
+        return LatencySettings.from_mapping(self.model_dump())
 
 
 class StudyConfig(_Frozen):
@@ -226,7 +235,7 @@ class StudyConfig(_Frozen):
     def _objectives(cls, v: tuple[Objective, ...]) -> tuple[Objective, ...]:
         names = [o.metric for o in v]
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"objectives must be a non-empty list of distinct metrics from {list(METRICS)}, got {names}")
+            raise ValueError(f"objectives must be a non-empty list of distinct metrics from {list(OBJECTIVE_METRICS)}, got {names}")
         return v
 
     @field_validator("storage")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "Splits", "load_dataset"]
+__all__ = ["DATASETS", "Splits", "load_dataset", "load_study_dataset"]
 
 
 @dataclass(frozen=True)
@@ -165,4 +165,22 @@ def load_dataset(
         x_test=t(np.ascontiguousarray(x_test)),
         y_test=t(np.ascontiguousarray(y_test)),
         num_classes=int(classes),
+    )
+
+
+def load_study_dataset(dataset: Any, *, download: bool | None = None) -> Splits:
+    """The splits a study config's ``dataset`` section describes: the one place launch and export
+    build them, so both see the same samples in the same order.
+
+    Args:
+        download: overrides ``dataset.download`` (export passes False: the data must already be there).
+    """
+    return load_dataset(
+        dataset.name,
+        root=dataset.root,
+        download=dataset.download if download is None else download,
+        image_size=dataset.image_size,
+        val_fraction=dataset.val_fraction,
+        seed=dataset.seed,
+        max_train_samples=dataset.max_train_samples,
     )

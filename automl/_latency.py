@@ -1,6 +1,20 @@
-"""Latency that means something on a machine where other trials train at the same time.
+"""Timing: the settings, the one clock every latency goes through, and node-local isolation.
 
-Three measures, all on top of :func:`automl._measure.measure_latency` (``torch.utils.benchmark``):
+This module is a leaf (it imports nothing of the project): :mod:`automl._artifact` builds what is
+timed, :mod:`automl._measure` decides what to time and calls :func:`time_blocks` /
+:func:`time_per_sample` through :func:`stable_latency`.
+
+Definitions (the README repeats them, nothing else does):
+
+- **block timing** (static models): ``warmup`` untimed calls, then ``repeats`` timed blocks, each of
+  ``number`` back-to-back calls chosen so that one block lasts about 2 ms (timer resolution stops
+  mattering); the latency is the median of the per-call block means, ``latency_iqr_ms`` their IQR.
+- **per-sample timing** (dynamic models, e.g. early exits): every sample is run alone (batch 1,
+  real early termination) once per pass, ``repeats`` passes; each sample's time is its median over
+  the passes and the latency is the mean over samples; the IQR is that of the per-pass means.
+- On CUDA the device is synchronised before the clock is read, so a block's time is the GPU's.
+
+Isolation, so a number means something on a node where other trials train at the same time:
 
 1. **One measurement at a time per node, and no training meanwhile**: :func:`latency_lock` takes an
    exclusive ``fcntl`` lock on a node-local file; every training step of every trial on the node
@@ -12,31 +26,59 @@ Three measures, all on top of :func:`automl._measure.measure_latency` (``torch.u
    cost a system call, not a round trip through Ray, per step.
 2. **Repeat when the spread is too wide**: :func:`stable_latency` re-measures while
    IQR/median > ``latency.max_spread`` (up to ``latency.max_attempts``) and keeps the tightest one.
-   Threads are pinned by ``latency.threads`` (``Timer(num_threads=...)``).
-3. **Re-measure the front alone**: :func:`remeasure_front` times every Pareto-front model again once
-   the search is over (nothing else running on the launcher's node) from its saved TorchScript
-   checkpoint, and stores both numbers: the in-trial value stays the trial's objective value, the
-   isolated one goes to the study user attrs ``latency_ms_isolated`` / ``latency_iqr_ms_isolated``
-   (``{trial number: ms}``; Optuna forbids changing a finished trial, the study's attrs are the place).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
-import warnings
 import os
+import statistics
 import tempfile
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-import optuna
 import torch
 
-from automl._measure import LatencySettings, measure_latency
+__all__ = [
+    "LatencySettings",
+    "gated_batches",
+    "latency_lock",
+    "lock_path",
+    "stable_latency",
+    "time_blocks",
+    "time_per_sample",
+    "torch_threads",
+]
 
-__all__ = ["gated_batches", "latency_lock", "lock_path", "remeasure_front", "stable_latency"]
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is measured (the study config's ``latency`` section, see the README)."""
+
+    #: The runtime whose artifact is timed: ``onnxruntime`` (what export ships), ``torchscript``, ``eager``.
+    runtime: str = "onnxruntime"
+    #: ``cpu`` or ``cuda``.
+    device: str = "cpu"
+    batch_size: int = 1
+    threads: int = 1
+    warmup: int = 10
+    repeats: int = 30
+    #: Dynamic models: at most this many test samples are timed one by one (the first ones).
+    max_samples: int = 1000
+    #: Hold the node-local latency lock while timing (one measurement at a time per node).
+    isolate: bool = True
+    #: Repeat a measurement whose IQR/median exceeds this, up to ``max_attempts`` times.
+    max_spread: float = 0.1
+    max_attempts: int = 3
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:
+        """The settings named in ``values`` (e.g. a config section's dump); other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def lock_path() -> Path:
@@ -92,8 +134,8 @@ def _step_leave() -> None:
 
 
 class gated_batches:
-    """A view of a :class:`~automl._data.Splits` whose training batches hold the node's latency lock
-    shared from the moment a batch is handed out until the next one is asked for (one training step).
+    """A view of a dataset's splits whose training batches hold the node's latency lock shared from
+    the moment a batch is handed out until the next one is asked for (one training step).
 
     Only the ``train`` split is gated; evaluation and calibration passes are short and untimed.
     """
@@ -123,8 +165,71 @@ class gated_batches:
                 _step_leave()
 
 
-def stable_latency(model: torch.nn.Module, example: torch.Tensor, settings: LatencySettings) -> tuple[float, float, int]:
-    """Median and IQR (ms) under the node lock, repeated while the spread is too wide.
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` for the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _median_iqr(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], 0.0
+    q = statistics.quantiles(values, n=4)
+    return statistics.median(values), q[2] - q[0]
+
+
+def time_blocks(run: Callable[[], Any], settings: LatencySettings, *, sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """Median and IQR (ms) of one call of ``run`` (block timing, see the module docstring)."""
+    sync = sync or (lambda: None)
+    clock = time.perf_counter
+
+    def block(number: int) -> float:
+        sync()
+        start = clock()
+        for _ in range(number):
+            run()
+        sync()
+        return (clock() - start) / number
+
+    for _ in range(settings.warmup):
+        run()
+    once = block(1)
+    number = max(1, min(1000, int(0.002 / max(once, 1e-7))))
+    return _median_iqr([block(number) * 1e3 for _ in range(settings.repeats)])
+
+
+def time_per_sample(runs: list[Callable[[], Any]], settings: LatencySettings, *, sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """Mean per-sample latency (ms) and the IQR of the per-pass means (per-sample timing).
+
+    ``runs[i]`` runs the model on sample ``i`` alone. A pass over many samples is long enough to be
+    preempted on a shared machine; a per-sample median, like the block median of
+    :func:`time_blocks`, discards those interruptions instead of averaging them in.
+    """
+    if not runs:
+        raise ValueError("per-sample timing needs at least one input sample, got none")
+    sync = sync or (lambda: None)
+    clock = time.perf_counter
+    for run in runs[: settings.warmup]:
+        run()
+    times = torch.empty(settings.repeats, len(runs), dtype=torch.float64)
+    for r in range(settings.repeats):
+        for i, run in enumerate(runs):
+            sync()
+            start = clock()
+            run()
+            sync()
+            times[r, i] = clock() - start
+    per_pass = (times.mean(dim=1) * 1e3).tolist()
+    return float(times.median(dim=0).values.mean()) * 1e3, _median_iqr(per_pass)[1]
+
+
+def stable_latency(once: Callable[[], tuple[float, float]], settings: LatencySettings) -> tuple[float, float, int]:
+    """Run the measurement ``once`` under the node lock, again while its spread is too wide.
 
     Returns:
         ``(median_ms, iqr_ms, attempts)``; the attempt with the smallest IQR/median is kept.
@@ -134,65 +239,10 @@ def stable_latency(model: torch.nn.Module, example: torch.Tensor, settings: Late
     with latency_lock(settings.isolate):
         while attempts < max(1, settings.max_attempts):
             attempts += 1
-            median, iqr = measure_latency(model, example, settings)
+            median, iqr = once()
             if best is None or iqr / max(median, 1e-12) < best[1] / max(best[0], 1e-12):
                 best = (median, iqr)
             if iqr / max(median, 1e-12) <= settings.max_spread:
                 break
+    assert best is not None
     return best[0], best[1], attempts
-
-
-def remeasure_front(
-    study: optuna.Study,
-    study_dir: Path,
-    settings: LatencySettings,
-    *,
-    base: torch.nn.Module | None = None,
-    example: torch.Tensor | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[int, float]:
-    """Time each front trial's saved TorchScript model again, alone; store and return ``{number: ms}``.
-
-    The base model is timed the same way (as TorchScript, study attr ``base_latency_ms_isolated``),
-    so speed-ups computed from re-measured values compare like with like.
-    """
-    from automl._trial import load_checkpoint
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        return {}
-    medians = dict(study.user_attrs.get("latency_ms_isolated") or {})
-    iqrs = dict(study.user_attrs.get("latency_iqr_ms_isolated") or {})
-    out: dict[int, float] = {}
-    elsewhere = []
-    for t in study.best_trials:
-        folder = study_dir / str(t.user_attrs.get("checkpoint") or f"checkpoints/trial_{t.number:05d}")
-        if not folder.is_dir():
-            elsewhere.append(t.number)  # run by another launcher sharing the study: it re-measures
-            continue
-        try:
-            # The saved TorchScript model: what export ships, and loadable without unpickling code
-            # (the eager module of an arbitrary method would need unrestricted pickle).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model, record = load_checkpoint(folder)
-        except (OSError, ValueError, RuntimeError) as exc:
-            log(f"re-measure: trial {t.number} skipped: {type(exc).__name__}: {exc}")
-            continue
-        example = torch.zeros(1, *record["input_shape"])
-        median, iqr, _ = stable_latency(model, example, settings)
-        medians[str(t.number)] = median
-        iqrs[str(t.number)] = iqr
-        out[t.number] = median
-    if out and base is not None and example is not None:
-        from automl._trial import _to_torchscript
-
-        scripted = _to_torchscript(base.eval(), example)
-        study.set_user_attr("base_latency_ms_isolated", stable_latency(scripted, example, settings)[0])
-    study.set_user_attr("latency_ms_isolated", medians)
-    study.set_user_attr("latency_iqr_ms_isolated", iqrs)
-    if elsewhere:
-        log(f"re-measure: front trials {elsewhere} were run by another launcher (their checkpoints are in its study folder)")
-    if out:
-        log("re-measured front latency alone (ms): " + ", ".join(f"trial {n}: {v:.3f}" for n, v in sorted(out.items())))
-    return out

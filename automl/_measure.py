@@ -1,87 +1,63 @@
-"""Every number the study reports, defined once and used by trials, reports and export alike.
+"""Every number the study reports, defined once and used by trials, the base, export and benchmarks.
 
-- ``accuracy``: top-1 accuracy on the test split, in [0, 1].
-- ``params``: number of parameters (``sum(p.numel())``; quantised weights count once each).
-- ``size_bytes``: bytes of the model's ``state_dict`` saved with ``torch.save`` (what export writes;
-  int8 weights take one byte each).
+- ``accuracy``: top-1 accuracy of the deployed artifact (see :mod:`automl._artifact`) on the test
+  split, in [0, 1].
+- ``params``: parameters the model stores: every float parameter tensor's elements, plus the
+  elements of packed int8 weights (quantised layers), each counted once. A layer that computes its
+  kernel from a smaller stored tensor (WSNet) counts the stored tensor, not the kernel.
+- ``size_bytes``: bytes of the deployed artifact for ``latency.runtime`` (``model.onnx`` for
+  ``onnxruntime``, ``model.ts`` for ``torchscript``, the saved state dict for ``eager``);
+  ``state_dict_bytes`` (the saved state dict) is recorded beside it for every runtime.
 - ``macs``: multiply-accumulates of one batch-1 forward pass, counted by torchprofile on the traced
-  graph, so custom layers built from standard ops are counted by what they actually run.
-- ``latency_ms``: median wall time of one forward pass at ``latency.batch_size`` with
-  ``latency.threads`` threads, after ``latency.warmup`` untimed passes, over ``latency.repeats``
-  timed blocks (``torch.utils.benchmark``); ``latency_iqr_ms`` is the interquartile range of those
-  blocks, the spread that tells whether the median can be trusted.
+  graph of the float model, so custom layers built from standard ops count what they run;
+  post-training stages (int8) keep the count of the float graph they quantise.
+- ``latency_ms``: the artifact timed on real test inputs by :func:`time_artifact`: block timing of
+  the first ``latency.batch_size`` test samples (static models), per-sample timing over the first
+  ``latency.max_samples`` test samples (dynamic models); see :mod:`automl._latency` for the clock.
+  ``latency_iqr_ms`` is the spread that says whether the median can be trusted.
 
-Dynamic models (early exits), recognised by the :class:`DynamicInference` protocol, do different work
-per input, so for them:
+Dynamic models (early exits, :class:`~automl._artifact.DynamicInference`) do different work per
+input, so for them ``macs`` is the expected count, sum over exits of (fraction of test samples
+leaving there) x (MACs of everything a sample leaving there runs), and ``exit_fractions``,
+``exit_accuracy``, ``exit_macs`` give per exit the fraction of test samples that leave there, their
+accuracy, and the MACs up to and including that exit (None for static models).
 
-- ``latency_ms``: mean per-sample latency over the whole test split, fed one sample at a time (batch 1,
-  real early termination); each sample's time is its median over ``latency.repeats`` passes
-  (:func:`measure_sample_latency`), ``latency_iqr_ms`` the IQR of the per-pass means;
-- ``macs``: expected MACs, sum over exits of (fraction of test samples leaving there) x (MACs of
-  everything a sample leaving there runs);
-- ``exit_fractions``, ``exit_accuracy``, ``exit_macs``: per exit, the fraction of test samples that
-  leave there, their accuracy, and the MACs up to and including that exit (None for static models).
+``python -m automl._measure latency FOLDER --inputs X.pt ...`` times an artifact folder in a fresh
+process with the same function (export's verification uses it).
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import statistics
-import time
+import json
+import sys
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-# torch.utils.benchmark imports cpp_extension, which warns on every CPU-only worker that it found no
-# CUDA runtime: noise in every trial's log, not a problem.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-from torch.utils import benchmark  # noqa: E402
-
-from automl._data import Splits
-from automl._train import evaluate
+from automl._artifact import Artifact, ArtifactError, DynamicInference, build_artifact, load_artifact, state_dict_bytes
+from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample
 
 __all__ = [
     "DynamicInference",
     "LatencySettings",
+    "MeasureError",
     "Metrics",
+    "artifact_accuracy",
     "count_macs",
+    "latency_inputs",
     "measure",
-    "measure_latency",
-    "measure_sample_latency",
     "param_count",
     "size_bytes",
+    "time_artifact",
 ]
 
 
-@runtime_checkable
-class DynamicInference(Protocol):
-    """A model whose cost depends on its input, e.g. early exits (``searchspace.methods.exits``).
-
-    ``exit_indices(x)`` gives the exit each sample of ``x`` leaves at, under the model's current
-    settings; ``exit_paths()`` gives, per exit, a module that runs exactly what a sample leaving
-    there runs (for counting MACs with the same counter as every other model).
-    """
-
-    def exit_indices(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def exit_paths(self) -> list[nn.Module]: ...
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    batch_size: int = 1
-    threads: int = 1
-    warmup: int = 10
-    repeats: int = 30
-    #: Hold the node-local latency lock while timing (one measurement at a time per node).
-    isolate: bool = True
-    #: Repeat a measurement whose IQR/median exceeds this, up to ``max_attempts`` times.
-    max_spread: float = 0.1
-    max_attempts: int = 3
+class MeasureError(ArtifactError):
+    """A number cannot be measured for this model; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +68,9 @@ class Metrics:
     macs: int | None
     latency_ms: float
     latency_iqr_ms: float
+    state_dict_bytes: int | None = None
+    #: The runtime whose artifact was measured (``latency.runtime``).
+    runtime: str | None = None
     exit_fractions: list[float] | None = None
     exit_accuracy: list[float | None] | None = None
     exit_macs: list[int | None] | None = None
@@ -100,147 +79,193 @@ class Metrics:
         return asdict(self)
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors inside a state-dict entry: a tensor, a packed-params object, or nested tuples of them."""
+    if isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+        value = value.__getstate__()
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 def param_count(model: nn.Module) -> int:
+    """Parameters the model stores (see the module docstring).
+
+    Float parameters are ``model.parameters()``. Quantised layers keep their weights outside it, in
+    state-dict entries that are neither parameters nor buffers: int8 weight tensors and float biases
+    of ``torch.ao`` modules, or packed-params objects; their non-scalar tensors (weights, biases)
+    count once each, the scalar quantisation parameters (scale, zero point) do not.
+    """
     n = sum(p.numel() for p in model.parameters())
-    # Quantised layers keep packed weights that are not Parameters; their ``weight()``/``bias()``
-    # accessors unpack them, so int8 weights still count once each.
-    for m in model.modules():
-        for attr in ("weight", "bias"):
-            get = getattr(type(m), attr, None)
-            if callable(get) and not isinstance(get, property):
-                t = getattr(m, attr)()
-                n += t.numel() if isinstance(t, torch.Tensor) else 0
+    # Every name a parameter or buffer has, aliases included (T-Net layers share one tensor).
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    for key, value in model.state_dict().items():
+        if key not in known:
+            n += sum(t.numel() for t in _tensors(value) if t.dim() >= 1)
     return n
 
 
 def size_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
+    """Bytes of the model's saved state dict (``state_dict_bytes``; ``size_bytes`` of the eager runtime)."""
+    return state_dict_bytes(model)
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
-    """MACs of one forward pass on ``example`` (batch 1), or None where the graph cannot be traced."""
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of one forward pass on ``example`` (batch 1), counted by torchprofile.
+
+    Raises:
+        MeasureError: the graph cannot be traced (the reason is kept as the cause).
+    """
     from torchprofile import profile_macs
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return int(profile_macs(model.eval(), example))
-    except Exception:  # noqa: BLE001 - a model torch.jit.trace cannot handle has no MAC count
-        return None
+    except Exception as exc:  # noqa: BLE001 - torchprofile raises whatever jit.trace raises
+        raise MeasureError(f"macs: torchprofile cannot trace {type(model).__name__}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, example: torch.Tensor, settings: LatencySettings) -> tuple[float, float]:
-    """Median and IQR, in milliseconds, of one forward pass on a batch shaped like ``example``."""
-    model.eval()
-    x = example.expand(settings.batch_size, *example.shape[1:]).contiguous()
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=settings.threads)
-    if settings.warmup:
-        timer.timeit(settings.warmup)
-    # Pick a block size so that one timed block lasts >= ~2 ms: timer resolution stops mattering.
-    once = timer.timeit(1).mean
-    number = max(1, min(1000, int(0.002 / max(once, 1e-7))))
-    blocks = [timer.timeit(number).mean * 1e3 for _ in range(settings.repeats)]
-    q = statistics.quantiles(blocks, n=4)
-    return statistics.median(blocks), q[2] - q[0]
+def latency_inputs(data: Any, settings: LatencySettings, *, dynamic: bool) -> torch.Tensor:
+    """The real test inputs latency is timed on: the first ``batch_size`` test samples (repeated if
+    the split is smaller) for a static model, the first ``max_samples`` for a dynamic one."""
+    want = settings.max_samples if dynamic else settings.batch_size
+    got: list[torch.Tensor] = []
+    n = 0
+    for x, _ in data.batches("test", min(want, 500)):
+        got.append(x)
+        n += len(x)
+        if n >= want:
+            break
+    if not got:
+        raise MeasureError("latency: the test split is empty")
+    x = torch.cat(got)[:want]
+    if not dynamic and len(x) < want:
+        x = x.repeat((want + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:want]
+    return x.contiguous()
 
 
-@torch.no_grad()
-def measure_sample_latency(model: nn.Module, inputs: torch.Tensor, settings: LatencySettings) -> tuple[float, float]:
-    """Mean per-sample latency (ms) when every sample of ``inputs`` is fed alone (batch 1), so
-    input-dependent work (early exits) is measured as it runs; and the IQR of the per-pass means.
+def time_artifact(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettings, *, per_sample: bool) -> tuple[float, float]:
+    """Median (or per-sample mean) and IQR, in ms, of ``artifact`` on ``inputs``: the one latency.
 
-    Each sample is timed on its own in each of ``settings.repeats`` passes and its latency is the
-    median over the passes; the result is the mean over samples. On a shared machine a pass over a
-    whole test set is long enough to be preempted; a per-sample median, like the block median of
-    :func:`measure_latency`, discards those interruptions instead of averaging them in.
+    Static models are block-timed on ``inputs`` as one batch; dynamic ones (``per_sample``) run each
+    sample of ``inputs`` alone. Held under the node lock and repeated while the spread is too wide
+    (:func:`automl._latency.stable_latency`).
     """
-    model.eval()
-    samples = list(inputs.split(1))
-    if not samples:
-        raise ValueError("measure_sample_latency needs at least one input sample, got none")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        for s in samples[: settings.warmup]:
-            model(s)
-        times = torch.empty(settings.repeats, len(samples), dtype=torch.float64)
-        clock = time.perf_counter
-        for r in range(settings.repeats):
-            for i, s in enumerate(samples):
-                start = clock()
-                model(s)
-                times[r, i] = clock() - start
-    finally:
-        torch.set_num_threads(previous)
-    per_pass = (times.mean(dim=1) * 1e3).tolist()
-    q = statistics.quantiles(per_pass, n=4) if len(per_pass) > 1 else [per_pass[0]] * 3
-    return float(times.median(dim=0).values.mean()) * 1e3, q[2] - q[0]
+    if per_sample:
+        runs = [artifact.bind(s) for s in inputs.split(1)]
+
+        def once() -> tuple[float, float]:
+            with artifact.context():
+                return time_per_sample(runs, settings, sync=artifact.sync)
+
+    else:
+        run = artifact.bind(inputs)
+
+        def once() -> tuple[float, float]:
+            with artifact.context():
+                return time_blocks(run, settings, sync=artifact.sync)
+
+    median, iqr, _ = stable_latency(once, settings)
+    return median, iqr
 
 
-@torch.no_grad()
-def _measure_dynamic(model: Any, data: Splits, settings: LatencySettings, device: torch.device | str) -> Metrics:
-    model.eval()
-    taken, preds = [], []
-    for x, _ in data.batches("test", 500):
-        x = x.to(device)
-        taken.append(model.exit_indices(x).cpu())
-        preds.append(model(x).argmax(dim=1).cpu())
-    exit_of, pred = torch.cat(taken), torch.cat(preds)
-    paths = model.exit_paths()
-    example = data.x_test[:1].to(device)
-    exit_macs = [count_macs(p, example) for p in paths]
+def _predictions(artifact: Artifact, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    preds, labels = [], []
+    for x, y in data.batches("test", 500):
+        preds.append(artifact(x).argmax(dim=1))
+        labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def artifact_accuracy(artifact: Artifact, data: Any) -> float:
+    """Top-1 test accuracy of the artifact, counted exactly (correct / n)."""
+    pred, y = _predictions(artifact, data)
+    return int((pred == y).sum()) / max(len(y), 1)
+
+
+def _exit_numbers(model: Any, data: Any, pred: torch.Tensor, labels: torch.Tensor, example: torch.Tensor) -> tuple[list[float], list[float | None], list[int], int]:
+    with torch.no_grad():
+        exit_of = torch.cat([model.exit_indices(x) for x, _ in data.batches("test", 500)]).cpu()
+    exit_macs = [count_macs(p, example) for p in model.exit_paths()]
     n = len(exit_of)
     fractions, accuracy = [], []
-    for k in range(len(paths)):
+    for k in range(len(exit_macs)):
         mask = exit_of == k
         fractions.append(float(mask.sum()) / max(n, 1))
-        accuracy.append(float((pred[mask] == data.y_test[mask]).float().mean()) if mask.any() else None)
-    expected = None
-    if all(m is not None for m in exit_macs):
-        expected = round(sum(f * m for f, m in zip(fractions, exit_macs)))
-    latency, iqr = measure_sample_latency(model, data.x_test.to(device), settings)
-    return Metrics(
-        accuracy=int((pred == data.y_test).sum()) / len(data.y_test),  # exact, as evaluate() counts
-        params=param_count(model),
-        size_bytes=size_bytes(model),
-        macs=expected,
-        latency_ms=latency,
-        latency_iqr_ms=iqr,
-        exit_fractions=fractions,
-        exit_accuracy=accuracy,
-        exit_macs=exit_macs,
-    )
+        accuracy.append(float((pred[mask] == labels[mask]).float().mean()) if mask.any() else None)
+    expected = round(sum(f * m for f, m in zip(fractions, exit_macs)))
+    return fractions, accuracy, exit_macs, expected
 
 
 def measure(
     model: nn.Module,
-    data: Splits,
+    data: Any,
     settings: LatencySettings,
     *,
-    device: torch.device | str = "cpu",
+    folder: Path,
     macs: int | None = None,
-) -> Metrics:
-    """All metrics of a finished model. Latency is measured on the CPU copy unless ``device`` is CUDA.
+) -> tuple[Metrics, Artifact]:
+    """All metrics of a finished model, measured on its artifact for ``settings.runtime``.
+
+    The artifact's files are written to ``folder`` (a trial's checkpoint takes them from there).
 
     Args:
-        macs: a MAC count to use instead of tracing (e.g. the float graph of an int8 model).
-    """
-    if isinstance(model, DynamicInference):
-        return _measure_dynamic(model, data, settings, device)
-    model.eval()
-    example = data.x_test[:1].to(device)
-    acc = evaluate(model, data, "test", device=device)
-    from automl._latency import stable_latency  # lock + spread check around measure_latency
+        macs: a MAC count to use instead of tracing ``model`` (the float graph of an int8 model).
 
-    latency, iqr, _ = stable_latency(model, example, settings)
-    return Metrics(
-        accuracy=acc,
+    Raises:
+        ArtifactError: the model cannot become the runtime's artifact, or a number cannot be measured.
+    """
+    model = model.eval().cpu()
+    dynamic = isinstance(model, DynamicInference)
+    inputs = latency_inputs(data, settings, dynamic=dynamic)
+    example = inputs[:1]
+    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    pred, labels = _predictions(artifact, data)
+    accuracy = int((pred == labels).sum()) / max(len(labels), 1)
+    latency, iqr = time_artifact(artifact, inputs, settings, per_sample=dynamic)
+    exits: dict[str, Any] = {}
+    if dynamic:
+        fractions, exit_accuracy, exit_macs, expected = _exit_numbers(model, data, pred, labels, example)
+        exits = {"exit_fractions": fractions, "exit_accuracy": exit_accuracy, "exit_macs": exit_macs}
+        macs = expected
+    metrics = Metrics(
+        accuracy=accuracy,
         params=param_count(model),
-        size_bytes=size_bytes(model),
+        size_bytes=artifact.size_bytes,
         macs=macs if macs is not None else count_macs(model, example),
         latency_ms=latency,
         latency_iqr_ms=iqr,
+        state_dict_bytes=state_dict_bytes(model),
+        runtime=settings.runtime,
+        **exits,
     )
+    return metrics, artifact
+
+
+# --- timing an artifact folder in a fresh process (export's verification) --------------------
+
+
+def _latency_main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m automl._measure latency")
+    ap.add_argument("folder")
+    ap.add_argument("--inputs", required=True, help="the test inputs to time on, saved with torch.save")
+    ap.add_argument("--settings", required=True, help="latency settings as JSON")
+    ap.add_argument("--per-sample", action="store_true", help="a dynamic model: time each sample alone")
+    args = ap.parse_args(argv)
+    settings = LatencySettings.from_mapping(json.loads(args.settings))
+    inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
+    artifact = load_artifact(Path(args.folder), runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    median, iqr = time_artifact(artifact, inputs, settings, per_sample=args.per_sample)
+    print(json.dumps({"runtime": settings.runtime, "latency_ms": median, "latency_iqr_ms": iqr}))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "latency":
+        sys.exit(_latency_main(sys.argv[2:]))
+    sys.exit("usage: python -m automl._measure latency FOLDER --inputs X.pt --settings JSON [--per-sample]")

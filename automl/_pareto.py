@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import optuna
 
+from automl._metrics import METRIC_KEYS
+
 __all__ = [
     "COST_REFERENCE",
     "Constraints",
@@ -26,7 +28,7 @@ __all__ = [
     "pick",
 ]
 
-_METRIC_KEYS = ("accuracy", "params", "size_bytes", "macs", "latency_ms", "latency_iqr_ms")
+_METRIC_KEYS = METRIC_KEYS
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,11 @@ class StudyView:
         return next((r for r in (*self.trials, *self.failed) if r.number == number), None)
 
 
-def _row(
-    t: optuna.trial.FrozenTrial,
-    objectives: tuple[str, ...],
-    base: dict[str, Any],
-    isolated: dict[str, Any] | None = None,
-) -> FrontRow:
+def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[str, Any]) -> FrontRow:
+    """One trial's record: its Optuna values are its objective numbers, the rest its user attributes.
+
+    These are the numbers ``study.best_trials`` and optuna-dashboard see; nothing here replaces them.
+    """
     if t.state == optuna.trial.TrialState.FAIL:
         return FrontRow(
             number=t.number,
@@ -93,29 +94,17 @@ def _row(
     metrics: dict[str, float | None] = {k: t.user_attrs.get(k) for k in _METRIC_KEYS}
     for name, value in zip(objectives, t.values or ()):
         metrics[name] = value
-    # The end-of-study re-measurement, with nothing else running, replaces the in-trial latency
-    # (which other trials' training disturbed); the in-trial value is kept beside it.
-    iso = (isolated or {}).get("latency_ms", {}).get(str(t.number))
-    if iso is not None:
-        metrics["latency_ms_in_trial"] = metrics.get("latency_ms")
-        metrics["latency_ms"] = float(iso)
-        iqr = (isolated or {}).get("latency_iqr_ms", {}).get(str(t.number))
-        if iqr is not None:
-            metrics["latency_iqr_ms"] = float(iqr)
 
     def ratio(a: Any, b: Any) -> float | None:
         return float(a) / float(b) if a and b else None
 
-    base_latency = base.get("latency_ms")
-    if iso is not None and (isolated or {}).get("base") is not None:
-        base_latency = isolated["base"]  # both re-measured the same way (TorchScript, alone)
     return FrontRow(
         number=t.number,
         method=str(t.user_attrs.get("method", t.params.get("method", "?"))),
         params=dict(t.params),
         metrics=metrics,
         compression=ratio(base.get("size_bytes"), metrics.get("size_bytes")),
-        speedup=ratio(base_latency, metrics.get("latency_ms")),
+        speedup=ratio(base.get("latency_ms"), metrics.get("latency_ms")),
         accuracy_delta=(metrics["accuracy"] - base["accuracy"]) if metrics.get("accuracy") is not None and "accuracy" in base else None,
         attrs={k: v for k, v in t.user_attrs.items() if k not in _METRIC_KEYS},
     )
@@ -134,12 +123,7 @@ def load_view(study: optuna.Study) -> StudyView:
     base = dict(attrs.get("base") or {})
     all_trials = study.get_trials(deepcopy=False)
     done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
-    isolated = {
-        "latency_ms": dict(attrs.get("latency_ms_isolated") or {}),
-        "latency_iqr_ms": dict(attrs.get("latency_iqr_ms_isolated") or {}),
-        "base": attrs.get("base_latency_ms_isolated"),
-    }
-    rows = tuple(_row(t, objectives, base, isolated) for t in done)
+    rows = tuple(_row(t, objectives, base) for t in done)
     best = {t.number for t in study.best_trials} if done else set()
     key = "accuracy" if "accuracy" in objectives else objectives[0]
     front = tuple(sorted((r for r in rows if r.number in best), key=lambda r: -(r.metrics.get(key) or 0.0)))

@@ -7,7 +7,6 @@ plain ``study.optimize`` loop (benchmarks) and in tests.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,11 +18,14 @@ from torch import nn
 
 import searchspace
 from searchspace import ApplyContext, CompressionMethod, Plan
+from automl._artifact import ArtifactError
+from automl._checkpoint import variant_folder, weights_only_state
 from automl._data import Splits
-from automl._measure import LatencySettings, Metrics, count_macs, measure
+from automl._latency import LatencySettings
+from automl._measure import Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
 
-__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "load_checkpoint", "run_trial", "save_checkpoint"]
+__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "run_trial"]
 
 
 @runtime_checkable
@@ -43,11 +45,14 @@ class Calibrated(Protocol):
 
 @dataclass
 class Variant:
-    """Another operating point of a trial's trained model: parameter overrides, state, metrics."""
+    """Another operating point of a trial's trained model: parameter overrides, state, metrics,
+    and its own artifact files (``folder``) and weights, measured and checkpointed as its own."""
 
     params: dict[str, Any]
     state: dict[str, Any]
     metrics: Metrics
+    folder: Path
+    weights: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"params": self.params, "state": self.state, "metrics": self.metrics.as_dict()}
@@ -66,15 +71,11 @@ class TrialSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrialSettings:
-        lat = cfg.latency
         return cls(
             epochs=cfg.budget.epochs,
             lr=cfg.budget.lr,
             batch_size=cfg.budget.batch_size,
-            latency=LatencySettings(
-                batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
-                isolate=lat.isolate, max_spread=lat.max_spread, max_attempts=lat.max_attempts,
-            ),
+            latency=cfg.latency.settings(),
             seed=cfg.seed,
         )
 
@@ -84,6 +85,9 @@ class TrialOutcome:
     plan: Plan
     metrics: Metrics
     model: nn.Module
+    #: Where the measured artifact files are (the checkpoint copies them).
+    folder: Path
+    input_shape: tuple[int, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     #: Extra operating points of the same trained model (see :class:`Calibrated`).
@@ -96,17 +100,21 @@ def run_trial(
     data: Splits,
     settings: TrialSettings,
     *,
+    folder: str | Path,
     methods: Mapping[str, CompressionMethod] | None = None,
     device: torch.device | str = "cpu",
 ) -> TrialOutcome:
     """Apply ``plan`` to a copy of ``base``, fine-tune after each training stage, and measure.
 
     Args:
+        folder: where the measured artifact files are written (one sub-folder per extra setting).
         methods: configured method instances by name (defaults: registered classes, full ranges).
 
     Raises:
-        TrialFailed: a stage cannot apply, or training diverged.
+        TrialFailed: a stage cannot apply, training diverged, or the model cannot become the
+            runtime's artifact (the reason says which).
     """
+    folder = Path(folder)
     start = time.perf_counter()
     base = base.eval()
     example = data.x_train[:1].to(device)
@@ -149,70 +157,24 @@ def run_trial(
     model.eval()
     cpu_model = model.to("cpu")
     variants: list[Variant] = []
-    if isinstance(cpu_model, Calibrated):
-        # Settings fitted on the validation split after training; every extra one is measured as
-        # its own point, then the trial's own setting is restored and measured last.
-        options = cpu_model.calibrate(data.x_val, data.y_val)
-        for option in options[1:]:
-            cpu_model.use_setting(option)
-            variants.append(Variant(dict(option["params"]), dict(option["state"]), measure(cpu_model, data, settings.latency, macs=float_macs)))
-        cpu_model.use_setting(options[0])
-        notes["calibrated"] = options[0]["state"]
-    metrics = measure(cpu_model, data, settings.latency, macs=float_macs)
+    try:
+        if isinstance(cpu_model, Calibrated):
+            # Settings fitted on the validation split after training; every extra one is measured
+            # as its own point, then the trial's own setting is restored and measured last.
+            options = cpu_model.calibrate(data.x_val, data.y_val)
+            for k, option in enumerate(options[1:]):
+                cpu_model.use_setting(option)
+                where = folder / variant_folder(k)
+                metrics, _ = measure(cpu_model, data, settings.latency, folder=where, macs=float_macs)
+                variants.append(Variant(dict(option["params"]), dict(option["state"]), metrics, where, copy.deepcopy(weights_only_state(cpu_model))))
+            cpu_model.use_setting(options[0])
+            notes["calibrated"] = options[0]["state"]
+        metrics, _ = measure(cpu_model, data, settings.latency, folder=folder, macs=float_macs)
+    except ArtifactError as exc:
+        raise TrialFailed(str(exc)) from exc
     if not math.isfinite(metrics.accuracy):
         raise TrialFailed("accuracy is not finite")
-    return TrialOutcome(plan=plan, metrics=metrics, model=cpu_model, notes=notes, seconds=time.perf_counter() - start, variants=variants)
-
-
-def _to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    try:
-        return torch.jit.script(model)
-    except Exception:  # noqa: BLE001 - fall back to tracing for models script cannot compile
-        with torch.no_grad():
-            return torch.jit.trace(model, example, check_trace=False)
-
-
-def _weights_only_state(model: nn.Module) -> dict[str, Any]:
-    """The state dict with quantised packed parameters (TorchScript objects) replaced by their
-    tensors, so the file loads with ``torch.load(weights_only=True)``."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
-            value = value.__getstate__()
-        state[key] = value
-    return state
-
-
-def save_checkpoint(outcome: TrialOutcome, directory: str | Path, *, example: torch.Tensor) -> Path:
-    """Write what export needs: TorchScript model, weights-only state dict, and ``trial.json``."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    model = outcome.model.eval()
-    _to_torchscript(model, example).save(str(d / "model.ts"))
-    torch.save(_weights_only_state(model), d / "weights.pt")
-    record = {
-        "plan": outcome.plan.to_dict(),
-        "label": outcome.plan.label,
-        "metrics": outcome.metrics.as_dict(),
-        "notes": outcome.notes,
-        "seconds": outcome.seconds,
-        "input_shape": list(example.shape[1:]),
-        "variants": [v.as_dict() for v in outcome.variants],
-    }
-    (d / "trial.json").write_text(json.dumps(record, indent=2, default=str))
-    return d
-
-
-def load_checkpoint(directory: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load a trial's TorchScript model and record; raises ``FileNotFoundError``/``ValueError``."""
-    d = Path(directory)
-    record_path, model_path = d / "trial.json", d / "model.ts"
-    if not record_path.is_file() or not model_path.is_file():
-        raise FileNotFoundError(f"checkpoint folder must hold model.ts and trial.json, got {d}")
-    try:
-        record = json.loads(record_path.read_text())
-        model = torch.jit.load(str(model_path), map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupted checkpoint
-        raise ValueError(f"checkpoint {d} is corrupted: {type(exc).__name__}: {exc}") from exc
-    return model, record
-
+    return TrialOutcome(
+        plan=plan, metrics=metrics, model=cpu_model, folder=folder, input_shape=tuple(example.shape[1:]),
+        notes=notes, seconds=time.perf_counter() - start, variants=variants,
+    )

@@ -46,7 +46,8 @@ def _enqueue_params(name: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory):
     """(config, study folder) of a finished small study with one trial per applicable method."""
-    from automl._study import open_storage, run_search
+    from automl._search import run_search
+    from automl._study import open_storage
 
     methods = applicable_methods()
     root = tmp_path_factory.mktemp("studies")

@@ -11,7 +11,7 @@ import torch
 
 import searchspace
 from automl._measure import LatencySettings
-from automl._study import DERIVED_FROM, VARIANTS, _searcher_class
+from automl._tune import DERIVED_FROM, VARIANTS, searcher_class
 from automl._trial import TrialSettings, run_trial
 from searchspace import Plan, SearchSpace
 from searchspace.methods.exits import VARIANTS as N_VARIANTS
@@ -47,7 +47,7 @@ def test_searcher_records_variants_as_derived_trials():
     methods = {n: searchspace.get_method(n)() for n in ("none", "exits")}
     space = SearchSpace(methods)
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="variants")
-    searcher = _searcher_class()(
+    searcher = searcher_class()(
         space=space, metric=["accuracy", "latency_ms"], mode=["max", "min"],
         sampler=optuna.samplers.RandomSampler(seed=0), study_name="variants", storage=None,
         extra_metrics=("macs", "exit_fractions"),

@@ -10,7 +10,7 @@ import torch
 import searchspace
 from automl._export import _jit_load
 from automl._onnx import ATOL, THRESHOLD_BUFFERS, is_quantized, to_onnx
-from automl._trial import _to_torchscript
+from automl._artifact import to_torchscript
 from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
 SMALL = [b for b in BASE_MODELS if b[0] in ("digits_cnn", "mnist1d_cnn")]
@@ -34,7 +34,7 @@ def test_every_method_exports_to_onnx_matching_torchscript(name, model_name, sha
         # Send about half of a batch out at the first exit, so the batch path routes samples apart.
         with torch.no_grad():
             thresholds[0] = model.confidences(x)[:, 0].median()
-    _to_torchscript(model, x[:1]).save(str(tmp_path / "model.ts"))
+    to_torchscript(model, x[:1]).save(str(tmp_path / "model.ts"))
     ts = _jit_load(tmp_path / "model.ts")
     to_onnx(ts, x[:1], tmp_path / "model.onnx")
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

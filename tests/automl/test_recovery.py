@@ -209,7 +209,7 @@ def _config(tmp_path: Path, trials: int) -> Path:
         "methods": {"none": {}, "tucker": {}},
         "budget": {"trials": trials, "epochs": 1},
         "resources": {"cpus": 1},
-        "latency": {"warmup": 2, "repeats": 5, "remeasure_front": False},
+        "latency": {"warmup": 2, "repeats": 5, "drift_check": False},
         "output_dir": str(tmp_path / "runs"),
     }
     path = tmp_path / "crashy.yaml"

@@ -7,9 +7,10 @@ import torch
 
 import searchspace
 from automl import build_model
-from automl._measure import LatencySettings
+from automl._checkpoint import load_checkpoint, save_checkpoint
+from automl._latency import LatencySettings
 from automl._train import TrainOptions, evaluate, fit
-from automl._trial import TrialSettings, load_checkpoint, run_trial, save_checkpoint
+from automl._trial import TrialSettings, run_trial
 from searchspace import Plan, SearchSpace
 
 SETTINGS = TrialSettings(epochs=3, lr=3e-3, batch_size=100, latency=LatencySettings(warmup=1, repeats=3))
@@ -30,23 +31,23 @@ def test_tucker_prune_int8_chain(digits, tmp_path):
             ("int8", {"mode": "static"}),
         )
     )
-    out = run_trial(plan, base, digits, SETTINGS)
+    out = run_trial(plan, base, digits, SETTINGS, folder=tmp_path / "artifact")
     assert out.notes["tucker.converted"] and out.notes["prune.channels"] and out.notes["int8.quantised"], f"a stage did nothing: {sorted(out.notes)}"
     from automl._measure import size_bytes
 
     assert out.metrics.size_bytes < 0.2 * size_bytes(base), f"tucker+prune+int8 is {out.metrics.size_bytes} bytes vs base {size_bytes(base)}"
     assert out.metrics.accuracy > 0.5, f"the chain collapsed to accuracy {out.metrics.accuracy}"
     assert out.metrics.macs and out.metrics.macs > 0, "MACs of the float graph before int8 must be recorded"
-    save_checkpoint(out, tmp_path, example=digits.x_test[:1])
-    loaded, _ = load_checkpoint(tmp_path)
+    save_checkpoint(out, tmp_path / "checkpoint")
+    loaded = load_checkpoint(tmp_path / "checkpoint").torchscript()
     with torch.no_grad():
         assert torch.allclose(loaded(digits.x_test[:8]), out.model(digits.x_test[:8])), "checkpoint differs from the trial's model"
 
 
-def test_tnet_int8_chain(digits):
+def test_tnet_int8_chain(digits, tmp_path):
     base = _base(digits, depth=2)
     plan = Plan(chain=(("tnet", {"rank_layers": 1.0, "rank_out": 0.6, "rank_in": 0.6, "rank_kernel": 1.0}), ("int8", {"mode": "static"})))
-    out = run_trial(plan, base, digits, SETTINGS)
+    out = run_trial(plan, base, digits, SETTINGS, folder=tmp_path)
     assert out.notes["tnet.groups"] and out.notes["int8.frozen"], f"tnet layers must be frozen before int8: {sorted(out.notes)}"
     assert out.metrics.accuracy > evaluate(base, digits) - 0.1, f"tnet+int8 accuracy {out.metrics.accuracy} far below base"
 

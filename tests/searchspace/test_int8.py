@@ -11,7 +11,7 @@ import searchspace
 from automl import build_model
 from automl._measure import param_count, size_bytes
 from automl._train import TrainOptions, evaluate, fit
-from automl._trial import load_checkpoint
+from automl._checkpoint import load_checkpoint
 from searchspace import ApplyContext
 
 
@@ -50,15 +50,17 @@ def test_dynamic_int8_notes_the_float_convolutions(trained_digits, digits):
 
 
 def test_quantised_model_survives_the_torchscript_checkpoint(trained_digits, digits, tmp_path):
-    from automl._measure import LatencySettings, measure
-    from automl._trial import TrialOutcome, save_checkpoint
+    from automl._checkpoint import save_checkpoint
+    from automl._measure import LatencySettings, count_macs, measure
+    from automl._trial import TrialOutcome
     from searchspace import Plan
 
     q = searchspace.get_method("int8")().apply(trained_digits, {"mode": "static"}, context=_context(digits))
-    metrics = measure(q, digits, LatencySettings(warmup=1, repeats=3))
+    metrics, _ = measure(q, digits, LatencySettings(warmup=1, repeats=3), folder=tmp_path / "artifact", macs=count_macs(trained_digits, digits.x_test[:1]))
     plan = Plan(chain=(("none", {}), ("int8", {"mode": "static"})))
-    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q), tmp_path, example=digits.x_test[:1])
-    loaded, record = load_checkpoint(tmp_path)
+    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q, folder=tmp_path / "artifact", input_shape=digits.input_shape), tmp_path / "checkpoint")
+    ckpt = load_checkpoint(tmp_path / "checkpoint")
+    loaded, record = ckpt.torchscript(), ckpt.record
     x = digits.x_test[:16]
     with torch.no_grad():
         assert torch.allclose(loaded(x), q(x)), "the TorchScript int8 model must compute what the int8 model computes"

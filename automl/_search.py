@@ -1,0 +1,178 @@
+"""The run loop: prepare the study, run Ray Tune until the budget is spent, check latency drift."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from automl._cluster import start_sink
+from automl._config import StudyConfig
+from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
+from automl._study import Payload, StudyError, open_storage, prepare_study
+from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
+
+__all__ = ["check_drift", "run_search"]
+
+#: A front trial whose latency re-timed alone differs from its trial value by more than this moved.
+DRIFT_WARN = 0.10
+
+
+def run_search(
+    cfg: StudyConfig,
+    *,
+    trials: int | None = None,
+    log: Callable[[str], None] = print,
+) -> optuna.Study:
+    """Run (or continue) the study until it holds ``budget.trials`` finished trials.
+
+    Finished (COMPLETE or FAIL) trials already in the storage count toward the budget, so
+    ``resume`` calls this again with the same config. Trials left RUNNING by a launcher that died are
+    closed as FAIL "interrupted" and their parameters re-queued; they do not count toward the budget
+    (see :mod:`automl._recovery`). Ctrl-C closes this launcher's running trials the same way and
+    raises ``KeyboardInterrupt``.
+    """
+    # A local single-user Ray needs no auth token and no dashboard; Tune's own table is replaced by
+    # our one-line progress (StudyCallback).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C raises KeyboardInterrupt here at once (Tune would otherwise save a Tune state we never
+    # restore: Optuna is the record); run_search closes and re-queues the running trials.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    import ray
+    from ray import tune
+
+    study_dir, payload, space = prepare_study(cfg, log=log)
+    storage = open_storage(cfg.storage_url)
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    register_launcher(study)
+    close_interrupted(study, log=log)
+    removed = remove_orphan_checkpoints(study, study_dir)
+    if removed:
+        log(f"recovered: removed checkpoints of trials that did not complete: {removed}")
+    finished = finished_count(study)
+    for point in cfg.enqueue:  # skip_if_exists: a resumed study does not evaluate them twice
+        study.enqueue_trial(dict(point), skip_if_exists=True)
+    budget = trials if trials is not None else cfg.budget.trials
+    remaining = budget - finished
+    if remaining <= 0:
+        # Nothing runs, so nothing is measured: a finished study keeps its numbers.
+        log(f"study {cfg.name!r} already holds {finished} finished trials (budget {budget})")
+        return study
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            logging_level="ERROR",
+        )
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
+    if cfg.resources.gpus > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // cfg.resources.gpus))
+        if slots == 0:
+            raise StudyError(f"resources.gpus: {cfg.resources.gpus} per trial requested, but the Ray cluster has {resources.get('GPU', 0)} GPUs")
+    concurrent = max(1, min(slots, cfg.resources.max_concurrent or slots, remaining))
+    metrics = [o.metric for o in cfg.objectives]
+    searcher = searcher_class()(
+        space=space,
+        metric=metrics,
+        mode=["max" if o.resolved_direction == "maximize" else "min" for o in cfg.objectives],
+        sampler=make_sampler(cfg, offset=len(study.get_trials(deepcopy=False))),
+        study_name=cfg.name,
+        storage=storage,
+        extra_metrics=tuple(m for m in EXTRA_ATTRS if m not in metrics),
+        budget=budget,
+    )
+    payload.sink = start_sink(study_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, payload=payload),
+        {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
+    )
+    log(f"search: {remaining} trials, {concurrent} at a time, methods {sorted(space.methods)}, storage {cfg.storage_url}")
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=remaining,
+            max_concurrent_trials=concurrent,
+            time_budget_s=cfg.budget.time_limit_s,
+            reuse_actors=True,
+            trial_dirname_creator=lambda t: f"trial_{t.config.get('optuna_trial_number', t.trial_id)}_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=f"search_{int(time.time())}",
+            storage_path=str((study_dir / "ray").resolve()),
+            callbacks=[make_callback(cfg, remaining, log, searcher)],
+            verbose=0,
+            # A trial whose worker died is started again (same config, same Optuna trial) this often.
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.retries),
+        ),
+    )
+    try:
+        sweep = lambda: close_interrupted(optuna.load_study(study_name=cfg.name, storage=storage), log=log)  # noqa: E731
+        with Heartbeat(storage, searcher.running_trial_ids, sweep=sweep):
+            tuner.fit()
+    except KeyboardInterrupt:
+        closed = searcher.close_running("interrupted: stopped with Ctrl-C; its parameters were re-queued")
+        if closed:
+            log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
+        raise
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
+        check_drift(study, study_dir, payload, log=log)
+    return study
+
+
+def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: Callable[[str], None] = print) -> dict[int, float]:
+    """Time each front trial's artifact again with nothing else running; record, never replace.
+
+    Each front trial run by this launcher (its checkpoint is in ``study_dir``) is timed from its
+    checkpoint's artifact with the trial's own settings and inputs (:func:`automl._measure.time_artifact`).
+    The relative drift ``(re-timed - recorded) / recorded`` goes to the study attribute
+    ``latency_drift`` (``{trial number: drift}``); the trial's value stays the study's number. One
+    log line says how many moved by more than :data:`DRIFT_WARN`.
+
+    Returns:
+        ``{trial number: drift}`` of the trials timed now.
+    """
+    from automl._artifact import ArtifactError, load_artifact
+    from automl._checkpoint import CheckpointError, load_checkpoint
+    from automl._measure import latency_inputs, time_artifact
+
+    settings = payload.settings.latency
+    if settings.runtime == "eager":
+        log("drift check: skipped for the eager runtime (its artifact is the module a trial held, not a file)")
+        return {}
+    drift = dict(study.user_attrs.get("latency_drift") or {})
+    out: dict[int, float] = {}
+    for t in study.best_trials:
+        recorded = t.user_attrs.get("latency_ms", None)
+        if recorded is None and "latency_ms" in (study.metric_names or []):
+            recorded = t.values[study.metric_names.index("latency_ms")]
+        folder = study_dir / str(t.user_attrs.get("checkpoint") or f"checkpoints/trial_{t.number:05d}")
+        if recorded is None or not folder.is_dir():
+            continue  # run by another launcher sharing the study: its checkpoint is in its folder
+        try:
+            ckpt = load_checkpoint(folder)
+            artifact = load_artifact(folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+        except (ArtifactError, CheckpointError) as exc:
+            log(f"drift check: trial {t.number} skipped: {exc}")
+            continue
+        dynamic = bool(ckpt.record.get("per_sample"))
+        inputs = latency_inputs(payload.data, settings, dynamic=dynamic)
+        median, _ = time_artifact(artifact, inputs, settings, per_sample=dynamic)
+        out[t.number] = drift[str(t.number)] = (median - float(recorded)) / float(recorded)
+    if out:
+        study.set_user_attr("latency_drift", drift)
+        moved = sorted(n for n, d in out.items() if abs(d) > DRIFT_WARN)
+        log(
+            f"drift check: {len(out)} front trials re-timed alone; {len(moved)} moved by more than {DRIFT_WARN:.0%} "
+            f"from their trial value{(' (trials ' + ', '.join(map(str, moved)) + ')') if moved else ''}; the trial values stand"
+        )
+    return out

@@ -1,0 +1,319 @@
+"""The Ray Tune glue: the trainable, the Optuna searcher that links Optuna and Ray trials, and the
+progress callback. Study preparation is :mod:`automl._study`; the run loop :mod:`automl._search`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+
+from searchspace import Plan
+from automl._checkpoint import save_checkpoint, variant_folder
+from automl._cluster import pack_folder
+from automl._config import StudyConfig
+from automl._latency import gated_batches
+from automl._metrics import METRIC_KEYS
+from automl._recovery import LAUNCHER, finished_count, guarded
+from automl._study import Payload, open_storage
+from automl._trial import run_trial
+
+__all__ = ["DERIVED_FROM", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
+
+#: User attribute (and result key) holding why a trial failed.
+FAIL_REASON = "fail_reason"
+#: Result key of a trial's extra operating points (see ``automl._trial.Calibrated``).
+VARIANTS = "variants"
+#: User attribute of a trial recorded from another trial's model: the parent's number.
+DERIVED_FROM = "derived_from"
+#: Result keys stored as user attributes of the Optuna trial (besides its objective values).
+EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node")
+
+
+def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
+    """Run one trial from a Ray Tune config; returns the result dict (never raises for trial faults)."""
+    import importlib
+
+    from ray import tune
+
+    for module in payload.plugins:  # user methods register themselves on import
+        importlib.import_module(module)
+    threads = max(1, int(payload.cpus))
+    torch.set_num_threads(threads)
+    device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
+    plan = Plan.from_dict(config["plan"])
+    # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
+    data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
+    with tempfile.TemporaryDirectory() as work:
+        outcome, reason, attempts = guarded(
+            lambda: run_trial(plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device),
+            time_limit_s=payload.time_limit_s,
+            retries=payload.retries,
+        )
+        if outcome is None:
+            # Every metric present (NaN): Tune rejects a result without the searched metrics and
+            # would end the whole study; the searcher records the trial as FAIL by its fail_reason.
+            result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
+            tune.report(result)
+            return result
+        return _report_outcome(config, payload, plan, outcome, attempts, Path(work) / "checkpoint")
+
+
+def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcome: Any, attempts: int, folder: Path) -> dict[str, Any]:
+    from ray import tune
+
+    result = {
+        **outcome.metrics.as_dict(),
+        "method": plan.label,
+        "seconds": outcome.seconds,
+        "attempts": attempts,
+        "notes": json.dumps(outcome.notes, default=str),
+        "node": _node_id(),
+    }
+    if outcome.variants:
+        # A JSON string: Ray flattens nested results; the searcher turns each into an Optuna trial.
+        result[VARIANTS] = json.dumps([v.as_dict() for v in outcome.variants], default=str)
+    number = config.get("optuna_trial_number")
+    if payload.sink is not None and number is not None:
+        # The checkpoint reaches the launcher's study folder before the result reaches Optuna, so a
+        # COMPLETE trial always has its checkpoint, whichever node ran it (automl._cluster).
+        import ray
+
+        save_checkpoint(outcome, folder)
+        ray.get(payload.sink.write.remote(int(number), pack_folder(folder)))
+    tune.report(result)
+    return result
+
+
+def _node_id() -> str | None:
+    """The Ray node that ran the trial (user attr ``node``: which machine of a cluster measured it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests, benchmarks) there is no node
+        return None
+
+
+# --- Ray Tune glue ------------------------------------------------------------------------
+
+
+def searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearcher(OptunaSearch):
+        """OptunaSearch that links Optuna and Ray trials and records why a trial failed."""
+
+        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), budget: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._extra = extra_metrics
+            self._budget = budget
+            self._errored: dict[str, Any] = {}
+
+        def running_trial_ids(self) -> list[int]:
+            """Optuna ids of the trials this launcher runs now (for the heartbeat)."""
+            return [ot._trial_id for tid, ot in list(self._ot_trials.items()) if tid not in self._completed_trials]
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self._budget is not None and self._ot_study is not None:
+                # Several launchers may share one study (PostgreSQL): stop once the budget is
+                # covered by finished trials plus those running anywhere.
+                running = len(self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                if finished_count(self._ot_study) + running >= self._budget:
+                    return Searcher.FINISHED
+            config = super().suggest(trial_id)
+            if config is None:
+                return None
+            ot = self._ot_trials[trial_id]
+            number = ot.number
+            # Owner and first heartbeat right after ask: a resuming launcher can tell a trial of a
+            # dead launcher (closed and re-queued) from one of a live launcher (left alone).
+            ot.set_user_attr("launcher", LAUNCHER)
+            ot.set_user_attr("heartbeat", time.time())
+            ot.set_user_attr("ray_trial_id", trial_id)
+            ot.set_user_attr("checkpoint", f"checkpoints/trial_{number:05d}")
+            ot.set_user_attr("method", Plan.from_dict(config["plan"]).label)
+            config["optuna_trial_number"] = number
+            return config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot = self._ot_trials.get(trial_id)
+            if ot is None or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            reason = None
+            if error:
+                # The callback's on_trial_error (called right after this) knows the Ray error text.
+                self._errored[trial_id] = ot
+                return None
+            elif not result or result.get(FAIL_REASON):
+                reason = (result or {}).get(FAIL_REASON) or "the trial reported no result"
+            else:
+                values = [result.get(m) for m in self.metric]
+                if any(v is None or not math.isfinite(float(v)) for v in values):
+                    reason = f"objective values are not finite: {dict(zip(self.metric, values))}"
+            if reason is not None:
+                ot.set_user_attr(FAIL_REASON, reason)
+                if result and result.get("attempts") is not None:
+                    ot.set_user_attr("attempts", result["attempts"])
+                self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+                self._completed_trials.add(trial_id)
+                return None
+            for key in self._extra:
+                if result.get(key) is not None:
+                    ot.set_user_attr(key, result[key])
+            parent = (ot.number, dict(ot.params), dict(ot.user_attrs))
+            out = super().on_trial_complete(trial_id, result, error)
+            if result.get(VARIANTS):
+                self._add_variants(*parent, json.loads(result[VARIANTS]))
+            return out
+
+        def _add_variants(self, number: int, params: dict[str, Any], attrs: dict[str, Any], variants: list[dict[str, Any]]) -> None:
+            """Record each extra operating point of a trial's model as its own COMPLETE trial.
+
+            Its parameters are the parent's with the variant's overrides, replayed through the search
+            space so that exactly the active parameters (and their distributions) are stored; it
+            points at its own checkpoint (a sub-folder of the parent's, with its own settings, files
+            and numbers) and records its state (e.g. thresholds).
+            """
+            for index, variant in enumerate(variants):
+                metrics = variant["metrics"]
+                values = [metrics.get(m) for m in self.metric]
+                if any(v is None or not math.isfinite(float(v)) for v in values):
+                    continue
+                replay = optuna.trial.FixedTrial({**params, **variant["params"]})
+                try:
+                    self._space(replay)
+                except Exception:  # noqa: BLE001 - an override outside the space is skipped, not fatal
+                    continue
+                user_attrs = {k: metrics[k] for k in self._extra if metrics.get(k) is not None}
+                user_attrs.update(
+                    {
+                        DERIVED_FROM: number,
+                        "checkpoint": f"{attrs.get('checkpoint')}/{variant_folder(index)}" if attrs.get("checkpoint") else None,
+                        "method": attrs.get("method"),
+                        "state": variant["state"],
+                    }
+                )
+                self._ot_study.add_trial(
+                    optuna.trial.create_trial(
+                        params=replay.params,
+                        distributions=replay.distributions,
+                        values=[float(v) for v in values],
+                        user_attrs=user_attrs,
+                    )
+                )
+
+        def close_errored(self, trial_id: str, reason: str) -> None:
+            """Record a trial whose Ray worker died (OOM kill, segfault...) as FAIL with Ray's reason."""
+            ot = self._errored.pop(trial_id, None)
+            if ot is None or trial_id in self._completed_trials:
+                return
+            ot.set_user_attr(FAIL_REASON, reason)
+            self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+
+        def close_running(self, reason: str) -> list[int]:
+            """Ctrl-C: close this launcher's running trials as interrupted and re-queue their params."""
+            closed = []
+            for tid, ot in list(self._ot_trials.items()):
+                if tid in self._completed_trials:
+                    continue
+                try:
+                    ot.set_user_attr("interrupted", True)
+                    ot.set_user_attr(FAIL_REASON, reason)
+                    self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+                except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                    continue
+                self._completed_trials.add(tid)
+                closed.append(ot.number)
+                if ot.params:
+                    self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
+            return closed
+
+    from ray.tune.search import Searcher
+
+    return StudySearcher
+
+
+def _error_text(trial: Any) -> str:
+    """One line from Ray's record of a trial whose worker failed (e.g. killed when out of memory)."""
+    text = ""
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    try:
+        if path and Path(path).is_file() and not str(path).endswith(".pkl"):
+            lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+            text = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    except OSError:
+        pass
+    return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
+
+
+def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None):
+    from ray.tune import Callback
+
+    class StudyCallback(Callback, _CallbackState):
+        """Prints one progress line per finished trial; records why a Ray worker failed.
+
+        Everything it uses is an attribute (not a closure variable) so that ``__getstate__`` can leave
+        out what cannot be pickled (the log function's console, storages): Tune pickles its callbacks
+        with the Tuner, and the pickled copy is never run.
+        """
+
+        def _progress(self, trial: Any, status: str) -> None:
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
+            front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
+            number = trial.config.get("optuna_trial_number", "?")
+            self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            if result.get(FAIL_REASON):
+                self.failed += 1
+                self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")
+                return
+            acc = result.get("accuracy")
+            self._progress(trial, f"{result.get('method')} acc={acc:.4f} size={result.get('size_bytes')}B lat={result.get('latency_ms', 0):.3f}ms" if acc is not None else "done")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            self.failed += 1
+            reason = _error_text(trial)
+            if self.searcher is not None:
+                self.searcher.close_errored(trial.trial_id, reason)
+            self._progress(trial, f"FAILED: {reason[:160]}")
+
+    cb = StudyCallback()
+    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    return cb
+
+
+class _CallbackState:
+    """The callback's state, kept out of closures (cloudpickle pickles a local class's closures)."""
+
+    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any) -> None:
+        self.done = 0
+        self.failed = 0
+        self.total = total
+        self.url = url
+        self.name = name
+        self._storage: Any = None
+        self.log = log
+        self.searcher = searcher
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        if self._storage is None:
+            self._storage = open_storage(self.url)
+        return self._storage
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_storage": None, "log": print, "searcher": None}
+
+
