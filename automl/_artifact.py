@@ -26,7 +26,7 @@ from torch import nn
 
 from automl._latency import torch_threads
 
-__all__ = ["Artifact", "ArtifactError", "DynamicInference", "build_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
+__all__ = ["Artifact", "ArtifactError", "DynamicInference", "build_artifact", "eager_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
@@ -201,8 +201,13 @@ def build_artifact(model: nn.Module, example: torch.Tensor, folder: Path, *, run
             (folder / ONNX_FILE).unlink(missing_ok=True)
             raise ArtifactError(f"onnx: torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     if runtime == "eager":
-        return _torch_artifact("eager", model, device, threads, None, state_dict_bytes(model))
+        return eager_artifact(model, device=device, threads=threads)
     return load_artifact(folder, runtime=runtime, device=device, threads=threads)
+
+
+def eager_artifact(model: nn.Module, *, device: str = "cpu", threads: int = 1) -> Artifact:
+    """The ``eager`` runtime's artifact: the module itself (nothing is written)."""
+    return _torch_artifact("eager", model, device, threads, None, state_dict_bytes(model))
 
 
 def load_artifact(folder: Path, *, runtime: str = "onnxruntime", device: str = "cpu", threads: int = 1) -> Artifact:

@@ -6,6 +6,7 @@ is wrong and what is allowed; nothing is written before the input is known to be
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -149,10 +150,27 @@ def _load_study(study: str, runs: Path):
         fail(f"study {cfg.name!r} has no Optuna study in {cfg.storage_url}")
 
 
-def _print_front(study, constraints=None, *, all_trials: bool = False) -> None:
-    from automl._pareto import Constraints, load_view, params_summary
+def _front_rows(view, constraints, all_trials: bool):
+    """(title, rows) that ``show`` prints: the front (or every finished trial), most accurate first,
+    filtered by the bounds; rows is None when no trial meets them."""
+    from automl._pareto import Constraints
+
+    pool = sorted(view.trials, key=lambda r: -(r.metrics.get("accuracy") or 0.0)) if all_trials else list(view.front)
+    what = "finished trials" if all_trials else "Pareto front"
+    if constraints is None or constraints == Constraints():
+        return f"{what} ({len(pool)} trials)", pool
+    rows = constraints.filter(pool)
+    return f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}", rows
+
+
+def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: bool = False) -> None:
+    from automl._pareto import load_view, params_summary
 
     view = load_view(study)
+    title, rows = _front_rows(view, constraints, all_trials)
+    if as_json:
+        print(json.dumps([{"trial": r.number, "method": r.method, **r.metrics, "params": r.params} for r in rows], default=str))
+        return
     base = view.base
     console.print(
         f"study {view.name}: {len(view.trials)} complete, {view.n_failed} failed, {view.n_running} running; "
@@ -163,16 +181,9 @@ def _print_front(study, constraints=None, *, all_trials: bool = False) -> None:
     if not view.front:
         console.print("no finished trial yet: the front is empty", markup=False)
         return
-    pool = sorted(view.trials, key=lambda r: -(r.metrics.get("accuracy") or 0.0)) if all_trials else list(view.front)
-    what = "finished trials" if all_trials else "Pareto front"
-    rows = pool
-    title = f"{what} ({len(pool)} trials)"
-    if constraints is not None and constraints != Constraints():
-        rows = constraints.filter(pool)
-        title = f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}"
-        if not rows:
-            console.print(f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}", markup=False)
-            return
+    if not rows:
+        console.print(f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}", markup=False)
+        return
     table = Table(title=title)
     for col in ("trial", "method", "accuracy", "Δacc", "size (B)", "x smaller", "latency (ms)", "x faster", "MACs", "params"):
         table.add_column(col, justify="right" if col not in ("method", "params") else "left")
@@ -216,11 +227,12 @@ def show(
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (trial, method, every recorded number) instead of a table."),
 ) -> None:
     """Print a study's Pareto front as a table, optionally only the models meeting bounds."""
     constraints = _constraints(max_latency, max_size, min_accuracy)
     _, s = _load_study(study, runs)
-    _print_front(s, constraints, all_trials=not front)
+    _print_front(s, constraints, all_trials=not front, as_json=as_json)
 
 
 @app.command()

@@ -372,16 +372,15 @@ def export_trial(
             raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
 
         # 3. ONNX against TorchScript on the whole test split.
-        onnx_info: dict[str, Any]
+        onnx_info: dict[str, Any] = {}
         if not onnx_measured:
             try:
                 onnx_export.to_onnx(exported, next(iter(data.batches("test", 1)))[0], tmp / "model.onnx")
             except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
                 (tmp / "model.onnx").unlink(missing_ok=True)
+                onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
         if (tmp / "model.onnx").is_file():
             onnx_info = _check_onnx(exported, tmp, data, n_test)
-        else:
-            onnx_info = {"status": "unsupported", "reason": "torch.onnx.export failed for this model"}
         if onnx_info["status"] == "ok":
             log(f"verified: ONNX Runtime matches TorchScript ({onnx_info['criterion']}; max |diff| {onnx_info['max_abs_diff_vs_torch']:.2e}), accuracy {onnx_info['accuracy']:.4f}")
         elif onnx_measured:

@@ -12,7 +12,7 @@ import optuna
 from automl._cluster import start_sink
 from automl._config import StudyConfig
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
-from automl._study import Payload, StudyError, open_storage, prepare_study
+from automl._study import Payload, StudyError, make_sampler, open_storage, prepare_study
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
 __all__ = ["check_drift", "run_search"]

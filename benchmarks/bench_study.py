@@ -17,11 +17,13 @@ import statistics
 import tempfile
 import time
 
+from pathlib import Path
+
 import optuna
 import torch
 
 from automl import parse_config, run_search
-from automl._study import build_space, make_sampler, objective_values, prepare_study
+from automl._study import make_sampler, objective_values, prepare_study
 from automl._trial import run_trial
 
 
@@ -55,7 +57,8 @@ def main() -> None:
         seconds: list[float] = []
 
         def objective(trial: optuna.Trial):
-            outcome = run_trial(space.sample(trial), payload.base, payload.data, payload.settings, methods=payload.methods)
+            with tempfile.TemporaryDirectory() as work:
+                outcome = run_trial(space.sample(trial), payload.base, payload.data, payload.settings, folder=Path(work), methods=payload.methods)
             seconds.append(outcome.seconds)
             return objective_values(cfg, outcome.metrics.as_dict())
 

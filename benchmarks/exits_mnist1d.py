@@ -12,15 +12,26 @@ Latency: mean per-sample time over the 1000 test samples fed one at a time (1 th
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from automl import build_model, load_dataset
-from automl._measure import LatencySettings, count_macs, measure_sample_latency
+from automl._artifact import build_artifact
+from automl._latency import LatencySettings
+from automl._measure import count_macs, time_artifact
 from automl._train import TrainOptions, evaluate, fit
-from automl._trial import TrialSettings, _to_torchscript, run_trial
+from automl._trial import TrialSettings, run_trial
 from searchspace import Plan
+
+
+def per_sample_ms(model: torch.nn.Module, x: torch.Tensor, settings: LatencySettings, runtime: str) -> float:
+    """Mean per-sample latency of ``model``'s artifact for ``runtime`` on ``x`` (the study's one function)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = build_artifact(model, x[:1], Path(tmp), runtime=runtime, threads=settings.threads)
+        return time_artifact(artifact, x, settings, per_sample=True)[0]
 
 CONFIGS = {
     "avgpool(4), frozen, after conv1+conv2": dict(points="blocks", count=2, head="avgpool", pool=4, training="frozen", thresholds="budget", q=0.5),
@@ -49,31 +60,33 @@ def main() -> None:
     lat = LatencySettings(warmup=10, repeats=args.repeats)
     base_acc = evaluate(base, data, "test")
     base_macs = count_macs(base, data.x_test[:1])
-    base_eager = measure_sample_latency(base, data.x_test, lat)[0]
-    # As save_checkpoint exports it: script, else trace (MNIST1DCNN's super().forward does not script).
-    base_ts = measure_sample_latency(_to_torchscript(base, data.x_test[:1]), data.x_test, lat)[0]
+    base_eager = per_sample_ms(base, data.x_test, lat, "eager")
+    base_ts = per_sample_ms(base, data.x_test, lat, "torchscript")
+    base_ort = per_sample_ms(base, data.x_test, lat, "onnxruntime")
     print(f"base: {data.describe()}; params {sum(p.numel() for p in base.parameters())}, accuracy {base_acc:.4f}, "
-          f"MACs {base_macs}, per-sample latency eager {base_eager * 1e3:.1f} us, TorchScript {base_ts * 1e3:.1f} us\n")
+          f"MACs {base_macs}, per-sample latency eager {base_eager * 1e3:.1f} us, TorchScript {base_ts * 1e3:.1f} us, ONNX Runtime {base_ort * 1e3:.1f} us\n")
     settings = TrialSettings(epochs=args.finetune, lr=0.002, batch_size=100, latency=lat)
     for name, params in CONFIGS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         start = time.perf_counter()
-        out = run_trial(Plan(chain=(("exits", params),), finetune={"distill": False}), base, data, settings)
+        with tempfile.TemporaryDirectory() as work:
+            out = run_trial(Plan(chain=(("exits", params),), finetune={"distill": False}), base, data, settings, folder=Path(work))
         print(f"### {name}  (trained + measured in {time.perf_counter() - start:.0f} s; MACs up to each exit {out.metrics.exit_macs})\n")
-        print("| q | exit fractions (test) | accuracy per exit | accuracy | Δ vs base (pt) | expected MACs | MACs-predicted latency (us) | measured eager (us) | speed-up eager | measured TorchScript (us) | speed-up TorchScript |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| q | exit fractions (test) | accuracy per exit | accuracy | Δ vs base (pt) | expected MACs | MACs-predicted eager latency (us) | eager (us) | speed-up eager | TorchScript (us) | speed-up TorchScript | ONNX Runtime (us) | speed-up ONNX Runtime |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         model = out.model
         rows = [(params["q"], out.metrics, out.notes["calibrated"])] + [(v.params["exits.q"], v.metrics, v.state) for v in out.variants]
         for q, m, state in sorted(rows, key=lambda r: r[0]):
             model.use_setting({"state": state})
-            scripted = torch.jit.script(model)
-            ts = measure_sample_latency(scripted, data.x_test, lat)[0]
+            eager = per_sample_ms(model, data.x_test, lat, "eager")
+            ts = per_sample_ms(model, data.x_test, lat, "torchscript")
+            ort = m.latency_ms if m.runtime == "onnxruntime" else per_sample_ms(model, data.x_test, lat, "onnxruntime")
             predicted = base_eager * m.macs / base_macs
             fr = " / ".join(f"{f:.3f}" for f in m.exit_fractions)
             acc = " / ".join("-" if a is None else f"{a:.3f}" for a in m.exit_accuracy)
             print(f"| {q:.3f} | {fr} | {acc} | {m.accuracy:.3f} | {100 * (m.accuracy - base_acc):+.1f} | {m.macs} | {predicted * 1e3:.0f} | "
-                  f"{m.latency_ms * 1e3:.0f} | {base_eager / m.latency_ms:.2f}x | {ts * 1e3:.0f} | {base_ts / ts:.2f}x |")
+                  f"{eager * 1e3:.0f} | {base_eager / eager:.2f}x | {ts * 1e3:.0f} | {base_ts / ts:.2f}x | {ort * 1e3:.0f} | {base_ort / ort:.2f}x |")
         model.use_setting({"state": out.notes["calibrated"]})
         print()
 

@@ -19,7 +19,9 @@ import torch_pruning as tp
 
 import searchspace
 from automl import build_model, load_dataset
-from automl._measure import LatencySettings, measure_latency, param_count, size_bytes
+from automl._artifact import eager_artifact
+from automl._latency import LatencySettings
+from automl._measure import param_count, size_bytes, time_artifact
 from automl._train import TrainOptions, evaluate, fit
 from searchspace import ApplyContext
 from searchspace.methods.prune import prunable_output_layers
@@ -44,7 +46,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = fit(base, data, TrainOptions(epochs=args.base_epochs, lr=3e-3)).eval()
     print(f"base {name} {options}: trained in {time.perf_counter() - t0:.0f}s")
-    lat = LatencySettings(batch_size=1, threads=1, warmup=10, repeats=args.repeats)
+    lat = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=args.repeats)
     example = data.x_test[:1]
     ft = TrainOptions(epochs=args.epochs, lr=2e-3)
 
@@ -91,7 +93,7 @@ def main() -> None:
     for label, m in models.items():
         m.eval()
         acc = evaluate(m, data)
-        med, iqr = measure_latency(m, example, lat)
+        med, iqr = time_artifact(eager_artifact(m), example, lat, per_sample=False)
         print(f"| {label} | {acc:.4f} | {param_count(m)} | {size_bytes(m)} | {med:.4f} ({iqr:.4f}) |")
 
 

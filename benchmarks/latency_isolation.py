@@ -8,7 +8,7 @@ machine's background noise hits all three alike; the table reports medians over 
     python benchmarks/latency_isolation.py --rounds 7
 
 Part 2 (``--study CONFIG``) runs a study and prints each front trial's in-trial latency next to the
-value re-measured alone at the end (``latency_ms_isolated``).
+drift the end-of-study check measured alone (study attr ``latency_drift``).
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ def main() -> None:
     os.environ["AUTOML_LATENCY_LOCK"] = lock
     torch.set_num_threads(1)
     from automl import build_model
-    from automl._latency import stable_latency
-    from automl._measure import LatencySettings, measure_latency
+    from automl._artifact import eager_artifact
+    from automl._latency import LatencySettings
+    from automl._measure import time_artifact
 
-    model = build_model(args.model, input_shape=(3, 32, 32), num_classes=10).eval()
+    model = eager_artifact(build_model(args.model, input_shape=(3, 32, 32), num_classes=10).eval())
     x = torch.randn(1, 3, 32, 32)
-    plain = LatencySettings(batch_size=1, threads=1, warmup=10, repeats=30, isolate=False, max_attempts=1)
-    isolated = LatencySettings(batch_size=1, threads=1, warmup=10, repeats=30, isolate=True, max_spread=0.1, max_attempts=3)
+    plain = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=30, isolate=False, max_attempts=1)
+    isolated = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=30, isolate=True, max_spread=0.1, max_attempts=3)
     ctx = mp.get_context("spawn")
     rows: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": [], "c": []}
     for _ in range(args.rounds):
@@ -75,10 +76,7 @@ def main() -> None:
                     ready.wait(timeout=120)  # imports done, training in full swing
                 time.sleep(0.5)
             start = time.perf_counter()
-            if mode == "c":
-                med, iqr, _ = stable_latency(model, x, isolated)
-            else:
-                med, iqr = measure_latency(model, x, plain)
+            med, iqr = time_artifact(model, x, isolated if mode == "c" else plain, per_sample=False)
             took = time.perf_counter() - start
             stop.set()
             for p in procs:
@@ -110,21 +108,22 @@ def _study(config: Path) -> None:
     import optuna
 
     from automl._config import load_config
-    from automl._study import run_search
+    from automl._search import run_search
 
     cfg = load_config(config)
     study = run_search(cfg, log=lambda m: None)
-    iso = study.user_attrs.get("latency_ms_isolated") or {}
+    drift = study.user_attrs.get("latency_drift") or {}
     objectives = study.user_attrs.get("objectives")
     k = objectives.index("latency_ms")
     print(f"\nstudy {cfg.name}: {cfg.budget.trials} trials, {cfg.resources.max_concurrent or 'max'} concurrent")
-    print("| trial | method | in-trial latency (ms) | in-trial IQR (ms) | re-measured alone (ms) | in-trial / alone |")
+    print("| trial | method | in-trial latency (ms) | in-trial IQR (ms) | re-timed alone (ms) | in-trial / alone |")
     print("|---|---|---|---|---|---|")
     ratios = []
     for t in sorted(study.best_trials, key=lambda t: t.number):
-        alone = iso.get(str(t.number))
-        if alone is None or t.state != optuna.trial.TrialState.COMPLETE:
+        d = drift.get(str(t.number))
+        if d is None or t.state != optuna.trial.TrialState.COMPLETE:
             continue
+        alone = t.values[k] * (1 + d)
         ratios.append(t.values[k] / alone)
         print(f"| {t.number} | {t.user_attrs.get('method')} | {t.values[k]:.3f} | {t.user_attrs.get('latency_iqr_ms', float('nan')):.3f} | {alone:.3f} | {t.values[k] / alone:.2f} |")
     if ratios:

@@ -5,7 +5,7 @@ and whole models (MNIST-1D CNN at 128 channels; resnet18 at 224x224), every vari
 side in ONE process, interleaved rounds, median over rounds. Also times WSNet's two forwards (materialised
 conv after the channel sum vs the paper's product-map reuse) on the 1D layer.
 
-    PYTHONPATH=. /work/venv-wt3/bin/python benchmarks/reparam_latency.py [--rounds 5]
+    PYTHONPATH=. python benchmarks/reparam_latency.py [--rounds 5]
 
 Prints markdown tables (pasted into BENCHMARKS.md, section "issue 3").
 """
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from automl import build_model
-from automl._measure import LatencySettings, count_macs, measure_latency
+from automl._artifact import eager_artifact
+from automl._latency import LatencySettings
+from automl._measure import count_macs, time_artifact
 from searchspace import ApplyContext, get_method
 from searchspace.methods.dwsep import DWSepConv
 from searchspace.methods.igc import IGCConv
@@ -79,7 +81,7 @@ def side_by_side(models: dict[str, nn.Module], example: torch.Tensor, rounds: in
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, m in models.items():
-            times[k].append(measure_latency(m.eval(), example, settings)[0])
+            times[k].append(time_artifact(eager_artifact(m.eval()), example, settings, per_sample=False)[0])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -101,8 +103,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-resnet", action="store_true")
     args = ap.parse_args()
-    small = LatencySettings(batch_size=1, threads=1, warmup=10, repeats=15)
-    big = LatencySettings(batch_size=1, threads=1, warmup=2, repeats=3)
+    small = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=15, isolate=False, max_attempts=1)
+    big = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=2, repeats=3, isolate=False, max_attempts=1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {args.rounds}\n")
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Print a finished study's trials and Pareto front against its base, as markdown (issue 3 report).
 
-    /work/venv-wt3/bin/python benchmarks/study_front.py runs/mnist1d
+    python benchmarks/study_front.py runs/mnist1d
 """
 
 from __future__ import annotations

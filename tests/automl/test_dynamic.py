@@ -26,11 +26,11 @@ def small_mnist1d(mnist1d):
     return dataclasses.replace(mnist1d, x_test=mnist1d.x_test[:120], y_test=mnist1d.y_test[:120])
 
 
-def test_trial_measures_exits_and_variants(small_mnist1d):
+def test_trial_measures_exits_and_variants(small_mnist1d, tmp_path):
     base = make_base("mnist1d_cnn", (40,))
     settings = TrialSettings(epochs=1, lr=1e-3, batch_size=100, latency=LatencySettings(warmup=1, repeats=3))
     plan = Plan(chain=(("exits", EXITS),), finetune={"distill": True, "distill.temperature": 2.0, "distill.weight": 0.5})
-    out = run_trial(plan, base, small_mnist1d, settings)
+    out = run_trial(plan, base, small_mnist1d, settings, folder=tmp_path / "artifact")
     m = out.metrics
     assert m.exit_fractions is not None and sum(m.exit_fractions) == pytest.approx(1.0), f"exit fractions {m.exit_fractions} must sum to 1"
     expected = sum(f * c for f, c in zip(m.exit_fractions, m.exit_macs))
@@ -41,6 +41,36 @@ def test_trial_measures_exits_and_variants(small_mnist1d):
     early = [v.metrics.exit_fractions[0] for v in out.variants]
     assert early[0] > early[-1], f"small q must send more samples out early than large q: {early}"
     assert out.notes["calibrated"]["thresholds"] == pytest.approx(out.model.thresholds[:-1].tolist()), "the model must end in the trial's own setting"
+
+    # Every variant is checkpointed as its own model: its thresholds in its files, its accuracy
+    # reproduced by its own ONNX artifact; the parent's files keep the parent's thresholds.
+    import onnx
+    from onnx import numpy_helper
+
+    from automl._artifact import load_artifact
+    from automl._checkpoint import load_checkpoint, save_checkpoint, variant_folder
+    from automl._measure import artifact_accuracy
+
+    folder = save_checkpoint(out, tmp_path / "checkpoint")
+
+    def thresholds_of(where) -> list[float]:
+        ts = load_checkpoint(where).torchscript().thresholds[:-1].tolist()
+        init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(where / "model.onnx")).graph.initializer}
+        in_onnx = [v for k, v in init.items() if k.endswith("thresholds")]
+        assert len(in_onnx) == 1 and list(in_onnx[0][:-1]) == pytest.approx(ts), f"{where.name}: ONNX thresholds {in_onnx} != TorchScript {ts}"
+        return ts
+
+    parent = thresholds_of(folder)
+    assert parent == pytest.approx(out.notes["calibrated"]["thresholds"]), "the parent's checkpoint must hold the parent's thresholds"
+    for k, variant in enumerate(out.variants):
+        where = folder / variant_folder(k)
+        record = load_checkpoint(where).record
+        own = thresholds_of(where)
+        assert own == pytest.approx(variant.state["thresholds"]), f"variant {k}: checkpoint thresholds {own} != its own {variant.state['thresholds']}"
+        assert record["metrics"]["accuracy"] == variant.metrics.accuracy and record["notes"]["calibrated"] == variant.state, f"variant {k}: record {record['metrics']} / {record['notes']}"
+        got = artifact_accuracy(load_artifact(where), small_mnist1d)
+        assert got == variant.metrics.accuracy, f"variant {k}: its ONNX artifact gives accuracy {got} != its recorded {variant.metrics.accuracy}"
+    assert any(v.state["thresholds"] != pytest.approx(parent) for v in out.variants), "fixture: some variant must differ from the parent"
 
 
 def test_searcher_records_variants_as_derived_trials():
@@ -75,7 +105,8 @@ def test_searcher_records_variants_as_derived_trials():
     assert len(parent) == 1 and len(derived) == 2, f"{len(parent)} parent and {len(derived)} derived trials"
     for t, q in zip(derived, (0.1, 1.0)):
         assert t.user_attrs[DERIVED_FROM] == parent[0].number, f"derived_from {t.user_attrs[DERIVED_FROM]} != {parent[0].number}"
-        assert t.user_attrs["checkpoint"] == parent[0].user_attrs["checkpoint"], "a variant must point at its parent's checkpoint"
+        k = (0.1, 1.0).index(q)
+        assert t.user_attrs["checkpoint"] == f"{parent[0].user_attrs['checkpoint']}/variant_{k}", f"a variant must point at its own checkpoint, got {t.user_attrs['checkpoint']}"
         assert t.params["exits.thresholds"] == "budget" and t.params["exits.q"] == q, f"variant params {t.params}"
         assert not any(k.startswith("exits.threshold_") for k in t.params), f"direct thresholds must be dropped: {t.params}"
         assert t.values == [0.8, pytest.approx(0.1 * q)], f"variant values {t.values}"

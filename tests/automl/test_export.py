@@ -302,3 +302,35 @@ def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
         export_trial(view, wrong, out, study_dir=cfg.study_dir, load_data=lambda: load_study_dataset(cfg.dataset, download=False), latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert info.value.code == 1, f"a failed verification exits 1, got {info.value.code}"
     assert not (tmp_path / "exports").exists(), f"nothing may be written, found {list((tmp_path / 'exports').rglob('*'))}"
+
+
+def test_export_of_a_derived_exit_setting_ships_its_own_thresholds_and_numbers(small_study, tmp_path):
+    """A derived trial (another threshold setting of an early-exit model) exports its own model:
+    its thresholds in model.ts and model.onnx, its accuracy re-verified, its own latency recorded."""
+    import onnx
+    from onnx import numpy_helper
+
+    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
+    derived = [r for r in view.trials if r.attrs.get("derived_from") is not None]
+    assert derived, f"the small study's exits trial recorded no derived setting: {[(r.number, r.method) for r in view.trials]}"
+    parent = {r.number: r for r in view.trials}
+    row = next((r for r in derived if r.attrs["state"]["thresholds"] != parent[r.attrs["derived_from"]].attrs.get("notes")), derived[0])
+    own = row.attrs["state"]["thresholds"]
+    parent_row = parent[row.attrs["derived_from"]]
+    out = tmp_path / "derived"
+    result = CliRunner().invoke(app, ["export", str(small_study.study_dir), "--trial", str(row.number), "--out", str(out)])
+    assert result.exit_code == 0, f"export of derived trial {row.number} failed: {result.output}"
+    card = json.loads((out / "card.json").read_text())
+    assert card["derived_from"] == parent_row.number, f"card must name the parent: {card['derived_from']}"
+    assert card["notes"]["calibrated"]["thresholds"] == pytest.approx(own), f"card thresholds {card['notes']['calibrated']} != the variant's {own}"
+    ts = torch.jit.load(str(out / "model.ts")).thresholds[:-1].tolist()
+    init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+    in_onnx = [v[:-1].tolist() for k, v in init.items() if k.endswith("thresholds")]
+    assert ts == pytest.approx(own) and in_onnx == [pytest.approx(own)], f"shipped thresholds TorchScript {ts} / ONNX {in_onnx} != the variant's {own}"
+    assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "the variant's accuracy must be re-verified on its own model"
+    assert card["metrics"]["recorded"]["latency_ms"] == row.metrics["latency_ms"] != parent_row.metrics["latency_ms"], (
+        f"the variant's latency {row.metrics['latency_ms']} must be its own, not the parent's {parent_row.metrics['latency_ms']}"
+    )
+    parent_ts = torch.jit.load(str(small_study.study_dir / parent_row.checkpoint / "model.ts")).thresholds[:-1].tolist()
+    if parent_ts != pytest.approx(own):
+        assert ts != pytest.approx(parent_ts), "the export must not carry the parent's thresholds"

@@ -157,3 +157,32 @@ def test_optuna_dashboard_serves_the_study(finished_study):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_default_study_front_is_optunas_best_trials_and_resume_keeps_its_numbers(tmp_path):
+    """The default study (studies/digits.yaml, fewer trials): ``automl show`` prints exactly
+    ``optuna.load_study(...).best_trials`` with their values, and resuming the finished study
+    changes no number."""
+    root = Path(__file__).resolve().parents[2]
+    runner = CliRunner()
+    out = tmp_path / "runs"
+    launched = subprocess.run(
+        [str(Path(sys.executable).with_name("automl")), "launch", str(root / "studies" / "digits.yaml"), "--trials", "8", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert launched.returncode == 0, f"default study failed: {launched.stderr[-3000:]}"
+    cfg = parse_config({**yaml.safe_load((out / "digits" / "config.yaml").read_text())})
+    study = optuna.load_study(study_name="digits", storage=cfg.storage_url)
+    assert study.metric_names == ["accuracy", "size_bytes", "latency_ms"], f"metric names for optuna-dashboard: {study.metric_names}"
+    best = {t.number: t.values for t in study.best_trials}
+    shown = runner.invoke(app, ["show", str(out / "digits"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    rows = {r["trial"]: [r["accuracy"], r["size_bytes"], r["latency_ms"]] for r in json.loads(shown.output)}
+    assert rows == best, f"automl show {rows} != best_trials {best}"
+
+    before = {t.number: (t.values, dict(t.user_attrs)) for t in study.get_trials()}
+    resumed = runner.invoke(app, ["resume", str(out / "digits")])
+    assert resumed.exit_code == 0, resumed.output
+    after = {t.number: (t.values, dict(t.user_attrs)) for t in optuna.load_study(study_name="digits", storage=cfg.storage_url).get_trials()}
+    assert after == before, "resuming a finished study must not change any trial's numbers"
