@@ -133,6 +133,8 @@ class Artifact:
 
 
 def _torch_artifact(runtime: str, module: nn.Module, device: str, threads: int, path: Path | None, size: int) -> Artifact:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError("latency.device is 'cuda' but PyTorch finds no CUDA device on this node")
     module = module.eval().to(device)
     return Artifact(
         runtime=runtime,

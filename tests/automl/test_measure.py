@@ -147,3 +147,13 @@ def test_every_runtime_gives_the_same_accuracy_for_a_float_model(digits, tmp_pat
     expected_file = {"onnxruntime": "model.onnx", "torchscript": "model.ts"}.get(runtime)
     expected = (Path(tmp_path) / expected_file).stat().st_size if expected_file else state_dict_bytes(model)
     assert metrics.size_bytes == expected, f"{runtime}: size_bytes {metrics.size_bytes} != artifact bytes {expected}"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript", "eager"])
+def test_cuda_latency_without_cuda_fails_with_the_reason(digits, tmp_path, runtime):
+    from automl._artifact import ArtifactError
+
+    model = make_base("digits_cnn", (1, 8, 8))
+    with pytest.raises(ArtifactError, match="latency.device is 'cuda'"):
+        measure(model, digits, LatencySettings(runtime=runtime, device="cuda", warmup=1, repeats=3), folder=tmp_path)
