@@ -70,6 +70,8 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
         ArtifactError: the model can be neither scripted nor (static only) traced.
     """
     model = model.eval()
+    with torch.no_grad():
+        model(example.cpu())  # fill inference-time caches (T-Net's kernels) before a trace records them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice on every call
         try:

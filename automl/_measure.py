@@ -123,7 +123,11 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return int(profile_macs(model.eval(), example))
+            with torch.no_grad():
+                # One pass first: a model that caches inference-time constants (T-Net's kernels)
+                # fills them, so the trace counts inference, not the cache's construction.
+                model.eval()(example)
+            return int(profile_macs(model, example))
     except Exception as exc:  # noqa: BLE001 - torchprofile raises whatever jit.trace raises
         raise MeasureError(f"macs: torchprofile cannot trace {type(model).__name__}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 

@@ -157,3 +157,16 @@ def test_cuda_latency_without_cuda_fails_with_the_reason(digits, tmp_path, runti
     model = make_base("digits_cnn", (1, 8, 8))
     with pytest.raises(ArtifactError, match="latency.device is 'cuda'"):
         measure(model, digits, LatencySettings(runtime=runtime, device="cuda", warmup=1, repeats=3), folder=tmp_path)
+
+
+def test_macs_count_inference_even_before_a_first_forward():
+    """T-Net builds its kernels from the shared tensor once and caches them for inference; the MAC
+    count of a fresh model must be that of inference (the convolutions), not of building the cache."""
+    torch.manual_seed(0)
+    base = make_base("mnist1d_cnn", (40,))
+    out = searchspace.get_method("tnet")().apply(base, {"rank_layers": 1.0, "rank_out": 1.0, "rank_in": 1.0, "rank_kernel": 1.0}, context=random_context((40,), base)).eval()
+    from automl._measure import count_macs
+
+    x = torch.randn(1, 40)
+    first = count_macs(out, x)
+    assert first == count_macs(base, x), f"T-Net at full rank runs the base's convolutions: {first} MACs != base {count_macs(base, x)}"
