@@ -86,7 +86,7 @@ class DigitsCNN(StagedNet):
 
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: float = 1.0, depth: float = 1.0) -> None:
         c1, c2, c3 = (max(4, round(c * width)) for c in (16, 32, 64))
-        n = max(1, round(2 * depth))
+        n = _repeats(2, depth)
         cbr = lambda a, b: _conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, a, b, 3, padding=1)  # noqa: E731
         stage1 = [cbr(in_channels, c1)] + [cbr(c1 if i == 0 else c2, c2) for i in range(n - 1)]
         stage1.append(nn.MaxPool2d(2))
@@ -118,7 +118,7 @@ class MNIST1DCNN(StagedNet):
     """
 
     def __init__(self, *, length: int = 40, num_classes: int = 10, channels: int = 25, depth: float = 1.0) -> None:
-        n = max(1, round(2 * depth))
+        n = _repeats(2, depth)
         convs: list[nn.Module] = [nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU()]
         later: list[nn.Module] = []
         for _ in range(n):
@@ -168,8 +168,10 @@ _MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6,
 
 
 def _repeats(n: int, depth: float) -> int:
-    # EfficientNet's round_repeats: ceil, so that a stage never disappears.
-    return max(1, math.ceil(n * depth))
+    # EfficientNet's round_repeats (and torchvision's adjust_depth): ceil, so that a stage never
+    # disappears; every built-in net scales its depth through this. The 1e-9 keeps a product of
+    # multipliers that should be 1.0 (1.2**phi * 1.2**-phi) from rounding up to an extra block.
+    return max(1, math.ceil(n * depth - 1e-9))
 
 
 def _scaled_resnet(name: str, num_classes: int, width: float, depth: float) -> nn.Module:

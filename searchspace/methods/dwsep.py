@@ -19,6 +19,14 @@ Frobenius norm is the leading singular pair (Eckart-Young). The factors are bala
 sum to >= 0, so that the ReLU between them passes the typical response. With ``activation = False``
 the pair is kept linear (no BN/ReLU between), and the fit is then the exact best separable
 approximation of the base layer.
+
+Changes from the paper, and why (one place): MobileNet builds and trains a separable network from
+scratch; here each eligible conv of the given base is replaced in place and starts from the
+least-squares fit above (or fresh, ``init = "random"``) before the trial fine-tunes, because a trial
+has a fine-tuning budget, not a training one. The BN + ReLU between depthwise and pointwise is
+searched (``activation``; the paper always has it), the first conv may stay dense
+(``first_layer``, as MobileNet keeps its first layer a full conv), and the resolution multiplier
+rho is left to the ``scale`` method.
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ What the search chooses:
   ``uniform`` (MSDNet: all 1) or ``linear`` (k / K, deeper exits weigh more, as SDN, Kaya et al.,
   ICML 2019). Distillation from the base (searched for every method) applies to every exit;
 - ``thresholds``: ``direct`` (``threshold_k`` per exit) or ``budget`` with the geometric ``q``.
+
+Changes from the paper, and why (one place): MSDNet's multi-scale dense architecture is not built;
+exits are attached to the given base (after stages or blocks), because the search compresses a
+user's trained model. The exit classifiers are lighter than MSDNet's (two strided 3x3 convs, then
+pooling and a linear layer): average pooling + linear or an iSQRT-COV head, so that an early exit
+actually saves compute on these small nets. ``frozen`` training (only heads learn), ``linear``
+loss weights (SDN) and ``direct`` thresholds are search options the paper does not have; the
+``budget`` thresholds follow its procedure as written.
 """
 
 from __future__ import annotations

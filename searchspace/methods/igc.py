@@ -17,6 +17,11 @@ M_in*M_out*k/L + M_out*L (+ M_out bias). L = 1 is the dense conv exactly (second
 Initialisation: the primary conv keeps the block-diagonal part of the base kernel and the secondary
 conv starts as the identity, so every output starts as the base output restricted to its partition's
 inputs (the paper trains from scratch; this is the closest start a trained base offers).
+
+Changes from the paper, and why (one place): each eligible conv of the given base is replaced, with
+L (``partitions``) capped per layer at a common divisor of its channel counts, instead of building
+the paper's IGC networks; the start is the trained kernel's block-diagonal part (above) rather than
+training from scratch, because a trial only fine-tunes.
 """
 
 from __future__ import annotations

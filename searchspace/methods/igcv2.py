@@ -19,6 +19,12 @@ is searched; ``convs = 1`` would be Xception / depthwise-separable, which is the
 Parameters: M_in*k + sum_{l<L} M_in*K_l + K_L*M_out (+ M_out bias).
 The chain is linear (no BN/ReLU inside), as the paper's IGCV2 block; initialisation is a fresh
 conv's (the structured kernel has no closed-form fit to a dense one).
+
+Changes from the paper, and why (one place): each eligible conv of the given base is replaced instead
+of building the paper's IGCV2 networks; the balance condition is met exactly only where M_in is a
+perfect power (else the prime factors are dealt as evenly as possible); only 2 or 3 group 1x1 convs
+are searched (``convs``: the small channel counts here have few prime factors to deal); the
+chain starts from a fresh initialisation and is fine-tuned, not trained from scratch.
 """
 
 from __future__ import annotations

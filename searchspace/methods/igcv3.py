@@ -16,6 +16,12 @@ t*M_in / G2 >= G1 (enforced by lowering G2). The reference figure uses G1 = G2 =
 
 Parameters: M_in*t*M_in/G1 + 2*t*M_in (BN) + t*M_in*k + 2*t*M_in (BN) + t*M_in*M_out/G2 (+ M_out bias).
 Initialisation is a fresh block's: the bottleneck has no closed-form fit to a dense kernel.
+
+Changes from the paper, and why (one place): each eligible conv of the given base is replaced by the
+block instead of building the paper's IGCV3 network, so the block's input and output widths are the
+base layer's; ``groups2`` is lowered where needed to keep the loose complementary condition;
+``expansion``, ``groups1``, ``groups2`` are searched (the reference figure fixes G1 = G2 = 2) and
+the first conv may stay dense (``first_layer``); fresh initialisation, then fine-tuning.
 """
 
 from __future__ import annotations

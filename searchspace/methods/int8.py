@@ -13,6 +13,13 @@ Where the whole model cannot be FX-traced (a forward that branches on ``x.dim()`
 is quantised on its own, recursively; a part that cannot be traced at all stays float and the notes
 name it. Layers whose weight is computed from shared factors (e.g. T-Net) are first frozen into
 plain layers with their current weight: int8 is post-training, nothing trains the factors any more.
+
+Changes from the paper, and why (one place): Jacob et al. train with simulated quantisation
+(quantisation-aware training) and run integer-only arithmetic; here quantisation is post-training
+(calibration only, no fine-tuning: the trial does not fine-tune int8 models, ``finetune = False``)
+and runs on PyTorch's x86 kernels, because post-training int8 is what a user applies to a finished
+model within a trial's budget. ``dynamic`` mode is not in the paper at all (PyTorch's
+weight-only + on-the-fly activation scheme) and is offered as the cheap alternative.
 """
 
 from __future__ import annotations

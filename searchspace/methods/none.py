@@ -1,4 +1,8 @@
-"""The base model as it is: the reference point every other method is compared against."""
+"""The base model as it is: the reference point every other method is compared against.
+
+Changes from the paper: none (no paper; the trial still fine-tunes it like every other chain, so
+the comparison is at equal training budget).
+"""
 
 from __future__ import annotations
 

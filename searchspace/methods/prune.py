@@ -8,27 +8,55 @@ object; the pruning algorithm only calls it (the Torch-Pruning ``Importance`` pr
 criterion is one new subclass of :class:`ChannelCriterion`:
 
 - ``l1``: Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017 -- the sum of absolute weights
-  of the filter that produces the channel (only the producing filters: Torch-Pruning's own
-  ``MagnitudeImportance`` also adds the BN scale and the consuming layers' weights, which is not
-  the paper's criterion).
+  of the filter that produces the channel.
 - ``apoz``: Hu et al., "Network Trimming", arXiv:1607.03250, 2016 -- the average percentage of zeros
   of the channel's post-ReLU activation on training batches; many zeros = unimportant.
-- ``thinet``: Luo et al., "ThiNet", ICCV 2017 -- on sampled training data, greedily remove the input
-  channel of the next layer whose removal changes that layer's output least (the removed set is grown
-  one channel at a time minimising the squared sum of the removed channels' contributions).
+- ``thinet``: Luo et al., "ThiNet", ICCV 2017 -- layer by layer on the progressively pruned network,
+  greedily remove the input channels of the next layer whose removal changes that layer's output
+  least, then rescale the kept channels by least squares.
 - ``gates``: Wang et al., "Interpret Neural Networks by Identifying Critical Data Routing Paths",
-  CVPR 2018 -- a non-negative scalar gate per channel, trained with the network frozen, an L1
-  sparsity penalty and distillation from the unpruned model; small gates are removed. The trained
-  gates of kept channels are folded into the weights (exact, gates are >= 0 and sit before ReLU).
+  CVPR 2018 -- per-sample non-negative control gates on every layer's output channels, learned with
+  the network frozen by distillation plus L1 sparsity (no labels); the mean gate over training
+  samples is the channel's importance.
+- ``slimming``: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming",
+  ICCV 2017 -- one non-negative scaling factor per channel for the whole data set, under an L1
+  penalty; small factors are removed.
 
 Every prunable layer loses the same fraction of its channels (``ratio``), or each stage of the
 :class:`~automl._models.StagedNet` its own (``per_stage``); the trial fine-tunes afterwards.
+
+Changes from the papers, and why (one place):
+
+- ``l1``: only the producing filters are summed (Torch-Pruning's ``MagnitudeImportance`` also adds
+  the BN scale and the consuming layers' weights, which is not the paper's criterion). The paper
+  prunes and retrains layer by layer or all at once; here all at once, then the trial fine-tunes.
+- ``apoz``: zeros are counted on the real ``nn.ReLU``/``nn.ReLU6`` outputs. A channel whose layer
+  output reaches no ReLU unchanged (MobileNetV2's linear bottlenecks, a ResNet BN before the
+  residual add, a functional ``F.relu``) has no APoZ: the paper does not define it. Such groups are
+  ranked by the ``l1`` criterion of their producing filters (``fallback="l1"``, the default) or left
+  unpruned (``fallback="keep"``); the trial notes list them (``prune.apoz_fallback``). The paper
+  prunes iteratively with retraining between rounds; here one round, then fine-tuning.
+- ``thinet``: the paper fine-tunes one or two epochs after each layer; here the layers are pruned
+  in turn without fine-tuning in between (the trial's fine-tuning budget comes after the last),
+  which keeps a trial within its budget. Sampled positions and rows are capped (``positions``,
+  ``rows``). A group whose channels no dense layer reads (only depthwise convolutions or the logits
+  layer consume them) has no reconstruction error to measure and falls back to ``l1``.
+- ``gates``: the paper's optimiser settings were not checked against its code; here Adam (lr 0.1)
+  for ``gate_steps`` iterations per batch of samples, gates initialised at 1 and projected to
+  ``>= 0`` after each step. Gates sit on BatchNorm outputs (or conv outputs with no BN after them),
+  before the ReLU: for a gate ``g >= 0``, ``relu(g x) = g relu(x)``, so this is the paper's gate on
+  the layer's output. The classifier's output layer carries no gate (it is never pruned).
+- ``slimming``: the paper trains the weights and BN scales together from the start with the L1
+  penalty; here the trained weights stay frozen and a separate gate per channel is trained with
+  the task loss, the L1 penalty and a KL term to the unpruned model for ``gate_epochs`` epochs,
+  then folded into the weights (exact: gates are ``>= 0`` and sit before the ReLU). A trial cannot
+  retrain the base from scratch.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +69,24 @@ from searchspace._domains import Categorical, Float, Int
 from searchspace._registry import register_method
 from searchspace._surgery import clone
 
-__all__ = ["APoZ", "ChannelCriterion", "CRITERIA", "L1Filter", "LearnedGates", "ThiNet", "Prune"]
+__all__ = [
+    "APoZ",
+    "CRITERIA",
+    "ChannelCriterion",
+    "CriticalPathGates",
+    "L1Filter",
+    "NetworkSlimming",
+    "Prune",
+    "ThiNet",
+]
 
 #: Stages that get their own ratio when ``per_stage`` is on; deeper stages share the last one.
 MAX_STAGE_RATIOS = 4
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _CONV_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+_OUT = (*_CONV_OUT, tp.prune_batchnorm_out_channels)
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
 def _accumulate(group: Any, pieces: list[tuple[torch.Tensor, list[int]]]) -> torch.Tensor | None:
@@ -64,6 +104,10 @@ def _accumulate(group: Any, pieces: list[tuple[torch.Tensor, list[int]]]) -> tor
     return out / hits.clamp(min=1)
 
 
+def _root(group: Any) -> nn.Module:
+    return group[0].dep.target.module
+
+
 class ChannelCriterion(tp.importance.Importance, abc.ABC):
     """A channel-importance criterion: higher score = keep. Torch-Pruning calls it once per group.
 
@@ -73,13 +117,23 @@ class ChannelCriterion(tp.importance.Importance, abc.ABC):
 
     name: ClassVar[str]
     reference: ClassVar[str]
+    #: True for criteria defined layer by layer on the progressively pruned network (ThiNet): the
+    #: pruner then scores and prunes one group at a time, in forward order, each scored on the
+    #: model with every earlier group already pruned. False: all groups scored on the unpruned model.
+    layerwise: ClassVar[bool] = False
 
     def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
         """Collect statistics from ``model`` and ``context`` (default: nothing to collect)."""
 
     @abc.abstractmethod
     def __call__(self, group: Any) -> torch.Tensor | None:
-        """One score per channel of ``group``'s root layer, or None when the group has none."""
+        """One score per channel of ``group``'s root layer, or None to leave the group unpruned."""
+
+    def before_prune(self, group: Any) -> None:
+        """Called with each pruning group (the channels about to go) just before they are removed.
+
+        Default: nothing. ThiNet rescales the kept channels here.
+        """
 
 
 class L1Filter(ChannelCriterion):
@@ -97,90 +151,207 @@ class L1Filter(ChannelCriterion):
         return _accumulate(group, pieces)
 
 
-class _ActivationHooks:
-    """Runs calibration batches through a model with forward hooks on chosen modules."""
+class _DirectConsumers:
+    """Which module receives a conv/BN output tensor unchanged, found with forward hooks.
 
-    @staticmethod
+    A consumer counts when its first input *is* the producer's output tensor and that tensor has
+    not been modified in place since (its version counter is unchanged): torchvision's ResNet adds
+    the shortcut in place (``out += identity``) before its ReLU, which must not count as the BN
+    feeding the ReLU. ``on_consume(producer, consumer, output)`` is called after each such consumer
+    ran, so activation modules shared by several layers (torchvision reuses one ReLU per block)
+    are attributed call by call.
+    """
+
+    def __init__(self, model: nn.Module, on_consume: Any = None) -> None:
+        self.model, self.on_consume = model, on_consume
+        self.consumers: dict[nn.Module, set[type]] = {}
+        self._live: dict[int, tuple[nn.Module, int, torch.Tensor]] = {}
+        self._pending: dict[nn.Module, list[nn.Module]] = {}
+
+    def _produced(self, module: nn.Module, inputs: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self._live[id(out)] = (module, out._version, out)
+
+    def _pre(self, module: nn.Module, inputs: Any) -> None:
+        x = inputs[0] if inputs else None
+        hit = self._live.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if hit is not None and hit[2] is x and hit[1] == x._version:
+            self.consumers.setdefault(hit[0], set()).add(type(module))
+            self._pending.setdefault(module, []).append(hit[0])
+
+    def _post(self, module: nn.Module, inputs: Any, out: Any) -> None:
+        producers = self._pending.pop(module, [])
+        if producers and self.on_consume is not None:
+            self.on_consume(producers[-1], module, out)
+
     @torch.no_grad()
-    def run(model: nn.Module, modules: list[nn.Module], hook: Any, context: ApplyContext, batches: int) -> None:
-        handles = [m.register_forward_hook(hook) for m in modules]
-        was_training = model.training
-        model.eval()
+    def run(self, batches: Iterator[torch.Tensor]) -> None:
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = []
+        for m in leaves:
+            handles.append(m.register_forward_pre_hook(self._pre))
+            handles.append(m.register_forward_hook(self._post))
+            if isinstance(m, _PRODUCERS):
+                handles.append(m.register_forward_hook(self._produced))
+        was_training = self.model.training
+        self.model.eval()
         try:
-            for x, _ in context.batches(batches):
-                model(x)
+            for x in batches:
+                self.model(x)
+                self._live.clear()
+                self._pending.clear()
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
+            self.model.train(was_training)
+
+
+def _calibration_inputs(context: ApplyContext, limit: int) -> Iterator[torch.Tensor]:
+    return (x for x, _ in context.batches(limit))
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
 
 
 class APoZ(ChannelCriterion):
-    """1 - average percentage of zeros after ReLU, per channel (Hu et al., 2016).
+    """1 - average percentage of zeros of the channel's ReLU output (Hu et al., 2016).
 
-    The zeros are counted at the output of each BatchNorm (or of a convolution that has no BatchNorm
-    after it): ReLU maps exactly the non-positive values there to zero, and this is the one place the
-    channel is still identified with its layer (torchvision ResNets reuse one ReLU module).
+    Zeros are counted on the outputs of the real ``nn.ReLU`` / ``nn.ReLU6`` modules, attributed to
+    the conv or BatchNorm whose output the activation received unchanged (see
+    :class:`_DirectConsumers`). Groups with no such channel use ``fallback``.
+
+    Args:
+        batches: calibration batches to count on.
+        fallback: ``"l1"`` (rank such groups by their filters' L1 norm) or ``"keep"`` (leave them
+            unpruned).
     """
 
     name = "apoz"
     reference = "Hu et al., 2016, arXiv:1607.03250 (Network Trimming, APoZ)"
+    FALLBACKS = ("l1", "keep")
 
-    def __init__(self, *, batches: int = 4) -> None:
-        self.batches = batches
+    def __init__(self, *, batches: int = 4, fallback: str = "l1") -> None:
+        if fallback not in self.FALLBACKS:
+            raise ValueError(f"apoz fallback must be one of {list(self.FALLBACKS)}, got {fallback!r}")
+        self.batches, self.fallback = batches, fallback
         self.zeros: dict[nn.Module, torch.Tensor] = {}
+        self.names: dict[nn.Module, str] = {}
+        self.notes: dict[str, Any] = {}
 
     def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
         sums: dict[nn.Module, torch.Tensor] = {}
         counts: dict[nn.Module, int] = {}
 
-        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        def count(producer: nn.Module, act: nn.Module, out: torch.Tensor) -> None:
+            if not isinstance(act, _ACTIVATIONS):
+                return
             dims = [d for d in range(out.dim()) if d != 1]
-            sums[module] = sums.get(module, 0) + (out <= 0).float().sum(dims).cpu()
-            counts[module] = counts.get(module, 0) + out.numel() // out.shape[1]
+            sums[producer] = sums.get(producer, 0) + (out <= 0).float().sum(dims).cpu()
+            counts[producer] = counts.get(producer, 0) + out.numel() // out.shape[1]
 
-        layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))]
-        _ActivationHooks.run(model, layers, hook, context, self.batches)
+        _DirectConsumers(model, count).run(_calibration_inputs(context, self.batches))
         self.zeros = {m: sums[m] / counts[m] for m in sums}
+        self.names = _names(model)
+        self.notes = context.notes
+        self.notes["prune.apoz_fallback"] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        bn = [(dep, idxs, group[i].root_idxs) for i, (dep, idxs) in enumerate(group) if dep.pruning_fn == tp.prune_batchnorm_out_channels]
-        conv = [(dep, idxs, group[i].root_idxs) for i, (dep, idxs) in enumerate(group) if dep.pruning_fn in _CONV_OUT]
-        pieces = [(1.0 - self.zeros[dep.layer][idxs], root) for dep, idxs, root in (bn or conv) if dep.layer in self.zeros]
-        return _accumulate(group, pieces)
+        pieces = [
+            (1.0 - self.zeros[dep.layer][idxs], group[i].root_idxs)
+            for i, (dep, idxs) in enumerate(group)
+            if dep.pruning_fn in _OUT and dep.layer in self.zeros
+        ]
+        if pieces:
+            return _accumulate(group, pieces)
+        self.notes.setdefault("prune.apoz_fallback", {})[self.names.get(_root(group), "?")] = self.fallback
+        return L1Filter()(group) if self.fallback == "l1" else None
+
+
+class _Stop(Exception):
+    """Ends a calibration forward early once the hooked layers have their inputs."""
 
 
 class ThiNet(ChannelCriterion):
-    """Greedy next-layer reconstruction (Luo et al., ICCV 2017).
+    """ThiNet (Luo et al., ICCV 2017): greedy next-layer reconstruction, layer by layer.
 
-    For each layer that consumes the group's channels (a dense convolution or linear layer), the
-    output at sampled positions is the sum of one contribution per input channel. Channels are
-    removed one at a time, each time the one that keeps the summed contribution of all removed
-    channels smallest (the paper's greedy solution of its Eq. 6); the removal order is the score.
+    For the layers that consume the group's channels (dense convolutions or linear layers), the
+    output at sampled positions is the sum of one contribution per input channel, computed on the
+    current (already partly pruned) network. Channels are removed one at a time, each time the one
+    that keeps the squared sum of all removed channels' contributions smallest (the paper's
+    Algorithm 1, a greedy solution of its Eq. 6); the removal order is the score. Just before the
+    removal, each consumer's kept input channels are rescaled by the least-squares weights that
+    best reproduce its output from the kept channels alone (the paper's Eq. 7).
+
+    Args:
+        batches: calibration batches run through the current network per group.
+        positions: sampled output positions per consumer layer.
+        rows: cap on (position, filter) rows used for selection and least squares.
+        seed: seed of the position sampling.
+        least_squares: apply the least-squares rescaling (False only to measure what it adds).
     """
 
     name = "thinet"
     reference = "Luo et al., ICCV 2017, arXiv:1707.06342 (ThiNet)"
+    layerwise = True
 
-    def __init__(self, *, batches: int = 2, positions: int = 256, rows: int = 4096, seed: int = 0) -> None:
+    def __init__(
+        self, *, batches: int = 2, positions: int = 256, rows: int = 4096, seed: int = 0, least_squares: bool = True
+    ) -> None:
         self.batches, self.positions, self.rows, self.seed = batches, positions, rows, seed
-        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.least_squares = least_squares
+        self.model: nn.Module | None = None
+        self.context: ApplyContext | None = None
+        self._pending: dict[nn.Module, tuple[int, list[tuple[nn.Module, list[int], list[int], torch.Tensor]]]] = {}
+        self.names: dict[nn.Module, str] = {}
 
     def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
+        self.model, self.context = model, context
+        self.names = _names(model)
+        context.notes["prune.thinet_rescaled"] = {}
+
+    def _inputs(self, layers: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
+        """Inputs of ``layers`` on calibration batches, run through the current model.
+
+        Each forward stops once every layer of ``layers`` has seen its input (the rest of the
+        network is not needed).
+        """
         seen: dict[nn.Module, list[torch.Tensor]] = {}
+        hit: set[nn.Module] = set()
 
-        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: Any) -> None:
             seen.setdefault(module, []).append(inputs[0].detach().cpu())
+            hit.add(module)
+            if len(hit) == len(layers):
+                raise _Stop
 
-        layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1]
-        _ActivationHooks.run(model, layers, hook, context, self.batches)
-        self.inputs = {m: torch.cat(v) for m, v in seen.items()}
+        assert self.model is not None and self.context is not None, "prepare() must run first"
+        handles = [m.register_forward_pre_hook(hook) for m in layers]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for x in _calibration_inputs(self.context, self.batches):
+                    hit.clear()
+                    try:
+                        self.model(x)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        return {m: torch.cat(v) for m, v in seen.items()}
 
-    def _contributions(self, layer: nn.Module, gen: torch.Generator) -> torch.Tensor:
-        """(rows, in_features): the contribution of each input channel to sampled outputs."""
-        x, w = self.inputs[layer], layer.weight.detach().cpu()
+    def contributions(self, layer: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(rows, in_channels): each input channel's contribution to sampled outputs of ``layer``.
+
+        A row is one (sampled position, output filter) pair; the row sum is the layer's output
+        there without bias.
+        """
+        w = layer.weight.detach().cpu()
         if isinstance(layer, nn.Linear):
-            a = x.reshape(-1, x.shape[-1])[:, None, :] * w[None]  # (N, O, I)
+            patches, w = x.reshape(-1, x.shape[-1], 1), w.unsqueeze(2)  # (S, I, 1), (O, I, 1)
         else:
             if isinstance(layer, nn.Conv1d):
                 x, w = x.unsqueeze(2), w.unsqueeze(2)
@@ -192,18 +363,22 @@ class ThiNet(ChannelCriterion):
             cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*K, L)
             n, ck, length = cols.shape
             c = w.shape[1]
-            cols = cols.view(n, c, ck // c, length)
-            pick = torch.randint(0, n * length, (min(self.positions, n * length),), generator=gen)
-            patches = cols.permute(0, 3, 1, 2).reshape(n * length, c, ck // c)[pick]  # (S, C, K)
-            a = torch.einsum("sck,ock->soc", patches, w.flatten(2))
-        a = a.reshape(-1, a.shape[-1])
-        if a.shape[0] > self.rows:
-            a = a[torch.randperm(a.shape[0], generator=gen)[: self.rows]]
-        return a
+            pick = torch.randperm(n * length, generator=gen)[: min(self.positions, n * length)]
+            patches = cols.view(n, c, ck // c, length).permute(0, 3, 1, 2).reshape(n * length, c, ck // c)[pick]  # (S, C, K)
+            w = w.flatten(2)  # (O, C, K)
+        # Rows are (position, filter) pairs: all of them when they fit in ``rows``, else a sample.
+        pairs = patches.shape[0] * w.shape[0]
+        chosen = torch.arange(pairs) if pairs <= self.rows else torch.randperm(pairs, generator=gen)[: self.rows]
+        pos, filt = chosen // w.shape[0], chosen % w.shape[0]
+        return (patches[pos] * w[filt]).sum(2)
 
     @staticmethod
     def greedy_order(a: torch.Tensor) -> torch.Tensor:
-        """Scores from the greedy removal order: the first channel removed gets 0."""
+        """Scores from the greedy removal order of Algorithm 1: the first channel removed gets 0.
+
+        Each step removes the channel ``c`` minimising ``||r + a_c||^2`` with ``r`` the summed
+        contribution of the channels removed so far.
+        """
         n = a.shape[1]
         a = a.double()
         sq = a.square().sum(0)
@@ -219,24 +394,171 @@ class ThiNet(ChannelCriterion):
             removed_sum += a[:, c]
         return score
 
+    @staticmethod
+    def scaling(a: torch.Tensor, kept: list[int]) -> torch.Tensor:
+        """Least-squares weights ``w`` minimising ``||a.sum(1) - a[:, kept] @ w||^2`` (Eq. 7)."""
+        target = a.double().sum(1, keepdim=True)
+        return torch.linalg.lstsq(a[:, kept].double(), target).solution[:, 0]
+
     def __call__(self, group: Any) -> torch.Tensor | None:
         gen = torch.Generator().manual_seed(self.seed)
         n = len(group[0].idxs)
+        consumers = [
+            (dep.layer, idxs, group[i].root_idxs)
+            for i, (dep, idxs) in enumerate(group)
+            if dep.pruning_fn in _CONV_IN and getattr(dep.layer, "groups", 1) == 1 and not any(r is None for r in group[i].root_idxs)
+        ]
+        inputs = self._inputs(list(dict.fromkeys(layer for layer, _, _ in consumers)))
         blocks = []
-        for i, (dep, idxs) in enumerate(group):
-            if dep.pruning_fn not in _CONV_IN or dep.layer not in self.inputs:
+        for layer, idxs, root in consumers:
+            if layer not in inputs:
                 continue
-            root = group[i].root_idxs
-            if any(r is None for r in root):
-                continue
-            a = self._contributions(dep.layer, gen)[:, idxs]
+            a = self.contributions(layer, inputs[layer], gen)[:, idxs]
             # Several inputs of one layer may come from one root channel (flatten -> linear).
             merged = torch.zeros(a.shape[0], n, dtype=a.dtype)
             merged.index_add_(1, torch.as_tensor(root, dtype=torch.long), a)
-            blocks.append(merged)
+            blocks.append((layer, list(idxs), list(root), merged))
         if not blocks:
-            return L1Filter()(group)  # no dense consumer (e.g. the logits layer): fall back to weights
-        return self.greedy_order(torch.cat(blocks))
+            self.context.notes.setdefault("prune.thinet_fallback_l1", []).append(self.names.get(_root(group), "?"))  # type: ignore[union-attr]
+            return L1Filter()(group)  # no dense consumer (e.g. only the logits layer): fall back to weights
+        self._pending[_root(group)] = (n, blocks)
+        return self.greedy_order(torch.cat([b[3] for b in blocks]))
+
+    @torch.no_grad()
+    def before_prune(self, group: Any) -> None:
+        pending = self._pending.pop(_root(group), None)
+        if pending is None or not self.least_squares:
+            return
+        n, blocks = pending
+        removed = set(int(r) for r in group[0].root_idxs)
+        kept = [c for c in range(n) if c not in removed]
+        if not kept or not removed:
+            return
+        notes = self.context.notes.setdefault("prune.thinet_rescaled", {})  # type: ignore[union-attr]
+        for layer, idxs, root, a in blocks:
+            if a.shape[0] < len(kept):
+                continue  # under-determined: keep the weights as they are
+            w = self.scaling(a, kept)
+            target = a.double().sum(1)
+            before = float((target - a[:, kept].double().sum(1)).square().sum())
+            after = float((target - a[:, kept].double() @ w).square().sum())
+            per_root = torch.ones(n, dtype=torch.float64)
+            per_root[kept] = w
+            cols = torch.as_tensor(idxs, dtype=torch.long)
+            scale = per_root[torch.as_tensor(root, dtype=torch.long)].to(layer.weight.dtype).to(layer.weight.device)
+            layer.weight[:, cols] *= scale.view(1, -1, *([1] * (layer.weight.dim() - 2)))
+            notes[self.names.get(layer, "?")] = [before, after]
+
+
+def _gate_layers(model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
+    """Every BatchNorm, and every convolution whose output no BatchNorm takes directly."""
+    probe = _DirectConsumers(model)
+    probe.run(iter([example]))
+    names = _names(model)
+    out: dict[str, nn.Module] = {}
+    for m, n in names.items():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out[n] = m
+        elif isinstance(m, nn.modules.conv._ConvNd) and m in probe.consumers:
+            if not any(issubclass(t, nn.modules.batchnorm._BatchNorm) for t in probe.consumers[m]):
+                out[n] = m
+    return out
+
+
+def _width(m: nn.Module) -> int:
+    return m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.out_channels
+
+
+class CriticalPathGates(ChannelCriterion):
+    """Critical data routing paths (Wang et al., CVPR 2018): per-sample gates, mean gate as score.
+
+    For each calibration sample ``x`` and every gated layer, a gate vector ``g(x) >= 0`` (one entry
+    per output channel, initialised at 1) multiplies the layer's output. With every weight frozen
+    (BatchNorm in eval mode, so samples do not interact), the gates of each sample minimise
+
+        KL(softmax(f(x)) || softmax(f(x; g(x)))) + l1 * sum |g(x)|
+
+    -- distillation from the network's own original prediction plus L1 sparsity; no label is
+    used. A batch of samples is optimised at once: the loss is a sum of per-sample terms and Adam
+    works per coordinate, so each sample's gates follow their own problem exactly. The channel
+    importance is the mean gate over the samples (a channel that no sample routes through scores
+    0; one that every sample needs scores about 1); ``prune.gates_unused`` in the notes counts the
+    channels closed (< 1e-3) on every sample.
+
+    Args:
+        batches: calibration batches whose samples get gates.
+        steps: gate-optimisation iterations per batch (``gate_steps`` overrides).
+        l1: weight of the L1 penalty (``gate_l1`` overrides).
+        lr: Adam learning rate.
+    """
+
+    name = "gates"
+    reference = "Wang et al., CVPR 2018, arXiv:1803.06629 (critical data routing paths)"
+
+    def __init__(self, *, batches: int = 4, steps: int = 30, l1: float = 0.01, lr: float = 0.1) -> None:
+        self.batches, self.steps, self.l1, self.lr = batches, steps, l1, lr
+        self.gates: dict[nn.Module, torch.Tensor] = {}
+
+    def sample_gates(self, model: nn.Module, layers: Mapping[str, nn.Module], x: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """The (samples, channels) gates of every layer in ``layers`` for the samples ``x``."""
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        model.eval()
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        gates = {m: torch.ones(len(x), _width(m), device=x.device, requires_grad=True) for m in layers.values()}
+
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            g = gates[module]
+            return out * g.view(*g.shape, *([1] * (out.dim() - 2)))
+
+        try:
+            with torch.no_grad():
+                target = F.log_softmax(model(x), dim=1)
+            handles = [m.register_forward_hook(hook) for m in gates]
+            opt = torch.optim.Adam(list(gates.values()), lr=self.lr)
+            try:
+                for _ in range(self.steps):
+                    logits = model(x)
+                    kl = F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="none").sum(1)
+                    l1 = torch.cat(list(gates.values()), dim=1).sum(1)  # gates are >= 0: this is |g|_1
+                    loss = (kl + self.l1 * l1).sum()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for g in gates.values():
+                            g.clamp_(min=0)
+            finally:
+                for h in handles:
+                    h.remove()
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            model.train(was_training)
+        return {m: g.detach() for m, g in gates.items()}
+
+    def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
+        self.steps = int(params.get("gate_steps", self.steps))
+        self.l1 = float(params.get("gate_l1", self.l1))
+        layers = _gate_layers(model, context.example_input)
+        sums: dict[nn.Module, torch.Tensor] = {m: torch.zeros(_width(m)) for m in layers.values()}
+        peak: dict[nn.Module, torch.Tensor] = {m: torch.zeros(_width(m)) for m in layers.values()}
+        samples = 0
+        for x in _calibration_inputs(context, self.batches):
+            for m, g in self.sample_gates(model, layers, x).items():
+                sums[m] += g.sum(0).cpu()
+                peak[m] = torch.maximum(peak[m], g.max(0).values.cpu())
+            samples += len(x)
+        if samples == 0:
+            raise ValueError("prune.criterion=gates needs calibration samples, but the context gave none")
+        self.gates = {m: s / samples for m, s in sums.items()}
+        context.notes["prune.gates_samples"] = samples
+        context.notes["prune.gates_unused"] = int(sum(int((p < 1e-3).sum()) for p in peak.values()))
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        pieces = [(self.gates[dep.layer][idxs], group[i].root_idxs) for i, (dep, idxs) in enumerate(group) if dep.layer in self.gates and dep.pruning_fn in _OUT]
+        return _accumulate(group, pieces) if pieces else L1Filter()(group)
 
 
 class _Gated(nn.Module):
@@ -247,8 +569,7 @@ class _Gated(nn.Module):
         self.net = net
         for p in net.parameters():
             p.requires_grad_(False)
-        width = {n: (m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.out_channels) for n, m in layers.items()}
-        self.gates = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.ones(c)) for n, c in width.items()})
+        self.gates = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.ones(_width(m))) for n, m in layers.items()})
         self._handles = [m.register_forward_hook(self._hook(n.replace(".", "/"))) for n, m in layers.items()]
         self.last_input: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
@@ -261,7 +582,7 @@ class _Gated(nn.Module):
         return hook
 
     def train(self, mode: bool = True) -> _Gated:
-        # The paper trains only the gates: BatchNorm keeps its running statistics.
+        # Only the gates train: BatchNorm keeps its running statistics.
         super().train(mode)
         self.net.eval()
         return self
@@ -279,42 +600,23 @@ class _Gated(nn.Module):
         return {k.replace("/", "."): v.detach().clamp(min=0) for k, v in self.gates.items()}
 
 
-class LearnedGates(ChannelCriterion):
-    """Critical-data-routing-path gates (Wang et al., CVPR 2018), learned then used as scores.
+class NetworkSlimming(ChannelCriterion):
+    """One scaling factor per channel for the whole data set under L1 (Liu et al., ICCV 2017).
 
-    Gates sit on every BatchNorm output, and on the output of every convolution that no BatchNorm
-    follows. Loss = the trial's task loss + ``l1`` * mean gate + KL to the unpruned model's
-    predictions (the paper's distillation: the gated net must keep the original decision).
+    Gates sit on every BatchNorm output and on the output of every convolution no BatchNorm takes.
+    Loss = the trial's task loss + ``gate_l1`` * mean gate + KL to the unpruned model's predictions,
+    for ``gate_epochs`` epochs of ``context.fit``; see the module docstring for how this differs
+    from the paper.
     """
 
-    name = "gates"
-    reference = "Wang et al., CVPR 2018, arXiv:1803.06629 (critical data routing paths)"
+    name = "slimming"
+    reference = "Liu et al., ICCV 2017, arXiv:1708.06519 (Network Slimming)"
 
     def __init__(self) -> None:
         self.gates: dict[nn.Module, torch.Tensor] = {}
 
-    @staticmethod
-    def _gate_layers(model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
-        order: list[str] = []
-        names = {m: n for n, m in model.named_modules()}
-        hooks = [m.register_forward_hook(lambda m, i, o: order.append(names[m])) for m in names if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))]
-        with torch.no_grad():
-            model.eval()(example)
-        for h in hooks:
-            h.remove()
-        mods = dict(model.named_modules())
-        out: dict[str, nn.Module] = {}
-        for i, n in enumerate(dict.fromkeys(order)):
-            m = mods[n]
-            nxt = mods[order[order.index(n) + 1]] if order.index(n) + 1 < len(order) else None
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                out[n] = m
-            elif not (isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == m.out_channels):
-                out[n] = m
-        return out
-
     def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
-        layers = self._gate_layers(model, context.example_input)
+        layers = _gate_layers(model, context.example_input)
         gated = _Gated(model, layers)
         base = context.base
         l1 = float(params.get("gate_l1", 0.01))
@@ -342,12 +644,12 @@ class LearnedGates(ChannelCriterion):
         context.notes["prune.gates_zero"] = int(sum(int((v <= 1e-3).sum()) for v in values.values()))
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        pieces = [(self.gates[dep.layer][idxs], group[i].root_idxs) for i, (dep, idxs) in enumerate(group) if dep.layer in self.gates and dep.pruning_fn in (*_CONV_OUT, tp.prune_batchnorm_out_channels)]
+        pieces = [(self.gates[dep.layer][idxs], group[i].root_idxs) for i, (dep, idxs) in enumerate(group) if dep.layer in self.gates and dep.pruning_fn in _OUT]
         return _accumulate(group, pieces) if pieces else L1Filter()(group)
 
 
 #: Criterion name -> class; the ``criterion`` hyperparameter chooses among these.
-CRITERIA: dict[str, type[ChannelCriterion]] = {c.name: c for c in (L1Filter, APoZ, ThiNet, LearnedGates)}
+CRITERIA: dict[str, type[ChannelCriterion]] = {c.name: c for c in (L1Filter, APoZ, ThiNet, CriticalPathGates, NetworkSlimming)}
 
 
 def prunable_output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -361,13 +663,42 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
     return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
 
 
+class _OneGroup(tp.importance.Importance):
+    """Scores only the group that holds ``root`` among its out-pruned layers; the others stay."""
+
+    def __init__(self, criterion: ChannelCriterion, root: nn.Module) -> None:
+        self.criterion, self.root = criterion, root
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        if any(dep.layer is self.root and dep.pruning_fn in _CONV_OUT for dep, _ in group):
+            return self.criterion(group)
+        return None
+
+
+def _forward_order(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    order: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: Any, out: Any) -> None:
+        order.setdefault(module, len(order))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 @register_method
 class Prune(CompressionMethod):
     """Filter pruning with Torch-Pruning's dependency graph and a searched importance criterion.
 
-    Searched: ``criterion`` (l1, apoz, thinet, gates), one ``ratio`` of channels removed from every
-    prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``), and for gates
-    the gate-training epochs and L1 weight. The trial fine-tunes (with the searched distillation)
+    Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), one ``ratio`` of channels removed
+    from every prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``);
+    for gates the gate-optimisation steps per sample batch and the L1 weight, for slimming the
+    gate-training epochs and the L1 weight. The trial fine-tunes (with the searched distillation)
     afterwards. The classifier's output layer is never pruned.
     """
 
@@ -375,13 +706,14 @@ class Prune(CompressionMethod):
     stage = Stage.PRUNE
     reference = (
         "Li et al. ICLR 2017 (L1); Hu et al. 2016 (APoZ); Luo et al. ICCV 2017 (ThiNet); Wang et al. CVPR 2018 "
-        "(gates); via Torch-Pruning DepGraph, Fang et al. CVPR 2023"
+        "(gates); Liu et al. ICCV 2017 (slimming); via Torch-Pruning DepGraph, Fang et al. CVPR 2023"
     )
     hyperparameters = {
         "criterion": Categorical(sorted(CRITERIA)),
         "ratio": Float(0.1, 0.7),
         "per_stage": Categorical([False, True]),
         **{f"stage_ratio_{i}": Float(0.0, 0.7) for i in range(MAX_STAGE_RATIOS)},
+        "gate_steps": Int(10, 60),
         "gate_epochs": Int(1, 3),
         "gate_l1": Float(1e-3, 1e-1, log=True),
     }
@@ -390,6 +722,8 @@ class Prune(CompressionMethod):
         out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion"), "per_stage": self.suggest(trial, "per_stage")}
         keys = [f"stage_ratio_{i}" for i in range(MAX_STAGE_RATIOS)] if out["per_stage"] else ["ratio"]
         if out["criterion"] == "gates":
+            keys += ["gate_steps", "gate_l1"]
+        elif out["criterion"] == "slimming":
             keys += ["gate_epochs", "gate_l1"]
         out.update({k: self.suggest(trial, k) for k in keys})
         return out
@@ -407,6 +741,19 @@ class Prune(CompressionMethod):
             return "no convolution to prune"
         return None
 
+    @staticmethod
+    def _ratio_of(model: nn.Module, params: Mapping[str, Any]) -> Any:
+        """A function layer -> pruning ratio, and the Torch-Pruning ``pruning_ratio_dict`` (or None)."""
+        if not params.get("per_stage"):
+            ratio = float(params.get("ratio", 0.0))
+            return (lambda layer: ratio), None
+        stages = list(getattr(model, "stages", []))
+        if not stages:
+            raise ValueError("prune.per_stage needs a StagedNet (a model with `stages`)")
+        ratios = {s: float(params[f"stage_ratio_{min(i, MAX_STAGE_RATIOS - 1)}"]) for i, s in enumerate(stages)}
+        owner = {m: r for s, r in ratios.items() for m in s.modules()}
+        return (lambda layer: owner.get(layer, 0.0)), ratios
+
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
         name = params["criterion"]
         if name not in CRITERIA:
@@ -415,23 +762,35 @@ class Prune(CompressionMethod):
         example = context.example_input
         criterion = CRITERIA[name]()
         criterion.prepare(out, context, params)
-        ratio_dict = None
-        if params.get("per_stage"):
-            stages = list(getattr(out, "stages", []))
-            if not stages:
-                raise ValueError("prune.per_stage needs a StagedNet (a model with `stages`)")
-            ratio_dict = {s: float(params[f"stage_ratio_{min(i, MAX_STAGE_RATIOS - 1)}"]) for i, s in enumerate(stages)}
+        ratio_of, ratio_dict = self._ratio_of(out, params)
+        ignored = prunable_output_layers(out, example)
         before = channel_counts(out)
-        pruner = tp.pruner.MetaPruner(
-            out,
-            example,
-            importance=criterion,
-            pruning_ratio=float(params.get("ratio", 0.0)),
-            pruning_ratio_dict=ratio_dict,
-            global_pruning=False,
-            ignored_layers=prunable_output_layers(out, example),
-        )
-        pruner.step()
+        if criterion.layerwise:
+            # One group at a time in forward order, each scored on the network pruned so far.
+            graph = tp.DependencyGraph().build_dependency(out, example_inputs=example)
+            roots = [_root(g) for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear))]
+            order = _forward_order(out, example)
+            for root in sorted(roots, key=lambda m: order.get(m, len(order))):
+                ratio = ratio_of(root)
+                if ratio <= 0:
+                    continue
+                pruner = tp.pruner.MetaPruner(out, example, importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
+                for group in pruner.step(interactive=True):
+                    criterion.before_prune(group)
+                    group.prune()
+        else:
+            pruner = tp.pruner.MetaPruner(
+                out,
+                example,
+                importance=criterion,
+                pruning_ratio=float(params.get("ratio", 0.0)),
+                pruning_ratio_dict=ratio_dict,
+                global_pruning=False,
+                ignored_layers=ignored,
+            )
+            for group in pruner.step(interactive=True):
+                criterion.before_prune(group)
+                group.prune()
         after = channel_counts(out)
         context.notes["prune.criterion"] = name
         context.notes["prune.channels"] = {n: [before[n], after[n]] for n in after if after[n] != before.get(n)}

@@ -11,6 +11,12 @@ partial Tucker (HOOI, SVD init), then the whole network is fine-tuned.
 Why not tltorch's ``FactorizedConv``: its Tucker forward contracts factors with tensorly ops each
 call, which torch's int8 quantisation, Torch-Pruning's dependency graph and ONNX export do not see as
 convolutions; three plain convs are the same maths and every tool downstream understands them.
+
+Changes from the paper, and why (one place): Kim et al. choose each layer's ranks by VBMF on the
+trained kernel; here the ranks are one searched fraction per mode (``rank_out``, ``rank_in``) for
+every layer, so the study can trade size against accuracy directly (VBMF ranks would make a natural
+enqueued starting point; not implemented). Layers whose decomposition would not save parameters
+stay dense (listed in the notes).
 """
 
 from __future__ import annotations

@@ -32,6 +32,12 @@ the square kernels of the built-in and torchvision nets.
 Initialisation: the least-squares fit of Phi to the base kernel. Each base weight is tied to exactly
 one Phi entry, so the fit is the mean of the base weights sharing an entry (closed form); ``init =
 "random"`` draws Phi like a fresh conv instead (for the comparison in BENCHMARKS.md).
+
+Changes from the paper, and why (one place): 2D kernels are sampled along their width axis (the paper
+is 1D); the integral-image reuse is replaced by the L-term diagonal sum and the forward is chosen by
+measurement (above); layers start from the least-squares fit to the trained kernel and are
+fine-tuned instead of trained from scratch (a trial's budget); the paper's headline compactness
+includes 8-bit weights, which here is the separate ``int8`` stage.
 """
 
 from __future__ import annotations

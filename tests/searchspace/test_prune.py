@@ -10,7 +10,10 @@ from torch import nn
 import searchspace
 from automl._measure import param_count, size_bytes
 from searchspace import ApplyContext
-from searchspace.methods.prune import CRITERIA, ThiNet
+import torch_pruning as tp
+
+from searchspace._surgery import clone
+from searchspace.methods.prune import CRITERIA, APoZ, CriticalPathGates, ThiNet, _gate_layers, _OneGroup
 from tests.conftest import BASE_MODELS, make_base
 
 
@@ -97,58 +100,169 @@ def test_thinet_prunes_the_channel_the_next_layer_ignores():
     assert _removed_channel(model, out) == {3}, f"thinet removed {_removed_channel(model, out)}, expected ignored channel 3"
 
 
-def test_thinet_greedy_order_matches_exhaustive_best_single():
+def _algorithm1_by_running_the_layer(conv: nn.Conv2d, x: torch.Tensor) -> list[int]:
+    """ThiNet's Algorithm 1 taken literally: grow the removed set T one channel at a time, each time
+    the channel i minimising ||sum_{j in T+{i}} x_j||^2, where that sum is measured by running the
+    layer (no bias) on the input with every channel but T+{i} zeroed, at every output position."""
+    c = x.shape[1]
+    removed: list[int] = []
+    while len(removed) < c:
+        def value(i: int) -> float:
+            mask = torch.zeros(1, c, 1, 1, dtype=torch.float64)
+            mask[0, removed + [i]] = 1
+            y = F.conv2d(x.double() * mask, conv.weight.detach().double(), None, conv.stride, conv.padding)
+            return float(y.square().sum())
+        removed.append(min((i for i in range(c) if i not in removed), key=value))
+    return removed
+
+
+def test_thinet_greedy_order_equals_algorithm_1_run_on_the_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 3, 3, padding=1)
+    x = torch.randn(2, 6, 5, 5) * torch.tensor([1.0, 0.2, 3.0, 0.7, 1.5, 0.05]).view(1, 6, 1, 1)
+    thinet = ThiNet(positions=10**6, rows=10**6)  # every (position, filter) row: no sampling
+    a = thinet.contributions(conv, x, torch.Generator().manual_seed(0))
+    assert a.shape == (2 * 25 * 3, 6), f"one row per position and filter expected, got {tuple(a.shape)}"
+    greedy = ThiNet.greedy_order(a).argsort().tolist()
+    brute = _algorithm1_by_running_the_layer(conv, x)
+    assert greedy == brute, f"greedy removal order {greedy} != Algorithm 1 run on the layer {brute}"
+
+
+def test_thinet_least_squares_is_the_normal_equation_solution_and_lowers_the_error():
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(200, 6, generator=gen)
-    a[:, 4] *= 0.01
-    order = ThiNet.greedy_order(a)
-    assert int(order.argmin()) == 4, f"the smallest contribution (channel 4) must go first, order {order.tolist()}"
-    assert sorted(order.tolist()) == list(range(6)), f"scores must be a removal order, got {order.tolist()}"
+    a = torch.randn(300, 6, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(300, 1, generator=gen, dtype=torch.float64)
+    kept = [0, 2, 3, 5]
+    w = ThiNet.scaling(a, kept)
+    y, xk = a.sum(1), a[:, kept]
+    residual = y - xk @ w
+    assert (xk.T @ residual).abs().max() < 1e-8, f"X^T r must vanish at the least-squares solution, got {(xk.T @ residual).tolist()}"
+    before, after = float((y - xk.sum(1)).square().sum()), float(residual.square().sum())
+    assert after < before, f"least squares must lower the reconstruction error: {after} >= {before} with unit weights"
 
 
-def _real_fit(x: torch.Tensor, y: torch.Tensor):
-    """A genuine training loop (Adam on whatever requires grad), as the trial's ``fit`` does."""
-
-    def fit(module: nn.Module, *, epochs: int = 1, extra_loss=None):
-        params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=0.02)
-        module.train()
-        for _ in range(epochs * 150):
-            loss = F.cross_entropy(module(x), y) + (extra_loss(module) if extra_loss else 0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return module.eval()
-
-    return fit
+def _thinet_first_group(model: nn.Module, x: torch.Tensor, least_squares: bool) -> nn.Module:
+    work = clone(model)
+    crit = ThiNet(positions=10**6, rows=10**6, least_squares=least_squares)
+    crit.prepare(work, _context(x), {})
+    pruner = tp.pruner.MetaPruner(work, x[:1], importance=_OneGroup(crit, work[0]), pruning_ratio=0.5, ignored_layers=[work[6]])
+    for group in pruner.step(interactive=True):
+        crit.before_prune(group)
+        group.prune()
+    return work
 
 
-def test_gates_close_the_gate_of_the_channel_nothing_reads():
+def test_thinet_rescaling_lowers_the_next_layers_reconstruction_error():
     model = _toy()
+    x = torch.rand(16, 1, 8, 8)
     with torch.no_grad():
-        model[0].weight[0].mul_(10)  # the largest filter: l1 would keep it
-        model[2].weight[:, 0].zero_()  # but nothing reads channel 0: only the L1 penalty acts on its gate
-    x = torch.rand(32, 1, 8, 8)
-    y = model(x).argmax(1)
-    crit = CRITERIA["gates"]()
-    work = searchspace._surgery.clone(model)
-    crit.prepare(work, _context(x, base=model, fit=_real_fit(x, y)), {"gate_epochs": 1, "gate_l1": 0.01})
-    gates = crit.gates[work[0]]
-    assert gates[0] < 1e-3, f"the unread channel's gate must close, got {gates.tolist()}"
-    assert gates.max() > 0.5, f"the channels the output depends on must keep an open gate, got {gates.tolist()}"
-    assert int(gates.argmin()) == 0 or gates[int(gates.argmin())] == gates[0], f"channel 0 must rank lowest, got {gates.tolist()}"
+        target = model[2](model[1](model[0](x)))
+    errors = {}
+    for ls in (False, True):
+        work = _thinet_first_group(model, x, ls)
+        assert work[2].in_channels == 2, f"conv 2 should read 2 of 4 channels after pruning, got {work[2].in_channels}"
+        with torch.no_grad():
+            errors[ls] = float((work[2](work[1](work[0](x))) - target).square().sum())
+    assert errors[True] < errors[False], f"least-squares rescaling must lower conv 2's output error: {errors}"
 
 
-def test_gates_are_non_negative_and_release_the_weights():
+def test_thinet_scores_each_layer_on_the_network_pruned_before_it(monkeypatch):
     model = _toy()
-    x = torch.rand(32, 1, 8, 8)
-    y = model(x).argmax(1)
-    ctx = _context(x, base=model, fit=_real_fit(x, y))
-    crit = CRITERIA["gates"]()
-    work = searchspace._surgery.clone(model)
-    crit.prepare(work, ctx, {"gate_epochs": 1, "gate_l1": 0.01})
-    assert all((g >= 0).all() for g in crit.gates.values()), "gates must be non-negative"
-    assert not any(p.requires_grad is False for p in work.parameters()), "weights must be trainable again after gating"
+    x = torch.rand(16, 1, 8, 8)
+    crit = ThiNet()
+    seen: dict[nn.Module, torch.Tensor] = {}
+    inputs = crit._inputs
+
+    def spy(layers):
+        out = inputs(layers)
+        seen.update(out)
+        return out
+
+    monkeypatch.setattr(crit, "_inputs", spy)
+    monkeypatch.setitem(CRITERIA, "thinet", lambda: crit)
+    out = searchspace.get_method("prune")().apply(model, {"criterion": "thinet", "ratio": 0.5, "per_stage": False}, context=_context(x))
+    linear_input = next(v for m, v in seen.items() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        pruned_features, dense_features = out[:6](x), model[:6](x)
+    # The linear layer's group is scored after conv 1's: its inputs must be the features of the
+    # network with conv 1 already pruned (conv 2's kept filters are unchanged by the second cut).
+    match = lambda col, mat: any(torch.allclose(col, mat[:, k], atol=1e-5) for k in range(mat.shape[1]))  # noqa: E731
+    assert all(match(pruned_features[:, j], linear_input) for j in range(pruned_features.shape[1])), "the second group was not scored on the network with the first group pruned"
+    assert not all(match(dense_features[:, j], linear_input) for j in range(dense_features.shape[1])), "the second group was scored on the unpruned network"
+
+
+def _routing_toy() -> nn.Sequential:
+    """Channel 0 carries sample A's class, channel 1 sample B's, channel 2 is always zero."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).view(3, 2, 1, 1))
+        model[3].weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]]))
+        model[3].bias.zero_()
+    return model.eval()
+
+
+def test_gates_are_per_sample_closed_where_a_sample_never_needs_the_channel():
+    model = _routing_toy()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)  # sample A, sample B
+    crit = CriticalPathGates(steps=40, l1=0.01)
+    layers = _gate_layers(model, x[:1])
+    assert list(layers.values()) == [model[0]], f"the conv (no BN after it) must carry the gates, got {list(layers)}"
+    g = crit.sample_gates(model, layers, x)[model[0]]
+    assert g.shape == (2, 3), f"one gate per sample and channel expected, got {tuple(g.shape)}"
+    assert (g >= 0).all(), f"gates must be non-negative, got {g.tolist()}"
+    assert g[0, 0] > 0.5 and g[1, 1] > 0.5, f"each sample's gate on the channel it needs must stay open, got {g.tolist()}"
+    assert g[1, 0] < 1e-3 and g[0, 1] < 1e-3, f"each sample's gate on the channel it never uses must close, got {g.tolist()}"
+    assert (g[:, 2] < 1e-3).all(), f"the always-zero channel's gates must close on every sample, got {g.tolist()}"
+    assert all(p.requires_grad for p in model.parameters()), "the network must be released after gating"
+    assert torch.equal(model[0].weight.view(3, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])), "the network must stay frozen"
+
+
+def test_gates_importance_is_the_mean_gate_and_prunes_the_channel_no_path_uses():
+    model = _routing_toy()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1).repeat(4, 1, 1, 1)
+    ctx = ApplyContext(example_input=x[:1], calibration=lambda: iter([(x, torch.zeros(len(x), dtype=torch.long))]))
+    crit = CriticalPathGates()
+    crit.prepare(clone(model), ctx, {"gate_steps": 40, "gate_l1": 0.01})
+    mean = next(iter(crit.gates.values()))
+    assert mean[2] < 1e-3 and min(mean[0], mean[1]) > 0.25, f"mean gates should be about [0.5, 0.5, 0], got {mean.tolist()}"
+    assert ctx.notes["prune.gates_unused"] == 1, f"one channel is on no sample's path, notes say {ctx.notes['prune.gates_unused']}"
+    out = _prune_one(model, "gates", ctx, gate_steps=40, gate_l1=0.01)
+    assert out[0].out_channels == 2 and torch.equal(out[0].weight.view(2, 2), torch.eye(2)), f"the unused channel 2 must go, kept {out[0].weight.view(-1, 2).tolist()}"
+
+
+def test_apoz_falls_back_to_l1_on_a_bn_without_relu_and_notes_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),  # no ReLU after this BN: no APoZ
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[1].mul_(10)
+        model[0].bias[1] = -1e3  # all negative: the old count of "zeros" at the BN would drop channel 1 first
+        model[0].weight[2].zero_()  # the smallest filter: the l1 fallback drops channel 2 first
+    x = torch.rand(16, 1, 8, 8)
+    ctx = _context(x)
+    out = _prune_one(model, "apoz", ctx)
+    assert _removed_channel(model, out) == {2}, f"apoz must follow the l1 fallback on the BN without ReLU, removed {_removed_channel(model, out)}"
+    assert ctx.notes["prune.apoz_fallback"] == {"0": "l1"}, f"the trial must note the fallback layer, got {ctx.notes['prune.apoz_fallback']}"
+    keep = APoZ(fallback="keep")
+    keep.prepare(clone(model), _context(x), {})
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, list(range(4)))
+    assert keep(group) is None, "fallback='keep' must leave the group unpruned (no score)"
+
+
+def test_apoz_counts_at_the_real_relus_of_a_resnet():
+    base = make_base("resnet18", (3, 32, 32))
+    crit = APoZ(batches=1)
+    work = clone(base)
+    crit.prepare(work, _context(torch.randn(8, 3, 32, 32)), {})
+    names = {m: n for n, m in work.named_modules()}
+    scored = {names[m] for m in crit.zeros}
+    bn1 = {n for n in names.values() if n.endswith(".bn1")}
+    bn2 = {n for n in names.values() if n.endswith(".bn2") or n.endswith("downsample.1")}
+    assert bn1 <= scored, f"every block's bn1 feeds the block's ReLU directly: {sorted(bn1 - scored)} not scored"
+    assert not (bn2 & scored), f"bn2 and shortcut BNs feed the residual add, not a ReLU, but were scored: {sorted(bn2 & scored)}"
 
 
 def test_prune_refuses_computed_weights_and_tnet_chains():

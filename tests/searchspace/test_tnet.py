@@ -66,3 +66,21 @@ def test_trains_end_to_end_and_eval_cache_follows_updates():
 def test_supports_names_what_is_missing():
     reason = searchspace.get_method("tnet")().supports(make_base("digits_cnn", (1, 8, 8)))
     assert reason and "share a weight shape" in reason, f"unexpected reason {reason!r}"
+
+
+def test_search_domain_compresses_the_layer_mode_of_a_two_layer_group():
+    import optuna
+
+    method = searchspace.get_method("tnet")()
+    low = method.ranges["rank_layers"].low
+    params = method.space(optuna.trial.FixedTrial({"tnet.rank_layers": low, "tnet.rank_out": 1.0, "tnet.rank_in": 1.0, "tnet.rank_kernel": 1.0}))
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = ApplyContext(example_input=torch.randn(1, 40))
+    out = method.apply(base, params, context=ctx)
+    (group,) = ctx.notes["tnet.groups"].values()
+    assert len(group["layers"]) == 2 and group["ranks"][0] == 1, f"the search's lowest rank_layers={low} must cut a 2-layer group to layer rank 1, got {group}"
+    layers = [m for m in out.eval().modules() if isinstance(m, TNetConv1d)]
+    stacked = torch.stack([m.weight.detach().flatten() for m in layers])
+    s = torch.linalg.svdvals(stacked)
+    assert s[1] < 1e-4 * s[0], f"at layer rank 1 the two kernels must be multiples of one kernel, singular values {s.tolist()}"
+    assert param_count(out) < param_count(base), f"layer rank 1 must save parameters: {param_count(out)} >= {param_count(base)}"
