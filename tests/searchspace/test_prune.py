@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 import searchspace
 from automl._measure import param_count, size_bytes
 from searchspace import ApplyContext
-import torch_pruning as tp
-
 from searchspace._surgery import clone
 from searchspace.methods.prune import CRITERIA, APoZ, CriticalPathGates, ThiNet, _gate_layers, _OneGroup
 from tests.conftest import BASE_MODELS, make_base
