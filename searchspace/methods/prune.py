@@ -33,8 +33,9 @@ Changes from the papers, and why (one place):
 - ``apoz``: zeros are counted on the real ``nn.ReLU``/``nn.ReLU6`` outputs. A channel whose layer
   output reaches no ReLU unchanged (MobileNetV2's linear bottlenecks, a ResNet BN before the
   residual add, a functional ``F.relu``) has no APoZ: the paper does not define it. Such groups are
-  ranked by the ``l1`` criterion of their producing filters (``fallback="l1"``, the default) or left
-  unpruned (``fallback="keep"``); the trial notes list them (``prune.apoz_fallback``). The paper
+  ranked by the ``l1`` criterion of their producing filters (``fallback="l1"``, what studies use) or
+  left unpruned (``APoZ(fallback="keep")``, a constructor option, not searched); the trial notes list
+  them (``prune.apoz_fallback``: layer name -> fallback). The paper
   prunes iteratively with retraining between rounds; here one round, then fine-tuning.
 - ``thinet``: the paper fine-tunes one or two epochs after each layer; here the layers are pruned
   in turn without fine-tuning in between (the trial's fine-tuning budget comes after the last),

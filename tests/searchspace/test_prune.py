@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 import searchspace
 from automl._measure import param_count, size_bytes
 from searchspace import ApplyContext
-import torch_pruning as tp
-
 from searchspace._surgery import clone
 from searchspace.methods.prune import CRITERIA, APoZ, CriticalPathGates, ThiNet, _gate_layers, _OneGroup
 from tests.conftest import BASE_MODELS, make_base
@@ -42,9 +41,10 @@ def test_pruned_model_is_physically_smaller_and_runs(model_name, shape):
     assert y.shape == (8, 10), f"{model_name}: pruned output shape {tuple(y.shape)} != (8, 10)"
 
 
-def test_per_stage_ratios_prune_stages_differently():
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])  # thinet: the layer-by-layer path
+def test_per_stage_ratios_prune_stages_differently(criterion):
     base = make_base("digits_cnn", (1, 8, 8))
-    params = {"criterion": "l1", "per_stage": True, "stage_ratio_0": 0.0, "stage_ratio_1": 0.5, "stage_ratio_2": 0.0, "stage_ratio_3": 0.0}
+    params = {"criterion": criterion, "per_stage": True, "stage_ratio_0": 0.0, "stage_ratio_1": 0.5, "stage_ratio_2": 0.0, "stage_ratio_3": 0.0}
     ctx = _context(torch.randn(8, 1, 8, 8), base)
     searchspace.get_method("prune")().apply(base, params, context=ctx)
     changed = ctx.notes["prune.channels"]
