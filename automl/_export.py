@@ -118,18 +118,10 @@ def _first_line(exc: BaseException) -> str:
 
 def load_study_data(cfg: Any):
     """The study's dataset splits, built exactly as the study built them (same seeds and fractions)."""
-    from automl._data import load_dataset
+    from automl._data import dataset_from_config
 
-    d = cfg.dataset
-    return load_dataset(
-        d.name,
-        root=d.root,
-        download=False,  # export never downloads: the data must already be where the study had it
-        image_size=d.image_size,
-        val_fraction=d.val_fraction,
-        seed=d.seed,
-        max_train_samples=d.max_train_samples,
-    )
+    # Export never downloads: the data must already be where the study had it.
+    return dataset_from_config(cfg.dataset, download=False)
 
 
 # --- ONNX ---------------------------------------------------------------------------------
@@ -428,7 +420,7 @@ def export_trial(
     if recorded.get("accuracy") is None:
         raise ExportError(f"trial {row.number} has no recorded accuracy to verify against")
     data = load_data()
-    input_shape = list(ckpt.record.get("input_shape") or data.x_test.shape[1:])
+    input_shape = list(ckpt.record.get("input_shape") or data.input_shape)
 
     created_parent = not out.parent.exists()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -439,7 +431,7 @@ def export_trial(
 
         # 1. accuracy of the exported TorchScript file, evaluated as trials evaluate.
         exported = _jit_load(tmp / "model.ts").eval()
-        n_test = len(data.y_test)
+        n_test = data.n("test")
         with torch.no_grad():
             acc = evaluate(exported, data, "test")
         if abs(acc - float(recorded["accuracy"])) >= 0.5 / max(n_test, 1):
@@ -458,7 +450,7 @@ def export_trial(
         # 3. ONNX, checked against PyTorch on the whole test split.
         onnx_info: dict[str, Any]
         try:
-            onnx_export.to_onnx(exported, data.x_test[:1], tmp / "model.onnx")
+            onnx_export.to_onnx(exported, data.example(), tmp / "model.onnx")
         except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
             (tmp / "model.onnx").unlink(missing_ok=True)
             onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
@@ -472,7 +464,7 @@ def export_trial(
                 log(f"ONNX: not shipped ({onnx_info['reason']})")
 
         # 4. latency of the exported files in a fresh, otherwise idle process.
-        fresh = _fresh_latency(tmp, data.x_test[:1], latency, onnx_info["status"] == "ok") if measure_latency else {"skipped": True}
+        fresh = _fresh_latency(tmp, data.example(), latency, onnx_info["status"] == "ok") if measure_latency else {"skipped": True}
         if "torchscript_ms" in fresh:
             log(f"latency: {fresh['torchscript_ms']:.3f} ms re-measured in a fresh process (recorded {recorded.get('latency_ms') or float('nan'):.3f} ms)")
 

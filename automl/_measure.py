@@ -44,6 +44,9 @@ from torch.utils import benchmark  # noqa: E402
 from automl._data import Splits
 from automl._train import evaluate
 
+#: Test inputs timed one by one for input-dependent models (the first this many of the test split).
+LATENCY_SAMPLES = 2000
+
 __all__ = [
     "DynamicInference",
     "LatencySettings",
@@ -183,27 +186,28 @@ def measure_sample_latency(model: nn.Module, inputs: torch.Tensor, settings: Lat
 @torch.no_grad()
 def _measure_dynamic(model: Any, data: Splits, settings: LatencySettings, device: torch.device | str) -> Metrics:
     model.eval()
-    taken, preds = [], []
-    for x, _ in data.batches("test", 500):
+    taken, preds, labels = [], [], []
+    for x, y in data.batches("test", 500):
         x = x.to(device)
         taken.append(model.exit_indices(x).cpu())
         preds.append(model(x).argmax(dim=1).cpu())
-    exit_of, pred = torch.cat(taken), torch.cat(preds)
+        labels.append(y)
+    exit_of, pred, y_test = torch.cat(taken), torch.cat(preds), torch.cat(labels)
     paths = model.exit_paths()
-    example = data.x_test[:1].to(device)
+    example = data.example().to(device)
     exit_macs = [count_macs(p, example) for p in paths]
     n = len(exit_of)
     fractions, accuracy = [], []
     for k in range(len(paths)):
         mask = exit_of == k
         fractions.append(float(mask.sum()) / max(n, 1))
-        accuracy.append(float((pred[mask] == data.y_test[mask]).float().mean()) if mask.any() else None)
+        accuracy.append(float((pred[mask] == y_test[mask]).float().mean()) if mask.any() else None)
     expected = None
     if all(m is not None for m in exit_macs):
         expected = round(sum(f * m for f, m in zip(fractions, exit_macs)))
-    latency, iqr = measure_sample_latency(model, data.x_test.to(device), settings)
+    latency, iqr = measure_sample_latency(model, data.tensors("test", limit=LATENCY_SAMPLES)[0].to(device), settings)
     return Metrics(
-        accuracy=int((pred == data.y_test).sum()) / len(data.y_test),  # exact, as evaluate() counts
+        accuracy=int((pred == y_test).sum()) / len(y_test),  # exact, as evaluate() counts
         params=param_count(model),
         size_bytes=size_bytes(model),
         macs=expected,
@@ -231,7 +235,7 @@ def measure(
     if isinstance(model, DynamicInference):
         return _measure_dynamic(model, data, settings, device)
     model.eval()
-    example = data.x_test[:1].to(device)
+    example = data.example().to(device)
     acc = evaluate(model, data, "test", device=device)
     from automl._latency import stable_latency  # lock + spread check around measure_latency
 

@@ -28,9 +28,9 @@ from torch import nn
 
 import searchspace
 from searchspace import Plan, SearchSpace
-from automl._cluster import pack_folder, start_sink
+from automl._cluster import pack_folder, runtime_env, start_sink
 from automl._config import StudyConfig, load_config
-from automl._data import Splits, load_dataset
+from automl._data import Splits, dataset_from_config
 from automl._latency import gated_batches
 from automl._measure import Metrics, measure
 from automl._models import StagedNet, build_model
@@ -60,9 +60,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """
     engine_kwargs: dict[str, Any] = {}
     shown = _hide_password(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the project ships psycopg2-binary.
-        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
@@ -130,7 +127,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     else:
         log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
         start = time.perf_counter()
-        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, schedule=cfg.base.schedule))
+        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe()))
         seconds = time.perf_counter() - start
     model.eval()
     metrics = measure(model, data, TrialSettings.from_config(cfg).latency)
@@ -186,7 +183,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     if config_file.exists():
         before = yaml.safe_load(config_file.read_text())
         # Budget, cluster address and storage may change between runs; what defines the search may not.
-        ignored = ("budget", "ray_address", "storage", "output_dir")
+        ignored = ("budget", "ray_address", "storage", "output_dir", "python_path")
         changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])
         if changed:
             raise StudyError(
@@ -194,15 +191,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
                 "resume it with `automl resume` or give the new study another name"
             )
     config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
-    data = load_dataset(
-        cfg.dataset.name,
-        root=cfg.dataset.root,
-        download=cfg.dataset.download,
-        image_size=cfg.dataset.image_size,
-        val_fraction=cfg.dataset.val_fraction,
-        seed=cfg.dataset.seed,
-        max_train_samples=cfg.dataset.max_train_samples,
-    )
+    data = dataset_from_config(cfg.dataset)
     base, base_metrics = prepare_base(cfg, data, study_dir, log=log)
     study = optuna.create_study(
         storage=storage,
@@ -281,7 +270,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         import ray
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(outcome, tmp, example=payload.data.x_test[:1])
+            save_checkpoint(outcome, tmp, example=payload.data.example())
             ray.get(payload.sink.write.remote(int(number), pack_folder(tmp)))
     tune.report(result)
     return result
@@ -561,6 +550,7 @@ def run_search(
             log_to_driver=False,
             configure_logging=False,
             logging_level="ERROR",
+            runtime_env=runtime_env(cfg),
         )
     resources = ray.cluster_resources()
     slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
@@ -626,7 +616,7 @@ def _remeasure(cfg: StudyConfig, study: optuna.Study, study_dir: Path, payload: 
     from automl._latency import remeasure_front
 
     remeasure_front(
-        study, study_dir, TrialSettings.from_config(cfg).latency, base=payload.base, example=payload.data.x_test[:1], log=log
+        study, study_dir, TrialSettings.from_config(cfg).latency, base=payload.base, example=payload.data.example(), log=log
     )
 
 

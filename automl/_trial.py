@@ -23,6 +23,9 @@ from automl._data import Splits
 from automl._measure import LatencySettings, Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
 
+#: Validation samples a :class:`Calibrated` model fits its settings on (the first this many).
+CALIBRATION_SAMPLES = 5000
+
 __all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "load_checkpoint", "run_trial", "save_checkpoint"]
 
 
@@ -63,6 +66,8 @@ class TrialSettings:
     latency: LatencySettings
     seed: int = 0
     calibration_batches: int = 8
+    #: Optimiser, schedule and loss options of fine-tuning (``TrainOptions`` keywords).
+    recipe: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrialSettings:
@@ -76,6 +81,7 @@ class TrialSettings:
                 isolate=lat.isolate, max_spread=lat.max_spread, max_attempts=lat.max_attempts,
             ),
             seed=cfg.seed,
+            recipe=cfg.budget.recipe(),
         )
 
 
@@ -109,7 +115,7 @@ def run_trial(
     """
     start = time.perf_counter()
     base = base.eval()
-    example = data.x_train[:1].to(device)
+    example = data.example().to(device)
     teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
     notes: dict[str, Any] = {}
     model: nn.Module = base
@@ -124,6 +130,7 @@ def run_trial(
             temperature=plan.finetune.get("distill.temperature", 4.0),
             distill_weight=plan.finetune.get("distill.weight", 0.5),
             seed=settings.seed + seed_offset,
+            **settings.recipe,
         )
         return fit(module, data, opts, device=device, extra_loss=extra_loss)
 
@@ -152,7 +159,7 @@ def run_trial(
     if isinstance(cpu_model, Calibrated):
         # Settings fitted on the validation split after training; every extra one is measured as
         # its own point, then the trial's own setting is restored and measured last.
-        options = cpu_model.calibrate(data.x_val, data.y_val)
+        options = cpu_model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
         for option in options[1:]:
             cpu_model.use_setting(option)
             variants.append(Variant(dict(option["params"]), dict(option["state"]), measure(cpu_model, data, settings.latency, macs=float_macs)))
