@@ -32,7 +32,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointSink", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
+__all__ = ["CheckpointSink", "assigned_device", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
 
 
 def user_modules(cfg: Any) -> list[str]:
@@ -53,6 +53,34 @@ def user_modules(cfg: Any) -> list[str]:
         if any(root == where.parent for root in roots) and str(where) not in found:
             found.append(str(where))
     return found
+
+
+def assigned_device(gpus: float) -> tuple[str, dict[str, Any]]:
+    """The torch device of this Ray task and a record of it for the trial's notes.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPUs it assigned, so ``cuda`` is the assigned GPU (several
+    trials at ``resources.gpus`` below 1 share one). A task that was given a GPU but finds no CUDA
+    (no driver, a CPU-only torch, Ray's logical GPUs) trains on the CPU and says so.
+    """
+    import torch
+
+    record: dict[str, Any] = {"device": "cpu"}
+    if gpus <= 0:
+        return "cpu", record
+    try:
+        import ray
+
+        record["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside a Ray task no ids are assigned
+        record["gpu_ids"] = []
+    if torch.cuda.is_available():
+        record["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
+        return "cuda", record
+    record["gpu_fallback"] = (
+        f"resources.gpus={gpus} asked for a GPU (Ray assigned {record['gpu_ids'] or 'none'}) but torch finds no "
+        "CUDA device in this worker; trained on the CPU"
+    )
+    return "cpu", record
 
 
 def runtime_env(cfg: Any) -> dict[str, Any] | None:

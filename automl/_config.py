@@ -159,6 +159,17 @@ class BudgetConfig(_Recipe):
     trial_time_limit_s: float | None = Field(default=None, gt=0)
     #: Times a trial that raised (or whose Ray worker died) is tried again before it is recorded FAIL.
     retries: int = Field(default=0, ge=0, le=10)
+    #: Mixed-precision training (base and fine-tuning): autocast to bf16 or fp16; "none" = float32.
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    #: Channels-last memory format while training (base and fine-tuning); faster on GPUs.
+    channels_last: bool = False
+
+    def device_options(self) -> dict[str, Any]:
+        """How training uses the device, for the base and every trial alike."""
+        return {"amp": self.amp, "channels_last": self.channels_last}
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), **self.device_options()}
 
 
 class SamplerConfig(_Frozen):

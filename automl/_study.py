@@ -28,7 +28,7 @@ from torch import nn
 
 import searchspace
 from searchspace import Plan, SearchSpace
-from automl._cluster import pack_folder, runtime_env, start_sink
+from automl._cluster import assigned_device, pack_folder, runtime_env, start_sink
 from automl._config import StudyConfig, load_config
 from automl._data import Splits, dataset_from_config
 from automl._latency import gated_batches
@@ -123,22 +123,58 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
         except Exception as exc:  # noqa: BLE001
             raise StudyError(f"base.checkpoint {cfg.base.checkpoint!r} does not fit base.model {cfg.base.model!r}: {exc}") from None
         log(f"base: loaded {cfg.base.checkpoint}")
-        seconds = 0.0
+        seconds, where = 0.0, {}
     else:
         log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
-        start = time.perf_counter()
-        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe()))
-        seconds = time.perf_counter() - start
+        options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
+        if cfg.resources.gpus > 0:
+            # On a GPU machine or cluster the base trains where trials do: a Ray task with their resources.
+            import ray
+
+            _init_ray(cfg)
+            task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_train_base)
+            state, seconds, where = ray.get(task.remote(model, data, options, cfg.resources.gpus, cfg.resources.cpus))
+            model.load_state_dict(state)
+            log(f"base: trained on {where['device']}" + (f" ({where['gpu_fallback']})" if "gpu_fallback" in where else ""))
+        else:
+            where = {"device": "cpu"}
+            start = time.perf_counter()
+            fit(model, data, options)
+            seconds = time.perf_counter() - start
     model.eval()
     metrics = measure(model, data, TrialSettings.from_config(cfg).latency)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
-    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds}, indent=2))
+    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds, **where}, indent=2))
     log(
         f"base: accuracy {metrics.accuracy:.4f}, {metrics.params} params, {metrics.size_bytes} bytes, "
         f"latency {metrics.latency_ms:.3f} ms"
     )
     return model, metrics
+
+
+def _train_base(model: nn.Module, data: Splits, options: TrainOptions, gpus: float, cpus: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Ray task: train the base on the task's device; returns CPU weights, seconds, device record."""
+    torch.set_num_threads(max(1, int(cpus)))
+    device, where = assigned_device(gpus)
+    start = time.perf_counter()
+    fit(model, data, options, device=device)
+    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, where
+
+
+def _init_ray(cfg: StudyConfig) -> None:
+    """Connect to the configured cluster (or start a local Ray) with the study's user code."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            logging_level="ERROR",
+            runtime_env=runtime_env(cfg),
+        )
 
 
 # --- Optuna objects ----------------------------------------------------------------------
@@ -236,7 +272,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         importlib.import_module(module)
     threads = max(1, int(payload.cpus))
     torch.set_num_threads(threads)
-    device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
+    device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])
     # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
     data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
@@ -257,7 +293,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         "method": plan.label,
         "seconds": outcome.seconds,
         "attempts": attempts,
-        "notes": json.dumps(outcome.notes, default=str),
+        "notes": json.dumps({**outcome.notes, **where}, default=str),
         "node": _node_id(),
     }
     if outcome.variants:
@@ -543,15 +579,7 @@ def run_search(
         _remeasure(cfg, study, study_dir, payload, log)
         return study
 
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            logging_level="ERROR",
-            runtime_env=runtime_env(cfg),
-        )
+    _init_ray(cfg)
     resources = ray.cluster_resources()
     slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
     if cfg.resources.gpus > 0:

@@ -107,3 +107,28 @@ def test_recipe_fields_validate_with_one_line_naming_the_field():
             parse_config(_cfg(**{section: bad}))
         msg = str(err.value)
         assert "\n" not in msg and f": {field}" in msg, f"{bad}: message does not name {field} on one line: {msg}"
+
+
+def _conv_run(digits, **options):
+    from automl import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", input_shape=(1, 8, 8), num_classes=10, options={"width": 0.25})
+    fit(model, digits.head("train", 200), TrainOptions(epochs=1, batch_size=50, lr=1e-3, schedule="constant", **options))
+    return model
+
+
+def test_channels_last_trains_the_same_model_and_returns_the_default_layout(digits):
+    plain = _conv_run(digits)
+    last = _conv_run(digits, channels_last=True)
+    for (name, a), b in zip(plain.state_dict().items(), last.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), f"{name}: channels-last training differs by {float((a - b).abs().max())}"
+        assert b.dim() != 4 or b.is_contiguous(), f"{name} came back in channels-last layout"
+
+
+def test_bf16_autocast_is_applied_and_keeps_float32_weights(digits):
+    plain = _conv_run(digits)
+    amp = _conv_run(digits, amp="bf16")
+    diffs = [float((a - b).abs().max()) for a, b in zip(plain.state_dict().values(), amp.state_dict().values()) if a.is_floating_point()]
+    assert all(b.dtype == torch.float32 for b in amp.state_dict().values() if b.is_floating_point()), "amp changed the weights' dtype"
+    assert 0 < max(diffs) < 0.05, f"bf16 autocast should perturb training slightly, max weight difference {max(diffs)}"
