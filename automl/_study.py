@@ -33,6 +33,7 @@ from automl._config import StudyConfig, load_config
 from automl._data import Splits, dataset_from_config
 from automl._latency import gated_batches
 from automl._measure import Metrics, measure
+from automl._progress import LONG_TRIAL_S, EpochProgress, EpochStats
 from automl._models import StagedNet, build_model
 from automl._recovery import LAUNCHER, Heartbeat, close_interrupted, finished_count, guarded, register_launcher, remove_orphan_checkpoints
 from automl._trial import TrialSettings, run_trial, save_checkpoint
@@ -97,6 +98,8 @@ class Payload:
     time_limit_s: float | None = None
     retries: int = 0
     sink: Any = None
+    #: A Ray queue carrying long trials' per-epoch progress to the launcher (automl._progress).
+    progress: Any = None
 
 
 # --- base model ----------------------------------------------------------------------------
@@ -127,19 +130,31 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     else:
         log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
         options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
+        show = EpochProgress(log)
         if cfg.resources.gpus > 0:
             # On a GPU machine or cluster the base trains where trials do: a Ray task with their resources.
             import ray
+            from ray.util.queue import Queue
 
             _init_ray(cfg)
+            queue = Queue(actor_options={"num_cpus": 0})
             task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_train_base)
-            state, seconds, where = ray.get(task.remote(model, data, options, cfg.resources.gpus, cfg.resources.cpus))
+            ref = task.remote(model, data, options, cfg.resources.gpus, cfg.resources.cpus, queue)
+            while not ray.wait([ref], timeout=1.0)[0]:
+                _drain(queue, show)
+            _drain(queue, show)
+            show.close()
+            state, seconds, where = ray.get(ref)
+            ray.kill(queue.actor)
             model.load_state_dict(state)
             log(f"base: trained on {where['device']}" + (f" ({where['gpu_fallback']})" if "gpu_fallback" in where else ""))
         else:
             where = {"device": "cpu"}
             start = time.perf_counter()
-            fit(model, data, options)
+            try:
+                fit(model, data, options, progress=lambda s: show("base", s))
+            finally:
+                show.close()
             seconds = time.perf_counter() - start
     model.eval()
     metrics = measure(model, data, TrialSettings.from_config(cfg).latency)
@@ -153,12 +168,15 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     return model, metrics
 
 
-def _train_base(model: nn.Module, data: Splits, options: TrainOptions, gpus: float, cpus: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """Ray task: train the base on the task's device; returns CPU weights, seconds, device record."""
+def _train_base(
+    model: nn.Module, data: Splits, options: TrainOptions, gpus: float, cpus: float, queue: Any
+) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Ray task: train the base on the task's device; returns CPU weights, seconds, device record.
+    Each epoch's progress goes to the launcher through ``queue``."""
     torch.set_num_threads(max(1, int(cpus)))
     device, where = assigned_device(gpus)
     start = time.perf_counter()
-    fit(model, data, options, device=device)
+    fit(model, data, options, device=device, progress=lambda s: queue.put(("base", s)))
     return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, where
 
 
@@ -277,7 +295,10 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
     data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
     outcome, reason, attempts = guarded(
-        lambda: run_trial(plan, payload.base, data, payload.settings, methods=payload.methods, device=device),
+        lambda: run_trial(
+            plan, payload.base, data, payload.settings, methods=payload.methods, device=device,
+            progress=_trial_progress(payload.progress, f"trial {config.get('optuna_trial_number', '?')}"),
+        ),
         time_limit_s=payload.time_limit_s,
         retries=payload.retries,
     )
@@ -310,6 +331,31 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
             ray.get(payload.sink.write.remote(int(number), pack_folder(tmp)))
     tune.report(result)
     return result
+
+
+def _trial_progress(queue: Any, label: str) -> Callable[[EpochStats], None] | None:
+    """Send a trial's epochs to the launcher once the trial has run for ``LONG_TRIAL_S``."""
+    if queue is None:
+        return None
+    start = time.perf_counter()
+
+    def send(stats: EpochStats) -> None:
+        if time.perf_counter() - start >= LONG_TRIAL_S:
+            try:
+                queue.put_nowait((label, stats))
+            except Exception:  # noqa: BLE001 - a full or gone queue only loses a progress line
+                pass
+
+    return send
+
+
+def _drain(queue: Any, show: Callable[[str, EpochStats], None]) -> None:
+    try:
+        items = queue.get_nowait_batch(queue.qsize())
+    except Exception:  # noqa: BLE001 - progress is best effort; the result path does not use it
+        return
+    for label, stats in items:
+        show(label, stats)
 
 
 def _node_id() -> str | None:
@@ -474,7 +520,7 @@ def _error_text(trial: Any) -> str:
     return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
 
 
-def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None):
+def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None, queue: Any = None):
     from ray.tune import Callback
 
     class StudyCallback(Callback, _CallbackState):
@@ -501,6 +547,17 @@ def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str
             acc = result.get("accuracy")
             self._progress(trial, f"{result.get('method')} acc={acc:.4f} size={result.get('size_bytes')}B lat={result.get('latency_ms', 0):.3f}ms" if acc is not None else "done")
 
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            # Long trials' epochs, at most once a second (a Tune step is much shorter).
+            if self.queue is not None and time.monotonic() - self.drained >= 1.0:
+                self.drained = time.monotonic()
+                _drain(self.queue, self.epochs)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.queue is not None:
+                _drain(self.queue, self.epochs)
+            self.epochs.close()
+
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             self.failed += 1
@@ -510,14 +567,14 @@ def _callbacks(study_dir: Path, cfg: StudyConfig, total: int, log: Callable[[str
             self._progress(trial, f"FAILED: {reason[:160]}")
 
     cb = StudyCallback()
-    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher, queue=queue)
     return cb
 
 
 class _CallbackState:
     """The callback's state, kept out of closures (cloudpickle pickles a local class's closures)."""
 
-    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any) -> None:
+    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any, queue: Any = None) -> None:
         self.done = 0
         self.failed = 0
         self.total = total
@@ -526,6 +583,9 @@ class _CallbackState:
         self._storage: Any = None
         self.log = log
         self.searcher = searcher
+        self.queue = queue
+        self.drained = 0.0
+        self.epochs = EpochProgress(log)
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
@@ -534,7 +594,7 @@ class _CallbackState:
         return self._storage
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_storage": None, "log": print, "searcher": None}
+        return {**self.__dict__, "_storage": None, "log": print, "searcher": None, "epochs": None}
 
 
 def run_search(
@@ -599,6 +659,9 @@ def run_search(
         budget=budget,
     )
     payload.sink = start_sink(study_dir)
+    from ray.util.queue import Queue
+
+    payload.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, payload=payload),
         {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
@@ -617,7 +680,7 @@ def run_search(
         run_config=tune.RunConfig(
             name=f"search_{int(time.time())}",
             storage_path=str((study_dir / "ray").resolve()),
-            callbacks=[_callbacks(study_dir, cfg, remaining, log, searcher)],
+            callbacks=[_callbacks(study_dir, cfg, remaining, log, searcher, payload.progress)],
             verbose=0,
             # A trial whose worker died is started again (same config, same Optuna trial) this often.
             failure_config=tune.FailureConfig(max_failures=cfg.budget.retries),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,6 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl._data import Splits
+from automl._progress import EpochStats
+
+#: Validation samples (the first this many) whose accuracy each epoch's progress record shows.
+PROGRESS_VAL_SAMPLES = 5000
 
 __all__ = ["TrialFailed", "TrainOptions", "evaluate", "fit", "make_optimizer", "make_schedule"]
 
@@ -92,11 +97,14 @@ def fit(
     *,
     device: torch.device | str = "cpu",
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the training split.
 
     Args:
         extra_loss: a regulariser added to every step's loss (e.g. a sparsity penalty on gates).
+        progress: called after each epoch with its :class:`~automl._progress.EpochStats` (the
+            validation split is then evaluated once per epoch).
 
     A model with several outputs to train (early exits) may define
     ``training_loss(x, y, criterion) -> Tensor``; it is then called instead of
@@ -127,7 +135,9 @@ def fit(
     layout = torch.channels_last if options.channels_last else None
     if layout is not None:
         model.to(memory_format=layout)
+    started = time.perf_counter()
     for epoch in range(options.epochs):
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         batches = data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch, pin_memory=cuda)
         for step, (x, y) in enumerate(batches):
             x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
@@ -162,6 +172,22 @@ def fit(
                 loss.backward()
                 opt.step()
             sched.step()
+            seen += len(y)
+            loss_sum += loss.detach() * len(y)
+        if progress is not None:
+            now = time.perf_counter()
+            val = evaluate(model, data.head("val", PROGRESS_VAL_SAMPLES), "val", device=device) if data.n("val") else None
+            model.train()
+            progress(
+                EpochStats(
+                    epoch=epoch + 1,
+                    epochs=options.epochs,
+                    loss=float(loss_sum) / max(seen, 1),
+                    val_accuracy=val,
+                    images_per_s=seen / max(now - epoch_start, 1e-9),
+                    seconds_left=(time.perf_counter() - started) / (epoch + 1) * (options.epochs - epoch - 1),
+                )
+            )
     if layout is not None:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -104,11 +104,13 @@ def run_trial(
     *,
     methods: Mapping[str, CompressionMethod] | None = None,
     device: torch.device | str = "cpu",
+    progress: Callable[[Any], None] | None = None,
 ) -> TrialOutcome:
     """Apply ``plan`` to a copy of ``base``, fine-tune after each training stage, and measure.
 
     Args:
         methods: configured method instances by name (defaults: registered classes, full ranges).
+        progress: receives each training epoch's :class:`~automl._progress.EpochStats`.
 
     Raises:
         TrialFailed: a stage cannot apply, or training diverged.
@@ -132,7 +134,7 @@ def run_trial(
             seed=settings.seed + seed_offset,
             **settings.recipe,
         )
-        return fit(module, data, opts, device=device, extra_loss=extra_loss)
+        return fit(module, data, opts, device=device, extra_loss=extra_loss, progress=progress)
 
     def calibration():
         return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))

@@ -116,3 +116,4 @@ def test_a_study_whose_model_and_data_live_in_the_config_folder_runs(tmp_path):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2, f"states {states}, failures {fails}"
     base_acc = study.user_attrs["base"]["accuracy"]
     assert base_acc > 0.3, f"the user model on the user dataset reached only {base_acc:.3f} after one epoch"
+    assert "base: epoch 1/1 loss" in proc.stdout, f"no per-epoch progress line for the base: {proc.stdout[-2000:]}"
