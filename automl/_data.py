@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,33 @@ class _Lazy(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_ds": None}
+
+
+class _Files(Dataset):
+    """An ImageFolder's files and labels as two numpy arrays, scanned once in the launcher.
+
+    No per-sample Python objects: a few bytes per image (the path relative to the folder), nothing
+    for forked ``DataLoader`` workers to copy on write, and no folder scan in every worker (a
+    ``torchvision.datasets.ImageFolder`` holds a list of tuples, about 200 bytes per image in each
+    process that touches it).
+    """
+
+    def __init__(self, folder: str) -> None:
+        import torchvision
+
+        scanned = torchvision.datasets.ImageFolder(folder)
+        self.folder = folder
+        self.classes = list(scanned.classes)
+        self.paths = np.array([os.fsencode(os.path.relpath(p, folder)) for p, _ in scanned.samples])
+        self.targets = np.asarray(scanned.targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from torchvision.datasets.folder import default_loader
+
+        return default_loader(os.path.join(self.folder, os.fsdecode(self.paths[i]))), int(self.targets[i])
 
 
 class _Transformed(Dataset):
@@ -304,22 +332,13 @@ def _build_torchvision(name: str, root: str, train: bool, download: bool) -> Dat
     return _torchvision_class(name)(root, train=train, download=download)
 
 
-def _build_imagefolder(path: str) -> Dataset:
-    import torchvision
-
-    return torchvision.datasets.ImageFolder(path)
-
-
 def _torchvision(name: str) -> Callable[..., tuple[Dataset, Dataset]]:
     def open_(*, root: str, download: bool = False, **_: object) -> tuple[Dataset, Dataset]:
         if name == "imagefolder":
             base = Path(root)
             if not (base / "train").is_dir() or not (base / "test").is_dir():
                 raise FileNotFoundError(f"dataset.root must hold train/ and test/ class folders, got {root!r}")
-            return (
-                _Lazy(functools.partial(_build_imagefolder, str(base / "train"))),
-                _Lazy(functools.partial(_build_imagefolder, str(base / "test"))),
-            )
+            return _Files(str(base / "train")), _Files(str(base / "test"))
         if download:  # once, in the launcher; workers then read the files
             _build_torchvision(name, root, True, True)
             _build_torchvision(name, root, False, True)
@@ -503,11 +522,14 @@ def _count_classes(name: str, ds: Dataset) -> int:
         ds = ds.dataset
     if isinstance(ds, _Tensors):
         return int(ds.y.max()) + 1
-    assert isinstance(ds, _Lazy)
-    if ds.num_classes is not None:
-        return int(ds.num_classes)
-    if ds.targets is not None:
-        return int(ds.targets.max()) + 1
+    classes = getattr(ds, "classes", None)
+    if classes is not None:
+        return len(classes)
+    if getattr(ds, "num_classes", None) is not None:
+        return int(ds.num_classes)  # type: ignore[attr-defined]
+    targets = _source_targets(ds)
+    if targets is not None:
+        return int(targets.max()) + 1
     raise ValueError(
         f"dataset.name: the train dataset of {name} must say how many classes it has "
         "(a `classes` list, a `targets` sequence or a `num_classes` attribute)"

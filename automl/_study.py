@@ -236,6 +236,10 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     saved["output_dir"] = str(study_dir.parent.resolve())  # resume works from any folder
     if config_file.exists():
         before = yaml.safe_load(config_file.read_text())
+        try:  # a study saved before a field existed holds its default: compare validated forms
+            before = StudyConfig.model_validate(before).model_dump(mode="json")
+        except Exception:  # noqa: BLE001 - an unreadable old config is compared as written
+            pass
         # Budget, cluster address and storage may change between runs; what defines the search may not.
         ignored = ("budget", "ray_address", "storage", "output_dir", "python_path")
         changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])

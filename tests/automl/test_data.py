@@ -97,7 +97,7 @@ import textwrap  # noqa: E402
 
 from torch.utils.data import Subset  # noqa: E402
 
-from automl._data import Splits, _Lazy, _Tensors, transforms_for  # noqa: E402
+from automl._data import _Files, _Lazy, transforms_for  # noqa: E402
 
 
 def _image_folder(root, *, n_train=12, n_test=4, size=(20, 24), classes=("cat", "dog")):
@@ -166,8 +166,8 @@ def test_pickled_splits_carry_no_images(tmp_path):
     assert abs(sizes["big"] - sizes["small"]) < 64, f"pickled splits grow with the images' size: {sizes}"
     assert sizes["big"] < decoded // 100, f"pickled splits ({sizes['big']} B) hold image data ({decoded} B decoded)"
     copy = pickle.loads(pickle.dumps(big))
-    lazy = copy.test.source
-    assert isinstance(lazy, _Lazy) and lazy._ds is None, "the unpickled source was not left to build on first use"
+    files = copy.test.source
+    assert isinstance(files, _Files) and files.paths.dtype.kind == "S", f"the ImageFolder source is {type(files).__name__}, not file paths"
     assert torch.equal(copy.example(), big.example()), "the unpickled splits read a different first test input"
 
 
@@ -235,6 +235,11 @@ def test_cifar_format_eval_transform_is_the_normalised_image(cifar_root):
     assert torch.allclose(got, expected, atol=1e-5), f"eval transform differs from (x/255 - mean)/std by {float((got - expected).abs().max())}"
     again = [d.val[0][0] for _ in range(3)]
     assert all(torch.equal(again[0], a) for a in again), "the evaluation transform is not deterministic"
+    # The CIFAR arrays stay behind when the splits travel (to a Ray worker): rebuilt there on first use.
+    copy = pickle.loads(pickle.dumps(d))
+    assert isinstance(copy.test.source, _Lazy) and copy.test.source._ds is None, "the pickled CIFAR source carried its arrays"
+    assert len(pickle.dumps(d)) < 20_000, f"pickled CIFAR splits are {len(pickle.dumps(d))} bytes"
+    assert torch.equal(copy.example(), d.example()), "the rebuilt source read a different first test input"
 
 
 def test_cifar_train_augmentation_is_a_padded_crop_and_flip_of_the_eval_image(cifar_root):
