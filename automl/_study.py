@@ -176,7 +176,7 @@ def _train_base(
     torch.set_num_threads(max(1, int(cpus)))
     device, where = assigned_device(gpus)
     start = time.perf_counter()
-    fit(model, data, options, device=device, progress=lambda s: queue.put(("base", s)))
+    fit(model, data, options, device=device, progress=_sender(queue, "base"))
     return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, where
 
 
@@ -301,7 +301,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     outcome, reason, attempts = guarded(
         lambda: run_trial(
             plan, payload.base, data, payload.settings, methods=payload.methods, device=device,
-            progress=_trial_progress(payload.progress, f"trial {config.get('optuna_trial_number', '?')}"),
+            progress=_sender(payload.progress, f"trial {config.get('optuna_trial_number', '?')}", after_s=LONG_TRIAL_S),
         ),
         time_limit_s=payload.time_limit_s,
         retries=payload.retries,
@@ -337,16 +337,16 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     return result
 
 
-def _trial_progress(queue: Any, label: str) -> Callable[[EpochStats], None] | None:
-    """Send a trial's epochs to the launcher once the trial has run for ``LONG_TRIAL_S``."""
+def _sender(queue: Any, label: str, *, after_s: float = 0.0) -> Callable[[EpochStats], None] | None:
+    """Send epochs to the launcher (best effort) once the work has run for ``after_s`` seconds."""
     if queue is None:
         return None
     start = time.perf_counter()
 
     def send(stats: EpochStats) -> None:
-        if time.perf_counter() - start >= LONG_TRIAL_S:
+        if time.perf_counter() - start >= after_s:
             try:
-                queue.put_nowait((label, stats))
+                queue.put_nowait((label, stats.as_dict()))
             except Exception:  # noqa: BLE001 - a full or gone queue only loses a progress line
                 pass
 
@@ -354,12 +354,13 @@ def _trial_progress(queue: Any, label: str) -> Callable[[EpochStats], None] | No
 
 
 def _drain(queue: Any, show: Callable[[str, EpochStats], None]) -> None:
+    # Records travel as plain dicts: the queue actor then never imports torch to unpickle them.
     try:
         items = queue.get_nowait_batch(queue.qsize())
     except Exception:  # noqa: BLE001 - progress is best effort; the result path does not use it
         return
     for label, stats in items:
-        show(label, stats)
+        show(label, EpochStats(**stats))
 
 
 def _node_id() -> str | None:

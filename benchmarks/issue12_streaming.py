@@ -44,21 +44,38 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_pss_mb(root: int) -> tuple[float, int]:
-    """(PSS of ``root`` and its descendants in MiB, number of processes)."""
+def _name(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in cmd if w]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    return " ".join(Path(w).name if "/" in w else w for w in words[:3])[:60]
+
+
+def tree_pss_mb(root: int) -> tuple[float, int, dict[str, float]]:
+    """(PSS of ``root`` and its descendants in MiB, number of processes, MiB by process name)."""
     tree, todo, total, count = _children(), [root], 0, 0
+    by_name: dict[str, float] = {}
     while todo:
         pid = todo.pop()
         todo.extend(tree.get(pid, []))
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total += int(line.split()[1])
+                    kb = int(line.split()[1])
+                    total += kb
                     count += 1
+                    name = _name(pid)
+                    by_name[name] = by_name.get(name, 0) + kb / 1024
                     break
         except OSError:
             continue
-    return total / 1024, count
+    return total / 1024, count, by_name
 
 
 def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: int) -> dict:
@@ -79,14 +96,14 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "automl", "launch", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    peak = {"mb": 0.0, "procs": 0}
+    peak: dict = {"mb": 0.0, "procs": 0, "by_name": {}}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            mb, n = tree_pss_mb(proc.pid)
+            mb, n, by_name = tree_pss_mb(proc.pid)
             if mb > peak["mb"]:
-                peak.update(mb=mb, procs=n)
+                peak.update(mb=mb, procs=n, by_name=by_name)
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -108,7 +125,9 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
     n_files = sum(1 for _ in Path(root).rglob("*.png"))
     return {
         "root": root, "images": n_files, "image_size": image_size, "peak_pss_mib": round(peak["mb"]),
-        "processes_at_peak": peak["procs"], "base_ready_s": round(base_done or -1, 1),
+        "processes_at_peak": peak["procs"],
+        "largest_at_peak_mib": {k: round(v) for k, v in sorted(peak["by_name"].items(), key=lambda kv: -kv[1])[:6]},
+        "base_ready_s": round(base_done or -1, 1),
         "first_trial_s": round(first_trial or -1, 1), "total_s": round(time.monotonic() - start, 1),
     }
 

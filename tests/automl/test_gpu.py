@@ -18,7 +18,7 @@ from automl import parse_config, run_search
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; this machine has CUDA")
-def test_four_trials_share_one_logical_gpu_at_once_and_record_the_cpu_fallback(tmp_path, monkeypatch):
+def test_four_trials_share_one_logical_gpu_at_once_and_record_the_cpu_fallback(tmp_path, monkeypatch, ray_session):
     import ray
 
     arrivals = tmp_path / "arrivals"

@@ -46,7 +46,7 @@ def test_plain_lines_without_a_terminal_and_one_final_line_with_bars():
 
 
 @pytest.mark.slow
-def test_a_long_trials_epochs_reach_the_launcher_through_a_ray_queue():
+def test_a_long_trials_epochs_reach_the_launcher_through_a_ray_queue(ray_session):
     import ray
     from ray.util.queue import Queue
 
@@ -60,10 +60,7 @@ def test_a_long_trials_epochs_reach_the_launcher_through_a_ray_queue():
 
         @ray.remote(num_cpus=0)
         def trial(q):
-            import automl._study as in_worker
-
-            in_worker.LONG_TRIAL_S = 0.0  # every trial counts as long here
-            _run(study_mod._trial_progress(q, "trial 7"))
+            _run(study_mod._sender(q, "trial 7", after_s=0.0))
             return True
 
         assert ray.get(trial.remote(queue))
