@@ -338,9 +338,9 @@ def export_cmd(
     dest = out or study_dir / "exports" / f"trial_{row.number:05d}"
 
     def load_data():
-        from automl._data import load_study_dataset
+        from automl._data import dataset_from_config
 
-        return load_study_dataset(cfg.dataset, download=False)  # export never downloads
+        return dataset_from_config(cfg.dataset, download=False)  # export never downloads
 
     try:
         card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency.settings(), force=force, log=_log)

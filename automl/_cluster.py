@@ -15,8 +15,12 @@ What travels how:
 - **The Optuna storage** must be reachable from the launcher only (trials never touch it); use
   PostgreSQL when several launchers share a study.
 
-Nothing has to be shared between nodes except the Python environment (same packages, and the
-project importable: install it, or set ``PYTHONPATH``/a Ray ``runtime_env``).
+- **User code** (a ``module:function`` model or dataset factory, plugins) that lives in the
+  config's ``python_path`` folders rather than in an installed package: :func:`runtime_env` lists
+  those modules as Ray ``py_modules``, which Ray uploads once and puts on every worker's path.
+
+Nothing else has to be shared between nodes except the Python environment (same packages, this
+project installed) and, for datasets read from disk, the data at the same ``dataset.root``.
 """
 
 from __future__ import annotations
@@ -26,8 +30,63 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CheckpointSink", "pack_folder", "start_sink", "unpack_to"]
+__all__ = ["CheckpointSink", "assigned_device", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
+
+
+def user_modules(cfg: Any) -> list[str]:
+    """Files or package folders of the modules a study names (``base.model``, ``dataset.name``,
+    ``plugins``) that live under one of its ``python_path`` folders (installed packages excluded)."""
+    import importlib.util
+
+    names = [ref.partition(":")[0] for ref in (cfg.base.model, cfg.dataset.name) if ":" in ref]
+    names += list(cfg.plugins)
+    roots = [Path(p).resolve() for p in cfg.python_path]
+    found: list[str] = []
+    for name in names:
+        spec = importlib.util.find_spec(name.split(".")[0])
+        if spec is None:
+            continue
+        where = Path(spec.submodule_search_locations[0]) if spec.submodule_search_locations else Path(spec.origin or "")
+        where = where.resolve()
+        if any(root == where.parent for root in roots) and str(where) not in found:
+            found.append(str(where))
+    return found
+
+
+def assigned_device(gpus: float) -> tuple[str, dict[str, Any]]:
+    """The torch device of this Ray task and a record of it for the trial's notes.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPUs it assigned, so ``cuda`` is the assigned GPU (several
+    trials at ``resources.gpus`` below 1 share one). A task that was given a GPU but finds no CUDA
+    (no driver, a CPU-only torch, Ray's logical GPUs) trains on the CPU and says so.
+    """
+    import torch
+
+    record: dict[str, Any] = {"device": "cpu"}
+    if gpus <= 0:
+        return "cpu", record
+    try:
+        import ray
+
+        record["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside a Ray task no ids are assigned
+        record["gpu_ids"] = []
+    if torch.cuda.is_available():
+        record["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
+        return "cuda", record
+    record["gpu_fallback"] = (
+        f"resources.gpus={gpus} asked for a GPU (Ray assigned {record['gpu_ids'] or 'none'}) but torch finds no "
+        "CUDA device in this worker; trained on the CPU"
+    )
+    return "cpu", record
+
+
+def runtime_env(cfg: Any) -> dict[str, Any] | None:
+    """The Ray ``runtime_env`` that ships the study's user modules to every worker (None if none)."""
+    modules = user_modules(cfg)
+    return {"py_modules": modules} if modules else None
 
 
 def pack_folder(folder: str | os.PathLike[str]) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import searchspace
-from automl._data import DATASETS
+from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
 from automl._models import list_models
@@ -28,11 +29,28 @@ class ConfigError(ValueError):
     """A study config broke a rule; ``str(err)`` is one line: ``<field>: <rule>, got <value>``."""
 
 
+def check_reference(reference: str) -> None:
+    """Import a ``module:function`` reference; raise ``ValueError`` (one line) when it cannot be used."""
+    module, _, function = reference.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a bad config
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"module {module!r} cannot be imported ({type(exc).__name__}: {text}); it is looked up in "
+            "the config's folder, the current folder, python_path and the installed packages"
+        ) from None
+    if not callable(getattr(mod, function, None)):
+        public = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(f"module {module!r} has no function {function!r}; it has: {', '.join(public) or 'none'}")
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
 class DatasetConfig(_Frozen):
+    #: A built-in dataset (see automl._data.DATASETS) or a user factory "module:function".
     name: str
     root: str | None = None
     download: bool = False
@@ -41,35 +59,74 @@ class DatasetConfig(_Frozen):
     seed: int = 0
     #: Cap on training samples (handy for quick studies on big datasets); None = all.
     max_train_samples: int | None = Field(default=None, ge=10)
+    #: Training augmentation; "auto" = the dataset's default (automl._data.transforms_for).
+    augment: Literal["auto", "none", "flip", "crop_flip", "resized_crop_flip"] = "auto"
+    #: DataLoader worker processes decoding streamed datasets (per trial, and for the base).
+    workers: int = Field(default=2, ge=0, le=64)
+    #: Keyword arguments of a "module:function" dataset factory.
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
+        if v not in DATASETS and not FACTORY.fullmatch(v):
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(DATASETS))} or 'module:function'")
         if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(DATASETS))}")
+            check_reference(v)
         return v
 
     @model_validator(mode="after")
     def _root(self) -> DatasetConfig:
-        if DATASETS[self.name].needs_root and not self.root:
+        if self.name in DATASETS and DATASETS[self.name].needs_root and not self.root:
             raise ValueError(f"dataset {self.name!r} reads from disk: set dataset.root to its folder")
+        try:
+            resolve_augment(self.name, self.augment)
+        except ValueError as exc:
+            raise ValueError(f"dataset.{exc}") from None
+        if self.options and self.name in DATASETS:
+            raise ValueError(f"dataset.options are the keyword arguments of a 'module:function' factory; {self.name!r} takes none")
         return self
 
 
-class BaseModelConfig(_Frozen):
+class _Recipe(_Frozen):
+    """Training options shared by the base (``base:``) and fine-tuning (``budget:``)."""
+
+    #: Learning-rate schedule per step: warm-up then anneal, cosine annealing to 0, or constant.
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    #: SGD momentum (ignored by adam/adamw).
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    #: Nesterov momentum (sgd with momentum > 0 only).
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> _Recipe:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError(f"nesterov needs optimizer sgd with momentum > 0, got optimizer={self.optimizer} momentum={self.momentum}")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`automl._train.TrainOptions` this section sets."""
+        return {k: getattr(self, k) for k in ("schedule", "optimizer", "momentum", "nesterov", "weight_decay", "label_smoothing")}
+
+
+class BaseModelConfig(_Recipe):
     model: str
     options: dict[str, Any] = Field(default_factory=dict)
     #: A user checkpoint (weights-only state dict) to load instead of training the base.
     checkpoint: str | None = None
     epochs: int = Field(default=20, ge=1, le=10_000)
     lr: float = Field(default=3e-3, gt=0.0, le=10.0)
-    schedule: Literal["onecycle", "constant"] = "onecycle"
 
     @field_validator("model")
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in list_models() and not re.fullmatch(r"[\w.]+:\w+", v):
             raise ValueError(f"unknown base model {v!r}; allowed: {', '.join(list_models())} or 'module:function'")
+        if v not in list_models():
+            check_reference(v)
         return v
 
     @field_validator("checkpoint")
@@ -89,7 +146,7 @@ class Objective(_Frozen):
         return self.direction or DEFAULT_DIRECTION[self.metric]
 
 
-class BudgetConfig(_Frozen):
+class BudgetConfig(_Recipe):
     trials: int = Field(default=30, ge=1, le=100_000)
     #: Wall-clock limit of the whole search in seconds; None = no limit.
     time_limit_s: float | None = Field(default=None, gt=0)
@@ -101,6 +158,17 @@ class BudgetConfig(_Frozen):
     trial_time_limit_s: float | None = Field(default=None, gt=0)
     #: Times a trial that raised (or whose Ray worker died) is tried again before it is recorded FAIL.
     retries: int = Field(default=0, ge=0, le=10)
+    #: Mixed-precision training (base and fine-tuning): autocast to bf16 or fp16; "none" = float32.
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    #: Channels-last memory format while training (base and fine-tuning); faster on GPUs.
+    channels_last: bool = False
+
+    def device_options(self) -> dict[str, Any]:
+        """How training uses the device, for the base and every trial alike."""
+        return {"amp": self.amp, "channels_last": self.channels_last}
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), **self.device_options()}
 
 
 class SamplerConfig(_Frozen):
@@ -151,6 +219,10 @@ class StudyConfig(_Frozen):
     """A whole study. See ``studies/*.yaml`` and the README for every field."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    #: Folders put on ``sys.path`` (before the fields below are checked) for ``module:function``
+    #: references and plugins; :func:`load_config` adds the config's folder and the current folder.
+    #: The modules a study names from these folders travel to Ray workers (``runtime_env``).
+    python_path: tuple[str, ...] = ()
     #: Modules imported before anything else; each may register extra methods (a user's own
     #: compression method, written like the built-ins). Trials import them too.
     plugins: tuple[str, ...] = ()
@@ -177,6 +249,21 @@ class StudyConfig(_Frozen):
     #: Folder that holds one sub-folder per study.
     output_dir: str = "runs"
     seed: int = 0
+
+    @field_validator("python_path")
+    @classmethod
+    def _python_path(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        resolved = []
+        for i, folder in enumerate(v):
+            path = Path(folder).expanduser().resolve()
+            if not path.is_dir():
+                raise ValueError(f"python_path[{i}] must be an existing folder, got {folder!r}")
+            if str(path) not in resolved:
+                resolved.append(str(path))
+        for path in reversed(resolved):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        return tuple(resolved)
 
     @field_validator("plugins")
     @classmethod
@@ -307,4 +394,10 @@ def load_config(path: str | os.PathLike[str]) -> StudyConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(data, dict):
+        # User code next to the config (or in the folder the user launches from) is importable.
+        given = data.get("python_path") or []
+        if isinstance(given, (list, tuple)):
+            given = [str((p.parent / str(g)).resolve()) for g in given]  # relative to the config
+            data["python_path"] = [*given, *(f for f in (str(p.parent.resolve()), os.getcwd()) if f not in given)]
     return parse_config(data, source=str(p))

@@ -339,7 +339,7 @@ def export_trial(
     runtime = ckpt.record.get("runtime") or ("onnxruntime" if onnx_measured else "torchscript")
     per_sample = bool(ckpt.record.get("per_sample"))
     data = load_data()
-    input_shape = list(ckpt.record.get("input_shape") or [])
+    input_shape = list(ckpt.record.get("input_shape") or data.input_shape)
 
     created_parent = not out.parent.exists()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -348,7 +348,7 @@ def export_trial(
         shutil.copyfile(ckpt.folder / "model.ts", tmp / "model.ts")
         weights_name = _write_weights(ckpt.state_dict, tmp)
         exported = _jit_load(tmp / "model.ts").eval()
-        n_test = sum(len(y) for _, y in data.batches("test", 500))
+        n_test = data.n("test")
 
         # 1. the measured artifact (the study's runtime) reproduces the recorded accuracy.
         if onnx_measured:
@@ -375,7 +375,7 @@ def export_trial(
         onnx_info: dict[str, Any] = {}
         if not onnx_measured:
             try:
-                onnx_export.to_onnx(exported, next(iter(data.batches("test", 1)))[0], tmp / "model.onnx")
+                onnx_export.to_onnx(exported, data.example(), tmp / "model.onnx")
             except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
                 (tmp / "model.onnx").unlink(missing_ok=True)
                 onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}

@@ -41,6 +41,7 @@ from torch import nn
 from automl._artifact import Artifact, ArtifactError, DynamicInference, build_artifact, load_artifact, state_dict_bytes
 from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample
 
+
 __all__ = [
     "DynamicInference",
     "LatencySettings",

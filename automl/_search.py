@@ -12,7 +12,7 @@ import optuna
 from automl._cluster import start_sink
 from automl._config import StudyConfig
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
-from automl._study import Payload, StudyError, make_sampler, open_storage, prepare_study
+from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
 __all__ = ["check_drift", "run_search"]
@@ -63,14 +63,7 @@ def run_search(
         log(f"study {cfg.name!r} already holds {finished} finished trials (budget {budget})")
         return study
 
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            logging_level="ERROR",
-        )
+    init_ray(cfg)
     resources = ray.cluster_resources()
     slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
     if cfg.resources.gpus > 0:
@@ -90,6 +83,10 @@ def run_search(
         budget=budget,
     )
     payload.sink = start_sink(study_dir)
+    from ray.util.queue import Queue
+
+    # Long trials' per-epoch progress reaches the launcher through this queue (automl._progress).
+    payload.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, payload=payload),
         {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
@@ -108,7 +105,7 @@ def run_search(
         run_config=tune.RunConfig(
             name=f"search_{int(time.time())}",
             storage_path=str((study_dir / "ray").resolve()),
-            callbacks=[make_callback(cfg, remaining, log, searcher)],
+            callbacks=[make_callback(cfg, remaining, log, searcher, payload.progress)],
             verbose=0,
             # A trial whose worker died is started again (same config, same Optuna trial) this often.
             failure_config=tune.FailureConfig(max_failures=cfg.budget.retries),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,16 @@ from torch import nn
 import searchspace
 from searchspace import SearchSpace
 from automl._artifact import ArtifactError
+from automl._cluster import assigned_device, runtime_env
 from automl._config import StudyConfig, load_config
-from automl._data import Splits, load_study_dataset
+from automl._data import Splits, dataset_from_config
 from automl._measure import Metrics, measure
+from automl._progress import EpochProgress, drain, sender
 from automl._models import StagedNet, build_model
 from automl._trial import TrialSettings
 from automl._train import TrainOptions, fit
 
-__all__ = ["Payload", "StudyError", "load_study_config", "objective_values", "open_storage", "prepare_study"]
+__all__ = ["Payload", "StudyError", "init_ray", "load_study_config", "objective_values", "open_storage", "prepare_study"]
 
 
 class StudyError(RuntimeError):
@@ -51,9 +54,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """
     engine_kwargs: dict[str, Any] = {}
     shown = _hide_password(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the project ships psycopg2-binary.
-        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
@@ -91,6 +91,8 @@ class Payload:
     time_limit_s: float | None = None
     retries: int = 0
     sink: Any = None
+    #: A Ray queue carrying long trials' per-epoch progress to the launcher (automl._progress).
+    progress: Any = None
 
 
 # --- base model ----------------------------------------------------------------------------
@@ -117,12 +119,36 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
         except Exception as exc:  # noqa: BLE001
             raise StudyError(f"base.checkpoint {cfg.base.checkpoint!r} does not fit base.model {cfg.base.model!r}: {exc}") from None
         log(f"base: loaded {cfg.base.checkpoint}")
-        seconds = 0.0
+        seconds, where = 0.0, {}
     else:
         log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
-        start = time.perf_counter()
-        fit(model, data, TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, schedule=cfg.base.schedule))
-        seconds = time.perf_counter() - start
+        options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
+        show = EpochProgress(log)
+        if cfg.resources.gpus > 0:
+            # On a GPU machine or cluster the base trains where trials do: a Ray task with their resources.
+            import ray
+            from ray.util.queue import Queue
+
+            init_ray(cfg)
+            queue = Queue(actor_options={"num_cpus": 0})
+            task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_train_base)
+            ref = task.remote(model, data, options, cfg.resources.gpus, cfg.resources.cpus, queue)
+            while not ray.wait([ref], timeout=1.0)[0]:
+                drain(queue, show)
+            drain(queue, show)
+            show.close()
+            state, seconds, where = ray.get(ref)
+            ray.kill(queue.actor)
+            model.load_state_dict(state)
+            log(f"base: trained on {where['device']}" + (f" ({where['gpu_fallback']})" if "gpu_fallback" in where else ""))
+        else:
+            where = {"device": "cpu"}
+            start = time.perf_counter()
+            try:
+                fit(model, data, options, progress=lambda s: show("base", s))
+            finally:
+                show.close()
+            seconds = time.perf_counter() - start
     model.eval()
     try:
         # Measured like every trial (same artifact, runtime and inputs), so ratios compare like with like.
@@ -130,12 +156,39 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     except ArtifactError as exc:
         raise StudyError(f"base.model {cfg.base.model!r} cannot be measured: {exc}") from exc
     torch.save(model.state_dict(), weights)
-    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds}, indent=2))
+    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds, **where}, indent=2))
     log(
         f"base: accuracy {metrics.accuracy:.4f}, {metrics.params} params, {metrics.size_bytes} bytes, "
         f"latency {metrics.latency_ms:.3f} ms"
     )
     return model, metrics
+
+
+def _train_base(
+    model: nn.Module, data: Splits, options: TrainOptions, gpus: float, cpus: float, queue: Any
+) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Ray task: train the base on the task's device; returns CPU weights, seconds, device record.
+    Each epoch's progress goes to the launcher through ``queue``."""
+    torch.set_num_threads(max(1, int(cpus)))
+    device, where = assigned_device(gpus)
+    start = time.perf_counter()
+    fit(model, data, options, device=device, progress=sender(queue, "base"))
+    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, where
+
+
+def init_ray(cfg: StudyConfig) -> None:
+    """Connect to the configured cluster (or start a local Ray) with the study's user code."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            logging_level="ERROR",
+            runtime_env=runtime_env(cfg),
+        )
 
 
 # --- Optuna objects ----------------------------------------------------------------------
@@ -179,8 +232,12 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     saved["output_dir"] = str(study_dir.parent.resolve())  # resume works from any folder
     if config_file.exists():
         before = yaml.safe_load(config_file.read_text())
+        try:  # a study saved before a field existed holds its default: compare validated forms
+            before = StudyConfig.model_validate(before).model_dump(mode="json")
+        except Exception:  # noqa: BLE001 - an unreadable old config is compared as written
+            pass
         # Budget, cluster address and storage may change between runs; what defines the search may not.
-        ignored = ("budget", "ray_address", "storage", "output_dir")
+        ignored = ("budget", "ray_address", "storage", "output_dir", "python_path")
         changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])
         if changed:
             raise StudyError(
@@ -188,7 +245,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
                 "resume it with `automl resume` or give the new study another name"
             )
     config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
-    data = load_study_dataset(cfg.dataset)
+    data = dataset_from_config(cfg.dataset)
     base, base_metrics = prepare_base(cfg, data, study_dir, log=log)
     study = optuna.create_study(
         storage=storage,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,8 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl._data import Splits
+from automl._progress import EpochStats
 
-__all__ = ["TrialFailed", "TrainOptions", "evaluate", "fit"]
+#: Validation samples (the first this many) whose accuracy each epoch's progress record shows.
+PROGRESS_VAL_SAMPLES = 5000
+
+__all__ = ["TrialFailed", "TrainOptions", "evaluate", "fit", "make_optimizer", "make_schedule"]
 
 
 class TrialFailed(RuntimeError):
@@ -21,11 +26,11 @@ class TrialFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """How to train: Adam with a one-cycle learning-rate schedule, optionally distilled.
+    """How to train: the optimiser, its learning-rate schedule and loss, optionally distilled.
 
     Attributes:
         epochs: passes over the training split.
-        lr: peak learning rate of the one-cycle schedule.
+        lr: peak (one-cycle), initial (cosine) or constant learning rate.
         batch_size: mini-batch size.
         teacher: a model whose soft predictions are distilled (Hinton et al., 2015).
         temperature: distillation temperature.
@@ -40,9 +45,49 @@ class TrainOptions:
     temperature: float = 4.0
     distill_weight: float = 0.5
     seed: int = 0
-    #: "onecycle" (warm-up then anneal; the default for fine-tuning) or "constant" (the MNIST-1D
-    #: paper's recipe for training from scratch).
+    #: "onecycle" (warm-up then anneal; the default), "cosine" (cosine annealing from ``lr`` to 0
+    #: over all steps, no warm-up; the CIFAR ResNet recipe) or "constant" (the MNIST-1D paper's
+    #: recipe for training from scratch).
     schedule: str = "onecycle"
+    #: "adam", "adamw" (decoupled weight decay) or "sgd" (with ``momentum``, Nesterov if ``nesterov``).
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    #: Cross-entropy label smoothing (Szegedy et al., 2016): targets ``(1 - e) one_hot + e / K``.
+    label_smoothing: float = 0.0
+    #: Mixed precision: "none", "bf16" or "fp16" autocast of the forward pass (fp16 on CUDA uses a
+    #: gradient scaler); weights and optimiser state stay float32.
+    amp: str = "none"
+    #: Train 4-d inputs and weights in channels-last memory format (faster convolutions on GPUs);
+    #: the model is returned in the default format.
+    channels_last: bool = False
+
+
+def make_optimizer(params: list[nn.Parameter], options: TrainOptions) -> torch.optim.Optimizer:
+    """The optimiser ``options`` names, at ``options.lr``."""
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=options.lr, momentum=options.momentum, nesterov=options.nesterov, weight_decay=options.weight_decay
+        )
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    if options.optimizer == "adam":
+        return torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+    raise ValueError(f"optimizer must be one of adam, adamw, sgd, got {options.optimizer!r}")
+
+
+def make_schedule(opt: torch.optim.Optimizer, options: TrainOptions, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-step learning-rate schedule ``options`` names, over ``total_steps`` steps."""
+    if options.schedule == "onecycle":
+        # OneCycleLR cycles momentum too; SGD without momentum has none to cycle.
+        cycle = options.optimizer != "sgd" or options.momentum > 0
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=options.lr, total_steps=total_steps, cycle_momentum=cycle)
+    if options.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if options.schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    raise ValueError(f"schedule must be one of onecycle, cosine, constant, got {options.schedule!r}")
 
 
 def fit(
@@ -52,11 +97,14 @@ def fit(
     *,
     device: torch.device | str = "cpu",
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the training split.
 
     Args:
         extra_loss: a regulariser added to every step's loss (e.g. a sparsity penalty on gates).
+        progress: called after each epoch with its :class:`~automl._progress.EpochStats` (the
+            validation split is then evaluated once per epoch).
 
     A model with several outputs to train (early exits) may define
     ``training_loss(x, y, criterion) -> Tensor``; it is then called instead of
@@ -74,39 +122,74 @@ def fit(
     teacher = options.teacher
     if teacher is not None:
         teacher.to(device).eval()
-    opt = torch.optim.Adam(params, lr=options.lr)
-    steps_per_epoch = math.ceil(len(data.x_train) / options.batch_size)
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=options.lr, total_steps=options.epochs * steps_per_epoch)
-        if options.schedule == "onecycle"
-        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
-    )
+    opt = make_optimizer(params, options)
+    steps_per_epoch = math.ceil(data.n("train") / options.batch_size)
+    sched = make_schedule(opt, options, options.epochs * steps_per_epoch)
     t = options.temperature
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    if options.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be one of none, bf16, fp16, got {options.amp!r}")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.amp)
+    scaler = torch.amp.GradScaler("cuda") if cuda and options.amp == "fp16" else None
+    layout = torch.channels_last if options.channels_last else None
+    if layout is not None:
+        model.to(memory_format=layout)
+    started = time.perf_counter()
     for epoch in range(options.epochs):
-        for step, (x, y) in enumerate(data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch)):
-            x, y = x.to(device), y.to(device)
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        batches = data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch, pin_memory=cuda)
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+            if layout is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=layout)
             soft = None
             if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / t, dim=1)
 
             def criterion(logits: torch.Tensor, target: torch.Tensor, soft: torch.Tensor | None = soft) -> torch.Tensor:
-                loss = F.cross_entropy(logits, target)
+                loss = F.cross_entropy(logits, target, label_smoothing=options.label_smoothing)
                 if soft is not None:
                     kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
                     loss = (1 - options.distill_weight) * loss + options.distill_weight * kd
                 return loss
 
             hook = getattr(model, "training_loss", None)
-            loss = hook(x, y, criterion) if callable(hook) else criterion(model(x), y)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
+            with torch.autocast(kind, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = hook(x, y, criterion) if callable(hook) else criterion(model(x), y)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+            loss = loss.float()
             if not torch.isfinite(loss):
                 raise TrialFailed(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
+            seen += len(y)
+            loss_sum += loss.detach() * len(y)
+        if progress is not None:
+            now = time.perf_counter()
+            val = evaluate(model, data.head("val", PROGRESS_VAL_SAMPLES), "val", device=device) if data.n("val") else None
+            model.train()
+            progress(
+                EpochStats(
+                    epoch=epoch + 1,
+                    epochs=options.epochs,
+                    loss=float(loss_sum) / max(seen, 1),
+                    val_accuracy=val,
+                    images_per_s=seen / max(now - epoch_start, 1e-9),
+                    seconds_left=(time.perf_counter() - started) / (epoch + 1) * (options.epochs - epoch - 1),
+                )
+            )
+    if layout is not None:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return model
 

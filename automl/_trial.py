@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from automl._data import Splits
 from automl._latency import LatencySettings
 from automl._measure import Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
+
+#: Validation samples a :class:`Calibrated` model fits its settings on (the first this many).
+CALIBRATION_SAMPLES = 5000
 
 __all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "run_trial"]
 
@@ -68,6 +71,8 @@ class TrialSettings:
     latency: LatencySettings
     seed: int = 0
     calibration_batches: int = 8
+    #: Optimiser, schedule and loss options of fine-tuning (``TrainOptions`` keywords).
+    recipe: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrialSettings:
@@ -77,6 +82,7 @@ class TrialSettings:
             batch_size=cfg.budget.batch_size,
             latency=cfg.latency.settings(),
             seed=cfg.seed,
+            recipe=cfg.budget.recipe(),
         )
 
 
@@ -103,12 +109,14 @@ def run_trial(
     folder: str | Path,
     methods: Mapping[str, CompressionMethod] | None = None,
     device: torch.device | str = "cpu",
+    progress: Callable[[Any], None] | None = None,
 ) -> TrialOutcome:
     """Apply ``plan`` to a copy of ``base``, fine-tune after each training stage, and measure.
 
     Args:
         folder: where the measured artifact files are written (one sub-folder per extra setting).
         methods: configured method instances by name (defaults: registered classes, full ranges).
+        progress: receives each training epoch's :class:`~automl._progress.EpochStats`.
 
     Raises:
         TrialFailed: a stage cannot apply, training diverged, or the model cannot become the
@@ -117,7 +125,7 @@ def run_trial(
     folder = Path(folder)
     start = time.perf_counter()
     base = base.eval()
-    example = data.x_train[:1].to(device)
+    example = data.example().to(device)
     teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
     notes: dict[str, Any] = {}
     model: nn.Module = base
@@ -132,8 +140,9 @@ def run_trial(
             temperature=plan.finetune.get("distill.temperature", 4.0),
             distill_weight=plan.finetune.get("distill.weight", 0.5),
             seed=settings.seed + seed_offset,
+            **settings.recipe,
         )
-        return fit(module, data, opts, device=device, extra_loss=extra_loss)
+        return fit(module, data, opts, device=device, extra_loss=extra_loss, progress=progress)
 
     def calibration():
         return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))
@@ -161,7 +170,7 @@ def run_trial(
         if isinstance(cpu_model, Calibrated):
             # Settings fitted on the validation split after training; every extra one is measured
             # as its own point, then the trial's own setting is restored and measured last.
-            options = cpu_model.calibrate(data.x_val, data.y_val)
+            options = cpu_model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
             for k, option in enumerate(options[1:]):
                 cpu_model.use_setting(option)
                 where = folder / variant_folder(k)

@@ -16,10 +16,11 @@ import torch
 
 from searchspace import Plan
 from automl._checkpoint import save_checkpoint, variant_folder
-from automl._cluster import pack_folder
+from automl._cluster import assigned_device, pack_folder
 from automl._config import StudyConfig
 from automl._latency import gated_batches
 from automl._metrics import METRIC_KEYS
+from automl._progress import LONG_TRIAL_S, EpochProgress, drain, sender
 from automl._recovery import LAUNCHER, finished_count, guarded
 from automl._study import Payload, open_storage
 from automl._trial import run_trial
@@ -46,13 +47,16 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         importlib.import_module(module)
     threads = max(1, int(payload.cpus))
     torch.set_num_threads(threads)
-    device = "cuda" if payload.gpus > 0 and torch.cuda.is_available() else "cpu"
+    device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])
+    progress = sender(payload.progress, f"trial {config.get('optuna_trial_number', '?')}", after_s=LONG_TRIAL_S)
     # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
     data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
     with tempfile.TemporaryDirectory() as work:
         outcome, reason, attempts = guarded(
-            lambda: run_trial(plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device),
+            lambda: run_trial(
+                plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
+            ),
             time_limit_s=payload.time_limit_s,
             retries=payload.retries,
         )
@@ -62,10 +66,10 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
             result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
             tune.report(result)
             return result
-        return _report_outcome(config, payload, plan, outcome, attempts, Path(work) / "checkpoint")
+        return _report_outcome(config, payload, plan, outcome, attempts, where, Path(work) / "checkpoint")
 
 
-def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcome: Any, attempts: int, folder: Path) -> dict[str, Any]:
+def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcome: Any, attempts: int, where: dict[str, Any], folder: Path) -> dict[str, Any]:
     from ray import tune
 
     result = {
@@ -73,7 +77,8 @@ def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcom
         "method": plan.label,
         "seconds": outcome.seconds,
         "attempts": attempts,
-        "notes": json.dumps(outcome.notes, default=str),
+        # Where it trained (device, GPU ids, a CPU fallback where a GPU was asked for).
+        "notes": json.dumps({**outcome.notes, **where}, default=str),
         "node": _node_id(),
     }
     if outcome.variants:
@@ -254,7 +259,7 @@ def _error_text(trial: Any) -> str:
     return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
 
 
-def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None):
+def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], searcher: Any = None, queue: Any = None):
     from ray.tune import Callback
 
     class StudyCallback(Callback, _CallbackState):
@@ -281,6 +286,17 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
             acc = result.get("accuracy")
             self._progress(trial, f"{result.get('method')} acc={acc:.4f} size={result.get('size_bytes')}B lat={result.get('latency_ms', 0):.3f}ms" if acc is not None else "done")
 
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            # Long trials' epochs, at most once a second (a Tune step is much shorter).
+            if self.queue is not None and time.monotonic() - self.drained >= 1.0:
+                self.drained = time.monotonic()
+                drain(self.queue, self.epochs)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.queue is not None:
+                drain(self.queue, self.epochs)
+            self.epochs.close()
+
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             self.failed += 1
@@ -290,14 +306,14 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
             self._progress(trial, f"FAILED: {reason[:160]}")
 
     cb = StudyCallback()
-    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher, queue=queue)
     return cb
 
 
 class _CallbackState:
     """The callback's state, kept out of closures (cloudpickle pickles a local class's closures)."""
 
-    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any) -> None:
+    def setup_state(self, *, total: int, url: str, name: str, log: Callable[[str], None], searcher: Any, queue: Any = None) -> None:
         self.done = 0
         self.failed = 0
         self.total = total
@@ -306,6 +322,9 @@ class _CallbackState:
         self._storage: Any = None
         self.log = log
         self.searcher = searcher
+        self.queue = queue
+        self.drained = 0.0
+        self.epochs = EpochProgress(log)
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
@@ -314,6 +333,6 @@ class _CallbackState:
         return self._storage
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_storage": None, "log": print, "searcher": None}
+        return {**self.__dict__, "_storage": None, "log": print, "searcher": None, "epochs": None}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from automl._data import load_study_dataset
+from automl._data import dataset_from_config
 from automl._measure import latency_inputs
 from automl._pareto import knee_point, load_view
 from automl._study import load_study_config, open_storage
@@ -73,7 +73,7 @@ def main() -> None:
     study = optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url))
     view = load_view(study)
     settings = cfg.latency.settings()
-    data = load_study_dataset(cfg.dataset, download=False)
+    data = dataset_from_config(cfg.dataset, download=False)
     print(f"study {cfg.name}: {len(view.trials)} complete trials; runtime {settings.runtime}, batch {settings.batch_size}, {settings.threads} thread(s)\n")
 
     recorded, retimed = [], []

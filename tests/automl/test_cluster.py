@@ -191,7 +191,7 @@ def test_two_launchers_on_a_two_node_cluster_and_postgresql(tmp_path, postgres, 
     assert rc_a == 0, f"launcher A exited {rc_a}:\n{log_a.read_text()[-3000:]}"
     assert rc_b == 0, f"launcher B exited {rc_b}:\n{log_b.read_text()[-3000:]}"
 
-    study = optuna.load_study(study_name="shared", storage=postgres.replace("postgresql://", "postgresql+psycopg2://"))
+    study = optuna.load_study(study_name="shared", storage=postgres)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     others = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials if t.state != TrialState.COMPLETE]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import optuna
@@ -23,7 +22,7 @@ EXITS = {"points": "stages", "count": 1, "head": "avgpool", "pool": 2, "training
 @pytest.fixture(scope="module")
 def small_mnist1d(mnist1d):
     # Full training split (it is small), a 120-sample test split so batch-1 timing stays quick.
-    return dataclasses.replace(mnist1d, x_test=mnist1d.x_test[:120], y_test=mnist1d.y_test[:120])
+    return mnist1d.head("test", 120)
 
 
 def test_trial_measures_exits_and_variants(small_mnist1d, tmp_path):

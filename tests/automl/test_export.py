@@ -17,7 +17,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from automl._cli import app
-from automl._data import load_study_dataset
+from automl._data import dataset_from_config
 from automl._pareto import load_view
 from tests.automl.conftest import applicable_methods, copy_study
 
@@ -60,7 +60,7 @@ def _fresh(script: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def test_split(small_study, tmp_path_factory):
-    data = load_study_dataset(small_study.dataset, download=False)
+    data = dataset_from_config(small_study.dataset, download=False)
     folder = tmp_path_factory.mktemp("testsplit")
     np.save(folder / "x.npy", data.x_test.numpy())
     np.save(folder / "y.npy", data.y_test.numpy())
@@ -241,7 +241,7 @@ def _checkpoint_trial(cfg, model, name: str, *, macs: int | None = None):
     from searchspace import Plan
 
     view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
-    data = load_study_dataset(cfg.dataset, download=False)
+    data = dataset_from_config(cfg.dataset, download=False)
     work = cfg.study_dir / "work" / name
     metrics, _ = measure(model, data, LatencySettings(warmup=1, repeats=3), folder=work, macs=macs)
     outcome = TrialOutcome(plan=Plan(chain=((name, {}),)), metrics=metrics, model=model, folder=work, input_shape=tuple(data.input_shape))
@@ -263,7 +263,7 @@ def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small
     cfg = copy_study(small_study, tmp_path)
     torch.manual_seed(0)
     float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
-    data = load_study_dataset(cfg.dataset, download=False)
+    data = dataset_from_config(cfg.dataset, download=False)
     prepared = prepare_fx(float_model, get_default_qconfig_mapping("x86"), (data.x_train[:1],))
     prepared(data.x_train[:256])
     from automl._measure import count_macs
@@ -299,7 +299,7 @@ def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
 
     out = tmp_path / "exports" / "mismatch"
     with pytest.raises(ExportError, match=r"verification failed: the exported onnxruntime model's test accuracy .* != recorded") as info:
-        export_trial(view, wrong, out, study_dir=cfg.study_dir, load_data=lambda: load_study_dataset(cfg.dataset, download=False), latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+        export_trial(view, wrong, out, study_dir=cfg.study_dir, load_data=lambda: dataset_from_config(cfg.dataset, download=False), latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert info.value.code == 1, f"a failed verification exits 1, got {info.value.code}"
     assert not (tmp_path / "exports").exists(), f"nothing may be written, found {list((tmp_path / 'exports').rglob('*'))}"
 
