@@ -6,7 +6,6 @@ import json
 
 import optuna
 import pytest
-import torch
 
 import searchspace
 from automl._measure import LatencySettings
