@@ -258,21 +258,31 @@ def _config(tmp_path: Path, trials: int) -> Path:
     return path
 
 
+#: The launcher's CLI, which prints every thread's stack on SIGUSR2 (to tell where a hang is).
+_LAUNCHER = "import faulthandler, signal; faulthandler.register(signal.SIGUSR2, all_threads=True); from automl._cli import main; main()"
+
+
 def _run(args: list[str], tmp_path: Path, log: Path, gate: Gate) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTOML_LATENCY_LOCK": str(tmp_path / "latency.lock"), **gate.env()}
     # Own session: Ray processes started by this launcher's ray.init can be stopped by group id.
     return subprocess.Popen(
-        [sys.executable, "-c", "from automl._cli import main; main()", *args],
+        [sys.executable, "-c", _LAUNCHER, *args],
         cwd=tmp_path, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
 
 def _exit_code(proc: subprocess.Popen, what: str, log: Path, safety_s: float = 600) -> int:
-    """Wait for the launcher to exit; ``safety_s`` only stops a hang (it fails saying so)."""
+    """Wait for the launcher to exit; ``safety_s`` only stops a hang, which fails with its stacks."""
     try:
         return proc.wait(timeout=safety_s)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{what}: the launcher did not exit within the {safety_s:.0f}s safety net; log tail:\n{log.read_text()[-3000:]}") from None
+        offset = len(log.read_text())
+        proc.send_signal(signal.SIGUSR2)
+        try:
+            wait_until("the hung launcher prints its stacks", lambda: "most recent call first" in log.read_text()[offset:], safety_s=60)
+        except AssertionError:
+            pass  # the message below still shows what the launcher printed
+        raise AssertionError(f"{what}: the launcher did not exit within the {safety_s:.0f}s safety net; log tail:\n{log.read_text()[-12000:]}") from None
 
 
 def _launch_to_end(cfg_path: Path, tmp_path: Path, gate: Gate) -> tuple[int, str]:
