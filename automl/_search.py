@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import optuna
 
@@ -114,7 +114,7 @@ def run_search(
     try:
         sweep = lambda: close_interrupted(optuna.load_study(study_name=cfg.name, storage=storage), log=log)  # noqa: E731
         with Heartbeat(storage, searcher.running_trial_ids, sweep=sweep):
-            tuner.fit()
+            _fit_interruptibly(tuner)
     except KeyboardInterrupt:
         closed = searcher.close_running("interrupted: stopped with Ctrl-C; its parameters were re-queued")
         if closed:
@@ -124,6 +124,33 @@ def run_search(
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)
     return study
+
+
+def _fit_interruptibly(tuner: Any) -> None:
+    """``tuner.fit()`` in a worker thread while the main thread waits in Python.
+
+    Python runs a signal handler only between bytecodes of the main thread. Tune's loop waits for
+    its trials inside Ray's C++ ``ray.wait``, where a Ctrl-C stayed pending until some trial
+    finished (hours, for a long trial; never, for a trial that waits on something). Waiting here,
+    in ``Thread.join`` with a timeout, the main thread gets ``KeyboardInterrupt`` at once; the
+    caller closes and re-queues the running trials and the process exits (the thread is a daemon).
+    """
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            tuner.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as is
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="ray-tune", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.2)
+    if failure:
+        raise failure[0]
 
 
 def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: Callable[[str], None] = print) -> dict[int, float]:

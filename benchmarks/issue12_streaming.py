@@ -87,7 +87,7 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
         "objectives": ["accuracy", "size_bytes"],
         "budget": {"trials": trials, "epochs": 1, "batch_size": 128},
         "resources": {"cpus": 1},
-        "latency": {"warmup": 1, "repeats": 3, "remeasure_front": False},
+        "latency": {"warmup": 1, "repeats": 3, "drift_check": False},
         "output_dir": str(work / "runs"),
     }
     config = work / f"{cfg['name']}.yaml"
