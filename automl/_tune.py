@@ -126,6 +126,17 @@ def searcher_class():
             self._errored: dict[str, Any] = {}
             #: automl._prescreen.Screen: dry run, cost bounds and duplicates before a trial launches.
             self._screen = screen
+            #: Told of each trial recorded before launch (``screened(number, status)``), if set.
+            self.progress: Any = None
+
+        def save(self, checkpoint_path: str) -> None:
+            # Tune checkpoints its searcher now and then (never restored: Optuna is the record);
+            # the screen holds the dataset and the base model, and the progress callback a console.
+            import pickle
+
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress")}
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(state, f)
 
         def running_trial_ids(self) -> list[int]:
             """Optuna ids of the trials this launcher runs now (for the heartbeat)."""
@@ -197,6 +208,7 @@ def searcher_class():
                 # PRUNED: stopped before training, no objective values; TPE and NSGA-II read its
                 # constraint values and learn the infeasible region from it.
                 self._ot_study.tell(ot, state=optuna.trial.TrialState.PRUNED)
+                status = f"{costs.plan.label} PRUNED before training: {verdict.broken}"
             elif verdict.duplicate_of is not None:
                 first = finished[plan_key(costs.plan)]
                 for k, v in first.user_attrs.items():
@@ -206,9 +218,12 @@ def searcher_class():
                     ot.set_constraint(name, value)
                 ot.set_user_attr(DUPLICATE_OF, first.number)
                 self._ot_study.tell(ot, list(first.values))
+                status = f"{costs.plan.label} is trial {first.number}'s plan: recorded with its numbers, not trained again"
             else:
                 return False
             del self._ot_trials[trial_id]
+            if self.progress is not None:
+                self.progress.screened(ot.number, status)
             return True
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -344,9 +359,16 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
         """
 
         def _progress(self, trial: Any, status: str) -> None:
+            self._line(trial.config.get("optuna_trial_number", "?"), status)
+
+        def screened(self, number: int, status: str) -> None:
+            """A trial the searcher recorded before launching it (infeasible, or a repeat)."""
+            self.done += 1
+            self._line(number, status)
+
+        def _line(self, number: Any, status: str) -> None:
             study = optuna.load_study(study_name=self.name, storage=self.storage)
             front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
-            number = trial.config.get("optuna_trial_number", "?")
             self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -369,6 +391,8 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
 
     cb = StudyCallback()
     cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher)
+    if searcher is not None:
+        searcher.progress = cb  # screened trials never reach Tune: the searcher reports them
     return cb
 
 
