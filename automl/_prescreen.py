@@ -8,8 +8,9 @@ result with :func:`automl._measure.measure`, the one measurement: params, size, 
 
 Where a method's costs depend on training (``CompressionMethod.costs_after_training``: early exits,
 whose thresholds are fitted after training and decide the expected MACs and latency) the dry run's
-MACs and latency are not final (nobody exits early before calibration, so they are upper bounds);
-``params`` and ``size_bytes`` are final for every method. A trial's recorded numbers are always
+MACs and latency are not final (nobody exits early before calibration, so they are upper bounds)
+and neither is the artifact's size (the thresholds are in its graph); ``params`` and the state
+dict's bytes are final for every method. A trial's recorded numbers are always
 those of its trained model.
 
 :class:`Screen` is what the searcher asks before it launches a trial: stop it if a known cost breaks
@@ -40,7 +41,9 @@ __all__ = ["COST_METRICS", "Costs", "Screen", "dry_run", "plan_key"]
 #: The cost metrics a dry run measures (and may be bounded before training).
 COST_METRICS: tuple[str, ...] = ("params", "size_bytes", "macs", "latency_ms")
 #: Costs that follow from the plan for every method (final even when ``Costs.final`` is False).
-PLAN_COSTS: tuple[str, ...] = ("params", "size_bytes")
+#: Not ``size_bytes``: an early-exit artifact holds its fitted thresholds in its graph, and its
+#: file size moves by a few hundred bytes with them (the state dict's bytes do not).
+PLAN_COSTS: tuple[str, ...] = ("params", "state_dict_bytes")
 
 #: Notes keys (``<method>.<key>``) whose empty value means the stage converted no layer.
 _CONVERTED_NOTES = ("converted", "channels", "groups")
