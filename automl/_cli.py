@@ -211,6 +211,9 @@ def _constraints(max_latency: float | None, max_size: float | None, min_accuracy
 
     if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
         fail(f"--min-accuracy must be a fraction in [0, 1], got {min_accuracy}")
+    for flag, value in (("--max-latency", max_latency), ("--max-size", max_size)):
+        if value is not None and not value > 0:
+            fail(f"{flag} must be a positive number, got {value}")
     return Constraints(max_latency_ms=max_latency, max_size_bytes=max_size, min_accuracy=min_accuracy)
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import searchspace
+from automl._constraints import Constraints
 from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
@@ -246,6 +247,9 @@ class StudyConfig(_Frozen):
     storage: str | None = None
     ray_address: str | None = None
     latency: LatencyConfig = LatencyConfig()
+    #: Bounds on the final model (automl._constraints): a trial whose costs, known before training,
+    #: break a max_* bound stops before it trains; min_accuracy keeps trials off the front and picks.
+    constraints: Constraints = Constraints()
     #: Folder that holds one sub-folder per study.
     output_dir: str = "runs"
     seed: int = 0

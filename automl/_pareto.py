@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import optuna
 
+from automl._constraints import Constraints
 from automl._metrics import METRIC_KEYS
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "normalise",
     "params_summary",
     "pick",
+    "study_constraints",
 ]
 
 _METRIC_KEYS = METRIC_KEYS
@@ -156,44 +158,6 @@ def params_summary(params: dict[str, Any], limit: int = 80) -> str:
 # --- constraints and picks ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """Bounds a user puts on a model (None = unbounded)."""
-
-    max_latency_ms: float | None = None
-    max_size_bytes: float | None = None
-    min_accuracy: float | None = None
-
-    def admits(self, row: FrontRow) -> bool:
-        m = row.metrics
-
-        def known(key: str) -> float | None:
-            v = m.get(key)
-            return None if v is None else float(v)
-
-        # A bound on an unmeasured number excludes the row: we cannot promise it holds.
-        if self.max_latency_ms is not None and (known("latency_ms") is None or known("latency_ms") > self.max_latency_ms):
-            return False
-        if self.max_size_bytes is not None and (known("size_bytes") is None or known("size_bytes") > self.max_size_bytes):
-            return False
-        if self.min_accuracy is not None and (known("accuracy") is None or known("accuracy") < self.min_accuracy):
-            return False
-        return True
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_latency_ms is not None:
-            parts.append(f"latency_ms <= {self.max_latency_ms:g}")
-        if self.max_size_bytes is not None:
-            parts.append(f"size_bytes <= {self.max_size_bytes:g}")
-        if self.min_accuracy is not None:
-            parts.append(f"accuracy >= {self.min_accuracy:g}")
-        return " and ".join(parts) or "no constraint"
-
-    def filter(self, rows: Sequence[FrontRow]) -> list[FrontRow]:
-        return [r for r in rows if self.admits(r)]
-
-
 #: ``pick`` strategies: name -> (metric, maximise?). ``knee`` is handled apart.
 PICKS: dict[str, tuple[str, bool]] = {
     "best-accuracy": ("accuracy", True),
@@ -214,6 +178,8 @@ def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) ->
     allowed = ["knee", *PICKS]
     if how not in allowed:
         raise ValueError(f"--pick must be one of {', '.join(allowed)}, got {how!r}")
+    # The study's own bounds (config ``constraints:``, kept as the study attribute) hold as well.
+    constraints = study_constraints(view).merged(constraints)
     rows = constraints.filter(view.trials)
     if not rows:
         raise ValueError(f"no finished trial of study {view.name!r} meets {constraints.describe()} ({len(view.trials)} finished)")
@@ -229,6 +195,11 @@ def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) ->
         raise ValueError(f"--pick {how}: no finished trial meeting {constraints.describe()} has a measured {metric}")
     sign = -1.0 if maximise else 1.0
     return min(measured, key=lambda r: (sign * float(r.metrics[metric]), -(r.metrics.get("accuracy") or 0.0), r.number))
+
+
+def study_constraints(view: StudyView) -> Constraints:
+    """The bounds of the study's config (study attribute ``constraints``; none if it has none)."""
+    return Constraints(**(view.attrs.get("constraints") or {}))
 
 
 def best_per_method(view: StudyView) -> list[FrontRow]:

@@ -11,6 +11,7 @@ import optuna
 
 from automl._cluster import start_sink
 from automl._config import StudyConfig
+from automl._prescreen import Screen
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
@@ -81,6 +82,7 @@ def run_search(
         storage=storage,
         extra_metrics=tuple(m for m in EXTRA_ATTRS if m not in metrics),
         budget=budget,
+        screen=Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
     )
     payload.sink = start_sink(study_dir)
     from ray.util.queue import Queue

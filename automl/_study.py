@@ -260,6 +260,8 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     study.set_metric_names([o.metric for o in cfg.objectives])
     study.set_user_attr("study_dir", str(study_dir.resolve()))
     study.set_user_attr("dataset", cfg.dataset.name)
+    # The config's bounds, for `show`/`export --pick` (automl._pareto.study_constraints).
+    study.set_user_attr("constraints", cfg.constraints.model_dump(exclude_none=True))
     space = build_space(cfg, base)
     payload = Payload(
         data=data,

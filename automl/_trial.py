@@ -28,7 +28,7 @@ from automl._train import TrainOptions, TrialFailed, fit
 #: Validation samples a :class:`Calibrated` model fits its settings on (the first this many).
 CALIBRATION_SAMPLES = 5000
 
-__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "run_trial"]
+__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "apply_chain", "run_trial"]
 
 
 @runtime_checkable
@@ -128,8 +128,6 @@ def run_trial(
     example = data.example().to(device)
     teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
     notes: dict[str, Any] = {}
-    model: nn.Module = base
-    float_macs: int | None = None
 
     def train(module: nn.Module, *, epochs: int | None = None, extra_loss: Any = None, seed_offset: int = 0) -> nn.Module:
         opts = TrainOptions(
@@ -147,20 +145,7 @@ def run_trial(
     def calibration():
         return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))
 
-    for i, (name, params) in enumerate(plan.chain):
-        method = (methods or {}).get(name) or searchspace.get_method(name)()
-        reason = method.supports(model)
-        if reason is not None:
-            raise TrialFailed(f"{name} cannot apply: {reason}")
-        if not method.finetune and float_macs is None:
-            # Post-training stages (int8) change the arithmetic, not the graph: MACs are those of
-            # the float model they start from (a quantised graph may not trace at all).
-            float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
-        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes)
-        model = method.apply(model, params, context=ctx)
-        if method.finetune:
-            model = train(model.to(device), seed_offset=i + 1)
-            float_macs = None
+    model, float_macs = apply_chain(plan, base, example=example, calibration=calibration, train=train, methods=methods, notes=notes, device=device)
     if model is base:
         model = copy.deepcopy(base)
     model.eval()
@@ -187,3 +172,46 @@ def run_trial(
         plan=plan, metrics=metrics, model=cpu_model, folder=folder, input_shape=tuple(example.shape[1:]),
         notes=notes, seconds=time.perf_counter() - start, variants=variants,
     )
+
+
+def apply_chain(
+    plan: Plan,
+    base: nn.Module,
+    *,
+    example: torch.Tensor,
+    calibration: Any,
+    train: Any,
+    methods: Mapping[str, CompressionMethod] | None = None,
+    notes: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    start: nn.Module | None = None,
+) -> tuple[nn.Module, int | None]:
+    """Apply ``plan``'s methods to ``base`` in order, calling ``train(module, seed_offset=i)`` after
+    each stage that fine-tunes; returns the final model (``base`` itself for an empty chain) and the
+    MACs of the float model a post-training stage started from (None if there is none).
+
+    ``start`` is the model the first stage gets (default ``base``, which stays the teacher).
+    The trial runs it with its fine-tuning; the dry run (:mod:`automl._prescreen`) with a ``train``
+    that returns the module untouched, which gives the same structure without training.
+
+    Raises:
+        TrialFailed: a stage cannot apply to the model it gets.
+    """
+    notes = {} if notes is None else notes
+    model: nn.Module = base if start is None else start
+    float_macs: int | None = None
+    for i, (name, params) in enumerate(plan.chain):
+        method = (methods or {}).get(name) or searchspace.get_method(name)()
+        reason = method.supports(model)
+        if reason is not None:
+            raise TrialFailed(f"{name} cannot apply: {reason}")
+        if not method.finetune and float_macs is None:
+            # Post-training stages (int8) change the arithmetic, not the graph: MACs are those of
+            # the float model they start from (a quantised graph may not trace at all).
+            float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
+        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes)
+        model = method.apply(model, params, context=ctx)
+        if method.finetune:
+            model = train(model.to(device), seed_offset=i + 1)
+            float_macs = None
+    return model, float_macs

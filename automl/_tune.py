@@ -20,12 +20,13 @@ from automl._cluster import assigned_device, pack_folder
 from automl._config import StudyConfig
 from automl._latency import gated_batches
 from automl._metrics import METRIC_KEYS
+from automl._prescreen import plan_key
 from automl._progress import LONG_TRIAL_S, EpochProgress, drain, sender
 from automl._recovery import LAUNCHER, finished_count, guarded
 from automl._study import Payload, open_storage
 from automl._trial import run_trial
 
-__all__ = ["DERIVED_FROM", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
+__all__ = ["DERIVED_FROM", "DRY_RUN", "DUPLICATE_OF", "INFEASIBLE", "PLAN_KEY", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
 
 #: User attribute (and result key) holding why a trial failed.
 FAIL_REASON = "fail_reason"
@@ -33,6 +34,14 @@ FAIL_REASON = "fail_reason"
 VARIANTS = "variants"
 #: User attribute of a trial recorded from another trial's model: the parent's number.
 DERIVED_FROM = "derived_from"
+#: User attribute of a trial recorded from an earlier finished trial of the same plan: its number.
+DUPLICATE_OF = "duplicate_of"
+#: User attribute: the canonical key of the plan a trial really is (automl._prescreen.plan_key).
+PLAN_KEY = "plan_key"
+#: User attribute: the costs of the trial's untrained final structure (automl._prescreen.dry_run).
+DRY_RUN = "dry_run"
+#: User attribute of a trial stopped before training: the cost bounds it broke.
+INFEASIBLE = "infeasible"
 #: Result keys stored as user attributes of the Optuna trial (besides its objective values).
 EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node")
 
@@ -115,17 +124,41 @@ def searcher_class():
     class StudySearcher(OptunaSearch):
         """OptunaSearch that links Optuna and Ray trials and records why a trial failed."""
 
-        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), budget: int | None = None, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, extra_metrics: tuple[str, ...] = (), budget: int | None = None, screen: Any = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._extra = extra_metrics
             self._budget = budget
             self._errored: dict[str, Any] = {}
+            #: automl._prescreen.Screen: dry run, cost bounds and duplicates before a trial launches.
+            self._screen = screen
+            #: Told of each trial recorded before launch (``screened(number, status)``), if set.
+            self.progress: Any = None
+
+        def save(self, checkpoint_path: str) -> None:
+            # Tune checkpoints its searcher now and then (never restored: Optuna is the record);
+            # the screen holds the dataset and the base model, and the progress callback a console.
+            import pickle
+
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress")}
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(state, f)
 
         def running_trial_ids(self) -> list[int]:
             """Optuna ids of the trials this launcher runs now (for the heartbeat)."""
             return [ot._trial_id for tid, ot in list(self._ot_trials.items()) if tid not in self._completed_trials]
 
         def suggest(self, trial_id: str) -> dict | None:
+            # Plans screened out before training (a cost bound broken, or already trained) are
+            # recorded at once and the sampler is asked again; each counts toward the budget, so
+            # the loop ends.
+            while True:
+                config = self._suggest_one(trial_id)
+                if config is None or config is Searcher.FINISHED or self._screen is None:
+                    return config
+                if not self._screened_out(trial_id, config):
+                    return config
+
+        def _suggest_one(self, trial_id: str) -> dict | None:
             if self._budget is not None and self._ot_study is not None:
                 # Several launchers may share one study (PostgreSQL): stop once the budget is
                 # covered by finished trials plus those running anywhere.
@@ -146,6 +179,57 @@ def searcher_class():
             ot.set_user_attr("method", Plan.from_dict(config["plan"]).label)
             config["optuna_trial_number"] = number
             return config
+
+        def _finished_plans(self) -> dict[str, Any]:
+            """Plan key -> the first COMPLETE trial that trained that plan (not a copy, not derived)."""
+            out: dict[str, Any] = {}
+            for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                key = t.user_attrs.get(PLAN_KEY)
+                if key and DUPLICATE_OF not in t.user_attrs and DERIVED_FROM not in t.user_attrs:
+                    out.setdefault(key, t)
+            return out
+
+        def _screened_out(self, trial_id: str, config: dict) -> bool:
+            """Dry-run the trial's plan; record it now (True) if it must not train, else annotate it."""
+            ot = self._ot_trials[trial_id]
+            plan = Plan.from_dict(config["plan"])
+            finished = self._finished_plans()
+            verdict = self._screen.check(plan, {k: t.number for k, t in finished.items()})
+            if verdict.costs is None:
+                return False  # the trial itself fails with the reason
+            costs = verdict.costs
+            ot.set_user_attr(DRY_RUN, {**costs.metrics(), "final": costs.final, "seconds": costs.seconds})
+            ot.set_user_attr(PLAN_KEY, plan_key(costs.plan))
+            if costs.noop:
+                # Recorded as the plan it really is (its Optuna params stay the sampled ones).
+                ot.set_user_attr("converted_nothing", list(costs.noop))
+                ot.set_user_attr("method", costs.plan.label)
+            if verdict.broken:
+                for name, value in verdict.constraints.items():
+                    ot.set_constraint(name, value)
+                ot.set_user_attr(INFEASIBLE, verdict.broken)
+                for k in costs.known:
+                    ot.set_user_attr(k, costs.metrics()[k])
+                # PRUNED: stopped before training, no objective values; TPE and NSGA-II read its
+                # constraint values and learn the infeasible region from it.
+                self._ot_study.tell(ot, state=optuna.trial.TrialState.PRUNED)
+                status = f"{costs.plan.label} PRUNED before training: {verdict.broken}"
+            elif verdict.duplicate_of is not None:
+                first = finished[plan_key(costs.plan)]
+                for k, v in first.user_attrs.items():
+                    if k not in ("launcher", "heartbeat", "ray_trial_id", "method", PLAN_KEY, DRY_RUN):
+                        ot.set_user_attr(k, v)
+                for name, value in first.constraints.items():
+                    ot.set_constraint(name, value)
+                ot.set_user_attr(DUPLICATE_OF, first.number)
+                self._ot_study.tell(ot, list(first.values))
+                status = f"{costs.plan.label} is trial {first.number}'s plan: recorded with its numbers, not trained again"
+            else:
+                return False
+            del self._ot_trials[trial_id]
+            if self.progress is not None:
+                self.progress.screened(ot.number, status)
+            return True
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot = self._ot_trials.get(trial_id)
@@ -172,6 +256,11 @@ def searcher_class():
             for key in self._extra:
                 if result.get(key) is not None:
                     ot.set_user_attr(key, result[key])
+            if self._screen is not None and not self._screen.constraints.empty:
+                # All bounds on the trained numbers (min_accuracy too): what the sampler learns from
+                # and what keeps a trial off Optuna's best_trials (the front).
+                for name, value in self._screen.constraints.violations(result).items():
+                    ot.set_constraint(name, value)
             parent = (ot.number, dict(ot.params), dict(ot.user_attrs))
             out = super().on_trial_complete(trial_id, result, error)
             if result.get(VARIANTS):
@@ -205,12 +294,16 @@ def searcher_class():
                         "state": variant["state"],
                     }
                 )
+                constraints = None
+                if self._screen is not None and not self._screen.constraints.empty:
+                    constraints = self._screen.constraints.violations(metrics)
                 self._ot_study.add_trial(
                     optuna.trial.create_trial(
                         params=replay.params,
                         distributions=replay.distributions,
                         values=[float(v) for v in values],
                         user_attrs=user_attrs,
+                        constraints=constraints,
                     )
                 )
 
@@ -271,9 +364,16 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
         """
 
         def _progress(self, trial: Any, status: str) -> None:
+            self._line(trial.config.get("optuna_trial_number", "?"), status)
+
+        def screened(self, number: int, status: str) -> None:
+            """A trial the searcher recorded before launching it (infeasible, or a repeat)."""
+            self.done += 1
+            self._line(number, status)
+
+        def _line(self, number: Any, status: str) -> None:
             study = optuna.load_study(study_name=self.name, storage=self.storage)
             front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else 0
-            number = trial.config.get("optuna_trial_number", "?")
             self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -307,6 +407,8 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
 
     cb = StudyCallback()
     cb.setup_state(total=total, url=cfg.storage_url, name=cfg.name, log=log, searcher=searcher, queue=queue)
+    if searcher is not None:
+        searcher.progress = cb  # screened trials never reach Tune: the searcher reports them
     return cb
 
 

@@ -76,6 +76,13 @@ class CompressionMethod(abc.ABC):
     stage: ClassVar[Stage] = Stage.STRUCTURE
     #: Whether the trial fine-tunes the model after :meth:`apply` (False for post-training int8).
     finetune: ClassVar[bool] = True
+    #: Whether the model's costs (MACs, latency) depend on training, so that a dry run of the chain
+    #: without training (automl._prescreen) cannot give their final values. Parameters and size
+    #: never do: they follow from the plan. True for early exits, whose thresholds are fitted on
+    #: the validation split after training and decide how much of the net a sample runs. Pruning
+    #: by a data or gate criterion is not such a case: the criterion picks WHICH channels go, the
+    #: ratio HOW MANY, so the pruned structure is the same.
+    costs_after_training: ClassVar[bool] = False
     #: The settings the search may tune; keys are un-prefixed, Optuna sees ``"<name>.<key>"``.
     hyperparameters: ClassVar[Mapping[str, Domain]] = {}
     #: The paper the method follows, cited in reports and cards.

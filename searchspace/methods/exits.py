@@ -387,6 +387,8 @@ class Exits(CompressionMethod):
     name = "exits"
     prunable_layers = False
     stage = Stage.STRUCTURE
+    # Thresholds are calibrated after training: expected MACs and latency are known only then.
+    costs_after_training = True
     reference = (
         "Huang et al., ICLR 2018, arXiv:1703.09844 (MSDNet: early exits, budgeted thresholds); "
         "heads: Li et al., CVPR 2018, arXiv:1712.01034 (iSQRT-COV)"

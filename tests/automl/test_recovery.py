@@ -435,9 +435,14 @@ def test_sigkill_launcher_five_times_then_finish(tmp_path):
             )
     # No loss: every COMPLETE trial has its checkpoint with the same accuracy; no other checkpoint.
     folders = sorted(p.name for p in (study_dir / "checkpoints").iterdir())
-    assert folders == sorted(f"trial_{t.number:05d}" for t in complete), f"checkpoints {folders} vs complete {[t.number for t in complete]}"
+    # A repeat of a finished plan (duplicate_of) is not trained again: it points at the first's checkpoint.
+    trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
+    assert folders == sorted(f"trial_{t.number:05d}" for t in trained), f"checkpoints {folders} vs trained complete {[t.number for t in trained]}"
     for t in complete:
-        record = json.loads((study_dir / "checkpoints" / f"trial_{t.number:05d}" / "trial.json").read_text())
+        if "duplicate_of" in t.user_attrs:
+            assert t.user_attrs["checkpoint"] == f"checkpoints/trial_{t.user_attrs['duplicate_of']:05d}", f"trial {t.number}: {t.user_attrs}"
+    for t in complete:
+        record = json.loads((study_dir / t.user_attrs["checkpoint"] / "trial.json").read_text())
         assert math.isclose(record["metrics"]["accuracy"], t.values[0]), f"trial {t.number}: checkpoint accuracy {record['metrics']['accuracy']} != {t.values[0]}"
     print(f"kills (phase, held, released)={kills} interrupted={[t.number for t in by_state[TrialState.FAIL]]} complete={[t.number for t in complete]}")
 
