@@ -109,7 +109,7 @@ def dry_run(
     """
     start = time.perf_counter()
     base = base.eval()
-    example = data.x_train[:1]
+    example = data.example()
 
     gen = torch.Generator().manual_seed(settings.seed)
 
