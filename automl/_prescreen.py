@@ -139,7 +139,7 @@ def dry_run(
         before = _structure(model)
         model, stage_macs = apply_chain(
             Plan(chain=((name, params),), finetune=plan.finetune), base, start=model,
-            example=example, calibration=calibration, train=untrained, methods=methods, notes=notes,
+            example=example, calibration=calibration, train=untrained, methods=methods, notes=notes, dry_run=True,
         )
         float_macs = stage_macs if stage_macs is not None else (float_macs if not method.finetune else None)
         if name != "none" and _converted_nothing(name, notes) and _structure(model) == before:

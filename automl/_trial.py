@@ -185,6 +185,7 @@ def apply_chain(
     notes: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
     start: nn.Module | None = None,
+    dry_run: bool = False,
 ) -> tuple[nn.Module, int | None]:
     """Apply ``plan``'s methods to ``base`` in order, calling ``train(module, seed_offset=i)`` after
     each stage that fine-tunes; returns the final model (``base`` itself for an empty chain) and the
@@ -209,7 +210,7 @@ def apply_chain(
             # Post-training stages (int8) change the arithmetic, not the graph: MACs are those of
             # the float model they start from (a quantised graph may not trace at all).
             float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
-        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes)
+        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes, dry_run=dry_run)
         model = method.apply(model, params, context=ctx)
         if method.finetune:
             model = train(model.to(device), seed_offset=i + 1)

@@ -45,6 +45,9 @@ class ApplyContext:
             learn something before they cut (learned gates).
         base: the trained base model (read only), e.g. as a distillation teacher.
         notes: what the method did (converted layers, skipped layers and why); stored with the trial.
+        dry_run: the chain is being built only for its structure (costs before training,
+            :mod:`automl._prescreen`): ``fit`` trains nothing, and which channels or ranks are
+            picked does not matter, only how many. A method may skip work that only picks them.
     """
 
     example_input: torch.Tensor
@@ -52,6 +55,7 @@ class ApplyContext:
     fit: Callable[..., Any] | None = None
     base: nn.Module | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
 
     def batches(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate over at most ``limit`` calibration batches."""
