@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -256,8 +257,11 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     study.set_user_attr("base", base_metrics.as_dict())
     study.set_user_attr("base_model", cfg.base.model)
     study.set_user_attr("objectives", [o.metric for o in cfg.objectives])
-    # optuna-dashboard and study.best_trials label the axes with these (not "Objective 0/1/2").
-    study.set_metric_names([o.metric for o in cfg.objectives])
+    # optuna-dashboard and study.best_trials label the axes with these (not "Objective 0/1/2");
+    # Optuna still calls the method experimental, which is no news to a user of this tool.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.metric for o in cfg.objectives])
     study.set_user_attr("study_dir", str(study_dir.resolve()))
     study.set_user_attr("dataset", cfg.dataset.name)
     # The config's bounds, for `show`/`export --pick` (automl._pareto.study_constraints).
