@@ -18,7 +18,7 @@ from searchspace import Plan
 from automl._checkpoint import save_checkpoint, variant_folder
 from automl._cluster import assigned_device, pack_folder
 from automl._config import StudyConfig
-from automl._latency import gated_batches
+from automl._latency import busy, gated_batches
 from automl._metrics import METRIC_KEYS
 from automl._prescreen import plan_key
 from automl._progress import LONG_TRIAL_S, EpochProgress, drain, sender
@@ -59,16 +59,19 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])
     progress = sender(payload.progress, f"trial {config.get('optuna_trial_number', '?')}", after_s=LONG_TRIAL_S)
-    # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
-    data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
+    # The whole trial holds the node's latency lock shared, yielding at every batch, so nothing it
+    # computes runs while a model is timed on the node (automl._latency: isolation).
+    isolate = payload.settings.latency.isolate
+    data = gated_batches(payload.data) if isolate else payload.data
     with tempfile.TemporaryDirectory() as work:
-        outcome, reason, attempts = guarded(
-            lambda: run_trial(
-                plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
-            ),
-            time_limit_s=payload.time_limit_s,
-            retries=payload.retries,
-        )
+
+        def attempt() -> Any:
+            with busy(isolate):
+                return run_trial(
+                    plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
+                )
+
+        outcome, reason, attempts = guarded(attempt, time_limit_s=payload.time_limit_s, retries=payload.retries)
         if outcome is None:
             # Every metric present (NaN): Tune rejects a result without the searched metrics and
             # would end the whole study; the searcher records the trial as FAIL by its fail_reason.
