@@ -122,13 +122,19 @@ class _EpochReporter:
 
         if self.forward is not None:
             self.forward(stats)
+        result = self.next_result(stats)
+        if result is not None:
+            tune.report(result)
+
+    def next_result(self, stats: Any) -> dict[str, Any] | None:
+        """Count one finished epoch; the intermediate result to report (None without a validation split)."""
         self.epoch += 1
         if stats.val_accuracy is None:
-            return
-        result = {m: math.nan for m in METRIC_KEYS}
+            return None
+        result: dict[str, Any] = {m: math.nan for m in METRIC_KEYS}
         result.update(self.costs)
         result.update({"accuracy": math.nan, VAL_ACCURACY: float(stats.val_accuracy), EPOCH: self.epoch, PARTIAL: True, "method": self.label})
-        tune.report(result)
+        return result
 
 
 def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcome: Any, attempts: int, where: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -156,3 +156,37 @@ def test_moasha_stops_a_dominated_trial_in_a_real_study(tmp_path, ray_session):
         assert numbers == {first.number}, f"show {flag}: {numbers}"
     report = runner.invoke(app, ["report", str(cfg.study_dir), "--format", "md"])
     assert report.exit_code == 0, report.output
+
+
+def test_epoch_count_is_monotone_over_a_two_stage_chain(digits, tmp_path):
+    """tucker -> prune fine-tunes 2 epochs after each stage: the scheduler sees epochs 1..4 (each
+    stage's fit starts again at its own epoch 1), each with that epoch's validation accuracy and
+    the dry-run costs, and never the test accuracy."""
+    import torch
+
+    from automl import build_model
+    from automl._latency import LatencySettings
+    from automl._train import TrainOptions, fit
+    from automl._trial import TrialSettings, run_trial
+    from automl._tune import EPOCH, PARTIAL, VAL_ACCURACY, _EpochReporter
+    from searchspace import Plan
+
+    torch.manual_seed(0)
+    base = fit(build_model("digits_cnn", input_shape=digits.input_shape, num_classes=10, options={"width": 0.5}), digits, TrainOptions(epochs=3, lr=3e-3)).eval()
+    plan = Plan(chain=(("tucker", {"rank_out": 0.5, "rank_in": 0.5}), ("prune", {"criterion": "l1", "ratio": 0.3, "per_stage": False})))
+    costs = {"size_bytes": 1234, "params": 99, "latency_ms": 0.5, "macs": None}
+    reporter = _EpochReporter(None, plan.label, costs)
+    seen, results = [], []
+
+    def progress(stats):
+        seen.append(stats)
+        results.append(reporter.next_result(stats))
+
+    settings = TrialSettings(epochs=2, lr=1e-3, batch_size=100, latency=LatencySettings(warmup=1, repeats=3))
+    run_trial(plan, base, digits, settings, folder=tmp_path / "artifact", progress=progress)
+    assert [s.epoch for s in seen] == [1, 2, 1, 2], f"per-fit epochs {[s.epoch for s in seen]}"
+    assert [r[EPOCH] for r in results] == [1, 2, 3, 4], f"scheduler epochs {[r[EPOCH] for r in results]}"
+    for stats, r in zip(seen, results):
+        assert r[VAL_ACCURACY] == stats.val_accuracy and r[PARTIAL] is True, r
+        assert r["size_bytes"] == 1234 and r["params"] == 99 and r["macs"] != r["macs"], f"costs not carried (macs unknown = NaN): {r}"
+        assert r["accuracy"] != r["accuracy"], "an intermediate result must not carry a test accuracy"
