@@ -237,6 +237,22 @@ def test_guarded_time_limit_does_not_fire_after_success():
     assert issubclass(TrialTimeLimit, Exception)
 
 
+def test_guarded_passes_systemexit_on_and_cancels_its_timer():
+    """Ray Tune stops a trial its scheduler prunes with SystemExit in the training thread: it must
+    pass through (not be recorded as the trial's failure) and leave no timer to fire later."""
+    before = set(threading.enumerate())
+
+    def stopped():
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        guarded(stopped, time_limit_s=600, retries=3)
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t not in before]
+    for timer in timers:
+        timer.join(timeout=5)  # a cancelled timer ends at once; an uncancelled one waits 600 s
+    assert timers and not any(t.is_alive() for t in timers), f"the time limit's timer was not cancelled: {timers}"
+
+
 # --- real launchers: trials held at a gate, signals sent in known states --------------------
 
 
