@@ -126,6 +126,12 @@ def run_search(
         if closed:
             log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
         raise
+    # Tune ends at budget.time_limit_s by stopping the running trials without telling the searcher:
+    # close them as interrupted (not counted) and re-queue them, as after Ctrl-C, so none stays
+    # RUNNING and `automl resume` runs them.
+    closed = searcher.close_running("interrupted: the search's time limit (budget.time_limit_s) stopped it; its parameters were re-queued")
+    if closed:
+        log(f"time limit: trials {closed} were still running, closed as FAIL (interrupted) and re-queued")
     study = optuna.load_study(study_name=cfg.name, storage=storage)
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)

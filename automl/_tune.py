@@ -417,7 +417,8 @@ def searcher_class():
             self._completed_trials.add(trial_id)
 
         def close_running(self, reason: str) -> list[int]:
-            """Ctrl-C: close this launcher's running trials as interrupted and re-queue their params."""
+            """Ctrl-C or the search's time limit: close this launcher's running trials as interrupted
+            and re-queue their params (a trial that already finished is left as it is)."""
             closed = []
             for tid, ot in list(self._ot_trials.items()):
                 if tid in self._completed_trials:

@@ -504,6 +504,30 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_search_time_limit_leaves_no_trial_running_and_requeues_the_held_ones(tmp_path):
+    """budget.time_limit_s ends the search while trials are held at the gate (never opened): Tune
+    stops them without telling the searcher; the launcher must close them as interrupted and
+    re-queue them, not leave them RUNNING."""
+    gate = Gate(tmp_path / "gate")
+    cfg_path = _config(tmp_path, 4)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["budget"]["time_limit_s"] = 45  # a safety margin for Ray to start a trial on a loaded machine
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rc, text = _launch_to_end(cfg_path, tmp_path, gate)
+    assert rc == 0, f"launch ended {rc}:\n{text[-3000:]}"
+    trials = {t.number: t for t in _trials(tmp_path / "runs" / "crashy")}
+    running = [n for n, t in trials.items() if t.state == TrialState.RUNNING]
+    assert not running, f"the time limit left trials RUNNING: {running}\n{text[-2000:]}"
+    closed = [t for t in trials.values() if t.state == TrialState.FAIL]
+    assert closed, f"no trial was running when the time limit came (none was held?): {[(t.number, t.state) for t in trials.values()]}"
+    waiting = {t.user_attrs.get("requeue_of"): t for t in trials.values() if t.state == TrialState.WAITING}
+    for t in closed:
+        assert t.user_attrs.get("interrupted") and "time limit" in t.user_attrs.get("fail_reason", ""), f"trial {t.number}: {t.user_attrs}"
+        assert t.number in waiting and waiting[t.number].system_attrs.get("fixed_params") == t.params, f"trial {t.number} was not re-queued"
+    assert "time limit: trials" in text, f"the launcher did not say which trials it closed:\n{text[-2000:]}"
+
+
+@pytest.mark.slow
 def test_time_limit_through_ray_records_fail_and_the_study_goes_on(tmp_path):
     # The gate is never opened: each trial is held until its time limit stops it, on any machine.
     gate = Gate(tmp_path / "gate")
