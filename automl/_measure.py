@@ -227,7 +227,9 @@ def measure(
     dynamic = isinstance(model, DynamicInference)
     inputs = latency_inputs(data, settings, dynamic=dynamic)
     example = inputs[:1]
-    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    # torchscript=True: export (automl._export) still verifies against model.ts until checkpoints
+    # rebuild the eager module from plan + weights (issue 15, part 1); then only on request.
+    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads, torchscript=True)
     pred, labels = _predictions(artifact, data)
     accuracy = int((pred == labels).sum()) / max(len(labels), 1)
     latency, iqr = time_artifact(artifact, inputs, settings, per_sample=dynamic)
