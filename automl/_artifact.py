@@ -263,11 +263,26 @@ def build_artifact(
     if runtime == "onnxruntime":
         target = folder / ONNX_FILE
         float_path = folder / "model.float.onnx" if recipe is not None else target
+        keep = _onnx.onnx_initializers(model)
         try:
-            info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=_onnx.onnx_initializers(model))
-        except Exception as exc:  # noqa: BLE001 - any exporter error is the reason the trial fails
+            if recipe is None and program is None:
+                raise ArtifactError(info["pt2"]["reason"])
+            info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=keep)
+        except Exception as exc:  # noqa: BLE001 - any exporter error is the reason, kept below
             float_path.unlink(missing_ok=True)
-            raise ArtifactError(f"onnx: torch.onnx.export(dynamo=True) failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            dynamo_error = _first_line(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            # A model torch.export cannot capture (Python control flow on tensor values in a
+            # user's model, not torch.cond) may still script: the legacy exporter, and the card says why.
+            try:
+                scripted = to_torchscript(model, example)
+                info["onnx"] = _onnx.to_onnx(scripted, example, float_path, keep=keep or None)
+            except Exception as legacy_exc:  # noqa: BLE001
+                float_path.unlink(missing_ok=True)
+                raise ArtifactError(
+                    f"onnx: torch.onnx.export(dynamo=True) failed: {dynamo_error}; the legacy exporter too: "
+                    f"{type(legacy_exc).__name__}: {_first_line(legacy_exc)}"
+                ) from exc
+            info["onnx"]["reason"] = f"torch.export failed ({dynamo_error}); the TorchScript-based exporter took the scripted model"
         if recipe is not None:
             try:
                 info["onnx"]["quantization"] = recipe.quantize_onnx(float_path, target)
