@@ -255,11 +255,18 @@ def build_artifact(
         info["pt2"] = {"file": None, "reason": f"int8 has no torch.export program here: {_onnx.LEGACY_REASON}; torchao PT2E runs int8 only through torch.compile"}
 
     if write_ts:
-        scripted = to_torchscript(torch_model, example)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
-            scripted.save(str(folder / TORCHSCRIPT_FILE))
-        info["torchscript"] = {"file": TORCHSCRIPT_FILE}
+        try:
+            scripted = to_torchscript(torch_model, example)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
+                scripted.save(str(folder / TORCHSCRIPT_FILE))
+            info["torchscript"] = {"file": TORCHSCRIPT_FILE}
+        except ArtifactError as exc:
+            if runtime == "torchscript":
+                raise
+            # An extra file, not the measured artifact: say why it is missing instead of failing.
+            (folder / TORCHSCRIPT_FILE).unlink(missing_ok=True)
+            info["torchscript"] = {"file": None, "reason": str(exc)}
     if runtime == "onnxruntime":
         target = folder / ONNX_FILE
         float_path = folder / "model.float.onnx" if recipe is not None else target
