@@ -31,7 +31,7 @@ __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"
 
 RECORD = "trial.json"
 WEIGHTS = "weights.pt"
-ARTIFACT_FILES = ("model.ts", "model.onnx")
+ARTIFACT_FILES = ("model.ts", "model.onnx", "model.pt2", "artifact.json")
 
 
 class CheckpointError(ValueError):

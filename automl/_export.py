@@ -366,10 +366,17 @@ def export_trial(
             )
         log(f"verified: {verify_runtime} test accuracy {acc:.4f} equals the recorded {float(recorded['accuracy']):.4f}")
 
-        # 2. weights file == exported model's weights.
-        diff = _same_weights(_reload_weights(tmp / weights_name), exported.state_dict())
-        if diff is not None:
-            raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
+        # 2. weights file == exported model's weights. Where the artifact was quantised when it was
+        # built (artifact.json: "quantization"), the weights are the float ones the runtime's
+        # quantiser started from, and model.ts holds the quantised form: nothing to compare.
+        info_file = ckpt.folder / "artifact.json"
+        artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if "quantization" in artifact_info:
+            log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); model.ts is their quantised form")
+        else:
+            diff = _same_weights(_reload_weights(tmp / weights_name), exported.state_dict())
+            if diff is not None:
+                raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
 
         # 3. ONNX against TorchScript on the whole test split.
         onnx_info: dict[str, Any] = {}
