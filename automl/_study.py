@@ -94,13 +94,21 @@ class Payload:
     sink: Any = None
     #: A Ray queue carrying long trials' per-epoch progress to the launcher (automl._progress).
     progress: Any = None
+    #: The base architecture every checkpoint's plan starts from (automl._checkpoint).
+    base_ref: dict[str, Any] | None = None
 
 
 # --- base model ----------------------------------------------------------------------------
 
 
+def base_reference(cfg: StudyConfig, data: Splits) -> dict[str, Any]:
+    """What :func:`automl.build_model` needs to build the base architecture (a checkpoint's ``base``)."""
+    return {"model": cfg.base.model, "options": dict(cfg.base.options or {}), "input_shape": list(data.input_shape), "num_classes": int(data.num_classes)}
+
+
 def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:
-    return build_model(cfg.base.model, input_shape=data.input_shape, num_classes=data.num_classes, options=cfg.base.options)
+    ref = base_reference(cfg, data)
+    return build_model(ref["model"], input_shape=ref["input_shape"], num_classes=ref["num_classes"], options=ref["options"])
 
 
 def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callable[[str], None] = print) -> tuple[nn.Module, Metrics]:
@@ -277,6 +285,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         plugins=cfg.plugins,
         time_limit_s=cfg.budget.trial_time_limit_s,
         retries=cfg.budget.retries,
+        base_ref=base_reference(cfg, data),
     )
     return study_dir, payload, space
 
