@@ -46,8 +46,9 @@ def _calibration(data: Any, shape: tuple[int, ...], batch_size: int, seed: int):
 def _load_strict(model: nn.Module, state: Mapping[str, Any], folder: Path) -> None:
     """``load_state_dict(strict=True)``, packed int8 weights included.
 
-    Packed weights (TorchScript objects of quantised layers) get their stored state in place:
-    torch's own loader for FX-quantised modules recognises them only at the root module.
+    Packed weights (TorchScript objects of quantised layers, stored as their ``__getstate__``) are
+    made anew from that state and set on their module: torch's own loader for FX-quantised modules
+    recognises them only at the root module, and ``__setstate__`` on an existing object changes nothing.
     """
     current = model.state_dict()
     missing, extra = sorted(set(current) - set(state)), sorted(set(state) - set(current))
@@ -60,10 +61,13 @@ def _load_strict(model: nn.Module, state: Mapping[str, Any], folder: Path) -> No
     plain._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]  # layers' versions
     for key, value in state.items():
         if isinstance(value, dict) and "script_object" in value:
-            target = current[key]
-            if not isinstance(target, torch.ScriptObject):
-                raise CheckpointError(f"checkpoint {folder}: {key!r} holds packed weights, but the rebuilt model has a {type(target).__name__} there")
-            target.__setstate__(value["script_object"])
+            owner, _, attr = key.rpartition(".")
+            module = model.get_submodule(owner)
+            if not isinstance(getattr(module, attr, None), torch.ScriptObject):
+                raise CheckpointError(f"checkpoint {folder}: {key!r} holds packed weights, but the rebuilt model has a {type(current[key]).__name__} there")
+            packed = torch.ScriptObject.__new__(torch.ScriptObject)
+            packed.__setstate__(value["script_object"])  # (state, class name), as __getstate__ gave it
+            setattr(module, attr, packed)
         else:
             plain[key] = value
     try:

@@ -11,6 +11,7 @@ import searchspace
 from automl import build_model
 from automl._measure import param_count, size_bytes
 from automl._train import TrainOptions, evaluate, fit
+from automl import load_model
 from automl._checkpoint import load_checkpoint
 from searchspace import ApplyContext
 
@@ -49,7 +50,7 @@ def test_dynamic_int8_notes_the_float_convolutions(trained_digits, digits):
     assert evaluate(q, digits) > evaluate(trained_digits, digits) - 0.01, "dynamic int8 lost more than a point"
 
 
-def test_quantised_model_survives_the_torchscript_checkpoint(trained_digits, digits, tmp_path):
+def test_quantised_model_survives_the_checkpoint(trained_digits, digits, tmp_path):
     from automl._checkpoint import save_checkpoint
     from automl._measure import LatencySettings, count_macs, measure
     from automl._trial import TrialOutcome
@@ -58,12 +59,16 @@ def test_quantised_model_survives_the_torchscript_checkpoint(trained_digits, dig
     q = searchspace.get_method("int8")().apply(trained_digits, {"mode": "static"}, context=_context(digits))
     metrics, _ = measure(q, digits, LatencySettings(warmup=1, repeats=3), folder=tmp_path / "artifact", macs=count_macs(trained_digits, digits.x_test[:1]))
     plan = Plan(chain=(("none", {}), ("int8", {"mode": "static"})))
-    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q, folder=tmp_path / "artifact", input_shape=digits.input_shape), tmp_path / "checkpoint")
-    ckpt = load_checkpoint(tmp_path / "checkpoint")
-    loaded, record = ckpt.torchscript(), ckpt.record
-    x = digits.x_test[:16]
+    ref = {"model": "digits_cnn", "options": {}, "input_shape": list(digits.input_shape), "num_classes": 10}
+    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q, folder=tmp_path / "artifact", input_shape=digits.input_shape), tmp_path / "checkpoint", base=ref)
+    record = load_checkpoint(tmp_path / "checkpoint").record
+    x = digits.x_test
     with torch.no_grad():
-        assert torch.allclose(loaded(x), q(x)), "the TorchScript int8 model must compute what the int8 model computes"
+        # Rebuilt with random calibration inputs: the stored scales, not the recalibrated ones, must count.
+        got = load_model(tmp_path / "checkpoint")(x)
+        assert torch.equal(got, q(x)), f"the rebuilt int8 model must compute what the int8 model computes: max diff {float((got - q(x)).abs().max())}, {int((got.argmax(1) != q(x).argmax(1)).sum())} predictions differ"
+        ts = torch.jit.load(str(tmp_path / "checkpoint" / "model.ts"))
+        assert torch.allclose(ts(x), q(x)), "the TorchScript int8 model must compute what the int8 model computes"
     assert record["label"] == "none+int8", f"record label {record['label']!r}"
 
 
