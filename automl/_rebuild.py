@@ -112,10 +112,13 @@ def load_model(
     if data is not None:
         example = data.example()
     try:
-        model, _ = apply_chain(
-            plan, base, example=example, calibration=_calibration(data, shape, _CALIBRATION[1], seed),
-            train=lambda module, **_: module, methods=methods, dry_run=True,
-        )
+        # Replayed as a trial runs it: some methods trace the graph through autograd (torch-pruning),
+        # so a caller's torch.no_grad() must not reach them.
+        with torch.enable_grad():
+            model, _ = apply_chain(
+                plan, base, example=example, calibration=_calibration(data, shape, _CALIBRATION[1], seed),
+                train=lambda module, **_: module, methods=methods, dry_run=True,
+            )
     except (TrialFailed, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.folder}: its plan {plan.label} cannot be replayed: {exc}") from exc
     model = model.cpu().eval()

@@ -150,3 +150,30 @@ def test_weights_that_do_not_fit_the_plan_and_old_checkpoints_are_refused(tmp_pa
     (folder / "weights.pt").write_bytes(b"old")
     with pytest.raises(CheckpointError, match="predates the checkpoint format"):
         load_model(folder)
+
+
+def test_drift_check_of_the_eager_runtime_times_the_rebuilt_module(digits, tmp_path):
+    """The eager runtime has no artifact file: the drift check re-times the module load_model rebuilds."""
+    import optuna
+
+    from automl._latency import LatencySettings
+    from automl._search import check_drift
+    from automl._study import Payload
+    from automl._trial import TrialSettings
+
+    shape = tuple(digits.input_shape)
+    base = make_base("digits_cnn", shape)
+    plan = Plan(chain=(("prune", {"criterion": "l1", "ratio": 0.5, "per_stage": False}),))
+    ctx = random_context(shape, base)
+    model, _ = apply_chain(plan, base, example=ctx.example_input, calibration=ctx.calibration, train=_perturb(0))
+    folder = save_checkpoint(TrialOutcome(plan=plan, metrics=_metrics(), model=model.eval(), folder=tmp_path / "a", input_shape=shape), tmp_path / "checkpoints" / "trial_00000", base=_ref("digits_cnn", shape))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_metric_names(["accuracy", "latency_ms"])
+    # Recorded 1000 s per sample: the re-timed module (milliseconds) drifts by about -100 %.
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1e6], user_attrs={"checkpoint": "checkpoints/trial_00000"}))
+    settings = TrialSettings(epochs=0, lr=0.0, batch_size=64, latency=LatencySettings(runtime="eager", warmup=1, repeats=3))
+    payload = Payload(data=digits.head("test", 50), base=base, settings=settings, methods={}, cpus=1, gpus=0)
+    lines: list[str] = []
+    drift = check_drift(study, tmp_path, payload, log=lines.append)
+    assert list(drift) == [0] and -1.0 < drift[0] < -0.99, f"expected the rebuilt module re-timed (drift ~ -1), got {drift} / {lines}"
+    assert folder.is_dir()
