@@ -177,6 +177,21 @@ class SamplerConfig(_Frozen):
     seed: int | None = 0
 
 
+class SchedulerConfig(_Frozen):
+    """Which Ray Tune scheduler stops trials early (``fifo`` = none: every trial fine-tunes fully).
+
+    ``moasha``: Pareto-aware asynchronous successive halving (:mod:`automl._moasha`) on (validation
+    accuracy after each fine-tuning epoch, the trial's costs from its dry run). Rungs at
+    ``grace_epochs x reduction_factor^k`` epochs of the trial's epoch count (all of its training
+    epochs so far, see :func:`automl._tune.trial_function`); at each the best
+    ``ceil(n / reduction_factor)`` go on.
+    """
+
+    name: Literal["fifo", "moasha"] = "fifo"
+    grace_epochs: int = Field(default=1, ge=1, le=10_000)
+    reduction_factor: float = Field(default=3.0, ge=2.0, le=1000.0)
+
+
 class ResourcesConfig(_Frozen):
     cpus: float = Field(default=1.0, gt=0.0, le=1024)
     gpus: float = Field(default=0.0, ge=0.0, le=64)
@@ -243,6 +258,8 @@ class StudyConfig(_Frozen):
     )
     budget: BudgetConfig = BudgetConfig()
     sampler: SamplerConfig = SamplerConfig()
+    #: Early stopping of trials by a Ray Tune scheduler (default fifo: off).
+    scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()
     storage: str | None = None
     ray_address: str | None = None
@@ -336,7 +353,29 @@ class StudyConfig(_Frozen):
             raise ValueError(f"storage must be an SQLAlchemy URL such as sqlite:///path.db or postgresql://user@host/db, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _scheduler(self) -> StudyConfig:
+        if self.scheduler.name == "fifo":
+            return self
+        if "accuracy" not in [o.metric for o in self.objectives]:
+            names = [o.metric for o in self.objectives]
+            raise ValueError(f"scheduler.name moasha ranks trials by validation accuracy, so accuracy must be an objective, got objectives {names}")
+        most = self.max_training_epochs
+        if self.scheduler.grace_epochs >= most:
+            raise ValueError(
+                f"scheduler.grace_epochs must be below the most epochs a trial fine-tunes (budget.epochs x fine-tuning "
+                f"stages of the enabled methods = {most}), else no rung is ever reached, got {self.scheduler.grace_epochs}"
+            )
+        return self
+
     # Derived values -------------------------------------------------------------------------
+
+    @property
+    def max_training_epochs(self) -> int:
+        """The most fine-tuning epochs a trial's chain can run: ``budget.epochs`` after each stage
+        that has an enabled method which fine-tunes (the scheduler's last rung lies below it)."""
+        stages = {m.stage for m in self.method_instances().values() if m.finetune}
+        return self.budget.epochs * len(stages)
 
     @property
     def study_dir(self) -> Path:

@@ -16,14 +16,19 @@ Definitions (the README repeats them, nothing else does):
 
 Isolation, so a number means something on a node where other trials train at the same time:
 
-1. **One measurement at a time per node, and no training meanwhile**: :func:`latency_lock` takes an
-   exclusive ``fcntl`` lock on a node-local file; every training step of every trial on the node
-   holds the same lock *shared* (:func:`gated_batches` wraps the trial's data), so a measurement
-   waits for the running steps to end, and steps wait while a model is timed. A turnstile file
-   (taken by trainers only in passing, held by the measurer while it waits) keeps a stream of
-   overlapping training steps from starving the measurement. File locks rather than a named Ray
-   actor: the kernel releases them when a worker dies (no lock leaked by a crashed trial) and they
-   cost a system call, not a round trip through Ray, per step.
+1. **One measurement at a time per node, and no other work meanwhile**: :func:`latency_lock` takes
+   an exclusive ``fcntl`` lock on a node-local file; all other CPU work of the study on the node
+   holds the same lock *shared* (:func:`busy`): a trial from its first stage to its last number,
+   the launcher's dry run of the next plan. Shared holders reach a :func:`yield_point` at every
+   batch of every split (:func:`gated_batches`) and between stages, where they let a waiting
+   measurement go first, so a measurement waits for the current step or export to end, and nothing
+   else runs on the node while a model is timed. Holding only the training steps (as before) left
+   evaluation passes, exports, decompositions and the launcher's dry runs running beside the timed
+   model, and on these 2-core machines a quarter of the recorded latencies then read 2x. A turnstile
+   file (taken by workers only in passing, held by the measurer while it waits) keeps a stream of
+   overlapping steps from starving the measurement. File locks rather than a named Ray actor: the
+   kernel releases them when a worker dies (no lock leaked by a crashed trial) and they cost a system
+   call, not a round trip through Ray, per step.
 2. **Repeat when the spread is too wide**: :func:`stable_latency` re-measures while
    IQR/median > ``latency.max_spread`` (up to ``latency.max_attempts``) and keeps the tightest one.
 """
@@ -44,13 +49,16 @@ import torch
 
 __all__ = [
     "LatencySettings",
+    "busy",
     "gated_batches",
+    "idle",
     "latency_lock",
     "lock_path",
     "stable_latency",
     "time_blocks",
     "time_per_sample",
     "torch_threads",
+    "yield_point",
 ]
 
 
@@ -104,40 +112,101 @@ def _files() -> tuple[int, int]:
     return _FILES["gate"].fileno(), _FILES["lock"].fileno()  # type: ignore[union-attr]
 
 
+#: This process's shared hold on the lock: ``depth`` nested :func:`busy` blocks (0 = none).
+_HOLD = {"depth": 0}
+
+
+def _take_shared() -> None:
+    gate, lock = _files()
+    fcntl.flock(gate, fcntl.LOCK_EX)  # wait while a measurement is waiting or running...
+    fcntl.flock(gate, fcntl.LOCK_UN)
+    fcntl.flock(lock, fcntl.LOCK_SH)  # ...then work beside the other workers
+
+
 @contextlib.contextmanager
 def latency_lock(enabled: bool = True) -> Iterator[None]:
-    """Hold the node's latency lock exclusively: no other measurement, no training step meanwhile."""
+    """Hold the node's latency lock exclusively: no other measurement and no other work meanwhile.
+
+    A process inside :func:`busy` gives up its own shared hold first and takes it back after:
+    holding it while waiting at the turnstile would deadlock with a measurer waiting for it.
+    """
     if not enabled:
         yield
         return
     gate, lock = _files()
-    fcntl.flock(gate, fcntl.LOCK_EX)  # new training steps now wait at the turnstile...
+    held = _HOLD["depth"] > 0
+    if held:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    fcntl.flock(gate, fcntl.LOCK_EX)  # new work now waits at the turnstile...
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # ...and the running ones finish
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ...and the running work reaches a yield point
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     finally:
         fcntl.flock(gate, fcntl.LOCK_UN)
+        if held:
+            _take_shared()
 
 
-def _step_enter() -> None:
+@contextlib.contextmanager
+def busy(enabled: bool = True) -> Iterator[None]:
+    """Hold the node's latency lock *shared* for a stretch of work that is not itself timed.
+
+    Everything a trial or the launcher computes (training and evaluation batches, a method's
+    ``apply``, the artifact export, MAC counting, a dry run) runs inside ``busy``, so no model is
+    timed while it runs. Nested blocks share the one hold. A long block must reach
+    :func:`yield_point` now and then (every batch of :class:`gated_batches` does), where it lets a
+    waiting measurement go first; waiting on something else belongs in :func:`idle`.
+    """
+    if not enabled:
+        yield
+        return
+    if _HOLD["depth"] == 0:
+        _take_shared()
+    _HOLD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HOLD["depth"] -= 1
+        if _HOLD["depth"] == 0:
+            fcntl.flock(_files()[1], fcntl.LOCK_UN)
+
+
+def yield_point() -> None:
+    """Inside :func:`busy`: if a measurement waits at the turnstile, let it run first, then go on."""
+    if _HOLD["depth"] == 0:
+        return
     gate, lock = _files()
-    fcntl.flock(gate, fcntl.LOCK_EX)
-    fcntl.flock(gate, fcntl.LOCK_UN)
-    fcntl.flock(lock, fcntl.LOCK_SH)
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a measurer holds the turnstile and waits for our hold to go
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        _take_shared()
+    else:
+        fcntl.flock(gate, fcntl.LOCK_UN)
 
 
-def _step_leave() -> None:
+@contextlib.contextmanager
+def idle() -> Iterator[None]:
+    """Inside :func:`busy`: give the hold up while waiting on something that is not CPU work (a
+    gate, another trial), so measurements on the node are not held up by a waiting process."""
+    if _HOLD["depth"] == 0:
+        yield
+        return
     fcntl.flock(_files()[1], fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        _take_shared()
 
 
 class gated_batches:
-    """A view of a dataset's splits whose training batches hold the node's latency lock shared from
-    the moment a batch is handed out until the next one is asked for (one training step).
-
-    Only the ``train`` split is gated; evaluation and calibration passes are short and untimed.
+    """A view of a dataset's splits whose batches (every split: training, evaluation,
+    calibration) each run inside :func:`busy`, from the moment a batch is handed out until the next
+    one is asked for, with a :func:`yield_point` before each: no model is timed during a step, and a
+    measurement waits at most one step.
     """
 
     def __init__(self, data) -> None:
@@ -153,16 +222,10 @@ class gated_batches:
         self._data = state["_data"]
 
     def batches(self, split: str, *args, **kwargs):
-        inner = self._data.batches(split, *args, **kwargs)
-        if split != "train":
-            yield from inner
-            return
-        for batch in inner:
-            _step_enter()
-            try:
+        for batch in self._data.batches(split, *args, **kwargs):
+            with busy():
+                yield_point()
                 yield batch
-            finally:
-                _step_leave()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from automl._artifact import Artifact, ArtifactError, DynamicInference, build_artifact, load_artifact, state_dict_bytes
-from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample
+from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample, yield_point
 
 
 __all__ = [
@@ -228,6 +228,7 @@ def measure(
     inputs = latency_inputs(data, settings, dynamic=dynamic)
     example = inputs[:1]
     artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    yield_point()
     pred, labels = _predictions(artifact, data)
     accuracy = int((pred == labels).sum()) / max(len(labels), 1)
     latency, iqr = time_artifact(artifact, inputs, settings, per_sample=dynamic)

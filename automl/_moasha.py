@@ -12,9 +12,11 @@ is judged when it reaches the rung, against those that reached it before.
 scheduler reading ``result[time_attr]`` (epochs), ``result[metric]`` (validation accuracy, never
 test accuracy) and the cost keys from each reported result.
 
-Not wired yet: trials report once, at the end, so the scheduler has nothing to act on until the
-fine-tuning loop reports validation accuracy after each epoch (``automl/_train.py``, changed by
-another issue at the same time). Until then it is not selectable in a config.
+Wiring (``scheduler: {name: moasha}`` in a study config): each trial reports, after every training
+epoch, its validation accuracy and its dry-run costs (:class:`automl._tune._EpochReporter`; the
+epoch count is all of the trial's training epochs so far, monotone over a chain that fine-tunes
+after several stages); :func:`automl._search.run_search` hands this scheduler to the Tuner, and the
+searcher records a trial it stopped as PRUNED (:attr:`MOASHAScheduler.stopped` tells it which).
 """
 
 from __future__ import annotations
@@ -118,6 +120,14 @@ class Rungs:
         return trial in promotable(rung, self.reduction_factor)
 
 
+def _finite_or_worst(value: Any, direction: str) -> float:
+    """A cost that was not measured ranks as the worst possible (it cannot promise anything)."""
+    v = math.nan if value is None else float(value)
+    if math.isfinite(v):
+        return v
+    return -math.inf if direction == "maximize" else math.inf
+
+
 def scheduler_class():
     """The Ray Tune scheduler class (imported lazily: Ray is heavy)."""
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -125,18 +135,26 @@ def scheduler_class():
     class MOASHAScheduler(FIFOScheduler):
         """MO-ASHA as a Ray Tune scheduler (see the module docstring)."""
 
+        #: What the searcher records as ``pruned_by``.
+        name = "moasha"
+
         def __init__(self, *, metric: str, costs: Sequence[str], cost_directions: Sequence[str], grace_epochs: int, reduction_factor: float, max_epochs: int, time_attr: str = "epoch") -> None:
             super().__init__()
-            self._metric = metric
+            # Not ``_metric``: Tune would then require it in every result, the final one too.
+            self._val_metric = metric
             self._costs = tuple(costs)
             self._time_attr = time_attr
             self.rungs = Rungs(grace_epochs, reduction_factor, max_epochs, ("maximize", *cost_directions))
+            #: Ray trial ids this scheduler stopped (the searcher records them PRUNED).
+            self.stopped: set[str] = set()
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            if self._time_attr not in result or self._metric not in result:
+            if self._time_attr not in result or self._val_metric not in result:
                 return TrialScheduler.CONTINUE
-            values = [result[self._metric], *(result.get(c, math.inf) for c in self._costs)]
+            values = [result[self._val_metric], *(_finite_or_worst(result.get(c), d) for c, d in zip(self._costs, self.rungs.directions[1:]))]
             go_on = self.rungs.decide(trial.trial_id, int(result[self._time_attr]), values)
+            if not go_on:
+                self.stopped.add(trial.trial_id)
             return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
 
     return MOASHAScheduler

@@ -33,6 +33,7 @@ from torch import nn
 import searchspace
 from searchspace import CompressionMethod, Plan, Stage
 from automl._constraints import Constraints
+from automl._latency import busy, gated_batches
 from automl._measure import measure
 from automl._trial import TrialSettings, apply_chain
 
@@ -192,8 +193,11 @@ class Screen:
 
     def check(self, plan: Plan, finished: Mapping[str, int]) -> Verdict:
         """Dry-run ``plan``; ``finished`` maps plan keys of finished trials to their numbers."""
+        isolate = self.settings.latency.isolate
+        data = gated_batches(self.data) if isolate else self.data
         try:
-            costs = dry_run(plan, self.base, self.data, self.settings, methods=self.methods)
+            with busy(isolate):  # the launcher's dry run is work on the node too: not beside a timing
+                costs = dry_run(plan, self.base, data, self.settings, methods=self.methods)
         except Exception as exc:  # noqa: BLE001 - the trial itself will fail with the reason
             return Verdict(costs=None, constraints={}, error=f"{type(exc).__name__}: {str(exc)[:200]}")
         duplicate = finished.get(plan_key(costs.plan))

@@ -320,6 +320,15 @@ def guarded(fn: Callable[[], Any], *, time_limit_s: float | None = None, retries
                 if timer is not None:
                     timer.cancel()
                 reason = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")[:2000]
+            except BaseException:
+                # A trial stopped from outside (Ray Tune's scheduler ends the training thread with
+                # SystemExit at its next report) must not leave the timer to fire into a thread
+                # that may by then run another trial.
+                with lock:
+                    state["done"] = True
+                if timer is not None:
+                    timer.cancel()
+                raise
         except TrialTimeLimit:
             if timer is not None:
                 timer.cancel()

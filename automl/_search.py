@@ -16,7 +16,7 @@ from automl._recovery import Heartbeat, close_interrupted, finished_count, regis
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
-__all__ = ["check_drift", "run_search"]
+__all__ = ["check_drift", "make_scheduler", "run_search"]
 
 #: A front trial whose latency re-timed alone differs from its trial value by more than this moved.
 DRIFT_WARN = 0.10
@@ -84,6 +84,9 @@ def run_search(
         budget=budget,
         screen=Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
     )
+    scheduler = make_scheduler(cfg)
+    searcher.scheduler = scheduler
+    payload.report_epochs = scheduler is not None
     payload.sink = start_sink(study_dir)
     from ray.util.queue import Queue
 
@@ -98,6 +101,7 @@ def run_search(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
+            scheduler=scheduler,
             num_samples=remaining,
             max_concurrent_trials=concurrent,
             time_budget_s=cfg.budget.time_limit_s,
@@ -122,10 +126,40 @@ def run_search(
         if closed:
             log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
         raise
+    # Tune ends at budget.time_limit_s by stopping the running trials without telling the searcher:
+    # close them as interrupted (not counted) and re-queue them, as after Ctrl-C, so none stays
+    # RUNNING and `automl resume` runs them.
+    closed = searcher.close_running("interrupted: the search's time limit (budget.time_limit_s) stopped it; its parameters were re-queued")
+    if closed:
+        log(f"time limit: trials {closed} were still running, closed as FAIL (interrupted) and re-queued")
     study = optuna.load_study(study_name=cfg.name, storage=storage)
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)
     return study
+
+
+def make_scheduler(cfg: StudyConfig) -> Any:
+    """The Ray Tune scheduler ``cfg.scheduler`` names (None = Tune's FIFO: no trial stops early).
+
+    MO-ASHA ranks on the validation accuracy and the study's cost objectives (those other than
+    accuracy, in their directions), read from each trial's per-epoch results; its last rung lies
+    below the most epochs a trial can train (``StudyConfig.max_training_epochs``).
+    """
+    if cfg.scheduler.name == "fifo":
+        return None
+    from automl._moasha import scheduler_class
+    from automl._tune import EPOCH, VAL_ACCURACY
+
+    costs = [o for o in cfg.objectives if o.metric != "accuracy"]
+    return scheduler_class()(
+        metric=VAL_ACCURACY,
+        costs=[o.metric for o in costs],
+        cost_directions=[o.resolved_direction for o in costs],
+        grace_epochs=cfg.scheduler.grace_epochs,
+        reduction_factor=cfg.scheduler.reduction_factor,
+        max_epochs=cfg.max_training_epochs,
+        time_attr=EPOCH,
+    )
 
 
 def _fit_interruptibly(tuner: Any) -> None:

@@ -94,6 +94,8 @@ class Payload:
     sink: Any = None
     #: A Ray queue carrying long trials' per-epoch progress to the launcher (automl._progress).
     progress: Any = None
+    #: Report validation accuracy after every training epoch to Ray Tune (a scheduler acts on it).
+    report_epochs: bool = False
     #: The base architecture every checkpoint's plan starts from (automl._checkpoint).
     base_ref: dict[str, Any] | None = None
 

@@ -21,7 +21,7 @@ from searchspace import ApplyContext, CompressionMethod, Plan
 from automl._artifact import ArtifactError
 from automl._checkpoint import variant_folder, weights_only_state
 from automl._data import Splits
-from automl._latency import LatencySettings
+from automl._latency import LatencySettings, yield_point
 from automl._measure import Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
 
@@ -202,6 +202,7 @@ def apply_chain(
     model: nn.Module = base if start is None else start
     float_macs: int | None = None
     for i, (name, params) in enumerate(plan.chain):
+        yield_point()  # a measurement waiting on the node goes first (automl._latency: isolation)
         method = (methods or {}).get(name) or searchspace.get_method(name)()
         reason = method.supports(model)
         if reason is not None:

@@ -18,7 +18,7 @@ from searchspace import Plan
 from automl._checkpoint import save_checkpoint, variant_folder
 from automl._cluster import assigned_device, pack_folder
 from automl._config import StudyConfig
-from automl._latency import gated_batches
+from automl._latency import busy, gated_batches, idle
 from automl._metrics import METRIC_KEYS
 from automl._prescreen import plan_key
 from automl._progress import LONG_TRIAL_S, EpochProgress, drain, sender
@@ -26,7 +26,7 @@ from automl._recovery import LAUNCHER, finished_count, guarded
 from automl._study import Payload, open_storage
 from automl._trial import run_trial
 
-__all__ = ["DERIVED_FROM", "DRY_RUN", "DUPLICATE_OF", "INFEASIBLE", "PLAN_KEY", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
+__all__ = ["DERIVED_FROM", "DRY_RUN", "DUPLICATE_OF", "EPOCH", "INFEASIBLE", "PARTIAL", "PLAN_KEY", "PRUNED_BY", "VAL_ACCURACY", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
 
 #: User attribute (and result key) holding why a trial failed.
 FAIL_REASON = "fail_reason"
@@ -42,6 +42,16 @@ PLAN_KEY = "plan_key"
 DRY_RUN = "dry_run"
 #: User attribute of a trial stopped before training: the cost bounds it broke.
 INFEASIBLE = "infeasible"
+#: Result key (Ray Tune's time attribute for the scheduler): training epochs of the trial so far.
+EPOCH = "epoch"
+#: Result key and user attribute: validation accuracy after the last reported epoch (never test).
+VAL_ACCURACY = "val_accuracy"
+#: Result key marking an intermediate result (one training epoch), not the trial's measured outcome.
+PARTIAL = "partial"
+#: User attribute of a trial a scheduler stopped: its name (the trial is PRUNED, never on the front).
+PRUNED_BY = "pruned_by"
+#: Config key the searcher adds to a trial's Ray config: its dry-run costs (automl._prescreen).
+COSTS = "costs"
 #: Result keys stored as user attributes of the Optuna trial (besides its objective values).
 EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node")
 
@@ -59,23 +69,78 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])
     progress = sender(payload.progress, f"trial {config.get('optuna_trial_number', '?')}", after_s=LONG_TRIAL_S)
-    # Training steps hold the node's latency lock shared, so no step runs while a model is timed.
-    data = gated_batches(payload.data) if payload.settings.latency.isolate else payload.data
+    if payload.report_epochs:
+        progress = _EpochReporter(progress, plan.label, config.get(COSTS) or {})
+    # The whole trial holds the node's latency lock shared, yielding at every batch, so nothing it
+    # computes runs while a model is timed on the node (automl._latency: isolation).
+    isolate = payload.settings.latency.isolate
+    data = gated_batches(payload.data) if isolate else payload.data
     with tempfile.TemporaryDirectory() as work:
-        outcome, reason, attempts = guarded(
-            lambda: run_trial(
-                plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
-            ),
-            time_limit_s=payload.time_limit_s,
-            retries=payload.retries,
-        )
+
+        def attempt() -> Any:
+            with busy(isolate):
+                return run_trial(
+                    plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
+                )
+
+        outcome, reason, attempts = guarded(attempt, time_limit_s=payload.time_limit_s, retries=payload.retries)
         if outcome is None:
             # Every metric present (NaN): Tune rejects a result without the searched metrics and
             # would end the whole study; the searcher records the trial as FAIL by its fail_reason.
-            result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts}
+            result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts, PARTIAL: False}
             tune.report(result)
             return result
         return _report_outcome(config, payload, plan, outcome, attempts, where, Path(work) / "checkpoint")
+
+
+class _EpochReporter:
+    """Reports each finished training epoch to Ray Tune as an intermediate result (for a scheduler).
+
+    The epoch count a scheduler sees (``result[EPOCH]``) is the number of training epochs this
+    trial has finished so far, over all of its training: a chain fine-tunes after each stage that
+    trains (``budget.epochs`` each) and a method may train inside its ``apply`` (e.g. slimming's
+    gate epochs); every such epoch counts once, in the order they run, so the count is monotone
+    over the whole trial (a retried attempt continues it rather than starting again at 1: Tune's
+    schedulers assume time never goes back). Its rungs therefore compare trials after the same
+    amount of training, whichever stage it was spent in.
+
+    The result carries the validation accuracy (on the first ``PROGRESS_VAL_SAMPLES`` validation
+    samples, as the progress line shows; never the test split), the trial's dry-run costs (final
+    before training; upper bounds for models whose costs follow training, see
+    :mod:`automl._prescreen`) under the metric names, ``accuracy`` as NaN (Tune requires every
+    searched metric in every result; the test accuracy is measured only at the end), and
+    ``PARTIAL``. The final result and the checkpoint are reported by :func:`_report_outcome` as
+    before. Ray Tune ends a trial its scheduler stops inside ``tune.report`` (``SystemExit`` in the
+    training thread).
+    """
+
+    def __init__(self, forward: Callable[[Any], None] | None, label: str, costs: dict[str, Any]) -> None:
+        self.forward = forward
+        self.label = label
+        self.costs = {k: (math.nan if v is None else v) for k, v in costs.items()}
+        self.epoch = 0
+
+    def __call__(self, stats: Any) -> None:
+        from ray import tune
+
+        if self.forward is not None:
+            self.forward(stats)
+        result = self.next_result(stats)
+        if result is not None:
+            # Out of the node hold while Tune takes the result: the driver that consumes it may
+            # itself wait at the node's turnstile (a dry run) behind a measurement waiting for us.
+            with idle():
+                tune.report(result)
+
+    def next_result(self, stats: Any) -> dict[str, Any] | None:
+        """Count one finished epoch; the intermediate result to report (None without a validation split)."""
+        self.epoch += 1
+        if stats.val_accuracy is None:
+            return None
+        result: dict[str, Any] = {m: math.nan for m in METRIC_KEYS}
+        result.update(self.costs)
+        result.update({"accuracy": math.nan, VAL_ACCURACY: float(stats.val_accuracy), EPOCH: self.epoch, PARTIAL: True, "method": self.label})
+        return result
 
 
 def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcome: Any, attempts: int, where: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -89,6 +154,7 @@ def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcom
         # Where it trained (device, GPU ids, a CPU fallback where a GPU was asked for).
         "notes": json.dumps({**outcome.notes, **where}, default=str),
         "node": _node_id(),
+        PARTIAL: False,
     }
     if outcome.variants:
         # A JSON string: Ray flattens nested results; the searcher turns each into an Optuna trial.
@@ -133,13 +199,15 @@ def searcher_class():
             self._screen = screen
             #: Told of each trial recorded before launch (``screened(number, status)``), if set.
             self.progress: Any = None
+            #: The scheduler that may stop trials early (its ``stopped`` ids and ``name``), if any.
+            self.scheduler: Any = None
 
         def save(self, checkpoint_path: str) -> None:
             # Tune checkpoints its searcher now and then (never restored: Optuna is the record);
             # the screen holds the dataset and the base model, and the progress callback a console.
             import pickle
 
-            state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress")}
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress", "scheduler")}
             with open(checkpoint_path, "wb") as f:
                 pickle.dump(state, f)
 
@@ -225,6 +293,8 @@ def searcher_class():
                 self._ot_study.tell(ot, list(first.values))
                 status = f"{costs.plan.label} is trial {first.number}'s plan: recorded with its numbers, not trained again"
             else:
+                # The trial trains: a scheduler ranks it by these costs from its first epoch on.
+                config[COSTS] = {k: v for k, v in costs.metrics().items() if v is not None}
                 return False
             del self._ot_trials[trial_id]
             if self.progress is not None:
@@ -239,6 +309,9 @@ def searcher_class():
             if error:
                 # The callback's on_trial_error (called right after this) knows the Ray error text.
                 self._errored[trial_id] = ot
+                return None
+            elif result and result.get(PARTIAL):
+                self._close_partial(trial_id, ot, result)
                 return None
             elif not result or result.get(FAIL_REASON):
                 reason = (result or {}).get(FAIL_REASON) or "the trial reported no result"
@@ -266,6 +339,33 @@ def searcher_class():
             if result.get(VARIANTS):
                 self._add_variants(*parent, json.loads(result[VARIANTS]))
             return out
+
+        def _close_partial(self, trial_id: str, ot: Any, result: dict) -> None:
+            """A trial that ended on an intermediate result: stopped by the scheduler (PRUNED, with
+            its last validation accuracy, epoch and dry-run costs as user attributes; no objective
+            values, so never on the front) or by the study's time budget (FAIL, as any trial that
+            did not finish)."""
+            scheduler = self.scheduler
+            attrs = {VAL_ACCURACY: result.get(VAL_ACCURACY), EPOCH: result.get(EPOCH)}
+            for key in METRIC_KEYS:
+                v = result.get(key)
+                if key != "accuracy" and v is not None and math.isfinite(float(v)):
+                    attrs[key] = v
+            for k, v in attrs.items():
+                if v is not None:
+                    ot.set_user_attr(k, v)
+            if scheduler is not None and trial_id in scheduler.stopped:
+                ot.set_user_attr(PRUNED_BY, scheduler.name)
+                if self._screen is not None and not self._screen.constraints.empty:
+                    # Its costs are known; accuracy is not (0 = not known, as before training).
+                    costs = tuple(k for k in attrs if k in METRIC_KEYS)
+                    for name, value in self._screen.constraints.violations(attrs, only=costs).items():
+                        ot.set_constraint(name, value)
+                self._ot_study.tell(ot, None, state=optuna.trial.TrialState.PRUNED)
+            else:
+                ot.set_user_attr(FAIL_REASON, f"stopped before it finished (the study's time limit), after {result.get(EPOCH)} training epochs")
+                self._ot_study.tell(ot, None, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
 
         def _add_variants(self, number: int, params: dict[str, Any], attrs: dict[str, Any], variants: list[dict[str, Any]]) -> None:
             """Record each extra operating point of a trial's model as its own COMPLETE trial.
@@ -317,7 +417,8 @@ def searcher_class():
             self._completed_trials.add(trial_id)
 
         def close_running(self, reason: str) -> list[int]:
-            """Ctrl-C: close this launcher's running trials as interrupted and re-queue their params."""
+            """Ctrl-C or the search's time limit: close this launcher's running trials as interrupted
+            and re-queue their params (a trial that already finished is left as it is)."""
             closed = []
             for tid, ot in list(self._ot_trials.items()):
                 if tid in self._completed_trials:
@@ -379,6 +480,9 @@ def make_callback(cfg: StudyConfig, total: int, log: Callable[[str], None], sear
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             result = trial.last_result or {}
+            if result.get(PARTIAL):
+                self._progress(trial, f"{result.get('method')} stopped after {result.get(EPOCH)} training epochs (validation accuracy {result.get(VAL_ACCURACY, math.nan):.4f})")
+                return
             if result.get(FAIL_REASON):
                 self.failed += 1
                 self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")

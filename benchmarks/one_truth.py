@@ -5,8 +5,10 @@ For a finished study (e.g. the default one, ``automl launch studies/digits.yaml`
 1. every COMPLETE trial's checkpoint artifact (the study's runtime: ``model.onnx`` through ONNX
    Runtime by default) is re-timed in a fresh Python process that does nothing else
    (``python -m automl._measure latency``: the function trials use, the study's settings, the same
-   real test inputs); the Spearman rank correlation of recorded vs re-timed latency over all trials,
-   and the median |re-timed / recorded - 1|;
+   real test inputs), in three whole passes; the Spearman rank correlation of recorded vs re-timed
+   latency (median of the passes) over all trials, the median |re-timed / recorded - 1|, and the
+   Spearman correlation of one fresh pass with another: the ceiling that timing noise puts on any
+   such correlation for this study's models;
 2. three front trials (the fastest, the knee and the most accurate) are exported with
    ``automl export`` and the card's fresh-process latency of the exported file is compared with the
    trial's recorded value.
@@ -35,6 +37,9 @@ from automl._data import dataset_from_config
 from automl._measure import latency_inputs
 from automl._pareto import knee_point, load_view
 from automl._study import load_study_config, open_storage
+
+#: Fresh-process passes over every trial: their agreement with each other is the noise ceiling.
+PASSES = 3
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -76,22 +81,31 @@ def main() -> None:
     data = dataset_from_config(cfg.dataset, download=False)
     print(f"study {cfg.name}: {len(view.trials)} complete trials; runtime {settings.runtime}, batch {settings.batch_size}, {settings.threads} thread(s)\n")
 
-    recorded, retimed = [], []
+    rows = sorted(view.trials, key=lambda r: r.number)
+    recorded = [r.metrics["latency_ms"] for r in rows]
+    passes: list[list[float]] = [[] for _ in range(PASSES)]
     with tempfile.TemporaryDirectory() as tmp:
         for per_sample in (False, True):
             torch.save(latency_inputs(data, settings, dynamic=per_sample), Path(tmp) / f"inputs_{per_sample}.pt")
         t0 = time.perf_counter()
-        for row in sorted(view.trials, key=lambda r: r.number):
-            folder = study_dir / row.checkpoint
-            record = json.loads((folder / "trial.json").read_text())
-            per_sample = bool(record.get("per_sample"))
-            recorded.append(row.metrics["latency_ms"])
-            retimed.append(fresh(folder, Path(tmp) / f"inputs_{per_sample}.pt", dataclasses.asdict(settings), per_sample))
+        for k in range(PASSES):  # whole passes one after the other: a slow spell hits one pass, not one trial's pair
+            for row in rows:
+                folder = study_dir / row.checkpoint
+                per_sample = bool(json.loads((folder / "trial.json").read_text()).get("per_sample"))
+                passes[k].append(fresh(folder, Path(tmp) / f"inputs_{per_sample}.pt", dataclasses.asdict(settings), per_sample))
         took = time.perf_counter() - t0
+    retimed = [statistics.median(v) for v in zip(*passes)]
     rel = [abs(b / a - 1) for a, b in zip(recorded, retimed)]
-    print(f"re-timed {len(recorded)} trials in fresh processes ({took:.0f} s)")
-    print(f"- Spearman(recorded, re-timed) = {spearman(recorded, retimed):.3f}")
+    print(f"re-timed {len(recorded)} trials in fresh processes, {PASSES} passes ({took:.0f} s); recorded range {min(recorded):.4f}-{max(recorded):.4f} ms")
+    print(f"- Spearman(recorded, re-timed median) = {spearman(recorded, retimed):.3f}")
+    print(f"- Spearman(recorded, re-timed pass k) = {', '.join(f'{spearman(recorded, v):.3f}' for v in passes)}")
+    print(f"- noise ceiling, Spearman(fresh pass 1, fresh pass 2) = {spearman(passes[0], passes[1]):.3f}")
     print(f"- median |re-timed / recorded - 1| = {statistics.median(rel):.3f}; max {max(rel):.3f}\n")
+    print("| trial | method | recorded ms | " + " | ".join(f"fresh pass {k + 1} ms" for k in range(PASSES)) + " |")
+    print("|---:|---|---:|" + "---:|" * PASSES)
+    for row, rec, *fr in zip(rows, recorded, *passes):
+        print(f"| {row.number} | {row.method} | {rec:.4f} | " + " | ".join(f"{v:.4f}" for v in fr) + " |")
+    print()
 
     front = list(view.front)
     picks = {

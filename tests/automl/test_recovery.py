@@ -237,6 +237,22 @@ def test_guarded_time_limit_does_not_fire_after_success():
     assert issubclass(TrialTimeLimit, Exception)
 
 
+def test_guarded_passes_systemexit_on_and_cancels_its_timer():
+    """Ray Tune stops a trial its scheduler prunes with SystemExit in the training thread: it must
+    pass through (not be recorded as the trial's failure) and leave no timer to fire later."""
+    before = set(threading.enumerate())
+
+    def stopped():
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        guarded(stopped, time_limit_s=600, retries=3)
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t not in before]
+    for timer in timers:
+        timer.join(timeout=5)  # a cancelled timer ends at once; an uncancelled one waits 600 s
+    assert timers and not any(t.is_alive() for t in timers), f"the time limit's timer was not cancelled: {timers}"
+
+
 # --- real launchers: trials held at a gate, signals sent in known states --------------------
 
 
@@ -485,6 +501,30 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
         assert n in waiting and waiting[n].system_attrs.get("fixed_params") == trials[n].params, (
             f"held trial {n} ({trials[n].params}) was not re-queued: waiting {[(k, v.system_attrs.get('fixed_params')) for k, v in waiting.items()]}"
         )
+
+
+@pytest.mark.slow
+def test_search_time_limit_leaves_no_trial_running_and_requeues_the_held_ones(tmp_path):
+    """budget.time_limit_s ends the search while trials are held at the gate (never opened): Tune
+    stops them without telling the searcher; the launcher must close them as interrupted and
+    re-queue them, not leave them RUNNING."""
+    gate = Gate(tmp_path / "gate")
+    cfg_path = _config(tmp_path, 4)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["budget"]["time_limit_s"] = 45  # a safety margin for Ray to start a trial on a loaded machine
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rc, text = _launch_to_end(cfg_path, tmp_path, gate)
+    assert rc == 0, f"launch ended {rc}:\n{text[-3000:]}"
+    trials = {t.number: t for t in _trials(tmp_path / "runs" / "crashy")}
+    running = [n for n, t in trials.items() if t.state == TrialState.RUNNING]
+    assert not running, f"the time limit left trials RUNNING: {running}\n{text[-2000:]}"
+    closed = [t for t in trials.values() if t.state == TrialState.FAIL]
+    assert closed, f"no trial was running when the time limit came (none was held?): {[(t.number, t.state) for t in trials.values()]}"
+    waiting = {t.user_attrs.get("requeue_of"): t for t in trials.values() if t.state == TrialState.WAITING}
+    for t in closed:
+        assert t.user_attrs.get("interrupted") and "time limit" in t.user_attrs.get("fail_reason", ""), f"trial {t.number}: {t.user_attrs}"
+        assert t.number in waiting and waiting[t.number].system_attrs.get("fixed_params") == t.params, f"trial {t.number} was not re-queued"
+    assert "time limit: trials" in text, f"the launcher did not say which trials it closed:\n{text[-2000:]}"
 
 
 @pytest.mark.slow
