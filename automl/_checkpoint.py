@@ -13,6 +13,9 @@ Layout of ``checkpoints/trial_NNNNN/``:
   plain tensors and rebuilt from a JSON layout in the file's metadata (:func:`encode_state`);
 - the measured artifact files (``model.onnx``, ``model.ts``, ...: every file the trial's
   measurement wrote, :mod:`automl._artifact`), which export ships byte for byte;
+- ``float/``: where the chain has post-training stages (int8), the float model the first of them
+  started from, a checkpoint of its own whose plan is the chain before them (not measured:
+  ``metrics`` is empty); finalize fine-tunes it and replays the post-training stages;
 - ``variant_K/``: each extra operating point of the same trained model (see
   :class:`automl._trial.Calibrated`), a checkpoint of its own with its own settings, files and
   metrics; its Optuna trial's ``checkpoint`` attribute points here.
@@ -37,6 +40,7 @@ from torch import nn
 from automl._artifact import DynamicInference
 
 __all__ = [
+    "FLOAT_FOLDER",
     "FORMAT",
     "Checkpoint",
     "CheckpointError",
@@ -51,6 +55,8 @@ __all__ = [
 #: Version of the checkpoint layout (``trial.json``'s ``format``).
 FORMAT = 2
 RECORD = "trial.json"
+#: Sub-folder holding the float model a chain's post-training stages started from.
+FLOAT_FOLDER = "float"
 WEIGHTS = "weights.safetensors"
 #: Metadata key of ``weights.safetensors`` holding how non-tensor entries are rebuilt.
 LAYOUT = "automl.layout"
@@ -204,6 +210,16 @@ def save_checkpoint(outcome: Any, directory: str | Path, *, base: dict[str, Any]
         "per_sample": isinstance(outcome.model, DynamicInference),
     }
     _write(d, weights_only_state(outcome.model), outcome.folder, record)
+    float_model = getattr(outcome, "float_model", None)
+    if float_model is not None:
+        prefix = {"chain": record["plan"]["chain"][: outcome.float_stages], "finetune": record["plan"]["finetune"]}
+        label = "+".join(s["method"] for s in prefix["chain"]) or "base"
+        _write(
+            d / FLOAT_FOLDER,
+            weights_only_state(float_model),
+            d / FLOAT_FOLDER / "none",  # no artifact files: this model is not measured
+            {**record, "plan": prefix, "label": label, "metrics": {}, "per_sample": isinstance(float_model, DynamicInference)},
+        )
     for k, variant in enumerate(outcome.variants):
         # Its own weights (the parent's, but for its settings, e.g. a thresholds buffer), files, numbers.
         _write(

@@ -15,9 +15,9 @@ The result is a new COMPLETE Optuna trial: the parent's parameters, its own chec
 Like derived trials it is not a search run: it never counts toward the budget
 (:func:`automl._recovery.finished_count`).
 
-Post-training stages (int8) are not fine-tuned by trials and their checkpoint holds only the
-quantised weights; finalizing such a trial is refused (the float weights it was quantised from are
-not kept).
+Post-training stages (int8) are not fine-tuned: finalize fine-tunes the float model they started
+from (the checkpoint's ``float/``), then replays them with their own ``apply`` on the study's
+training batches, as the trial did, and measures the result.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from torch import nn
 
 import searchspace
 from searchspace import Plan
-from automl._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from automl._checkpoint import FLOAT_FOLDER, CheckpointError, load_checkpoint, save_checkpoint
 from automl._config import StudyConfig
 from automl._measure import measure
 from automl._metrics import METRIC_KEYS
 from automl._rebuild import load_model
 from automl._train import TrainOptions, TrialFailed, fit
-from automl._trial import CALIBRATION_SAMPLES, Calibrated, TrialOutcome
+from automl._trial import CALIBRATION_SAMPLES, Calibrated, TrialOutcome, apply_chain
 
 __all__ = ["FINALIZED_FROM", "FinalizeError", "finalize_trial", "finalized_version"]
 
@@ -64,30 +64,33 @@ def finalized_version(study: optuna.Study, number: int) -> optuna.trial.FrozenTr
     return max(done, key=lambda t: t.number) if done else None
 
 
-def _continue(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, device: str, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune ``model`` with early stopping, then fit its inference-time settings; on the CPU."""
+def _continue(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, device: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` with early stopping; returned on the CPU with its validation history."""
     history: dict[str, Any] = {}
     options = dataclasses.replace(options, teacher=teacher)
     model = fit(model, data, options, device=device, history=history).cpu().eval()
     if "kept_epoch" not in history:  # nothing to train (no trainable parameter): the model as it was
         history.update(val_accuracy=[], kept_epoch=0)
-    if isinstance(model, Calibrated):
-        # Fine-tuning moved the confidences: fit the thresholds again, the parent's own setting
-        # (its parameter overrides when the parent is itself an extra operating point).
-        options_ = model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
-        chosen = next((o for o in options_ if dict(o["params"]) == params), options_[0])
-        model.use_setting(chosen)
-        history["calibrated"] = chosen["state"]
     return model, history
 
 
-def _task(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, params: dict[str, Any], gpus: float, cpus: float) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def _calibrate(model: nn.Module, data: Any, params: dict[str, Any], history: dict[str, Any]) -> None:
+    """Fine-tuning moved the confidences: fit the settings (exit thresholds) again, the parent's
+    own (its parameter overrides when the parent is itself an extra operating point)."""
+    if isinstance(model, Calibrated):
+        options = model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
+        chosen = next((o for o in options if dict(o["params"]) == params), options[0])
+        model.use_setting(chosen)
+        history["calibrated"] = chosen["state"]
+
+
+def _task(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, gpus: float, cpus: float) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Ray task: the fine-tune on the task's device (a GPU where the trial resources ask for one)."""
     from automl._cluster import assigned_device
 
     torch.set_num_threads(max(1, int(cpus)))
     device, where = assigned_device(gpus)
-    model, history = _continue(model, teacher, data, options, device, params)
+    model, history = _continue(model, teacher, data, options, device)
     return model, history, where
 
 
@@ -103,8 +106,8 @@ def finalize_trial(
     """Finalize trial ``number`` of ``study`` (see the module doc); returns the new trial.
 
     Raises:
-        FinalizeError: no such trial, not COMPLETE, epochs < 1, no checkpoint, or a post-training
-            stage in its plan.
+        FinalizeError: no such trial, not COMPLETE, epochs < 1, no (rebuildable) checkpoint, or
+            a plan that fine-tunes after a post-training stage.
     """
     from automl._data import dataset_from_config
     from automl._study import objective_values, prepare_base
@@ -129,15 +132,23 @@ def finalize_trial(
         raise FinalizeError(f"--trial {number}: {exc}") from exc
     plan = Plan.from_dict(ckpt.record["plan"])
     methods = cfg.method_instances()
-    post = [n for n, _ in plan.chain if not (methods.get(n) or searchspace.get_method(n)()).finetune]
-    if post:
-        raise FinalizeError(
-            f"--trial {number}: its plan {plan.label} ends in the post-training stage(s) {', '.join(post)}, "
-            "which are not fine-tuned and whose checkpoint keeps only the quantised weights; finalize a float trial"
-        )
+    post = [i for i, (n, _) in enumerate(plan.chain) if not (methods.get(n) or searchspace.get_method(n)()).finetune]
+    split = post[0] if post else len(plan.chain)
+    tail = Plan(chain=plan.chain[split:], finetune=dict(plan.finetune))
+    if any((methods.get(n) or searchspace.get_method(n)()).finetune for n, _ in tail.chain):
+        raise FinalizeError(f"--trial {number}: its plan {plan.label} fine-tunes after a post-training stage; finalize cannot replay that")
+    source = ckpt.folder
+    if tail.chain:
+        # Post-training stages are not fine-tuned: the float model they started from is.
+        source = ckpt.folder / FLOAT_FOLDER
+        if not source.is_dir():
+            raise FinalizeError(f"--trial {number}: its plan ends in {tail.label}, but its checkpoint has no {FLOAT_FOLDER}/ model to fine-tune (written before finalize kept it)")
 
     data = dataset_from_config(cfg.dataset, download=False)
-    model = load_model(ckpt.folder, data=data, methods=methods)
+    try:
+        model = load_model(source, data=data, methods=methods)
+    except CheckpointError as exc:
+        raise FinalizeError(f"--trial {number}: {exc}") from exc
     teacher = None
     if plan.finetune.get("distill"):
         teacher, _ = prepare_base(cfg, data, study_dir, log=log)  # cached: loads base/weights.pt
@@ -162,22 +173,39 @@ def finalize_trial(
 
             init_ray(cfg)
             task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_task)
-            model, history, where = ray.get(task.remote(model, teacher, data, options, params_override, cfg.resources.gpus, cfg.resources.cpus))
+            model, history, where = ray.get(task.remote(model, teacher, data, options, cfg.resources.gpus, cfg.resources.cpus))
         else:
             torch.set_num_threads(max(1, int(cfg.resources.cpus)))
-            model, history = _continue(model, teacher, data, options, "cpu", params_override)
+            model, history = _continue(model, teacher, data, options, "cpu")
             where = {"device": "cpu"}
     except TrialFailed as exc:
         raise FinalizeError(f"--trial {number}: fine-tuning failed: {exc}") from exc
+    float_model, float_macs = None, None
+    notes_tail: dict[str, Any] = {}
+    if tail.chain:
+        # The post-training stages replayed by their own apply, calibrated on training batches as in a trial.
+        float_model = model
+        try:
+            model, float_macs = apply_chain(
+                tail, float_model, example=data.example(), methods=methods, notes=notes_tail, train=lambda m, **_: m,
+                calibration=lambda: iter(data.batches("train", cfg.budget.batch_size, shuffle=True, seed=cfg.seed)),
+            )
+        except (TrialFailed, ValueError, RuntimeError) as exc:
+            raise FinalizeError(f"--trial {number}: replaying {tail.label} after the fine-tune failed: {exc}") from exc
+        model = model.cpu().eval()
+    _calibrate(model, data, params_override, history)
     best = max(history["val_accuracy"], default=float("nan"))
     log(f"finalize: kept epoch {history['kept_epoch']} of {len(history['val_accuracy'])} (validation accuracy {best:.4f}) on {where['device']}")
 
     with tempfile.TemporaryDirectory() as work:
-        metrics, _ = measure(model, data, cfg.latency.settings(), folder=Path(work) / "artifact")
-        notes = {**ckpt.record.get("notes", {}), **where}
+        metrics, _ = measure(model, data, cfg.latency.settings(), folder=Path(work) / "artifact", macs=float_macs)
+        notes = {**ckpt.record.get("notes", {}), **notes_tail, **where}
         if "calibrated" in history:
             notes["calibrated"] = history["calibrated"]
-        outcome = TrialOutcome(plan=plan, metrics=metrics, model=model, folder=Path(work) / "artifact", input_shape=tuple(data.input_shape), notes=notes, seconds=time.perf_counter() - start)
+        outcome = TrialOutcome(
+            plan=plan, metrics=metrics, model=model, folder=Path(work) / "artifact", input_shape=tuple(data.input_shape), notes=notes,
+            seconds=time.perf_counter() - start, float_model=float_model, float_stages=split if float_model is not None else 0,
+        )
         name = f"finalized_{number:05d}"
         k = 1
         while (study_dir / "checkpoints" / name).exists():

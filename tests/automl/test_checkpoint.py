@@ -13,7 +13,7 @@ import torch
 
 import searchspace
 from automl import load_model
-from automl._checkpoint import WEIGHTS, CheckpointError, save_checkpoint, variant_folder, weights_only_state
+from automl._checkpoint import FLOAT_FOLDER, WEIGHTS, CheckpointError, save_checkpoint, variant_folder, weights_only_state
 from automl._measure import Metrics
 from automl._trial import Calibrated, TrialOutcome, Variant, apply_chain
 from searchspace import Plan
@@ -37,6 +37,13 @@ def _perturb(seed: int):
         return module
 
     return fit
+
+
+def _int8(v) -> bool:
+    """A quantised tensor, packed weights, or a (dynamic int8) tuple holding one."""
+    if isinstance(v, (tuple, list)):
+        return any(_int8(e) for e in v)
+    return isinstance(v, torch.ScriptObject) or (isinstance(v, torch.Tensor) and v.is_quantized)
 
 
 def _metrics() -> Metrics:
@@ -79,7 +86,8 @@ def test_every_method_round_trips_through_its_checkpoint(name, model_name, shape
     params = sample_params(method, seed=5)[0]
     # Post-training stages follow a fine-tuned structure stage in a study; alone, they start from the base.
     plan = Plan(chain=((name, params),))
-    model, _ = apply_chain(plan, base, example=ctx.example_input, calibration=ctx.calibration, train=_perturb(7))
+    kept: dict = {}
+    model, _ = apply_chain(plan, base, example=ctx.example_input, calibration=ctx.calibration, train=_perturb(7), keep=kept)
     if model is base:
         model = _perturb(8)(base)
     model = model.cpu().eval()
@@ -96,7 +104,10 @@ def test_every_method_round_trips_through_its_checkpoint(name, model_name, shape
         model.use_setting(options[0])
     with torch.no_grad():
         expected = model(x)
-    outcome = TrialOutcome(plan=plan, metrics=_metrics(), model=model, folder=tmp_path / "artifact", input_shape=shape, variants=variants)
+    outcome = TrialOutcome(
+        plan=plan, metrics=_metrics(), model=model, folder=tmp_path / "artifact", input_shape=shape, variants=variants,
+        float_model=kept.get("float"), float_stages=kept.get("stages", 0),
+    )
     folder = save_checkpoint(outcome, tmp_path / "checkpoint", base=_ref(model_name, shape))
 
     files = sorted(p.name for p in folder.rglob("*") if p.is_file())
@@ -105,11 +116,17 @@ def test_every_method_round_trips_through_its_checkpoint(name, model_name, shape
     rebuilt = load_model(folder)
     with torch.no_grad():
         got = rebuilt(x)
-    quantized = any(isinstance(v, torch.ScriptObject) or (isinstance(v, torch.Tensor) and v.is_quantized) for v in model.state_dict().values())
+    quantized = any(_int8(v) for v in model.state_dict().values())
     if quantized:
         assert torch.equal(got.argmax(1), expected.argmax(1)), f"{name} on {model_name}: rebuilt int8 model predicts differently"
     diff = float((got - expected).abs().max())
     assert diff <= ATOL, f"{name} on {model_name}: rebuilt model differs by max |diff| {diff:.3g} (allowed {ATOL:g})"
+    assert (folder / FLOAT_FOLDER).is_dir() == (not method.finetune), f"{name}: float/ must exist exactly for post-training stages"
+    if not method.finetune:
+        # The float model the post-training stage started from (what finalize fine-tunes).
+        with torch.no_grad():
+            diff_f = float((load_model(folder / FLOAT_FOLDER)(x) - kept["float"](x)).abs().max())
+        assert diff_f <= ATOL, f"{name} on {model_name}: rebuilt float model differs by {diff_f:.3g}"
     for k, _v in enumerate(variants):
         with torch.no_grad():
             got_v = load_model(folder / variant_folder(k))(x)

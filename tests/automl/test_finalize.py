@@ -73,6 +73,33 @@ def test_finalize_creates_a_linked_trial_and_export_ships_it(small_study, tmp_pa
     assert card["trial"] == t.number and card["metrics"]["recorded"]["accuracy"] == pytest.approx(recorded), f"card is not the finalized trial's: {card['trial']}"
 
 
+def test_finalize_of_an_int8_trial_fine_tunes_its_float_model_and_replays_int8(small_study, tmp_path):
+    """int8 is post-training: finalize fine-tunes the float model it started from (``float/``) and
+    quantises the result again with int8's own apply; the new trial is int8 and its float/ is the kept epoch's."""
+    from automl._checkpoint import FLOAT_FOLDER
+
+    cfg = copy_study(small_study, tmp_path)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    parent = next(t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("method", "").endswith("int8"))
+    r = CliRunner().invoke(app, ["finalize", str(cfg.study_dir), "--trial", str(parent.number), "--epochs", "2"])
+    assert r.exit_code == 0, f"finalize of int8 trial {parent.number} failed: {r.output}"
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    t = next(t for t in study.get_trials() if t.user_attrs.get("finalized_from") == parent.number)
+    folder = cfg.study_dir / t.user_attrs["checkpoint"]
+    data = dataset_from_config(cfg.dataset, download=False)
+    model, float_model = load_model(folder), load_model(folder / FLOAT_FOLDER)
+    def int8(v) -> bool:  # a quantised tensor, packed weights, or a (dynamic) tuple holding one
+        if isinstance(v, (tuple, list)):
+            return any(int8(e) for e in v)
+        return isinstance(v, torch.ScriptObject) or (isinstance(v, torch.Tensor) and v.is_quantized)
+
+    quantized = [k for k, v in model.state_dict().items() if int8(v)]
+    assert quantized, "the finalized model of an int8 trial must be int8 again"
+    curve = t.user_attrs["finalize"]["val_accuracy"]
+    assert evaluate(float_model, data, "val") == pytest.approx(max(curve), abs=1e-12), "float/ must hold the kept (best validation) epoch's weights"
+    assert abs(evaluate(model, data, "val") - max(curve)) < 0.05, "int8 of the kept float model must keep its validation accuracy within 5 points"
+
+
 def test_finalize_bad_input_exits_2_with_one_line(small_study, tmp_path):
     cfg = copy_study(small_study, tmp_path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
