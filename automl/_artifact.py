@@ -3,21 +3,34 @@
 What a study records for a model is measured on the artifact ``automl export`` ships for the
 configured ``latency.runtime``, not on the Python module that produced it:
 
-- ``onnxruntime``: ``model.onnx`` (made from the TorchScript model, see :mod:`automl._onnx`) run by an
-  ONNX Runtime session with ``latency.threads`` intra-op threads (CUDA provider for ``cuda``);
+- ``onnxruntime``: ``model.onnx``, made from the eager module by ``torch.export`` and the dynamo
+  ONNX exporter (:mod:`automl._onnx`), run by an ONNX Runtime session with ``latency.threads``
+  intra-op threads (CUDA provider for ``cuda``);
 - ``torchscript``: ``model.ts`` as ``torch.jit.load`` gives it back;
 - ``eager``: the PyTorch module itself (shipped as weights plus the plan that rebuilds it).
 
-``model.ts`` is written for every runtime (export ships it beside the ONNX file). A model that cannot
-become its runtime's artifact raises :class:`ArtifactError` with the reason; the trial fails with it.
+Beside it, for every runtime, ``model.pt2``: the PyTorch model as a ``torch.export`` program
+(``torch.export.save``; ``torch.export.load(path).module()`` runs it), from the same capture the
+ONNX file is translated from. ``model.ts`` is written only for the ``torchscript`` runtime or when
+asked (``torchscript=True``). ``artifact.json`` records how each file was made (exporter, torch
+version, quantiser, and why a file was not written), for the checkpoint record and the card.
+
+Quantisation declared at artifact time (a model carrying a
+:class:`searchspace.ArtifactQuantization` recipe, e.g. ``int8``) is done here, by the runtime's own
+tools: the float ONNX file is quantised by the recipe (ONNX Runtime's quantiser) for
+``onnxruntime``, the module for the PyTorch runtimes; size and accuracy are the quantised artifact's.
+
+A model that cannot become its runtime's artifact raises :class:`ArtifactError` with the reason;
+the trial fails with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
@@ -25,11 +38,15 @@ import torch
 from torch import nn
 
 from automl._latency import torch_threads
+from searchspace import artifact_quantization
 
 __all__ = ["Artifact", "ArtifactError", "DynamicInference", "build_artifact", "eager_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
+PT2_FILE = "model.pt2"
+#: How the files in the folder were made (see the module docstring).
+INFO_FILE = "artifact.json"
 
 
 class ArtifactError(RuntimeError):
@@ -109,6 +126,8 @@ class Artifact:
     _run: Callable[[Any], Any]
     _prepare: Callable[[torch.Tensor], Any]
     _to_tensor: Callable[[Any], torch.Tensor]
+    #: How the files were made (``artifact.json``; empty for an artifact loaded from files).
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with self.context():
@@ -180,11 +199,22 @@ def _onnx_artifact(path: Path, device: str, threads: int) -> Artifact:
     )
 
 
-def build_artifact(model: nn.Module, example: torch.Tensor, folder: Path, *, runtime: str = "onnxruntime", device: str = "cpu", threads: int = 1) -> Artifact:
+def build_artifact(
+    model: nn.Module,
+    example: torch.Tensor,
+    folder: Path,
+    *,
+    runtime: str = "onnxruntime",
+    device: str = "cpu",
+    threads: int = 1,
+    torchscript: bool | None = None,
+) -> Artifact:
     """Write ``model``'s files for ``runtime`` into ``folder`` and open them as that runtime runs them.
 
-    ``model.ts`` is always written; ``model.onnx`` for ``onnxruntime``. The returned artifact runs
-    the written files as they were reloaded (what export ships), not the module in memory.
+    ``model.pt2`` is always attempted (a model ``torch.export`` cannot capture gets the reason in
+    ``artifact.json``); ``model.onnx`` is written for ``onnxruntime``; ``model.ts`` for
+    ``torchscript`` or when ``torchscript`` is True. The returned artifact runs the written files as
+    they were reloaded (what export ships), not the module in memory.
 
     Raises:
         ArtifactError: the model cannot be turned into this runtime's artifact.
@@ -194,19 +224,87 @@ def build_artifact(model: nn.Module, example: torch.Tensor, folder: Path, *, run
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    scripted = to_torchscript(model, example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted.save(str(folder / TORCHSCRIPT_FILE))
-    if runtime == "onnxruntime":
+    example = example.cpu()
+    write_ts = runtime == "torchscript" if torchscript is None else bool(torchscript)
+    recipe = artifact_quantization(model)
+    info: dict[str, Any] = {"runtime": runtime, "torch": torch.__version__.split("+")[0]}
+    torch_model = model
+    if recipe is not None:
+        info["quantization"] = recipe.describe()
+        if runtime != "onnxruntime" or write_ts:
+            notes: dict[str, Any] = {}
+            try:
+                torch_model = recipe.quantize_torch(model, notes)
+            except Exception as exc:  # noqa: BLE001 - the quantiser's reason is the trial's
+                raise ArtifactError(f"quantisation for PyTorch failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            info["quantization"]["torch"] = {"quantizer": "torch.ao.quantization (x86)", **notes}
+
+    # The PyTorch program (model.pt2) and the capture the ONNX file is translated from.
+    program = None
+    if recipe is None:
         try:
-            _onnx.to_onnx(scripted, example.cpu(), folder / ONNX_FILE)
-        except Exception as exc:  # noqa: BLE001 - any exporter error is the reason the trial fails
-            (folder / ONNX_FILE).unlink(missing_ok=True)
-            raise ArtifactError(f"onnx: torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            program = _onnx.export_program(model, example)
+            torch.export.save(program, str(folder / PT2_FILE))
+            info["pt2"] = {"file": PT2_FILE, "exporter": "torch.export"}
+        except Exception as exc:  # noqa: BLE001 - recorded; for onnxruntime the ONNX export below fails too
+            (folder / PT2_FILE).unlink(missing_ok=True)
+            info["pt2"] = {"file": None, "reason": f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}"}
+    else:
+        # torch.export cannot capture torch.ao's quantised modules, and torchao's PT2E program runs
+        # reference (dequantise-float-quantise) ops without inductor: see searchspace.methods.int8.
+        info["pt2"] = {"file": None, "reason": f"int8 has no torch.export program here: {_onnx.LEGACY_REASON}; torchao PT2E runs int8 only through torch.compile"}
+
+    if write_ts:
+        try:
+            scripted = to_torchscript(torch_model, example)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
+                scripted.save(str(folder / TORCHSCRIPT_FILE))
+            info["torchscript"] = {"file": TORCHSCRIPT_FILE}
+        except ArtifactError as exc:
+            if runtime == "torchscript":
+                raise
+            # An extra file, not the measured artifact: say why it is missing instead of failing.
+            (folder / TORCHSCRIPT_FILE).unlink(missing_ok=True)
+            info["torchscript"] = {"file": None, "reason": str(exc)}
+    if runtime == "onnxruntime":
+        target = folder / ONNX_FILE
+        float_path = folder / "model.float.onnx" if recipe is not None else target
+        keep = _onnx.onnx_initializers(model)
+        try:
+            if recipe is None and program is None:
+                raise ArtifactError(info["pt2"]["reason"])
+            info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=keep)
+        except Exception as exc:  # noqa: BLE001 - any exporter error is the reason, kept below
+            float_path.unlink(missing_ok=True)
+            dynamo_error = _first_line(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            # A model torch.export cannot capture (Python control flow on tensor values in a
+            # user's model, not torch.cond) may still script: the legacy exporter, and the card says why.
+            try:
+                scripted = to_torchscript(model, example)
+                info["onnx"] = _onnx.to_onnx(scripted, example, float_path, keep=keep or None)
+            except Exception as legacy_exc:  # noqa: BLE001
+                float_path.unlink(missing_ok=True)
+                raise ArtifactError(
+                    f"onnx: torch.onnx.export(dynamo=True) failed: {dynamo_error}; the legacy exporter too: "
+                    f"{type(legacy_exc).__name__}: {_first_line(legacy_exc)}"
+                ) from exc
+            info["onnx"]["reason"] = f"torch.export failed ({dynamo_error}); the TorchScript-based exporter took the scripted model"
+        if recipe is not None:
+            try:
+                info["onnx"]["quantization"] = recipe.quantize_onnx(float_path, target)
+            except Exception as exc:  # noqa: BLE001
+                target.unlink(missing_ok=True)
+                raise ArtifactError(f"onnx: quantisation by ONNX Runtime failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            finally:
+                float_path.unlink(missing_ok=True)
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     if runtime == "eager":
-        return eager_artifact(model, device=device, threads=threads)
-    return load_artifact(folder, runtime=runtime, device=device, threads=threads)
+        artifact = eager_artifact(torch_model, device=device, threads=threads)
+    else:
+        artifact = load_artifact(folder, runtime=runtime, device=device, threads=threads)
+    artifact.info = info
+    return artifact
 
 
 def eager_artifact(model: nn.Module, *, device: str = "cpu", threads: int = 1) -> Artifact:

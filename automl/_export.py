@@ -377,12 +377,22 @@ def export_trial(
         log(f"verified: {verify_runtime} test accuracy {acc:.4f} equals the recorded {float(recorded['accuracy']):.4f}")
 
         # 2. weights file == exported model's weights; the module rebuilt from them computes the same.
-        diff = _same_weights(read_weights(tmp / weights_name), exported.state_dict())
-        if diff is not None:
-            raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
-        diff, rebuild_info = _rebuild_matches(ckpt.model, exported, data)
-        if diff is not None:
-            raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from model.ts: {diff}", code=1)
+        # Where the artifact was quantised when it was built (artifact.json: "quantization"), the
+        # weights are the float ones the runtime's quantiser started from, and model.ts holds the
+        # quantised form: nothing to compare.
+        info_file = ckpt.folder / "artifact.json"
+        artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        rebuild_info: dict[str, Any] = {}
+        if "quantization" in artifact_info:
+            log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); model.ts is their quantised form")
+            rebuild_info = {"skipped": "the artifact is quantised from the rebuilt float module when it is built"}
+        else:
+            diff = _same_weights(read_weights(tmp / weights_name), exported.state_dict())
+            if diff is not None:
+                raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
+            diff, rebuild_info = _rebuild_matches(ckpt.model, exported, data)
+            if diff is not None:
+                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from model.ts: {diff}", code=1)
 
         # 3. ONNX against TorchScript on the whole test split.
         onnx_info: dict[str, Any] = {}

@@ -40,6 +40,7 @@ from torch import nn
 
 from automl._artifact import Artifact, ArtifactError, DynamicInference, build_artifact, load_artifact, state_dict_bytes
 from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample, yield_point
+from searchspace import artifact_quantization
 
 
 __all__ = [
@@ -106,6 +107,14 @@ def param_count(model: nn.Module) -> int:
         if key not in known:
             n += sum(t.numel() for t in _tensors(value) if t.dim() >= 1)
     return n
+
+
+def _stored_params(model: nn.Module) -> int:
+    """:func:`param_count` of what the model stores once quantised: a model carrying an artifact-time
+    quantisation recipe (int8) counts its quantised form (packed weights once each, BatchNorm folded
+    where static int8 fuses it), the same count for every runtime."""
+    recipe = artifact_quantization(model)
+    return param_count(model if recipe is None else recipe.quantize_torch(model))
 
 
 def size_bytes(model: nn.Module) -> int:
@@ -227,7 +236,9 @@ def measure(
     dynamic = isinstance(model, DynamicInference)
     inputs = latency_inputs(data, settings, dynamic=dynamic)
     example = inputs[:1]
-    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    # torchscript=True: export (automl._export) still verifies against model.ts until checkpoints
+    # rebuild the eager module from plan + weights (issue 15, part 1); then only on request.
+    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads, torchscript=True)
     yield_point()
     pred, labels = _predictions(artifact, data)
     accuracy = int((pred == labels).sum()) / max(len(labels), 1)
@@ -239,7 +250,7 @@ def measure(
         macs = expected
     metrics = Metrics(
         accuracy=accuracy,
-        params=param_count(model),
+        params=_stored_params(model),
         size_bytes=artifact.size_bytes,
         macs=macs if macs is not None else count_macs(model, example),
         latency_ms=latency,

@@ -90,8 +90,11 @@ def load_model(
 
     Args:
         folder: the checkpoint folder (``<study>/checkpoints/trial_NNNNN``).
-        data: the study's splits; post-training stages calibrate on its training batches (the
-            stored scales replace what they fit, so random inputs of the right shape do as well).
+        data: the study's splits; post-training stages then calibrate on the training batches
+            the trial drew (the base reference's ``calibration``: batch size and seed). Without
+            it, on random inputs of the right shape: the stored weights (and any stored scales)
+            replace what they fit, but a recipe kept for the artifact (int8 quantised when the
+            artifact is built) holds those random inputs.
         methods: method instances by name (default: the registered classes; a user method's
             plugin module must be imported first).
 
@@ -115,8 +118,10 @@ def load_model(
         # Replayed as a trial runs it: some methods trace the graph through autograd (torch-pruning),
         # so a caller's torch.no_grad() must not reach them.
         with torch.enable_grad():
+            calib = ref.get("calibration") or {}
             model, _ = apply_chain(
-                plan, base, example=example, calibration=_calibration(data, shape, _CALIBRATION[1], seed),
+                plan, base, example=example,
+                calibration=_calibration(data, shape, int(calib.get("batch_size", _CALIBRATION[1])), int(calib.get("seed", seed))),
                 train=lambda module, **_: module, methods=methods, dry_run=True,
             )
     except (TrialFailed, ValueError, RuntimeError) as exc:

@@ -105,7 +105,11 @@ class Payload:
 
 def base_reference(cfg: StudyConfig, data: Splits) -> dict[str, Any]:
     """What :func:`automl.build_model` needs to build the base architecture (a checkpoint's ``base``)."""
-    return {"model": cfg.base.model, "options": dict(cfg.base.options or {}), "input_shape": list(data.input_shape), "num_classes": int(data.num_classes)}
+    return {
+        "model": cfg.base.model, "options": dict(cfg.base.options or {}), "input_shape": list(data.input_shape), "num_classes": int(data.num_classes),
+        # How a trial draws calibration batches (automl._trial.run_trial): a rebuild given the data replays them exactly.
+        "calibration": {"batch_size": cfg.budget.batch_size, "seed": cfg.seed},
+    }
 
 
 def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:

@@ -1,6 +1,6 @@
 """Compression methods from published work, a registry of them, and one conditional search space."""
 
-from searchspace._base import ApplyContext, CompressionMethod, Stage
+from searchspace._base import ApplyContext, ArtifactQuantization, CompressionMethod, Stage, artifact_quantization
 from searchspace._domains import Categorical, Domain, Float, Int
 from searchspace._registry import get_method, list_methods, register_method
 from searchspace._space import FINETUNE_HYPERPARAMETERS, Plan, SearchSpace
@@ -8,6 +8,7 @@ from searchspace._space import FINETUNE_HYPERPARAMETERS, Plan, SearchSpace
 __all__ = [
     "FINETUNE_HYPERPARAMETERS",
     "ApplyContext",
+    "ArtifactQuantization",
     "Categorical",
     "CompressionMethod",
     "Domain",
@@ -16,6 +17,7 @@ __all__ = [
     "Plan",
     "SearchSpace",
     "Stage",
+    "artifact_quantization",
     "get_method",
     "list_methods",
     "register_method",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import optuna
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from searchspace._domains import Domain
 
-__all__ = ["ApplyContext", "CompressionMethod", "Stage"]
+__all__ = ["ApplyContext", "ArtifactQuantization", "CompressionMethod", "Stage", "artifact_quantization"]
 
 
 class Stage(enum.IntEnum):
@@ -65,6 +66,36 @@ class ApplyContext:
             yield batch
 
 
+@runtime_checkable
+class ArtifactQuantization(Protocol):
+    """Quantisation that happens when a model becomes its runtime's artifact, by that runtime's tools.
+
+    A method whose :attr:`CompressionMethod.quantizes_artifact` is True returns from ``apply`` the
+    float model with one of these as its ``artifact_quantization`` attribute (the recipe: mode and
+    calibration inputs). The artifact builder (``automl._artifact``) then quantises what it ships
+    with the runtime that runs it: the exported float ONNX file by ONNX Runtime's quantiser, the
+    module for the PyTorch runtimes, so the measured model is the shipped one.
+    """
+
+    def describe(self) -> dict[str, Any]:
+        """What the recipe is (mode, calibration size), recorded with the artifact."""
+        ...
+
+    def quantize_onnx(self, float_onnx: Path, out: Path) -> dict[str, Any]:
+        """Write the quantised form of the float ONNX file ``float_onnx`` to ``out``; return notes."""
+        ...
+
+    def quantize_torch(self, model: nn.Module) -> nn.Module:
+        """The quantised module for the PyTorch runtimes (a new module; ``model`` stays float)."""
+        ...
+
+
+def artifact_quantization(model: nn.Module) -> ArtifactQuantization | None:
+    """The recipe a quantising method left on ``model`` (see :class:`ArtifactQuantization`), if any."""
+    recipe = getattr(model, "artifact_quantization", None)
+    return recipe if isinstance(recipe, ArtifactQuantization) else None
+
+
 class CompressionMethod(abc.ABC):
     """A compression method from a paper, searchable by Optuna.
 
@@ -95,6 +126,11 @@ class CompressionMethod(abc.ABC):
     #: reshape channels in ways Torch-Pruning's dependency graph cannot follow (channel
     #: permutations, computed kernels, exit heads sized at apply time).
     prunable_layers: ClassVar[bool] = True
+    #: Whether the method's quantisation happens when the model becomes its runtime's artifact:
+    #: ``apply`` returns the float model carrying an :class:`ArtifactQuantization` recipe, and the
+    #: artifact builder quantises with the runtime's own tools (int8: ONNX Runtime's quantiser for
+    #: ``onnxruntime``). Its size and accuracy are those of the quantised artifact.
+    quantizes_artifact: ClassVar[bool] = False
 
     def __init__(self, *, ranges: Mapping[str, Domain] | None = None) -> None:
         self.ranges: dict[str, Domain] = dict(self.hyperparameters)

@@ -194,6 +194,9 @@ class EarlyExitNet(nn.Module):
         q_grid: values of q measured as extra operating points (none if budget mode is not allowed).
     """
 
+    #: Stay named initializers in the ONNX file, so thresholds can be edited there after export.
+    onnx_initializers = ("thresholds",)
+
     def __init__(
         self,
         *,
@@ -227,9 +230,41 @@ class EarlyExitNet(nn.Module):
             for block in self.exits:
                 x = block.segment(x)
             return self.exits[-1].head(x)
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_exporting():
+                return self._exported(x)
         if x.shape[0] == 1:
             return self._single(x)
         return self._route(x)[0]
+
+    @torch.jit.unused
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing as ``torch.export`` (and the ONNX exporter, as ONNX ``If``) can hold it.
+
+        ``torch.cond`` per exit: when every sample of the batch is confident at exit ``k``, the
+        later segments are not run (real early termination at batch 1, the case that is timed);
+        otherwise the rest runs on the whole batch and each sample keeps the logits of its first
+        confident exit, which are the numbers :meth:`_route` gives (it drops exited samples instead,
+        a data-dependent shape that ``torch.cond`` branches cannot return).
+        """
+        return self._from(0, x)
+
+    @torch.jit.unused
+    def _from(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.exits[k]
+        h = block.segment(x)
+        logits = block.head(h)
+        if k + 1 == len(self.exits):
+            return logits
+        done = torch.softmax(logits, dim=1).amax(dim=1) >= self.thresholds[k]
+
+        def stop(logits: torch.Tensor, h: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+            return logits.clone()
+
+        def go_on(logits: torch.Tensor, h: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+            return torch.where(done.unsqueeze(1), logits, self._from(k + 1, h))
+
+        return torch.cond(done.all(), stop, go_on, (logits, h, done))
 
     def _single(self, x: torch.Tensor) -> torch.Tensor:
         logits = x

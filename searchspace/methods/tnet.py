@@ -87,6 +87,10 @@ def _rank(dim: int, fraction: float) -> int:
     return max(1, min(dim, round(fraction * dim)))
 
 
+def _exporting() -> bool:
+    return not torch.jit.is_scripting() and torch.compiler.is_exporting()
+
+
 class TuckerTensor(nn.Module):
     """A tensor of shape ``shape`` held as a Tucker core and one factor per mode.
 
@@ -125,8 +129,11 @@ class TuckerTensor(nn.Module):
 
     def slice(self, index: int) -> torch.Tensor:
         """The full tensor's ``index``-th slice along mode 0."""
-        if self.training:
-            return torch.einsum(self._slice_eq, self.core, self.factors[0][index], *self.factors[1:])
+        if self.training or _exporting():
+            # Exported graphs (torch.export, the ONNX exporter) compute the slice from the stored
+            # factors: they cannot trace the cache's version stamps, and the factors are what ships.
+            factors = [self.factors[i] for i in range(len(self.factors))]  # no ParameterList slice: export's module proxy cannot rebuild one
+            return torch.einsum(self._slice_eq, self.core, factors[0][index], *factors[1:])
         # Inference: the kernel is a constant, rebuilt only when a factor changed since last time.
         stamp = tuple(p._version for p in self.parameters()) + tuple(p.data_ptr() for p in self.parameters())
         hit = self._cache.get(index)

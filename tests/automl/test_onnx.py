@@ -1,5 +1,7 @@
-"""ONNX from saved TorchScript, registry-driven: every method, on the two built-in CNNs, exports and
-ONNX Runtime reproduces PyTorch at batch 1 and on a batch (the two paths an early-exit model takes)."""
+"""ONNX through torch.export and the dynamo exporter, registry-driven: every method, on the two
+built-in CNNs, exports from its eager module, and ONNX Runtime (and the saved ``torch.export``
+program) reproduce PyTorch at batch 1 and on a batch whose samples leave at different exits (the two
+paths an early-exit model takes)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,7 @@ import torch
 
 import searchspace
 from automl._export import _jit_load
-from automl._onnx import ATOL, THRESHOLD_BUFFERS, is_quantized, to_onnx
-from automl._artifact import to_torchscript
+from automl._onnx import ATOL, OPSET, export_program, is_quantized, onnx_initializers, to_onnx
 from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
 SMALL = [b for b in BASE_MODELS if b[0] in ("digits_cnn", "mnist1d_cnn")]
@@ -18,7 +19,7 @@ SMALL = [b for b in BASE_MODELS if b[0] in ("digits_cnn", "mnist1d_cnn")]
 
 @pytest.mark.parametrize("model_name,shape", SMALL, ids=[m for m, _ in SMALL])
 @pytest.mark.parametrize("name", searchspace.list_methods())
-def test_every_method_exports_to_onnx_matching_torchscript(name, model_name, shape, tmp_path):
+def test_every_method_exports_to_onnx_matching_pytorch(name, model_name, shape, tmp_path):
     import onnx
     import onnxruntime as ort
 
@@ -30,35 +31,69 @@ def test_every_method_exports_to_onnx_matching_torchscript(name, model_name, sha
     model = method.apply(base, sample_params(method, seed=5)[0], context=ctx).eval()
     x = torch.cat([batch for batch, _ in ctx.calibration()])
     thresholds = getattr(model, "thresholds", None)
+    mixed = None
     if isinstance(thresholds, torch.Tensor) and thresholds.numel() > 1:
         # Send about half of a batch out at the first exit, so the batch path routes samples apart.
         with torch.no_grad():
-            thresholds[0] = model.confidences(x)[:, 0].median()
-    to_torchscript(model, x[:1]).save(str(tmp_path / "model.ts"))
-    ts = _jit_load(tmp_path / "model.ts")
-    to_onnx(ts, x[:1], tmp_path / "model.onnx")
+            conf = model.confidences(x[:16])[:, 0]
+            thresholds[0] = conf.median()
+        mixed = int((conf >= thresholds[0]).sum())
+        assert 0 < mixed < 16, f"{name}: the batch must mix exits, {mixed} of 16 leave first"
+    program = export_program(model, x[:1])
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    info = to_onnx(program, x[:1], tmp_path / "model.onnx", keep=onnx_initializers(model))
+    assert info["exporter"] == "torch.onnx.export(dynamo=True)" and info["opset"] == OPSET, f"{name}: made by {info}"
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    quantized = is_quantized(ts)
+    reloaded = torch.export.load(str(tmp_path / "model.pt2")).module()
     for batch in (x[:1], x[:16]):
         with torch.no_grad():
-            ref = ts(batch).numpy()
+            ref = model(batch).numpy()
+            pt2 = reloaded(batch).numpy()
         got = sess.run(None, {"input": batch.numpy()})[0]
         assert got.shape == ref.shape, f"{name} on {model_name}: ONNX output {got.shape} != {ref.shape}"
         diff = float(np.abs(got - ref).max())
-        if quantized:
-            # Integer kernels round differently (automl._onnx): about one output quantisation step.
-            assert diff < 0.05 * float(np.abs(ref).max()) + 1e-3, f"{name} on {model_name}: int8 ONNX differs by {diff}"
-        else:
-            assert diff <= ATOL, f"{name} on {model_name} (batch {len(batch)}): ONNX differs from TorchScript by {diff}"
+        assert diff <= ATOL, f"{name} on {model_name} (batch {len(batch)}): ONNX differs from PyTorch by {diff}"
+        assert float(np.abs(pt2 - ref).max()) <= ATOL, f"{name} on {model_name} (batch {len(batch)}): model.pt2 differs by {np.abs(pt2 - ref).max()}"
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
-    kept = [b for b, _ in ts.named_buffers() if b.rsplit(".", 1)[-1] in THRESHOLD_BUFFERS]
     names = {i.name for i in graph.initializer}
-    assert all(any(n.endswith(b.rsplit(".", 1)[-1]) for n in names) for b in kept), f"thresholds {kept} must stay ONNX initializers, have {sorted(names)[:10]}"
+    kept = onnx_initializers(model)
+    assert all(any(n.split(".")[-1] == k for n in names) for k in kept), f"{kept} must stay named ONNX initializers, have {sorted(names)[:10]}"
+    if mixed is not None:
+        assert any(n.op_type == "If" for n in graph.node), f"{name}: early exits must be ONNX If (torch.cond), ops {sorted({n.op_type for n in graph.node})}"
+
+
+def test_thresholds_edited_in_the_onnx_file_move_the_exits(tmp_path):
+    """The exit thresholds are a named initializer: setting them in the file (no re-export) makes
+    every sample leave at the first exit, i.e. the file's routing reads them at run time."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    method = searchspace.get_method("exits")()
+    base = make_base("digits_cnn", (1, 8, 8))
+    ctx = random_context((1, 8, 8), base, seed=3)
+    params = {"points": "stages", "count": 1, "head": "avgpool", "pool": 1, "training": "frozen", "thresholds": "direct", "threshold_0": 1.0}
+    model = method.apply(base, params, context=ctx).eval()
+    x = torch.cat([b for b, _ in ctx.calibration()])[:8]
+    to_onnx(model, x[:1], tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    (init,) = [i for i in m.graph.initializer if i.name.split(".")[-1] == "thresholds"]
+    values = numpy_helper.to_array(init).copy()
+    values[0] = 0.0  # every softmax maximum is >= 0: everyone leaves at exit 0
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "edited.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x[:1].numpy()})[0]
+    with torch.no_grad():
+        first = model.exits[0].head(model.exits[0].segment(x[:1])).numpy()
+        full = model(x[:1]).numpy()
+    assert np.abs(got - first).max() <= ATOL, "with threshold 0 the edited file must return the first exit's logits"
+    assert np.abs(full - first).max() > 1e-3, "the case must distinguish the exits (threshold 1.0: the final exit)"
 
 
 def test_dynamic_int8_linear_is_integer_arithmetic_and_exact(tmp_path):
-    """Dynamic int8 Linear becomes QuantizeLinear + MatMulInteger with PyTorch's own arithmetic
-    (reduce_range activation scale), so ONNX Runtime reproduces fbgemm to float rounding."""
+    """The legacy exporter (a TorchScript torch.ao int8 model, the one case kept on it): dynamic int8
+    Linear becomes QuantizeLinear + MatMulInteger with PyTorch's own arithmetic (reduce_range
+    activation scale), so ONNX Runtime reproduces fbgemm to float rounding."""
     import onnx
     import onnxruntime as ort
 
@@ -69,7 +104,8 @@ def test_dynamic_int8_linear_is_integer_arithmetic_and_exact(tmp_path):
     torch.jit.script(q).save(str(tmp_path / "q.ts"))
     ts = _jit_load(tmp_path / "q.ts")
     assert is_quantized(ts)
-    to_onnx(ts, x[:1], tmp_path / "q.onnx")
+    info = to_onnx(ts, x[:1], tmp_path / "q.onnx")
+    assert info["exporter"].startswith("torchscript (legacy") and info["reason"], f"a ScriptModule must say why it is legacy: {info}"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" in ops, f"expected integer matmuls, got {ops}"
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
