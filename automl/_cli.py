@@ -6,6 +6,7 @@ is wrong and what is allowed; nothing is written before the input is known to be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -169,7 +170,7 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
     view = load_view(study)
     title, rows = _front_rows(view, constraints, all_trials)
     if as_json:
-        print(json.dumps([{"trial": r.number, "method": r.method, **r.metrics, "params": r.params} for r in rows], default=str))
+        print(json.dumps([{"trial": r.number, "method": r.method, "finalized_from": r.finalized_from, **r.metrics, "params": r.params} for r in rows], default=str))
         return
     base = view.base
     console.print(
@@ -191,7 +192,7 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
         m = r.metrics
         table.add_row(
             str(r.number),
-            r.method,
+            r.method + (f" (finalized from {r.finalized_from})" if r.finalized_from is not None else ""),
             f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "-",
             f"{100 * r.accuracy_delta:+.2f}pt" if r.accuracy_delta is not None else "-",
             f"{int(m['size_bytes'])}" if m.get("size_bytes") is not None else "-",
@@ -337,6 +338,12 @@ def export_cmd(
         except ValueError as exc:
             fail(str(exc))
         _log(f"picked trial {row.number} ({row.method}) by {pick_} with {constraints.describe()}")
+    from automl._finalize import finalized_version
+
+    final = finalized_version(s, row.number)
+    if final is not None:
+        _log(f"trial {row.number} has a finalized version, trial {final.number} (automl finalize); exporting that")
+        row = load_view(s).row(final.number) or row
     study_dir = cfg.study_dir
     dest = out or study_dir / "exports" / f"trial_{row.number:05d}"
 
@@ -354,6 +361,50 @@ def export_cmd(
         f"exported trial {row.number} ({row.method}) to {dest}: accuracy {exp['accuracy']:.4f}, "
         f"ONNX {card['onnx']['status']}, latency {exp['latency_ms'] if exp['latency_ms'] is not None else float('nan'):.3f} ms "
         f"(recorded {card['metrics']['recorded'].get('latency_ms') or float('nan'):.3f} ms)"
+    )
+
+
+@app.command()
+def finalize(
+    study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
+    trial: Optional[int] = typer.Option(None, "--trial", help="Finalize this trial number."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial as export does: knee, best-accuracy, smallest, fastest, fewest-macs."),
+    epochs: int = typer.Option(30, "--epochs", help="Most fine-tuning epochs (early stopping on validation accuracy may end sooner)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the study's budget.lr)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
+) -> None:
+    """Fine-tune a chosen trial's model for longer and store it as a new trial linked to it."""
+    import importlib
+
+    from automl._finalize import FinalizeError, finalize_trial
+    from automl._pareto import load_view, pick
+
+    if (trial is None) == (pick_ is None):
+        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+    if epochs < 1:
+        fail(f"--epochs must be >= 1, got {epochs}")
+    cfg, s = _load_study(study, runs)
+    for module in cfg.plugins:  # user methods register themselves on import
+        importlib.import_module(module)
+    if trial is None:
+        view = load_view(s)
+        # A search trial is picked: a finalized one is its parent's continuation, not a new choice.
+        search = dataclasses.replace(view, trials=tuple(r for r in view.trials if r.finalized_from is None), front=tuple(r for r in view.front if r.finalized_from is None))
+        try:
+            trial = pick(search, pick_).number
+        except ValueError as exc:
+            fail(str(exc))
+        _log(f"picked trial {trial} by {pick_}")
+    try:
+        t = finalize_trial(cfg, s, trial, epochs=epochs, lr=lr, log=_log)
+    except FinalizeError as exc:
+        fail(str(exc))
+    info = t.user_attrs["finalize"]
+    view = load_view(s)
+    acc = {n: (view.row(n).metrics.get("accuracy") if view.row(n) else None) for n in (trial, t.number)}
+    _log(
+        f"finalized trial {trial} as trial {t.number} ({t.user_attrs['checkpoint']}): test accuracy {acc[t.number] if acc[t.number] is not None else float('nan'):.4f} "
+        f"(after search {acc[trial] if acc[trial] is not None else float('nan'):.4f}), kept epoch {info['kept_epoch']} of {len(info['val_accuracy'])} by validation accuracy"
     )
 
 

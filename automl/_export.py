@@ -5,8 +5,8 @@ The folder holds:
 - ``model.onnx`` and ``model.ts``: byte for byte the files the trial measured (see
   :mod:`automl._artifact`); where the study's runtime is not ``onnxruntime`` the checkpoint has no
   ONNX file and one is made from ``model.ts`` here (see :mod:`automl._onnx`);
-- ``weights.safetensors`` (or ``weights.pt``, weights-only, where a state dict holds non-tensor
-  entries such as packed quantised weights that safetensors cannot store);
+- ``weights.safetensors`` and ``trial.json``: the checkpoint's weights and plan, byte for byte, so
+  ``automl.load_model(folder)`` rebuilds the eager module from the export as from the checkpoint;
 - ``card.json``: study, trial, method chain and parameters (an early-exit variant's own
   thresholds among them), recorded and re-measured numbers, environment; ``README.md``: how to
   load and run it.
@@ -18,7 +18,7 @@ passes, and removed on any failure.
 
 Checks (any failing one aborts the export):
 
-1. the checkpoint exists and loads (:func:`automl._checkpoint.load_checkpoint`);
+1. the checkpoint exists, rebuilds (:func:`automl.load_model`) and its ``model.ts`` loads;
 2. the test accuracy of the study runtime's artifact (ONNX Runtime on ``model.onnx``, or
    ``model.ts``) equals the trial's recorded accuracy (the same number of correct test samples),
    computed by the same function trials use (:func:`automl._measure.artifact_accuracy`);
@@ -26,7 +26,9 @@ Checks (any failing one aborts the export):
    for float models; for int8 models, whose integer kernels round differently in the two runtimes,
    the same test accuracy and the same prediction on >= 99 % of the samples. The card records it.
    Where ONNX is an extra (the study timed another runtime) an ONNX file that fails is not shipped;
-4. the weights file reloads (weights-only) to tensors equal to the exported model's state dict.
+4. the weights file reloads to tensors equal to the exported model's state dict, and the eager
+   module rebuilt from plan and weights computes what ``model.ts`` computes on the whole test
+   split (float: within ``1e-4``; int8: the same kernels, the same predictions).
 
 Latency is then re-timed on the exported runtime's file in a fresh Python process that does nothing
 else (``python -m automl._measure latency ...``), by the function trials use, on the same real test
@@ -53,10 +55,11 @@ import torch
 
 from automl import _onnx as onnx_export
 from automl._artifact import ArtifactError, load_artifact
-from automl._checkpoint import CheckpointError, load_checkpoint
+from automl._checkpoint import RECORD, WEIGHTS, CheckpointError, load_checkpoint, read_weights
 from automl._latency import LatencySettings
 from automl._measure import artifact_accuracy, latency_inputs
 from automl._pareto import FrontRow, StudyView
+from automl._rebuild import load_model
 
 __all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_trial_checkpoint"]
 
@@ -80,24 +83,31 @@ class ExportError(RuntimeError):
 @dataclass
 class LoadedCheckpoint:
     folder: Path
-    model: torch.jit.ScriptModule
+    #: The eager module rebuilt from plan and weights (:func:`automl.load_model`).
+    model: torch.nn.Module
     record: dict[str, Any]
     state_dict: dict[str, Any]
 
 
 def load_trial_checkpoint(study_dir: Path, row: FrontRow) -> LoadedCheckpoint:
-    """Load and validate a trial's checkpoint (:func:`automl._checkpoint.load_checkpoint`).
+    """Load, validate and rebuild a trial's checkpoint (:func:`automl.load_model`).
 
     Raises:
-        ExportError: (code 2) the folder or a file is missing, or a file does not load.
+        ExportError: (code 2) the folder or a file is missing, a file does not load, or the
+            plan does not rebuild to a model its weights fit.
     """
     if row.checkpoint is None:
         raise ExportError(f"trial {row.number} has no checkpoint recorded (user attr 'checkpoint' is missing)")
     try:
         ckpt = load_checkpoint(study_dir / row.checkpoint)
+        model = load_model(ckpt.folder)
     except CheckpointError as exc:
         raise ExportError(f"trial {row.number}: {exc}") from exc
-    return LoadedCheckpoint(ckpt.folder, ckpt.torchscript(), ckpt.record, ckpt.state_dict)
+    try:
+        _jit_load(ckpt.folder / "model.ts")
+    except Exception as exc:  # noqa: BLE001 - the measured file is damaged
+        raise ExportError(f"trial {row.number}: checkpoint {ckpt.folder} is corrupted: model.ts does not load ({type(exc).__name__}: {_first_line(exc)})") from exc
+    return LoadedCheckpoint(ckpt.folder, model, ckpt.record, ckpt.state_dict)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -148,26 +158,26 @@ def _check_onnx(exported: torch.jit.ScriptModule, folder: Path, data: Any, n_tes
 # --- weights ------------------------------------------------------------------------------
 
 
-def _write_weights(state: dict[str, Any], folder: Path) -> str:
-    """``weights.safetensors`` if every entry is a plain tensor, else a weights-only ``weights.pt``."""
-    plain = all(isinstance(v, torch.Tensor) and not v.is_quantized for v in state.values())
-    if plain:
-        from safetensors.torch import save_file
-
-        # safetensors refuses shared or non-contiguous storage: store independent copies.
-        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "weights.safetensors"))
-        os.chmod(folder / "weights.safetensors", 0o644)  # safetensors writes 0600; the folder is meant to be shared
-        return "weights.safetensors"
-    torch.save(state, folder / "weights.pt")
-    return "weights.pt"
-
-
-def _reload_weights(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _rebuild_matches(model: torch.nn.Module, exported: torch.jit.ScriptModule, data: Any) -> tuple[str | None, dict[str, Any]]:
+    """None if the rebuilt eager module computes what ``model.ts`` computes on the test split, else
+    what differs; with the numbers for the card. Both run PyTorch's kernels, so int8 models agree exactly
+    on predictions and float ones to float rounding."""
+    quantized = onnx_export.is_quantized(exported)
+    max_diff, agree, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, _ in data.batches("test", 500):
+            got, ref = model(x), exported(x)
+            if got.shape != ref.shape:
+                return f"output shape {tuple(got.shape)} != model.ts {tuple(ref.shape)}", {}
+            max_diff = max(max_diff, float((got - ref).abs().max()))
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+            n += len(x)
+    info = {"max_abs_diff_vs_torchscript": max_diff, "predictions_equal": agree, "n": n}
+    if agree != n:
+        return f"{n - agree} of {n} test predictions differ from model.ts", info
+    if not quantized and max_diff > onnx_export.ATOL:
+        return f"max |diff| {max_diff:.3g} vs model.ts > {onnx_export.ATOL:g}", info
+    return None, info
 
 
 def _same_weights(saved: dict[str, Any], model: dict[str, Any]) -> str | None:
@@ -256,11 +266,6 @@ def environment(latency: Any) -> dict[str, Any]:
 def _usage(card: dict[str, Any]) -> str:
     shape = ", ".join(str(s) for s in card["input_shape"])
     weights = card["files"]["weights"]
-    load_w = (
-        'from safetensors.torch import load_file\nstate = load_file("weights.safetensors")'
-        if weights.endswith(".safetensors")
-        else 'state = torch.load("weights.pt", weights_only=True)'
-    )
     onnx = card["onnx"]
     onnx_part = (
         f"""## ONNX Runtime (no PyTorch needed)
@@ -292,12 +297,14 @@ logits = model(torch.zeros(1, {shape}))
 ```
 
 {onnx_part}
-## Weights
+## Plan and weights (the eager PyTorch module)
 
-`{weights}` holds the state dict (keys match `model.ts`), loadable without unpickling code:
+`{weights}` holds the state dict, nothing pickled (packed int8 weights as plain tensors and a
+layout in the file's metadata); `trial.json` the plan that rebuilds the module it fits:
 
 ```python
-{load_w}
+import automl
+model = automl.load_model(".")  # this folder: base architecture, chain replayed, weights loaded strictly
 ```
 """
 
@@ -346,7 +353,10 @@ def export_trial(
     try:
         tmp.mkdir(parents=True, exist_ok=False)
         shutil.copyfile(ckpt.folder / "model.ts", tmp / "model.ts")
-        weights_name = _write_weights(ckpt.state_dict, tmp)
+        weights_name = WEIGHTS
+        for name in (WEIGHTS, RECORD):  # plan and weights: automl.load_model(out) rebuilds the module
+            shutil.copyfile(ckpt.folder / name, tmp / name)
+            os.chmod(tmp / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
         exported = _jit_load(tmp / "model.ts").eval()
         n_test = data.n("test")
 
@@ -366,17 +376,23 @@ def export_trial(
             )
         log(f"verified: {verify_runtime} test accuracy {acc:.4f} equals the recorded {float(recorded['accuracy']):.4f}")
 
-        # 2. weights file == exported model's weights. Where the artifact was quantised when it was
-        # built (artifact.json: "quantization"), the weights are the float ones the runtime's
-        # quantiser started from, and model.ts holds the quantised form: nothing to compare.
+        # 2. weights file == exported model's weights; the module rebuilt from them computes the same.
+        # Where the artifact was quantised when it was built (artifact.json: "quantization"), the
+        # weights are the float ones the runtime's quantiser started from, and model.ts holds the
+        # quantised form: nothing to compare.
         info_file = ckpt.folder / "artifact.json"
         artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        rebuild_info: dict[str, Any] = {}
         if "quantization" in artifact_info:
             log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); model.ts is their quantised form")
+            rebuild_info = {"skipped": "the artifact is quantised from the rebuilt float module when it is built"}
         else:
-            diff = _same_weights(_reload_weights(tmp / weights_name), exported.state_dict())
+            diff = _same_weights(read_weights(tmp / weights_name), exported.state_dict())
             if diff is not None:
                 raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
+            diff, rebuild_info = _rebuild_matches(ckpt.model, exported, data)
+            if diff is not None:
+                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from model.ts: {diff}", code=1)
 
         # 3. ONNX against TorchScript on the whole test split.
         onnx_info: dict[str, Any] = {}
@@ -442,7 +458,8 @@ def export_trial(
                 "speedup": row.speedup,
             },
             "onnx": onnx_info,
-            "files": {"torchscript": "model.ts", "onnx": "model.onnx" if ships_onnx else None, "weights": weights_name, "usage": "README.md"},
+            "rebuild": rebuild_info,
+            "files": {"torchscript": "model.ts", "onnx": "model.onnx" if ships_onnx else None, "weights": weights_name, "plan": RECORD, "usage": "README.md"},
             "environment": environment(latency),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

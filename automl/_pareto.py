@@ -49,6 +49,12 @@ class FrontRow:
     fail_reason: str | None = None
 
     @property
+    def finalized_from(self) -> int | None:
+        """The trial this one finalized (``automl finalize``), or None for a search trial."""
+        value = self.attrs.get("finalized_from")
+        return None if value is None else int(value)
+
+    @property
     def checkpoint(self) -> str | None:
         """The checkpoint folder, relative to the study folder (None if the trial never saved one)."""
         value = self.attrs.get("checkpoint")

@@ -171,14 +171,15 @@ def close_interrupted(study: optuna.Study, *, log: Callable[[str], None] = print
 def finished_count(study: optuna.Study) -> int:
     """Trials that count toward the budget: COMPLETE, PRUNED, and FAIL that were not merely interrupted.
 
-    Derived trials (``derived_from``: settings of an already trained model) never count. Trials
+    Derived trials (``derived_from``: settings of an already trained model) and finalized ones
+    (``finalized_from``: the long fine-tune of a chosen trial, ``automl finalize``) never count. Trials
     stopped before training (PRUNED: a cost bound broken) and duplicates of a finished plan
     (``duplicate_of``) count as one each, though they cost only a dry run, so a study always ends.
     """
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if "derived_from" in t.user_attrs:
-            continue  # extra operating points of a trial's model (e.g. exit thresholds) are not runs
+        if "derived_from" in t.user_attrs or "finalized_from" in t.user_attrs:
+            continue  # extra operating points of a trial's model (e.g. exit thresholds), finalize: not search runs
         if t.state == TrialState.COMPLETE or not t.user_attrs.get("interrupted"):
             n += 1
     return n

@@ -123,7 +123,7 @@ class ReportData:
 _COLUMNS = [
     "trial", "state", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression",
     "latency_ms", "latency_iqr_ms", "speedup", "macs", "macs_reduction", "n_params", "on_front", "knee",
-    "checkpoint", "fail_reason",
+    "finalized_from", "checkpoint", "fail_reason",
 ]
 
 
@@ -156,6 +156,7 @@ def trial_table(rows: Sequence[FrontRow], view: StudyView, *, knee: int | None =
                 "n_params": m.get("params"),
                 "on_front": r.number in front,
                 "knee": knee is not None and r.number == knee,
+                "finalized_from": r.finalized_from,
                 "checkpoint": r.checkpoint,
                 "fail_reason": r.fail_reason,
             }

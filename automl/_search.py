@@ -193,7 +193,8 @@ def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: 
     """Time each front trial's artifact again with nothing else running; record, never replace.
 
     Each front trial run by this launcher (its checkpoint is in ``study_dir``) is timed from its
-    checkpoint's artifact with the trial's own settings and inputs (:func:`automl._measure.time_artifact`).
+    checkpoint's artifact (for the ``eager`` runtime, the module :func:`automl.load_model` rebuilds)
+    with the trial's own settings and inputs (:func:`automl._measure.time_artifact`).
     The relative drift ``(re-timed - recorded) / recorded`` goes to the study attribute
     ``latency_drift`` (``{trial number: drift}``); the trial's value stays the study's number. One
     log line says how many moved by more than :data:`DRIFT_WARN`.
@@ -201,14 +202,12 @@ def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: 
     Returns:
         ``{trial number: drift}`` of the trials timed now.
     """
-    from automl._artifact import ArtifactError, load_artifact
+    from automl._artifact import ArtifactError, eager_artifact, load_artifact
     from automl._checkpoint import CheckpointError, load_checkpoint
     from automl._measure import latency_inputs, time_artifact
+    from automl._rebuild import load_model
 
     settings = payload.settings.latency
-    if settings.runtime == "eager":
-        log("drift check: skipped for the eager runtime (its artifact is the module a trial held, not a file)")
-        return {}
     drift = dict(study.user_attrs.get("latency_drift") or {})
     out: dict[int, float] = {}
     for t in study.best_trials:
@@ -220,7 +219,11 @@ def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: 
             continue  # run by another launcher sharing the study: its checkpoint is in its folder
         try:
             ckpt = load_checkpoint(folder)
-            artifact = load_artifact(folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+            if settings.runtime == "eager":
+                # The eager runtime's artifact is the module itself: the one rebuild from the checkpoint.
+                artifact = eager_artifact(load_model(folder, data=payload.data, methods=payload.methods), device=settings.device, threads=settings.threads)
+            else:
+                artifact = load_artifact(folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
         except (ArtifactError, CheckpointError) as exc:
             log(f"drift check: trial {t.number} skipped: {exc}")
             continue

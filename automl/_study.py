@@ -96,13 +96,25 @@ class Payload:
     progress: Any = None
     #: Report validation accuracy after every training epoch to Ray Tune (a scheduler acts on it).
     report_epochs: bool = False
+    #: The base architecture every checkpoint's plan starts from (automl._checkpoint).
+    base_ref: dict[str, Any] | None = None
 
 
 # --- base model ----------------------------------------------------------------------------
 
 
+def base_reference(cfg: StudyConfig, data: Splits) -> dict[str, Any]:
+    """What :func:`automl.build_model` needs to build the base architecture (a checkpoint's ``base``)."""
+    return {
+        "model": cfg.base.model, "options": dict(cfg.base.options or {}), "input_shape": list(data.input_shape), "num_classes": int(data.num_classes),
+        # How a trial draws calibration batches (automl._trial.run_trial): a rebuild given the data replays them exactly.
+        "calibration": {"batch_size": cfg.budget.batch_size, "seed": cfg.seed},
+    }
+
+
 def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:
-    return build_model(cfg.base.model, input_shape=data.input_shape, num_classes=data.num_classes, options=cfg.base.options)
+    ref = base_reference(cfg, data)
+    return build_model(ref["model"], input_shape=ref["input_shape"], num_classes=ref["num_classes"], options=ref["options"])
 
 
 def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callable[[str], None] = print) -> tuple[nn.Module, Metrics]:
@@ -279,6 +291,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         plugins=cfg.plugins,
         time_limit_s=cfg.budget.trial_time_limit_s,
         retries=cfg.budget.retries,
+        base_ref=base_reference(cfg, data),
     )
     return study_dir, payload, space
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,10 @@ class TrainOptions:
     #: Train 4-d inputs and weights in channels-last memory format (faster convolutions on GPUs);
     #: the model is returned in the default format.
     channels_last: bool = False
+    #: Early stopping (finalize): evaluate the whole validation split after every epoch, stop after
+    #: this many epochs without a better accuracy, and return the weights of the best epoch. None:
+    #: train every epoch and keep the last (trials, whose budget is short and fixed).
+    patience: int | None = None
 
 
 def make_optimizer(params: list[nn.Parameter], options: TrainOptions) -> torch.optim.Optimizer:
@@ -98,6 +102,7 @@ def fit(
     device: torch.device | str = "cpu",
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
+    history: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the training split.
 
@@ -105,6 +110,8 @@ def fit(
         extra_loss: a regulariser added to every step's loss (e.g. a sparsity penalty on gates).
         progress: called after each epoch with its :class:`~automl._progress.EpochStats` (the
             validation split is then evaluated once per epoch).
+        history: with ``options.patience``, receives ``val_accuracy`` (one per epoch run) and
+            ``kept_epoch`` (1-based, the epoch whose weights are returned).
 
     A model with several outputs to train (early exits) may define
     ``training_loss(x, y, criterion) -> Tensor``; it is then called instead of
@@ -136,6 +143,8 @@ def fit(
     if layout is not None:
         model.to(memory_format=layout)
     started = time.perf_counter()
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    val_curve: list[float] = []
     for epoch in range(options.epochs):
         epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         batches = data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch, pin_memory=cuda)
@@ -188,6 +197,19 @@ def fit(
                     seconds_left=(time.perf_counter() - started) / (epoch + 1) * (options.epochs - epoch - 1),
                 )
             )
+        if options.patience is not None:
+            # Chosen on validation data only: the test split stays the untouched measurement.
+            acc = evaluate(model, data, "val", device=device)
+            model.train()
+            val_curve.append(acc)
+            if best is None or acc > best[0]:
+                best = (acc, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            elif epoch + 1 - best[1] >= options.patience:
+                break
+    if best is not None:
+        model.load_state_dict(best[2])
+        if history is not None:
+            history.update(val_accuracy=val_curve, kept_epoch=best[1])
     if layout is not None:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

@@ -98,6 +98,10 @@ class TrialOutcome:
     seconds: float = 0.0
     #: Extra operating points of the same trained model (see :class:`Calibrated`).
     variants: list[Variant] = field(default_factory=list)
+    #: The float model the first post-training stage (int8) started from, and how many stages of
+    #: the chain made it: what finalize fine-tunes before it replays the post-training stages.
+    float_model: nn.Module | None = None
+    float_stages: int = 0
 
 
 def run_trial(
@@ -145,7 +149,8 @@ def run_trial(
     def calibration():
         return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))
 
-    model, float_macs = apply_chain(plan, base, example=example, calibration=calibration, train=train, methods=methods, notes=notes, device=device)
+    kept: dict[str, Any] = {}
+    model, float_macs = apply_chain(plan, base, example=example, calibration=calibration, train=train, methods=methods, notes=notes, device=device, keep=kept)
     if model is base:
         model = copy.deepcopy(base)
     model.eval()
@@ -171,6 +176,7 @@ def run_trial(
     return TrialOutcome(
         plan=plan, metrics=metrics, model=cpu_model, folder=folder, input_shape=tuple(example.shape[1:]),
         notes=notes, seconds=time.perf_counter() - start, variants=variants,
+        float_model=kept.get("float"), float_stages=kept.get("stages", 0),
     )
 
 
@@ -186,6 +192,7 @@ def apply_chain(
     device: torch.device | str = "cpu",
     start: nn.Module | None = None,
     dry_run: bool = False,
+    keep: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, int | None]:
     """Apply ``plan``'s methods to ``base`` in order, calling ``train(module, seed_offset=i)`` after
     each stage that fine-tunes; returns the final model (``base`` itself for an empty chain) and the
@@ -194,6 +201,8 @@ def apply_chain(
     ``start`` is the model the first stage gets (default ``base``, which stays the teacher).
     The trial runs it with its fine-tuning; the dry run (:mod:`automl._prescreen`) with a ``train``
     that returns the module untouched, which gives the same structure without training.
+    ``keep`` (a dict) receives a CPU copy of the float model the first post-training stage gets
+    (``"float"``) and the number of stages before it (``"stages"``).
 
     Raises:
         TrialFailed: a stage cannot apply to the model it gets.
@@ -211,6 +220,8 @@ def apply_chain(
             # Post-training stages (int8) change the arithmetic, not the graph: MACs are those of
             # the float model they start from (a quantised graph may not trace at all).
             float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
+        if not method.finetune and keep is not None and "float" not in keep:
+            keep.update(float=copy.deepcopy(model).cpu().eval(), stages=i)
         ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes, dry_run=dry_run)
         model = method.apply(model, params, context=ctx)
         if method.finetune:

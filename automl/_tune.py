@@ -165,7 +165,7 @@ def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcom
         # COMPLETE trial always has its checkpoint, whichever node ran it (automl._cluster).
         import ray
 
-        save_checkpoint(outcome, folder)
+        save_checkpoint(outcome, folder, base=payload.base_ref)
         ray.get(payload.sink.write.remote(int(number), pack_folder(folder)))
     tune.report(result)
     return result

@@ -46,13 +46,14 @@ def test_trial_measures_exits_and_variants(small_mnist1d, tmp_path):
     from onnx import numpy_helper
 
     from automl._artifact import load_artifact
+    from automl import load_model
     from automl._checkpoint import load_checkpoint, save_checkpoint, variant_folder
     from automl._measure import artifact_accuracy
 
-    folder = save_checkpoint(out, tmp_path / "checkpoint")
+    folder = save_checkpoint(out, tmp_path / "checkpoint", base={"model": "mnist1d_cnn", "options": {}, "input_shape": [40], "num_classes": 10})
 
     def thresholds_of(where) -> list[float]:
-        ts = load_checkpoint(where).torchscript().thresholds[:-1].tolist()
+        ts = load_model(where).thresholds[:-1].tolist()
         init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(where / "model.onnx")).graph.initializer}
         in_onnx = [v for k, v in init.items() if k.endswith("thresholds")]
         assert len(in_onnx) == 1 and list(in_onnx[0][:-1]) == pytest.approx(ts), f"{where.name}: ONNX thresholds {in_onnx} != TorchScript {ts}"

@@ -13,13 +13,13 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from automl._cli import app
 from automl._data import dataset_from_config
 from automl._pareto import load_view
 from tests.automl.conftest import applicable_methods, copy_study
+from tests.fixtures.models import EarlyExitFixture
 
 TORCH_ONLY = r"""
 import json, sys
@@ -88,6 +88,22 @@ def test_export_each_method_family_reloads_in_fresh_processes(method, small_stud
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(recorded, abs=1e-12), "card's verified accuracy must equal the recorded one"
     assert card["metrics"]["exported"]["latency_ms"] is not None, f"latency was not re-measured: {card['metrics']['exported']}"
     assert (out / card["files"]["weights"]).is_file(), f"weights file {card['files']['weights']} is missing"
+    # Plan + weights ship too: the module rebuilt from the export computes what model.ts computes.
+    from automl import load_model
+
+    from searchspace import artifact_quantization
+
+    module = load_model(out)
+    if "skipped" in card["rebuild"]:
+        # int8 quantised when the artifact was built: the module is the float one with its recipe.
+        assert artifact_quantization(module) is not None, f"{row.method}: the rebuilt module lost its int8 recipe"
+    else:
+        x = dataset_from_config(small_study.dataset, download=False).x_test[:200]
+        with torch.no_grad():
+            rebuilt, shipped = module(x), torch.jit.load(str(out / "model.ts"))(x)
+        assert torch.equal(rebuilt.argmax(1), shipped.argmax(1)) and float((rebuilt - shipped).abs().max()) <= 1e-5, (
+            f"{row.method}: automl.load_model(export) differs from the shipped model.ts by {float((rebuilt - shipped).abs().max()):.3g}"
+        )
     assert not list(tmp_path.glob(".*partial*")), "a .partial folder was left behind"
 
     ts = _fresh(TORCH_ONLY, str(out), str(test_split))
@@ -113,15 +129,15 @@ def _damage_model(folder: Path) -> None:
 
 
 def _damage_weights(folder: Path) -> None:
-    data = (folder / "weights.pt").read_bytes()
-    (folder / "weights.pt").write_bytes(data[: len(data) // 2])
+    data = (folder / "weights.safetensors").read_bytes()
+    (folder / "weights.safetensors").write_bytes(data[: len(data) // 2])
 
 
 def _damage_record(folder: Path) -> None:
     (folder / "trial.json").write_text("{ truncated")
 
 
-@pytest.mark.parametrize("damage,words", [(_damage_missing, "is missing"), (_damage_model, "model.ts does not load"), (_damage_weights, "weights.pt does not load"), (_damage_record, "trial.json")], ids=["missing", "model", "weights", "record"])
+@pytest.mark.parametrize("damage,words", [(_damage_missing, "is missing"), (_damage_model, "model.ts does not load"), (_damage_weights, "weights.safetensors does not load"), (_damage_record, "trial.json")], ids=["missing", "model", "weights", "record"])
 def test_export_of_bad_checkpoint_exits_2_writing_nothing(damage, words, small_study, tmp_path):
     cfg = copy_study(small_study, tmp_path)
     view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
@@ -172,26 +188,6 @@ def test_show_filters_and_compare(small_study):
     assert len(hv) == 2 and hv[0] == hv[1], f"a study compared with itself must show equal rows: {hv}"
 
 
-class _EarlyExit(torch.nn.Module):
-    """A data-dependent forward like early-exit methods make: leave at the first head when it is
-    confident enough (threshold kept as a buffer), else run the rest of the network."""
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-        self.exit1 = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 10))
-        self.rest = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-        self.register_buffer("threshold", torch.tensor(threshold))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        early = self.exit1(h)
-        if bool((torch.softmax(early, dim=1).amax(dim=1) >= self.threshold).all()):
-            return early
-        return self.rest(h)
-
-
 @pytest.mark.parametrize("threshold", [0.0, 1.5], ids=["always-exit", "never-exit"])
 def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_path):
     """Both branches of an early-exit forward survive export: TorchScript and ONNX (as an ``If``)
@@ -204,14 +200,14 @@ def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_pa
     from automl._measure import LatencySettings
 
     cfg = copy_study(small_study, tmp_path)
-    view, row, data = _checkpoint_trial(cfg, _EarlyExit(threshold).eval(), "early_exit_fixture")
+    view, row, data = _checkpoint_trial(cfg, "early_exit_fixture", {"kind": "early_exit", "threshold": threshold})
     out = tmp_path / "ee"
     card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert card["onnx"]["status"] == "ok", f"ONNX export of a scripted early exit failed: {card['onnx']}"
     m = onnx.load(str(out / "model.onnx"))
     ops = {n.op_type for n in m.graph.node}
     assert "If" in ops, f"the ONNX graph must keep the data-dependent branch as an If node, has {sorted(ops)}"
-    exported = torch.jit.load(str(out / "model.ts"))
+    exported = getattr(torch.jit.load(str(out / "model.ts")).stages, "0")  # the fixture inside its StagedNet
     assert float(exported.threshold) == pytest.approx(threshold), f"threshold {float(exported.threshold)} != {threshold} in the exported TorchScript"
     # The other branch too: flip the threshold in the exported TorchScript and in the ONNX initializer.
     flipped = 1.5 if threshold == 0.0 else 0.0
@@ -223,30 +219,38 @@ def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_pa
     x = data.x_test[:64]
     with torch.no_grad():
         ref = exported(x).numpy()
-        eager = _EarlyExit(flipped)(x).numpy()
+        eager = EarlyExitFixture(flipped)(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(ref - eager).max() <= 1e-5, "the flipped TorchScript must take the other branch like the eager model"
     assert np.abs(got - ref).max() <= 1e-4, f"after flipping the threshold ONNX and TorchScript differ by {np.abs(got - ref).max()}"
 
 
-def _checkpoint_trial(cfg, model, name: str, *, macs: int | None = None):
-    """Measure ``model`` as a trial is measured and save it as a trial checkpoint of the study
-    ``cfg`` (through the same ``measure`` and ``save_checkpoint``); return (view, row, data)."""
+def _checkpoint_trial(cfg, name: str, options: dict, *, chain: tuple = (("none", {}),)):
+    """A trial checkpoint of the study ``cfg`` whose plan is ``chain`` on the base
+    ``tests.fixtures.models:export_fixture(**options)``, measured and saved as a trial is (the same
+    ``apply_chain``, ``measure`` and ``save_checkpoint``); return (view, row, data)."""
     import dataclasses
 
+    from automl import build_model
     from automl._checkpoint import save_checkpoint
     from automl._latency import LatencySettings
     from automl._measure import measure
-    from automl._trial import TrialOutcome
+    from automl._trial import TrialOutcome, apply_chain
     from searchspace import Plan
 
     view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
     data = dataset_from_config(cfg.dataset, download=False)
+    ref = {"model": "tests.fixtures.models:export_fixture", "options": dict(options), "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    base = build_model(ref["model"], input_shape=ref["input_shape"], num_classes=ref["num_classes"], options=ref["options"]).eval()
+    plan = Plan(chain=tuple(chain))
+    model, macs = apply_chain(
+        plan, base, example=data.x_train[:1], calibration=lambda: iter(data.batches("train", 256, shuffle=True, seed=0)), train=lambda m, **_: m
+    )
     work = cfg.study_dir / "work" / name
-    metrics, _ = measure(model, data, LatencySettings(warmup=1, repeats=3), folder=work, macs=macs)
-    outcome = TrialOutcome(plan=Plan(chain=((name, {}),)), metrics=metrics, model=model, folder=work, input_shape=tuple(data.input_shape))
-    save_checkpoint(outcome, cfg.study_dir / "checkpoints" / name)
-    row = dataclasses.replace(view.trials[0], method=name, metrics=metrics.as_dict(), attrs={"checkpoint": f"checkpoints/{name}"})
+    metrics, _ = measure(model.eval(), data, LatencySettings(warmup=1, repeats=3), folder=work, macs=macs)
+    outcome = TrialOutcome(plan=plan, metrics=metrics, model=model, folder=work, input_shape=tuple(data.input_shape))
+    save_checkpoint(outcome, cfg.study_dir / "checkpoints" / name, base=ref)
+    row = dataclasses.replace(view.trials[0], method=plan.label, metrics=metrics.as_dict(), attrs={"checkpoint": f"checkpoints/{name}"})
     return view, row, data
 
 
@@ -254,25 +258,17 @@ def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small
     """A torch.ao (static, FX) int8 model: the TorchScript export is verified; ONNX ships only when
     ONNX Runtime's integer kernels give the same accuracy and the same prediction on >= 99 % of the
     test samples, else it is not shipped and the card says why (never shipped unverified)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     from automl._export import export_trial
     from automl._measure import LatencySettings
 
     cfg = copy_study(small_study, tmp_path)
-    torch.manual_seed(0)
-    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
-    data = dataset_from_config(cfg.dataset, download=False)
-    prepared = prepare_fx(float_model, get_default_qconfig_mapping("x86"), (data.x_train[:1],))
-    prepared(data.x_train[:256])
-    from automl._measure import count_macs
-
-    view, row, data = _checkpoint_trial(cfg, convert_fx(prepared), "int8_fixture", macs=count_macs(float_model, data.x_train[:1]))
+    view, row, data = _checkpoint_trial(cfg, "int8_fixture", {"kind": "conv"}, chain=(("none", {}), ("int8", {"mode": "static"})))
     out = tmp_path / "int8"
     card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "the measured int8 artifact's accuracy must be re-verified"
-    assert (out / "weights.pt").is_file() or (out / "weights.safetensors").is_file(), f"no weights file in {sorted(p.name for p in out.iterdir())}"
+    assert (out / "weights.safetensors").is_file() and not list(out.glob("*.pt")), f"weights must be safetensors, nothing pickled: {sorted(p.name for p in out.iterdir())}"
+    # Quantised when the artifact was built: model.ts is the quantised form of the rebuilt float module.
+    assert "skipped" in card["rebuild"] or card["rebuild"]["predictions_equal"] == card["rebuild"]["n"], f"the rebuilt int8 module must predict what model.ts predicts: {card['rebuild']}"
     onnx = card["onnx"]
     assert onnx["quantized"], f"the int8 model must be recognised as quantised: {onnx}"
     # The study's runtime is ONNX Runtime: model.onnx is the measured artifact and always ships;
@@ -290,9 +286,7 @@ def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
     import dataclasses
 
     cfg = copy_study(small_study, tmp_path)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    view, row, _ = _checkpoint_trial(cfg, model, "mismatch_fixture")
+    view, row, _ = _checkpoint_trial(cfg, "mismatch_fixture", {"kind": "linear"})
     wrong = dataclasses.replace(row, metrics={**row.metrics, "accuracy": row.metrics["accuracy"] + 0.1})
     from automl._export import ExportError, export_trial
     from automl._measure import LatencySettings

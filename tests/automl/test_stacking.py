@@ -6,8 +6,8 @@ import optuna
 import torch
 
 import searchspace
-from automl import build_model
-from automl._checkpoint import load_checkpoint, save_checkpoint
+from automl import build_model, load_model
+from automl._checkpoint import save_checkpoint
 from automl._latency import LatencySettings
 from automl._train import TrainOptions, evaluate, fit
 from automl._trial import TrialSettings, run_trial
@@ -46,8 +46,11 @@ def test_tucker_prune_int8_chain(digits, tmp_path):
     assert int8_bytes > 0.7 * sum(i.ByteSize() for i in inits), "the weights in the measured file must be int8"
     assert out.metrics.accuracy > 0.5, f"the chain collapsed to accuracy {out.metrics.accuracy}"
     assert out.metrics.macs and out.metrics.macs > 0, "MACs of the float graph before int8 must be recorded"
-    save_checkpoint(out, tmp_path / "checkpoint")
-    load_checkpoint(tmp_path / "checkpoint")
+    ref = {"model": "digits_cnn", "options": {}, "input_shape": list(digits.input_shape), "num_classes": 10}
+    save_checkpoint(out, tmp_path / "checkpoint", base=ref)
+    loaded = load_model(tmp_path / "checkpoint")
+    with torch.no_grad():
+        assert torch.equal(loaded(digits.x_test), out.model(digits.x_test)), "the model rebuilt from the checkpoint differs from the trial's model"
     # int8 is quantised by ONNX Runtime when the artifact is built: the checkpoint's model.onnx is
     # the measured model, and it reproduces the recorded accuracy.
     from automl._artifact import load_artifact

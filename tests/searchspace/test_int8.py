@@ -120,8 +120,15 @@ def test_quantised_model_survives_the_checkpoint(trained_digits, digits, tmp_pat
     q, _ = _int8(trained_digits, digits, "static")
     metrics, artifact = measure(q, digits, FAST, folder=tmp_path / "artifact", macs=count_macs(trained_digits, digits.x_test[:1]))
     plan = Plan(chain=(("none", {}), ("int8", {"mode": "static"})))
-    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q, folder=tmp_path / "artifact", input_shape=digits.input_shape), tmp_path / "checkpoint")
+    ref = {"model": "digits_cnn", "options": {}, "input_shape": list(digits.input_shape), "num_classes": 10}
+    save_checkpoint(TrialOutcome(plan=plan, metrics=metrics, model=q, folder=tmp_path / "artifact", input_shape=digits.input_shape), tmp_path / "checkpoint", base=ref)
     ckpt = load_checkpoint(tmp_path / "checkpoint")
+    from automl import load_model
+
+    with torch.no_grad():
+        # Rebuilt with random calibration inputs: the stored weights, not recalibrated ones, must count.
+        got, want = load_model(tmp_path / "checkpoint")(digits.x_test), q(digits.x_test)
+    assert torch.equal(got, want), f"the rebuilt int8 model must compute what the int8 model computes: max diff {float((got - want).abs().max())}"
     assert (tmp_path / "checkpoint" / "model.onnx").read_bytes() == (tmp_path / "artifact" / "model.onnx").read_bytes(), "the checkpoint holds the measured file byte for byte"
     assert artifact_accuracy(load_artifact(tmp_path / "checkpoint"), digits) == metrics.accuracy
     assert ckpt.record["label"] == "none+int8", f"record label {ckpt.record['label']!r}"

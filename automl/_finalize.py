@@ -1,0 +1,241 @@
+"""Finalize: the long fine-tune of a chosen trial's model, stored in the study as a trial of its own.
+
+Compression pipelines in the literature (ThiNet, AMC, NetAdapt, Tucker by Kim et al.) end with a
+long fine-tune of the chosen model; a search trial gets a few epochs. :func:`finalize_trial`
+rebuilds the trial's model from its checkpoint (:func:`automl.load_model`, plan + weights),
+continues its fine-tuning with the study's recipe for ``epochs`` more (distilled from the base when
+the trial's plan was; early stopping, the kept epoch chosen on validation accuracy, never test),
+re-fits inference-time settings (exit thresholds) on validation data, and measures the result with
+the one :func:`automl._measure.measure`. It trains where trials train: a Ray task with the trial
+resources when the study asks for GPUs (as the base does, :mod:`automl._study`), else in-process.
+
+The result is a new COMPLETE Optuna trial: the parent's parameters, its own checkpoint folder
+(``checkpoints/finalized_PPPPP``, ``_2``... for later runs), the user attribute
+``finalized_from`` = parent number, and ``finalize`` (epochs, lr, validation curve, kept epoch).
+Like derived trials it is not a search run: it never counts toward the budget
+(:func:`automl._recovery.finished_count`).
+
+Post-training stages (int8) are not fine-tuned: finalize fine-tunes the float model they started
+from (the checkpoint's ``float/``), then replays them with their own ``apply`` on the study's
+training batches, as the trial did, and measures the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from torch import nn
+
+import searchspace
+from searchspace import Plan
+from automl._checkpoint import FLOAT_FOLDER, CheckpointError, load_checkpoint, save_checkpoint
+from automl._config import StudyConfig
+from automl._measure import measure
+from automl._metrics import METRIC_KEYS
+from automl._rebuild import load_model
+from automl._train import TrainOptions, TrialFailed, fit
+from automl._trial import CALIBRATION_SAMPLES, Calibrated, TrialOutcome, apply_chain
+
+__all__ = ["FINALIZED_FROM", "FinalizeError", "finalize_trial", "finalized_version"]
+
+#: User attribute of a finalized trial: the number of the trial it continues.
+FINALIZED_FROM = "finalized_from"
+#: Epochs without a better validation accuracy before finalize stops.
+PATIENCE = 5
+
+
+class FinalizeError(RuntimeError):
+    """Finalize cannot run for this input (the message is one line for the user)."""
+
+
+def finalized_version(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial | None:
+    """The latest COMPLETE finalized trial of trial ``number``, or None."""
+    done = [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get(FINALIZED_FROM) == number
+    ]
+    return max(done, key=lambda t: t.number) if done else None
+
+
+def _continue(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, device: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` with early stopping; returned on the CPU with its validation history."""
+    history: dict[str, Any] = {}
+    options = dataclasses.replace(options, teacher=teacher)
+    model = fit(model, data, options, device=device, history=history).cpu().eval()
+    if "kept_epoch" not in history:  # nothing to train (no trainable parameter): the model as it was
+        history.update(val_accuracy=[], kept_epoch=0)
+    return model, history
+
+
+def _calibrate(model: nn.Module, data: Any, params: dict[str, Any], history: dict[str, Any]) -> None:
+    """Fine-tuning moved the confidences: fit the settings (exit thresholds) again, the parent's
+    own (its parameter overrides when the parent is itself an extra operating point)."""
+    if isinstance(model, Calibrated):
+        options = model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
+        chosen = next((o for o in options if dict(o["params"]) == params), options[0])
+        model.use_setting(chosen)
+        history["calibrated"] = chosen["state"]
+
+
+def _task(model: nn.Module, teacher: nn.Module | None, data: Any, options: TrainOptions, gpus: float, cpus: float) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Ray task: the fine-tune on the task's device (a GPU where the trial resources ask for one)."""
+    from automl._cluster import assigned_device
+
+    torch.set_num_threads(max(1, int(cpus)))
+    device, where = assigned_device(gpus)
+    model, history = _continue(model, teacher, data, options, device)
+    return model, history, where
+
+
+def finalize_trial(
+    cfg: StudyConfig,
+    study: optuna.Study,
+    number: int,
+    *,
+    epochs: int,
+    lr: float | None = None,
+    log: Callable[[str], None] = print,
+) -> optuna.trial.FrozenTrial:
+    """Finalize trial ``number`` of ``study`` (see the module doc); returns the new trial.
+
+    Raises:
+        FinalizeError: no such trial, not COMPLETE, epochs < 1, no (rebuildable) checkpoint, or
+            a plan that fine-tunes after a post-training stage.
+    """
+    from automl._data import dataset_from_config
+    from automl._study import objective_values, prepare_base
+
+    if epochs < 1:
+        raise FinalizeError(f"--epochs must be >= 1, got {epochs}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise FinalizeError(f"--lr must be a positive number, got {lr}")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    parent = trials.get(number)
+    if parent is None:
+        raise FinalizeError(f"--trial {number}: study {study.study_name!r} has no trial {number}")
+    if parent.state != optuna.trial.TrialState.COMPLETE:
+        raise FinalizeError(f"--trial {number}: that trial is {parent.state.name}, only COMPLETE trials can be finalized")
+    study_dir = cfg.study_dir
+    rel = parent.user_attrs.get("checkpoint")
+    if not rel:
+        raise FinalizeError(f"--trial {number}: it has no checkpoint recorded (user attr 'checkpoint' is missing)")
+    try:
+        ckpt = load_checkpoint(study_dir / str(rel))
+    except CheckpointError as exc:
+        raise FinalizeError(f"--trial {number}: {exc}") from exc
+    plan = Plan.from_dict(ckpt.record["plan"])
+    methods = cfg.method_instances()
+    post = [i for i, (n, _) in enumerate(plan.chain) if not (methods.get(n) or searchspace.get_method(n)()).finetune]
+    split = post[0] if post else len(plan.chain)
+    tail = Plan(chain=plan.chain[split:], finetune=dict(plan.finetune))
+    if any((methods.get(n) or searchspace.get_method(n)()).finetune for n, _ in tail.chain):
+        raise FinalizeError(f"--trial {number}: its plan {plan.label} fine-tunes after a post-training stage; finalize cannot replay that")
+    source = ckpt.folder
+    if tail.chain:
+        # Post-training stages are not fine-tuned: the float model they started from is.
+        source = ckpt.folder / FLOAT_FOLDER
+        if not source.is_dir():
+            raise FinalizeError(f"--trial {number}: its plan ends in {tail.label}, but its checkpoint has no {FLOAT_FOLDER}/ model to fine-tune (written before finalize kept it)")
+
+    data = dataset_from_config(cfg.dataset, download=False)
+    try:
+        model = load_model(source, data=data, methods=methods)
+    except CheckpointError as exc:
+        raise FinalizeError(f"--trial {number}: {exc}") from exc
+    teacher = None
+    if plan.finetune.get("distill"):
+        teacher, _ = prepare_base(cfg, data, study_dir, log=log)  # cached: loads base/weights.pt
+    options = TrainOptions(
+        epochs=epochs,
+        lr=lr if lr is not None else cfg.budget.lr,
+        batch_size=cfg.budget.batch_size,
+        temperature=plan.finetune.get("distill.temperature", 4.0),
+        distill_weight=plan.finetune.get("distill.weight", 0.5),
+        seed=cfg.seed + 1000 + number,
+        patience=PATIENCE,
+        **cfg.budget.recipe(),
+    )
+    params_override = dict(ckpt.record.get("params_override") or {})
+    log(f"finalize: trial {number} ({plan.label}), up to {epochs} epochs at lr {options.lr:g}{', distilled from the base' if teacher is not None else ''}, patience {PATIENCE}")
+    start = time.perf_counter()
+    try:
+        if cfg.resources.gpus > 0:
+            import ray
+
+            from automl._study import init_ray
+
+            init_ray(cfg)
+            task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_task)
+            model, history, where = ray.get(task.remote(model, teacher, data, options, cfg.resources.gpus, cfg.resources.cpus))
+        else:
+            torch.set_num_threads(max(1, int(cfg.resources.cpus)))
+            model, history = _continue(model, teacher, data, options, "cpu")
+            where = {"device": "cpu"}
+    except TrialFailed as exc:
+        raise FinalizeError(f"--trial {number}: fine-tuning failed: {exc}") from exc
+    float_model, float_macs = None, None
+    notes_tail: dict[str, Any] = {}
+    if tail.chain:
+        # The post-training stages replayed by their own apply, calibrated on training batches as in a trial.
+        float_model = model
+        try:
+            model, float_macs = apply_chain(
+                tail, float_model, example=data.example(), methods=methods, notes=notes_tail, train=lambda m, **_: m,
+                calibration=lambda: iter(data.batches("train", cfg.budget.batch_size, shuffle=True, seed=cfg.seed)),
+            )
+        except (TrialFailed, ValueError, RuntimeError) as exc:
+            raise FinalizeError(f"--trial {number}: replaying {tail.label} after the fine-tune failed: {exc}") from exc
+        model = model.cpu().eval()
+    _calibrate(model, data, params_override, history)
+    best = max(history["val_accuracy"], default=float("nan"))
+    log(f"finalize: kept epoch {history['kept_epoch']} of {len(history['val_accuracy'])} (validation accuracy {best:.4f}) on {where['device']}")
+
+    with tempfile.TemporaryDirectory() as work:
+        metrics, _ = measure(model, data, cfg.latency.settings(), folder=Path(work) / "artifact", macs=float_macs)
+        notes = {**ckpt.record.get("notes", {}), **notes_tail, **where}
+        if "calibrated" in history:
+            notes["calibrated"] = history["calibrated"]
+        outcome = TrialOutcome(
+            plan=plan, metrics=metrics, model=model, folder=Path(work) / "artifact", input_shape=tuple(data.input_shape), notes=notes,
+            seconds=time.perf_counter() - start, float_model=float_model, float_stages=split if float_model is not None else 0,
+        )
+        name = f"finalized_{number:05d}"
+        k = 1
+        while (study_dir / "checkpoints" / name).exists():
+            k += 1
+            name = f"finalized_{number:05d}_{k}"
+        save_checkpoint(outcome, study_dir / "checkpoints" / name, base=ckpt.record["base"])
+
+    values = metrics.as_dict()
+    finalize_info = {"epochs": epochs, "lr": options.lr, "patience": PATIENCE, "kept_epoch": history["kept_epoch"], "val_accuracy": history["val_accuracy"], "distilled": teacher is not None}
+    user_attrs = {k: values[k] for k in METRIC_KEYS if values.get(k) is not None}
+    user_attrs.update(
+        {
+            FINALIZED_FROM: number,
+            "checkpoint": f"checkpoints/{name}",
+            "method": parent.user_attrs.get("method", plan.label),
+            "finalize": finalize_info,
+            "seconds": outcome.seconds,
+            "runtime": metrics.runtime,
+            "notes": notes,
+        }
+    )
+    # The config's bounds, as every trial records them (what keeps an infeasible model off the front).
+    constraints = None if cfg.constraints.empty else cfg.constraints.violations(values)
+    trial = optuna.trial.create_trial(
+        params=dict(parent.params),
+        distributions=dict(parent.distributions),
+        values=objective_values(cfg, values),
+        user_attrs=user_attrs,
+        constraints=constraints,
+    )
+    study.add_trial(trial)
+    added = max((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("checkpoint") == f"checkpoints/{name}"), key=lambda t: t.number)
+    return added
