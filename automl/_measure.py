@@ -236,8 +236,9 @@ def measure(
     dynamic = isinstance(model, DynamicInference)
     inputs = latency_inputs(data, settings, dynamic=dynamic)
     example = inputs[:1]
-    # torchscript=True: export (automl._export) still verifies against model.ts until checkpoints
-    # rebuild the eager module from plan + weights (issue 15, part 1); then only on request.
+    # torchscript=True: export (automl._export) still verifies the rebuilt module and the shipped
+    # files against model.ts; once it verifies against model.pt2 instead, TorchScript can be
+    # written only on request (issue 15 asks for that; not done yet).
     artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads, torchscript=True)
     yield_point()
     pred, labels = _predictions(artifact, data)
