@@ -92,9 +92,10 @@ def _load_reference(folder: Path) -> tuple[str | None, Any]:
     """The PyTorch artifact a checkpoint or export holds, as (file name, loaded module): ``model.pt2``
     where there is one (every float model), else ``model.ts`` (the torchscript runtime; int8, which has
     no .pt2, see artifact.json), else (None, None) (int8 for ONNX Runtime: model.onnx is its only file)."""
-    for name, loader in ((PT2_FILE, _pt2_load), (TORCHSCRIPT_FILE, _jit_load)):
-        if (folder / name).is_file():
-            return name, loader(folder / name).eval()
+    if (folder / PT2_FILE).is_file():
+        return PT2_FILE, _pt2_load(folder / PT2_FILE)  # an exported program's module has no .eval(): it is inference already
+    if (folder / TORCHSCRIPT_FILE).is_file():
+        return TORCHSCRIPT_FILE, _jit_load(folder / TORCHSCRIPT_FILE).eval()
     return None, None
 
 
