@@ -313,9 +313,10 @@ def export_cmd(
     min_accuracy: Optional[float] = _MIN_ACCURACY,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder (default: <study>/exports/trial_NNNNN)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing destination folder."),
+    torchscript: bool = typer.Option(False, "--torchscript", help="Also ship model.ts (TorchScript, deprecated in PyTorch), scripted from the rebuilt module and verified."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
 ) -> None:
-    """Export one trial (TorchScript, ONNX, weights, card.json), verified before success is reported."""
+    """Export one trial (model.pt2, model.onnx, weights, plan, card.json), verified before success is reported."""
     from automl._export import ExportError, export_trial
     from automl._pareto import load_view, pick
 
@@ -353,7 +354,7 @@ def export_cmd(
         return dataset_from_config(cfg.dataset, download=False)  # export never downloads
 
     try:
-        card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency.settings(), force=force, log=_log)
+        card = export_trial(view, row, dest, study_dir=study_dir, load_data=load_data, latency=cfg.latency.settings(), force=force, torchscript=torchscript, log=_log)
     except ExportError as exc:
         fail(str(exc), code=exc.code)
     exp = card["metrics"]["exported"]

@@ -2,33 +2,43 @@
 
 The folder holds:
 
-- ``model.onnx`` and ``model.ts``: byte for byte the files the trial measured (see
+- ``model.pt2``, ``model.onnx`` and (only where the study's runtime is ``torchscript``, or for an
+  int8 model, which has no ``.pt2``) ``model.ts``: byte for byte the files the trial measured (see
   :mod:`automl._artifact`); where the study's runtime is not ``onnxruntime`` the checkpoint has no
-  ONNX file and one is made from ``model.ts`` here (see :mod:`automl._onnx`);
+  ONNX file and one is made here from ``model.pt2`` (dynamo exporter), else from ``model.ts``
+  (legacy exporter, see :mod:`automl._onnx`);
+- ``model.ts`` also when asked (``automl export --torchscript``): scripted or traced here from the
+  rebuilt module (int8 quantised as the PyTorch runtimes quantise it), verified like the rest;
 - ``weights.safetensors`` and ``trial.json``: the checkpoint's weights and plan, byte for byte, so
   ``automl.load_model(folder)`` rebuilds the eager module from the export as from the checkpoint;
 - ``card.json``: study, trial, method chain and parameters (an early-exit variant's own
   thresholds among them), recorded and re-measured numbers, environment; ``README.md``: how to
-  load and run it.
+  load and run each shipped file.
 
 Export works only from what a trial saved (plan, metrics, checkpoint), never from which method made
 it, so every method family exports the moment it exists. It is all-or-nothing: files go to a hidden
 ``.partial`` folder next to the destination that is renamed into place only after every check
 passes, and removed on any failure.
 
+The *PyTorch artifact* the checks compare with is ``model.pt2`` where the checkpoint has one
+(``torch.export.load(...).module()``), else ``model.ts``; the card names it (``pytorch_artifact``).
 Checks (any failing one aborts the export):
 
-1. the checkpoint exists, rebuilds (:func:`automl.load_model`) and its ``model.ts`` loads;
-2. the test accuracy of the study runtime's artifact (ONNX Runtime on ``model.onnx``, or
-   ``model.ts``) equals the trial's recorded accuracy (the same number of correct test samples),
-   computed by the same function trials use (:func:`automl._measure.artifact_accuracy`);
-3. ONNX Runtime's outputs are compared with TorchScript's on the whole test split: within ``1e-4``
-   for float models; for int8 models, whose integer kernels round differently in the two runtimes,
-   the same test accuracy and the same prediction on >= 99 % of the samples. The card records it.
-   Where ONNX is an extra (the study timed another runtime) an ONNX file that fails is not shipped;
-4. the weights file reloads to tensors equal to the exported model's state dict, and the eager
-   module rebuilt from plan and weights computes what ``model.ts`` computes on the whole test
-   split (float: within ``1e-4``; int8: the same kernels, the same predictions).
+1. the checkpoint exists, rebuilds (:func:`automl.load_model`) and its PyTorch artifact loads;
+2. the test accuracy of the study runtime's artifact (ONNX Runtime on ``model.onnx``, ``model.ts``,
+   or the rebuilt module for ``eager``) equals the trial's recorded accuracy (the same number of
+   correct test samples), computed by the same function trials use
+   (:func:`automl._measure.artifact_accuracy`);
+3. ONNX Runtime's outputs are compared with the PyTorch artifact's on the whole test split: within
+   ``1e-4`` for float models; for int8 models (``model.ts``), whose integer kernels round
+   differently in the two runtimes, the same test accuracy and the same prediction on >= 99 % of
+   the samples. The card records it. Where ONNX is an extra (the study timed another runtime) an
+   ONNX file that fails is not shipped. int8 quantised by ONNX Runtime has no PyTorch artifact
+   (unless ``--torchscript``): its ONNX file is the measured one, verified by check 2;
+4. the weights file reloads to tensors equal to the PyTorch artifact's state dict, and the eager
+   module rebuilt from plan and weights computes what the PyTorch artifact (and ``model.ts``, where
+   it ships beside ``model.pt2``) computes on the whole test split (float: within ``1e-4``; int8:
+   the same kernels, the same predictions).
 
 Latency is then re-timed on the exported runtime's file in a fresh Python process that does nothing
 else (``python -m automl._measure latency ...``), by the function trials use, on the same real test
@@ -54,22 +64,39 @@ from typing import Any, Callable
 import torch
 
 from automl import _onnx as onnx_export
-from automl._artifact import ArtifactError, load_artifact
+from automl._artifact import PT2_FILE, TORCHSCRIPT_FILE, ArtifactError, eager_artifact, load_artifact, to_torchscript
 from automl._checkpoint import RECORD, WEIGHTS, CheckpointError, load_checkpoint, read_weights
 from automl._latency import LatencySettings
 from automl._measure import artifact_accuracy, latency_inputs
 from automl._pareto import FrontRow, StudyView
 from automl._rebuild import load_model
+from searchspace import artifact_quantization
 
 __all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_trial_checkpoint"]
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
-    # torch.jit.load warns on every call that TorchScript is deprecated; TorchScript is what trials
-    # save and the one format that keeps data-dependent control flow, so the warning is only noise.
+    # torch.jit.load warns on every call that TorchScript is deprecated; model.ts is only read where
+    # the study's runtime is TorchScript or it was asked for, so the warning is only noise.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path), map_location="cpu")
+
+
+def _pt2_load(path: Path) -> torch.nn.Module:
+    """The module of a saved ``torch.export`` program, as a user runs it (``torch.export.load(path).module()``)."""
+    return torch.export.load(str(path)).module()
+
+
+def _load_reference(folder: Path) -> tuple[str | None, Any]:
+    """The PyTorch artifact a checkpoint or export holds, as (file name, loaded module): ``model.pt2``
+    where there is one (every float model), else ``model.ts`` (the torchscript runtime; int8, which has
+    no .pt2, see artifact.json), else (None, None) (int8 for ONNX Runtime: model.onnx is its only file)."""
+    if (folder / PT2_FILE).is_file():
+        return PT2_FILE, _pt2_load(folder / PT2_FILE)  # an exported program's module has no .eval(): it is inference already
+    if (folder / TORCHSCRIPT_FILE).is_file():
+        return TORCHSCRIPT_FILE, _jit_load(folder / TORCHSCRIPT_FILE).eval()
+    return None, None
 
 
 class ExportError(RuntimeError):
@@ -87,6 +114,8 @@ class LoadedCheckpoint:
     model: torch.nn.Module
     record: dict[str, Any]
     state_dict: dict[str, Any]
+    #: The PyTorch artifact file the checkpoint holds (``model.pt2``, else ``model.ts``, else None).
+    reference: str | None = None
 
 
 def load_trial_checkpoint(study_dir: Path, row: FrontRow) -> LoadedCheckpoint:
@@ -103,11 +132,12 @@ def load_trial_checkpoint(study_dir: Path, row: FrontRow) -> LoadedCheckpoint:
         model = load_model(ckpt.folder)
     except CheckpointError as exc:
         raise ExportError(f"trial {row.number}: {exc}") from exc
+    name = next((n for n in (PT2_FILE, TORCHSCRIPT_FILE) if (ckpt.folder / n).is_file()), None)
     try:
-        _jit_load(ckpt.folder / "model.ts")
+        _load_reference(ckpt.folder)
     except Exception as exc:  # noqa: BLE001 - the measured file is damaged
-        raise ExportError(f"trial {row.number}: checkpoint {ckpt.folder} is corrupted: model.ts does not load ({type(exc).__name__}: {_first_line(exc)})") from exc
-    return LoadedCheckpoint(ckpt.folder, model, ckpt.record, ckpt.state_dict)
+        raise ExportError(f"trial {row.number}: checkpoint {ckpt.folder} is corrupted: {name} does not load ({type(exc).__name__}: {_first_line(exc)})") from exc
+    return LoadedCheckpoint(ckpt.folder, model, ckpt.record, ckpt.state_dict, name)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -118,45 +148,62 @@ def _first_line(exc: BaseException) -> str:
 # --- ONNX ---------------------------------------------------------------------------------
 
 
-def _check_onnx(exported: torch.jit.ScriptModule, folder: Path, data: Any, n_test: int, *, independent: bool = False) -> dict[str, Any]:
-    """Compare ONNX Runtime (``folder/model.onnx``) with TorchScript on the whole test split.
+def _is_quantized(reference: Any) -> bool:
+    """Whether the PyTorch artifact runs torch.ao int8 kernels (only TorchScript can hold them here)."""
+    return isinstance(reference, torch.jit.ScriptModule) and onnx_export.is_quantized(reference)
+
+
+def _check_onnx(reference: Any, reference_name: str | None, folder: Path, data: Any, n_test: int, *, quantized: bool) -> dict[str, Any]:
+    """Compare ONNX Runtime (``folder/model.onnx``) with the PyTorch artifact on the whole test split.
 
     Float models must match to 1e-4; int8 ones (integer kernels round differently) must reach the
-    same accuracy with (almost) the same predictions (:func:`automl._onnx.compare`).
-    ``independent``: the two files are two quantisers' int8 forms of the same float weights (ONNX
-    Runtime's for the measured ``model.onnx``, torch.ao's for ``model.ts``); they are not copies of
-    one model, so how they differ is recorded and nothing is rejected for it (the ONNX file was
-    verified against the recorded accuracy as the measured artifact).
+    same accuracy with (almost) the same predictions (:func:`automl._onnx.compare`). Without a
+    PyTorch artifact (int8 for ONNX Runtime, exported without ``--torchscript``) there is nothing to
+    compare with: the ONNX file is the measured artifact, verified on the recorded accuracy.
     """
     try:
         sess = load_artifact(folder, runtime="onnxruntime")
     except ArtifactError as exc:
         return {"status": "rejected", "reason": str(exc)}
-    quantized = onnx_export.is_quantized(exported)
     max_diff, correct, correct_torch, agree = 0.0, 0, 0, 0
     with torch.no_grad():
         for x, y in data.batches("test", 500):
-            ref = exported(x)
             got = sess(x)
-            if got.shape != ref.shape:
-                return {"status": "rejected", "reason": f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}"}
-            max_diff = max(max_diff, float((got - ref).abs().max()))
             correct += int((got.argmax(1) == y).sum())
+            if reference is None:
+                continue
+            ref = reference(x)
+            if got.shape != ref.shape:
+                return {"status": "rejected", "reason": f"ONNX output shape {tuple(got.shape)} != {reference_name} {tuple(ref.shape)}"}
+            max_diff = max(max_diff, float((got - ref).abs().max()))
             correct_torch += int((ref.argmax(1) == y).sum())
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
+    if reference is None:
+        return {
+            "status": "measured",
+            "opset": onnx_export.OPSET,
+            "accuracy": correct / max(n_test, 1),
+            "pytorch_artifact": None,
+            "quantized": quantized,
+            "reason": "no PyTorch artifact to compare with (int8 quantised by ONNX Runtime has no model.pt2; export --torchscript adds model.ts); model.onnx is the measured artifact, its accuracy verified",
+        }
     info = {
         "opset": onnx_export.OPSET,
+        "pytorch_artifact": reference_name,
         "max_abs_diff_vs_torch": max_diff,
         "accuracy": correct / max(n_test, 1),
-        "accuracy_torchscript": correct_torch / max(n_test, 1),
+        "accuracy_pytorch_artifact": correct_torch / max(n_test, 1),
         "predictions_equal": agree,
         "quantized": quantized,
         "criterion": f"int8: same test accuracy, same prediction on >= {onnx_export.INT8_AGREEMENT:.0%} of samples" if quantized else f"max |diff| <= {onnx_export.ATOL:g}",
     }
-    reason = onnx_export.compare(max_diff, agree, n_test, correct, correct_torch, quantized=quantized)
-    if independent:
+    reason = onnx_export.compare(max_diff, agree, n_test, correct, correct_torch, quantized=quantized and _is_quantized(reference))
+    if quantized:
+        # Two quantisers' int8 forms of the same float weights (ONNX Runtime's is the measured
+        # model.onnx, torch.ao's the model.ts asked for), not copies of one model: how they differ
+        # is recorded, never a rejection (a fresh CI run saw 1 of 360 predictions differ).
         info["criterion"] = "independent int8 quantisations of the same float weights (ONNX Runtime's is the measured artifact): compared for information"
-        return {"status": "ok", **info, **({"torchscript_differs": reason} if reason else {})}
+        return {"status": "ok", **info, **({"pytorch_artifact_differs": reason} if reason else {})}
     if reason is not None:
         return {"status": "rejected", "reason": reason, **info}
     return {"status": "ok", **info}
@@ -165,25 +212,25 @@ def _check_onnx(exported: torch.jit.ScriptModule, folder: Path, data: Any, n_tes
 # --- weights ------------------------------------------------------------------------------
 
 
-def _rebuild_matches(model: torch.nn.Module, exported: torch.jit.ScriptModule, data: Any) -> tuple[str | None, dict[str, Any]]:
-    """None if the rebuilt eager module computes what ``model.ts`` computes on the test split, else
-    what differs; with the numbers for the card. Both run PyTorch's kernels, so int8 models agree exactly
-    on predictions and float ones to float rounding."""
-    quantized = onnx_export.is_quantized(exported)
+def _rebuild_matches(model: torch.nn.Module, reference: Any, name: str, data: Any) -> tuple[str | None, dict[str, Any]]:
+    """None if ``model`` (the rebuilt eager module) computes what the PyTorch artifact ``name``
+    computes on the test split, else what differs; with the numbers for the card. Both run PyTorch's
+    kernels, so int8 models agree exactly on predictions and float ones to float rounding."""
+    quantized = _is_quantized(reference)
     max_diff, agree, n = 0.0, 0, 0
     with torch.no_grad():
         for x, _ in data.batches("test", 500):
-            got, ref = model(x), exported(x)
+            got, ref = model(x), reference(x)
             if got.shape != ref.shape:
-                return f"output shape {tuple(got.shape)} != model.ts {tuple(ref.shape)}", {}
+                return f"output shape {tuple(got.shape)} != {name} {tuple(ref.shape)}", {}
             max_diff = max(max_diff, float((got - ref).abs().max()))
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
             n += len(x)
-    info = {"max_abs_diff_vs_torchscript": max_diff, "predictions_equal": agree, "n": n}
+    info = {"pytorch_artifact": name, "max_abs_diff_vs_pytorch_artifact": max_diff, "predictions_equal": agree, "n": n}
     if agree != n:
-        return f"{n - agree} of {n} test predictions differ from model.ts", info
+        return f"{n - agree} of {n} test predictions differ from {name}", info
     if not quantized and max_diff > onnx_export.ATOL:
-        return f"max |diff| {max_diff:.3g} vs model.ts > {onnx_export.ATOL:g}", info
+        return f"max |diff| {max_diff:.3g} vs {name} > {onnx_export.ATOL:g}", info
     return None, info
 
 
@@ -286,6 +333,38 @@ logits = sess.run(None, {{"input": np.zeros((1, {shape}), np.float32)}})[0]
         if card["files"].get("onnx")
         else f"## ONNX\n\nNot exported: {onnx.get('reason')}\n"
     )
+    parts = []
+    if card["files"].get("pt2"):
+        parts.append(
+            f"""## PyTorch program, `model.pt2` (needs only torch)
+
+A `torch.export` program (`torch.export.save`); no Python class of this project is needed to run it.
+
+```python
+import torch
+model = torch.export.load("model.pt2").module()
+logits = model(torch.zeros(1, {shape}))
+```
+"""
+        )
+    if card["files"].get("torchscript"):
+        why = "written on request (`automl export --torchscript`)" if (card.get("torchscript") or {}).get("written_by_export") else f"the artifact of the study's `{card.get('runtime')}` runtime or of an int8 model, which has no `.pt2`"
+        parts.append(
+            f"""## TorchScript, `model.ts` (needs only torch)
+
+{why}; TorchScript is deprecated in PyTorch, prefer `model.pt2` where it is shipped.
+
+```python
+import torch
+model = torch.jit.load("model.ts").eval()
+logits = model(torch.zeros(1, {shape}))
+```
+"""
+        )
+    if not parts:
+        why = card["files"].get("pt2_reason") or "no torch.export program"
+        parts.append(f"## PyTorch\n\nNo `model.pt2`: {why}. `automl export --torchscript` adds a TorchScript `model.ts`; the plan and weights below rebuild the module.\n")
+    torch_part = "\n".join(parts)
     m = card["metrics"]["recorded"]
     return f"""# Trial {card['trial']} of study {card['study']}: {card['method']}
 
@@ -295,14 +374,7 @@ latency {m.get('latency_ms')} ms recorded / {card['metrics']['exported'].get('la
 Input: float32 tensor of shape (batch, {shape}), preprocessed as in the study's dataset `{card.get('dataset')}`.
 Output: logits (batch, classes). All numbers and the method chain are in `card.json`.
 
-## TorchScript (needs only torch)
-
-```python
-import torch
-model = torch.jit.load("model.ts").eval()
-logits = model(torch.zeros(1, {shape}))
-```
-
+{torch_part}
 {onnx_part}
 ## Plan and weights (the eager PyTorch module)
 
@@ -326,6 +398,7 @@ def export_trial(
     latency: LatencySettings,
     force: bool = False,
     measure_latency: bool = True,
+    torchscript: bool = False,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Export ``row``'s trial to ``out`` after verifying it; returns the card.
@@ -334,6 +407,9 @@ def export_trial(
         load_data: returns the study's splits (called only once the checkpoint is known to be good).
         latency: the study's latency settings (runtime, device, batch size, threads, ...).
         force: replace an existing ``out`` folder.
+        torchscript: also ship ``model.ts`` (scripted or traced from the rebuilt module, int8
+            quantised as the PyTorch runtimes quantise it), verified like the other files; without
+            it ``model.ts`` ships only where the checkpoint has one (the torchscript runtime).
 
     Raises:
         ExportError: code 2 for a missing/corrupted checkpoint or an existing ``out``; code 1 when a
@@ -350,7 +426,7 @@ def export_trial(
     if recorded.get("accuracy") is None:
         raise ExportError(f"trial {row.number} has no recorded accuracy to verify against")
     onnx_measured = (ckpt.folder / "model.onnx").is_file()  # the trial timed ONNX Runtime
-    runtime = ckpt.record.get("runtime") or ("onnxruntime" if onnx_measured else "torchscript")
+    runtime = ckpt.record.get("runtime") or ("onnxruntime" if onnx_measured else "torchscript" if (ckpt.folder / TORCHSCRIPT_FILE).is_file() else "eager")
     per_sample = bool(ckpt.record.get("per_sample"))
     data = load_data()
     input_shape = list(ckpt.record.get("input_shape") or data.input_shape)
@@ -359,20 +435,49 @@ def export_trial(
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True, exist_ok=False)
-        shutil.copyfile(ckpt.folder / "model.ts", tmp / "model.ts")
         weights_name = WEIGHTS
-        for name in (WEIGHTS, RECORD):  # plan and weights: automl.load_model(out) rebuilds the module
-            shutil.copyfile(ckpt.folder / name, tmp / name)
-            os.chmod(tmp / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
-        exported = _jit_load(tmp / "model.ts").eval()
+        # Byte for byte what the trial wrote: plan and weights (automl.load_model(out) rebuilds the
+        # module), the PyTorch artifact (model.pt2, or model.ts where the runtime is TorchScript or
+        # int8 has no .pt2) and the measured model.onnx.
+        for name in (WEIGHTS, RECORD, PT2_FILE, TORCHSCRIPT_FILE, "model.onnx"):
+            if name in (WEIGHTS, RECORD) or (ckpt.folder / name).is_file():
+                shutil.copyfile(ckpt.folder / name, tmp / name)
+                os.chmod(tmp / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
         n_test = data.n("test")
+        info_file = ckpt.folder / "artifact.json"
+        artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        quantized = "quantization" in artifact_info
+        recipe = artifact_quantization(ckpt.model)
+        torch_model: torch.nn.Module | None = None  # the rebuilt module as the PyTorch runtimes run it
+
+        def pytorch_model() -> torch.nn.Module:
+            nonlocal torch_model
+            if torch_model is None:
+                torch_model = recipe.quantize_torch(ckpt.model, {}).eval() if recipe is not None else ckpt.model.eval()
+            return torch_model
+
+        # --torchscript: model.ts from the rebuilt module, quantised as the PyTorch runtimes quantise
+        # it, verified below like the checkpoint's files.
+        ts_written = False
+        if torchscript and not (tmp / TORCHSCRIPT_FILE).is_file():
+            try:
+                scripted = to_torchscript(pytorch_model(), data.example())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
+                    scripted.save(str(tmp / TORCHSCRIPT_FILE))
+            except Exception as exc:  # noqa: BLE001 - the flag asked for a file this model cannot give
+                raise ExportError(f"--torchscript: the rebuilt module does not become TorchScript: {type(exc).__name__}: {_first_line(exc)}", code=1) from exc
+            ts_written = True
+        reference_name, reference = _load_reference(tmp)
 
         # 1. the measured artifact (the study's runtime) reproduces the recorded accuracy.
-        if onnx_measured:
-            shutil.copyfile(ckpt.folder / "model.onnx", tmp / "model.onnx")  # byte for byte what was timed
-        verify_runtime = "onnxruntime" if onnx_measured else "torchscript"
+        verify_runtime = runtime if runtime in ("onnxruntime", "torchscript", "eager") else "onnxruntime"
         try:
-            acc = artifact_accuracy(load_artifact(tmp, runtime=verify_runtime), data)
+            if verify_runtime == "eager":
+                artifact = eager_artifact(pytorch_model())
+            else:
+                artifact = load_artifact(tmp, runtime=verify_runtime)
+            acc = artifact_accuracy(artifact, data)
         except ArtifactError as exc:
             raise ExportError(f"trial {row.number}: the checkpoint's {verify_runtime} artifact does not run: {exc}") from exc
         if abs(acc - float(recorded["accuracy"])) >= 0.5 / max(n_test, 1):
@@ -383,40 +488,64 @@ def export_trial(
             )
         log(f"verified: {verify_runtime} test accuracy {acc:.4f} equals the recorded {float(recorded['accuracy']):.4f}")
 
-        # 2. weights file == exported model's weights; the module rebuilt from them computes the same.
-        # Where the artifact was quantised when it was built (artifact.json: "quantization"), the
-        # weights are the float ones the runtime's quantiser started from, and model.ts holds the
-        # quantised form: nothing to compare.
-        info_file = ckpt.folder / "artifact.json"
-        artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        # 2. weights file == the PyTorch artifact's weights; the module rebuilt from them computes the
+        # same. Where the artifact was quantised when it was built (artifact.json: "quantization"),
+        # the weights are the float ones the runtime's quantiser started from and the checkpoint's
+        # model.ts holds the quantised form: nothing to compare.
         rebuild_info: dict[str, Any] = {}
-        if "quantization" in artifact_info:
-            log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); model.ts is their quantised form")
-            rebuild_info = {"skipped": "the artifact is quantised from the rebuilt float module when it is built"}
+        if reference is None:
+            why = "int8 quantised by ONNX Runtime when the artifact was built" if quantized else f"no model.pt2 ({(artifact_info.get('pt2') or {}).get('reason')})"
+            log(f"rebuild: no PyTorch artifact in the checkpoint: {why}; model.onnx is compared with the rebuilt module below")
+            rebuild_info = {"skipped": f"{why}: no PyTorch artifact to compare the rebuilt module with", "pytorch_artifact": None}
+        elif quantized and not ts_written:
+            log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); {reference_name} is their quantised form")
+            rebuild_info = {"skipped": "the artifact is quantised from the rebuilt float module when it is built", "pytorch_artifact": reference_name}
         else:
-            diff = _same_weights(read_weights(tmp / weights_name), exported.state_dict())
+            compared = pytorch_model() if quantized else ckpt.model
+            if not quantized:
+                diff = _same_weights(read_weights(tmp / weights_name), reference.state_dict())
+                if diff is not None:
+                    raise ExportError(f"verification failed: {weights_name} does not match {reference_name}: {diff}", code=1)
+            diff, rebuild_info = _rebuild_matches(compared, reference, reference_name, data)
             if diff is not None:
-                raise ExportError(f"verification failed: {weights_name} does not match model.ts: {diff}", code=1)
-            diff, rebuild_info = _rebuild_matches(ckpt.model, exported, data)
-            if diff is not None:
-                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from model.ts: {diff}", code=1)
+                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {reference_name}: {diff}", code=1)
+            log(f"verified: the module rebuilt from plan and weights computes what {reference_name} computes")
 
-        # 3. ONNX against TorchScript on the whole test split.
+        # 2b. --torchscript beside model.pt2: model.ts is verified against the rebuilt module too.
+        torchscript_info: dict[str, Any] | None = None
+        if (tmp / TORCHSCRIPT_FILE).is_file() and reference_name != TORCHSCRIPT_FILE:
+            ts_module = _jit_load(tmp / TORCHSCRIPT_FILE).eval()
+            diff, torchscript_info = _rebuild_matches(pytorch_model(), ts_module, TORCHSCRIPT_FILE, data)
+            if diff is not None:
+                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {TORCHSCRIPT_FILE}: {diff}", code=1)
+            log(f"verified: {TORCHSCRIPT_FILE} computes what the rebuilt module computes")
+        if torchscript_info is not None or ts_written:
+            torchscript_info = {**(torchscript_info or rebuild_info), "written_by_export": ts_written}
+
+        # 3. ONNX against the PyTorch artifact on the whole test split.
         onnx_info: dict[str, Any] = {}
         if not onnx_measured:
             try:
-                onnx_export.to_onnx(exported, data.example(), tmp / "model.onnx")
+                if reference_name == PT2_FILE:  # the program export ships, translated by the dynamo exporter
+                    onnx_export.to_onnx(torch.export.load(str(tmp / PT2_FILE)), data.example(), tmp / "model.onnx", keep=onnx_export.onnx_initializers(ckpt.model))
+                else:
+                    onnx_export.to_onnx(reference if reference is not None else pytorch_model(), data.example(), tmp / "model.onnx")
             except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
                 (tmp / "model.onnx").unlink(missing_ok=True)
                 onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
         if (tmp / "model.onnx").is_file():
-            onnx_info = _check_onnx(exported, tmp, data, n_test, independent=onnx_measured and "quantization" in artifact_info)
+            if reference is None and not quantized:
+                # A float model torch.export cannot capture (Python control flow on tensor values):
+                # the checkpoint has only model.onnx, so it is compared with the rebuilt module.
+                onnx_info = _check_onnx(ckpt.model.eval(), "automl.load_model", tmp, data, n_test, quantized=False)
+            else:
+                onnx_info = _check_onnx(reference, reference_name, tmp, data, n_test, quantized=quantized)
         if onnx_info["status"] == "ok":
-            log(f"verified: ONNX Runtime matches TorchScript ({onnx_info['criterion']}; max |diff| {onnx_info['max_abs_diff_vs_torch']:.2e}), accuracy {onnx_info['accuracy']:.4f}")
+            log(f"verified: ONNX Runtime matches {reference_name} ({onnx_info['criterion']}; max |diff| {onnx_info['max_abs_diff_vs_torch']:.2e}), accuracy {onnx_info['accuracy']:.4f}")
         elif onnx_measured:
             # model.onnx is the measured artifact (verified above); it ships, and the card says how
-            # TorchScript differs from it.
-            log(f"ONNX is the measured artifact; TorchScript differs from it: {onnx_info.get('reason')}")
+            # the PyTorch artifact differs from it (or that there is none).
+            log(f"ONNX is the measured artifact: {onnx_info.get('reason')}")
         else:
             (tmp / "model.onnx").unlink(missing_ok=True)
             log(f"ONNX: not shipped ({onnx_info['reason']})")
@@ -466,7 +595,17 @@ def export_trial(
             },
             "onnx": onnx_info,
             "rebuild": rebuild_info,
-            "files": {"torchscript": "model.ts", "onnx": "model.onnx" if ships_onnx else None, "weights": weights_name, "plan": RECORD, "usage": "README.md"},
+            "torchscript": torchscript_info,
+            "files": {
+                "pt2": PT2_FILE if (tmp / PT2_FILE).is_file() else None,
+                "pt2_reason": None if (tmp / PT2_FILE).is_file() else (artifact_info.get("pt2") or {}).get("reason"),
+                "torchscript": TORCHSCRIPT_FILE if (tmp / TORCHSCRIPT_FILE).is_file() else None,
+                "pytorch_artifact": reference_name,
+                "onnx": "model.onnx" if ships_onnx else None,
+                "weights": weights_name,
+                "plan": RECORD,
+                "usage": "README.md",
+            },
             "environment": environment(latency),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

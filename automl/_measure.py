@@ -236,10 +236,9 @@ def measure(
     dynamic = isinstance(model, DynamicInference)
     inputs = latency_inputs(data, settings, dynamic=dynamic)
     example = inputs[:1]
-    # torchscript=True: export (automl._export) still verifies the rebuilt module and the shipped
-    # files against model.ts; once it verifies against model.pt2 instead, TorchScript can be
-    # written only on request (issue 15 asks for that; not done yet).
-    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads, torchscript=True)
+    # model.ts only for the torchscript runtime (build_artifact's rule): export verifies against
+    # model.pt2 and writes TorchScript itself when asked (automl export --torchscript).
+    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
     yield_point()
     pred, labels = _predictions(artifact, data)
     accuracy = int((pred == labels).sum()) / max(len(labels), 1)

@@ -6,8 +6,8 @@ Layout of a study folder (``<output_dir>/<name>/``):
 
 - ``config.yaml``: the validated config the study was launched with (``resume`` reads it);
 - ``optuna.db``: the Optuna storage when the config names no other;
-- ``base/``: the trained base model (``weights.pt``), its artifact files (``model.ts``,
-  ``model.onnx``) and its measurements (``base.json``), measured exactly as every trial is;
+- ``base/``: the trained base model (``weights.pt``), its artifact files (``model.pt2``,
+  ``model.onnx``; ``model.ts`` only for the torchscript runtime) and its measurements (``base.json``), measured exactly as every trial is;
 - ``checkpoints/trial_NNNNN/``: each finished trial's checkpoint (see :mod:`automl._checkpoint`);
 - ``ray/``: Ray Tune's experiment folder (results, errors, persisted checkpoints).
 """

@@ -1,5 +1,6 @@
 """Export: every method family the small study trained is exported, then loaded in fresh processes
-holding only torch (TorchScript) and only onnxruntime (ONNX), reproducing the card's accuracy; bad
+holding only torch (the ``torch.export`` program, model.pt2) and only onnxruntime (ONNX), reproducing
+the card's accuracy; TorchScript ships only with --torchscript (or the torchscript runtime); bad
 checkpoints fail with exit 2 writing nothing; show/compare on the same study."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 folder, data = sys.argv[1], sys.argv[2]
 x, y = torch.from_numpy(np.load(data + "/x.npy")), torch.from_numpy(np.load(data + "/y.npy"))
-model = torch.jit.load(folder + "/model.ts").eval()
+model = torch.export.load(folder + "/model.pt2").module()
 correct = 0
 with torch.no_grad():
     for i in range(0, len(y), 500):  # the batch size trials evaluate with
@@ -88,30 +89,35 @@ def test_export_each_method_family_reloads_in_fresh_processes(method, small_stud
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(recorded, abs=1e-12), "card's verified accuracy must equal the recorded one"
     assert card["metrics"]["exported"]["latency_ms"] is not None, f"latency was not re-measured: {card['metrics']['exported']}"
     assert (out / card["files"]["weights"]).is_file(), f"weights file {card['files']['weights']} is missing"
-    # Plan + weights ship too: the module rebuilt from the export computes what model.ts computes.
+    # The study's runtime is ONNX Runtime: no TorchScript unless asked for (--torchscript).
+    assert not (out / "model.ts").exists() and card["files"]["torchscript"] is None, f"{row.method}: model.ts shipped without --torchscript: {card['files']}"
+    # Plan + weights ship too: the module rebuilt from the export computes what model.pt2 computes.
     from automl import load_model
 
     from searchspace import artifact_quantization
 
     module = load_model(out)
     if "skipped" in card["rebuild"]:
-        # int8 quantised when the artifact was built: the module is the float one with its recipe.
-        assert artifact_quantization(module) is not None, f"{row.method}: the rebuilt module lost its int8 recipe"
+        # int8 quantised when the artifact was built: the module is the float one with its recipe,
+        # and ONNX Runtime's int8 model.onnx the only runnable file (no .pt2, see artifact.json).
+        assert artifact_quantization(module) is not None, f"{row.method}: a float model must ship model.pt2 (int8 alone has none): {card['rebuild']} {card['files'].get('pt2_reason')}"
+        assert card["files"]["pytorch_artifact"] is None and not (out / "model.pt2").exists(), f"{row.method}: int8 for ONNX Runtime has no PyTorch program: {card['files']}"
+        assert card["onnx"]["status"] == "measured", f"{row.method}: without a PyTorch artifact ONNX is only the measured file: {card['onnx']}"
     else:
+        assert card["files"]["pytorch_artifact"] == "model.pt2" == card["rebuild"]["pytorch_artifact"], f"{row.method}: a float model is verified against model.pt2: {card['files']} {card['rebuild']}"
         x = dataset_from_config(small_study.dataset, download=False).x_test[:200]
         with torch.no_grad():
-            rebuilt, shipped = module(x), torch.jit.load(str(out / "model.ts"))(x)
+            rebuilt, shipped = module(x), torch.export.load(str(out / "model.pt2")).module()(x)
         assert torch.equal(rebuilt.argmax(1), shipped.argmax(1)) and float((rebuilt - shipped).abs().max()) <= 1e-5, (
-            f"{row.method}: automl.load_model(export) differs from the shipped model.ts by {float((rebuilt - shipped).abs().max()):.3g}"
+            f"{row.method}: automl.load_model(export) differs from the shipped model.pt2 by {float((rebuilt - shipped).abs().max()):.3g}"
         )
+        pt = _fresh(TORCH_ONLY, str(out), str(test_split))
+        assert pt["project_modules"] == [], f"the model.pt2 check must run with torch only, but imported {pt['project_modules']}"
+        # The recorded accuracy is the measured artifact's (ONNX Runtime); model.pt2's is on the card.
+        assert pt["accuracy"] == pytest.approx(card["onnx"]["accuracy_pytorch_artifact"], abs=1e-12), f"model.pt2 in a fresh process: accuracy {pt['accuracy']} != card {card['onnx']}"
+        assert card["onnx"]["status"] == "ok", f"{row.method}: ONNX does not match model.pt2: {card['onnx'].get('reason')}"
     assert not list(tmp_path.glob(".*partial*")), "a .partial folder was left behind"
 
-    ts = _fresh(TORCH_ONLY, str(out), str(test_split))
-    assert ts["project_modules"] == [], f"TorchScript check must run with torch only, but imported {ts['project_modules']}"
-    # The recorded accuracy is the measured artifact's (ONNX Runtime); TorchScript's is on the card.
-    assert ts["accuracy"] == pytest.approx(card["onnx"]["accuracy_torchscript"], abs=1e-12), f"TorchScript in a fresh process: accuracy {ts['accuracy']} != card {card['onnx']}"
-
-    assert card["onnx"]["status"] == "ok", f"{row.method}: ONNX does not match TorchScript: {card['onnx'].get('reason')}"
     assert (out / "model.onnx").is_file(), "card says ONNX is ok but model.onnx is missing"
     ox = _fresh(ORT_ONLY, str(out), str(test_split))
     assert ox["project_modules"] == [], f"ONNX check must run with onnxruntime only, but imported {ox['project_modules']}"
@@ -125,7 +131,7 @@ def _damage_missing(folder: Path) -> None:
 
 
 def _damage_model(folder: Path) -> None:
-    (folder / "model.ts").write_bytes(b"not a torchscript archive")
+    (folder / "model.pt2").write_bytes(b"not a torch.export archive")
 
 
 def _damage_weights(folder: Path) -> None:
@@ -137,12 +143,13 @@ def _damage_record(folder: Path) -> None:
     (folder / "trial.json").write_text("{ truncated")
 
 
-@pytest.mark.parametrize("damage,words", [(_damage_missing, "is missing"), (_damage_model, "model.ts does not load"), (_damage_weights, "weights.safetensors does not load"), (_damage_record, "trial.json")], ids=["missing", "model", "weights", "record"])
+@pytest.mark.parametrize("damage,words", [(_damage_missing, "is missing"), (_damage_model, "model.pt2 does not load"), (_damage_weights, "weights.safetensors does not load"), (_damage_record, "trial.json")], ids=["missing", "model", "weights", "record"])
 def test_export_of_bad_checkpoint_exits_2_writing_nothing(damage, words, small_study, tmp_path):
     cfg = copy_study(small_study, tmp_path)
     view = load_view(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url))
     assert cfg.storage_url != small_study.storage_url, "the copy must have its own database"
-    row = view.trials[0]
+    # A float trial: its checkpoint holds model.pt2 (int8 for ONNX Runtime has none to damage).
+    row = next(r for r in view.trials if (cfg.study_dir / r.checkpoint / "model.pt2").is_file())
     damage(cfg.study_dir / row.checkpoint)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = CliRunner().invoke(app, ["export", str(cfg.study_dir), "--trial", str(row.number)])
@@ -190,8 +197,10 @@ def test_show_filters_and_compare(small_study):
 
 @pytest.mark.parametrize("threshold", [0.0, 1.5], ids=["always-exit", "never-exit"])
 def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_path):
-    """Both branches of an early-exit forward survive export: TorchScript and ONNX (as an ``If``)
-    give the PyTorch outputs whichever way the threshold sends the batch."""
+    """Both branches of a user's early-exit forward (Python control flow on a tensor value, which
+    torch.export cannot capture, so no model.pt2 and ONNX through the legacy exporter) survive
+    export: TorchScript (--torchscript) and ONNX (as an ``If``) give the PyTorch outputs whichever
+    way the threshold sends the batch."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -202,8 +211,10 @@ def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_pa
     cfg = copy_study(small_study, tmp_path)
     view, row, data = _checkpoint_trial(cfg, "early_exit_fixture", {"kind": "early_exit", "threshold": threshold})
     out = tmp_path / "ee"
-    card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
+    card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False, torchscript=True)
     assert card["onnx"]["status"] == "ok", f"ONNX export of a scripted early exit failed: {card['onnx']}"
+    assert not (out / "model.pt2").exists() and "torch.export failed" in card["files"]["pt2_reason"], f"the card must say why there is no model.pt2: {card['files']}"
+    assert card["torchscript"]["written_by_export"] and card["rebuild"]["predictions_equal"] == card["rebuild"]["n"], f"model.ts must be verified against the rebuilt module: {card['rebuild']}"
     m = onnx.load(str(out / "model.onnx"))
     ops = {n.op_type for n in m.graph.node}
     assert "If" in ops, f"the ONNX graph must keep the data-dependent branch as an If node, has {sorted(ops)}"
@@ -254,10 +265,11 @@ def _checkpoint_trial(cfg, name: str, options: dict, *, chain: tuple = (("none",
     return view, row, data
 
 
-def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small_study, tmp_path):
-    """A torch.ao (static, FX) int8 model: the TorchScript export is verified; ONNX ships only when
-    ONNX Runtime's integer kernels give the same accuracy and the same prediction on >= 99 % of the
-    test samples, else it is not shipped and the card says why (never shipped unverified)."""
+def test_export_of_int8_model_verifies_onnx_and_torchscript_when_asked(small_study, tmp_path):
+    """An int8 (static) model quantised by ONNX Runtime: model.onnx, the measured artifact, is
+    re-verified on the recorded accuracy and ships alone (int8 has no .pt2). With torchscript=True a
+    PyTorch int8 model.ts, quantised from the rebuilt module, ships too; ONNX is compared with it
+    (same accuracy, same prediction on >= 99 % of the test samples, else the card says why)."""
     from automl._export import export_trial
     from automl._measure import LatencySettings
 
@@ -267,18 +279,58 @@ def test_export_of_int8_model_verifies_torchscript_and_says_what_onnx_does(small
     card = export_trial(view, row, out, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False)
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "the measured int8 artifact's accuracy must be re-verified"
     assert (out / "weights.safetensors").is_file() and not list(out.glob("*.pt")), f"weights must be safetensors, nothing pickled: {sorted(p.name for p in out.iterdir())}"
-    # Quantised when the artifact was built: model.ts is the quantised form of the rebuilt float module.
-    assert "skipped" in card["rebuild"] or card["rebuild"]["predictions_equal"] == card["rebuild"]["n"], f"the rebuilt int8 module must predict what model.ts predicts: {card['rebuild']}"
+    assert not (out / "model.ts").exists() and not (out / "model.pt2").exists(), f"int8 for ONNX Runtime ships no PyTorch artifact unless asked: {sorted(p.name for p in out.iterdir())}"
+    assert "skipped" in card["rebuild"] and card["files"]["pytorch_artifact"] is None, f"nothing to compare the rebuilt float module with: {card['rebuild']} {card['files']}"
     onnx = card["onnx"]
-    assert onnx["quantized"], f"the int8 model must be recognised as quantised: {onnx}"
-    # The study's runtime is ONNX Runtime: model.onnx is the measured artifact and always ships;
-    # the card says how TorchScript (fbgemm) compares with it.
+    assert onnx["status"] == "measured" and onnx["quantized"] and onnx["reason"], f"the card must say ONNX is the measured int8 file with no PyTorch reference: {onnx}"
     assert (out / "model.onnx").is_file() and card["files"]["onnx"] == "model.onnx", f"the measured ONNX must ship: {card['files']}"
     assert onnx["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), f"ONNX accuracy differs from the recorded one: {onnx}"
+
+    out_ts = tmp_path / "int8_ts"
+    card = export_trial(view, row, out_ts, study_dir=cfg.study_dir, load_data=lambda: data, latency=LatencySettings(warmup=1, repeats=3), measure_latency=False, torchscript=True)
+    assert card["files"]["torchscript"] == card["files"]["pytorch_artifact"] == "model.ts" and card["torchscript"]["written_by_export"], f"torchscript=True must ship model.ts: {card['files']} {card['torchscript']}"
+    shipped = torch.jit.load(str(out_ts / "model.ts"))
+    assert "quantized::" in str(shipped.inlined_graph), "model.ts of an int8 model must run PyTorch's int8 kernels"
+    assert card["rebuild"]["predictions_equal"] == card["rebuild"]["n"] == len(data.y_test), f"model.ts must predict what the quantised rebuilt module predicts: {card['rebuild']}"
+    onnx = card["onnx"]
+    assert onnx["pytorch_artifact"] == "model.ts" and onnx["quantized"], f"ONNX is compared with model.ts: {onnx}"
+    with torch.no_grad():
+        correct = sum(int((shipped(x).argmax(1) == y).sum()) for x, y in data.batches("test", 500))
+    assert onnx["accuracy_pytorch_artifact"] == pytest.approx(correct / len(data.y_test), abs=1e-12), f"card's model.ts accuracy {onnx['accuracy_pytorch_artifact']} != {correct / len(data.y_test)}"
     if onnx["status"] == "ok":
         assert onnx["predictions_equal"] >= 0.99 * len(data.y_test), f"ONNX marked ok but {onnx}"
     else:
-        assert onnx["reason"], f"the card must say how TorchScript differs: {onnx}"
+        assert onnx["status"] == "rejected" and onnx["reason"], f"the card must say how model.ts differs: {onnx}"
+
+
+def test_torchscript_flag_adds_a_verified_model_ts(small_study, tmp_path):
+    """Without --torchscript a float trial of an ONNX Runtime study ships model.pt2 and model.onnx and
+    no model.ts; with it, model.ts ships too, verified against the rebuilt module, computing what
+    model.pt2 computes, and the README says how to load it."""
+    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
+    row = next(r for r in view.trials if (small_study.study_dir / r.checkpoint / "model.pt2").is_file() and r.attrs.get("derived_from") is None)
+    assert not (small_study.study_dir / row.checkpoint / "model.ts").exists(), "trials of an onnxruntime study must not write model.ts"
+    plain, with_ts = tmp_path / "plain", tmp_path / "with_ts"
+    r = CliRunner().invoke(app, ["export", str(small_study.study_dir), "--trial", str(row.number), "--out", str(plain)])
+    assert r.exit_code == 0, f"export failed: {r.output}"
+    r = CliRunner().invoke(app, ["export", str(small_study.study_dir), "--trial", str(row.number), "--out", str(with_ts), "--torchscript"])
+    assert r.exit_code == 0, f"export --torchscript failed: {r.output}"
+    names = {p.name for p in plain.iterdir()}
+    assert {"model.pt2", "model.onnx"} <= names and "model.ts" not in names, f"default export ships {sorted(names)}"
+    assert "torch.jit.load" not in (plain / "README.md").read_text() and "torch.export.load" in (plain / "README.md").read_text(), "README must say how to load model.pt2 and not mention a model.ts it lacks"
+    assert {p.name for p in with_ts.iterdir()} == names | {"model.ts"}, f"--torchscript must add exactly model.ts: {sorted(p.name for p in with_ts.iterdir())}"
+    card = json.loads((with_ts / "card.json").read_text())
+    ts_info = card["torchscript"]
+    assert ts_info["written_by_export"] and ts_info["pytorch_artifact"] == "model.ts" and ts_info["predictions_equal"] == ts_info["n"] > 0, f"model.ts must be verified: {ts_info}"
+    assert card["files"]["pytorch_artifact"] == "model.pt2" and card["files"]["torchscript"] == "model.ts", f"{card['files']}"
+    assert "torch.jit.load" in (with_ts / "README.md").read_text(), "README must say how to load model.ts"
+    x = dataset_from_config(small_study.dataset, download=False).x_test[:200]
+    with torch.no_grad():
+        ts_out = torch.jit.load(str(with_ts / "model.ts"))(x)
+        pt2_out = torch.export.load(str(with_ts / "model.pt2")).module()(x)
+    assert float((ts_out - pt2_out).abs().max()) <= 1e-5, f"model.ts and model.pt2 differ by {float((ts_out - pt2_out).abs().max()):.3g}"
+    for name in ("model.pt2", "model.onnx", "weights.safetensors", "trial.json"):
+        assert (plain / name).read_bytes() == (with_ts / name).read_bytes(), f"--torchscript must not change {name}"
 
 
 def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
@@ -300,7 +352,7 @@ def test_failed_verification_exits_1_writing_nothing(small_study, tmp_path):
 
 def test_export_of_a_derived_exit_setting_ships_its_own_thresholds_and_numbers(small_study, tmp_path):
     """A derived trial (another threshold setting of an early-exit model) exports its own model:
-    its thresholds in model.ts and model.onnx, its accuracy re-verified, its own latency recorded."""
+    its thresholds in model.pt2 and model.onnx, its accuracy re-verified, its own latency recorded."""
     import onnx
     from onnx import numpy_helper
 
@@ -317,14 +369,21 @@ def test_export_of_a_derived_exit_setting_ships_its_own_thresholds_and_numbers(s
     card = json.loads((out / "card.json").read_text())
     assert card["derived_from"] == parent_row.number, f"card must name the parent: {card['derived_from']}"
     assert card["notes"]["calibrated"]["thresholds"] == pytest.approx(own), f"card thresholds {card['notes']['calibrated']} != the variant's {own}"
-    ts = torch.jit.load(str(out / "model.ts")).thresholds[:-1].tolist()
+    ts = _program_thresholds(out)
     init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
     in_onnx = [v[:-1].tolist() for k, v in init.items() if k.endswith("thresholds")]
-    assert ts == pytest.approx(own) and in_onnx == [pytest.approx(own)], f"shipped thresholds TorchScript {ts} / ONNX {in_onnx} != the variant's {own}"
+    assert ts == pytest.approx(own) and in_onnx == [pytest.approx(own)], f"shipped thresholds model.pt2 {ts} / ONNX {in_onnx} != the variant's {own}"
     assert card["metrics"]["exported"]["accuracy"] == pytest.approx(row.metrics["accuracy"], abs=1e-12), "the variant's accuracy must be re-verified on its own model"
     assert card["metrics"]["recorded"]["latency_ms"] == row.metrics["latency_ms"] != parent_row.metrics["latency_ms"], (
         f"the variant's latency {row.metrics['latency_ms']} must be its own, not the parent's {parent_row.metrics['latency_ms']}"
     )
-    parent_ts = torch.jit.load(str(small_study.study_dir / parent_row.checkpoint / "model.ts")).thresholds[:-1].tolist()
+    parent_ts = _program_thresholds(small_study.study_dir / parent_row.checkpoint)
     if parent_ts != pytest.approx(own):
         assert ts != pytest.approx(parent_ts), "the export must not carry the parent's thresholds"
+
+
+def _program_thresholds(folder: Path) -> list[float]:
+    """The exit thresholds (all but the last, which always exits) in ``folder/model.pt2``."""
+    buffers = [v for k, v in torch.export.load(str(folder / "model.pt2")).module().named_buffers() if k.endswith("thresholds")]
+    assert len(buffers) == 1, f"{folder}/model.pt2 must hold one thresholds buffer, has {len(buffers)}"
+    return buffers[0][:-1].tolist()

@@ -62,7 +62,8 @@ def test_every_trial_is_recorded_with_links(finished_study):
         assert len(t.values) == 3 and all(v == v for v in t.values), f"trial {t.number}: values {t.values}"
         assert t.user_attrs.get("ray_trial_id"), f"trial {t.number} has no ray_trial_id"
         ckpt = cfg.study_dir / t.user_attrs["checkpoint"]
-        assert (ckpt / "model.ts").is_file() and (ckpt / "trial.json").is_file(), f"trial {t.number}: checkpoint {ckpt} incomplete"
+        assert (ckpt / "model.onnx").is_file() and (ckpt / "trial.json").is_file(), f"trial {t.number}: checkpoint {ckpt} incomplete"
+        assert not (ckpt / "model.ts").exists(), f"trial {t.number}: an onnxruntime study writes no TorchScript"
         record = json.loads((ckpt / "trial.json").read_text())
         assert record["metrics"]["accuracy"] == pytest.approx(t.values[0]), f"trial {t.number}: checkpoint accuracy differs"
     base = study.user_attrs["base"]
@@ -97,7 +98,9 @@ def test_progress_is_reported(finished_study):
 def test_checkpoint_reloads_and_reproduces_accuracy(finished_study, digits):
     cfg, study, _ = finished_study
     t = max((t for t in study.best_trials), key=lambda t: t.values[0])
-    model = torch.jit.load(str(cfg.study_dir / t.user_attrs["checkpoint"] / "model.ts"))
+    from automl._artifact import load_artifact
+
+    model = load_artifact(cfg.study_dir / t.user_attrs["checkpoint"], runtime="onnxruntime")  # the measured file
     with torch.no_grad():
         acc = (model(digits.x_test).argmax(1) == digits.y_test).float().mean().item()
     assert acc == pytest.approx(t.values[0], abs=1e-6), f"reloaded accuracy {acc} != recorded {t.values[0]}"
