@@ -52,7 +52,7 @@ def main() -> None:
         ratio = exp["latency_ms"] / rec["latency_ms"] if exp.get("latency_ms") and rec.get("latency_ms") else None
         print(
             f"| {row.number} | {row.method} | {wall:.1f} | {_f(rec['accuracy'], '.4f')} | {_f(exp['accuracy'], '.4f')} ({exp['accuracy_runtime']}) | "
-            f"{_f(onnx.get('accuracy_torchscript'), '.4f')} | {_f(exp['accuracy_onnx'], '.4f')} | {_f(onnx.get('max_abs_diff_vs_torch'), '.2e')} | "
+            f"{_f(onnx.get('accuracy_pytorch_artifact'), '.4f')} | {_f(exp['accuracy_onnx'], '.4f')} | {_f(onnx.get('max_abs_diff_vs_torch'), '.2e')} | "
             f"{_f(rec['latency_ms'], '.3f')} | {_f(exp['latency_ms'], '.3f')} ({_f(exp['latency_iqr_ms'], '.3f')}) | {_f(ratio, '.2f')} |"
             + ("" if onnx["status"] == "ok" else f" ONNX {onnx['status']}: {onnx.get('reason', '')[:120]} |")
         )
