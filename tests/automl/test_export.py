@@ -297,10 +297,19 @@ def test_export_of_int8_model_verifies_onnx_and_torchscript_when_asked(small_stu
     with torch.no_grad():
         correct = sum(int((shipped(x).argmax(1) == y).sum()) for x, y in data.batches("test", 500))
     assert onnx["accuracy_pytorch_artifact"] == pytest.approx(correct / len(data.y_test), abs=1e-12), f"card's model.ts accuracy {onnx['accuracy_pytorch_artifact']} != {correct / len(data.y_test)}"
-    if onnx["status"] == "ok":
-        assert onnx["predictions_equal"] >= 0.99 * len(data.y_test), f"ONNX marked ok but {onnx}"
-    else:
-        assert onnx["status"] == "rejected" and onnx["reason"], f"the card must say how model.ts differs: {onnx}"
+    # Two quantisers' int8 forms of the same float weights: compared for information, never rejected.
+    assert onnx["status"] == "ok" and "independent" in onnx["criterion"], f"int8 ONNX vs a requested model.ts is information: {onnx}"
+    agree = sum(int((shipped(x).argmax(1) == torch.as_tensor(onnx_export_session(out_ts)(x)).argmax(1)).sum()) for x, _ in data.batches("test", 500))
+    assert onnx["predictions_equal"] == agree, f"card says {onnx['predictions_equal']} equal predictions, counted {agree}"
+    if agree < len(data.y_test) or onnx["accuracy"] != onnx["accuracy_pytorch_artifact"]:
+        assert onnx.get("pytorch_artifact_differs"), f"the card must say how model.ts differs: {onnx}"
+
+
+def onnx_export_session(folder: Path):
+    """The shipped model.onnx as a callable (the runtime's own session)."""
+    from automl._artifact import load_artifact
+
+    return load_artifact(folder, runtime="onnxruntime")
 
 
 def test_torchscript_flag_adds_a_verified_model_ts(small_study, tmp_path):
