@@ -16,7 +16,7 @@ from automl._recovery import Heartbeat, close_interrupted, finished_count, regis
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
-__all__ = ["check_drift", "make_scheduler", "run_search"]
+__all__ = ["NodeScreen", "check_drift", "make_scheduler", "run_search"]
 
 #: A front trial whose latency re-timed alone differs from its trial value by more than this moved.
 DRIFT_WARN = 0.10
@@ -82,7 +82,11 @@ def run_search(
         storage=storage,
         extra_metrics=tuple(m for m in EXTRA_ATTRS if m not in metrics),
         budget=budget,
-        screen=Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
+        screen=NodeScreen(
+            Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
+            plugins=payload.plugins,
+            threads=payload.cpus,
+        ),
     )
     scheduler = make_scheduler(cfg)
     searcher.scheduler = scheduler
@@ -136,6 +140,57 @@ def run_search(
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)
     return study
+
+
+class _ScreenWorker:
+    """The body of :class:`NodeScreen`'s actor: a trial worker's setup, then the screen's checks."""
+
+    def __init__(self, screen: Screen, plugins: tuple[str, ...], threads: float) -> None:
+        import importlib
+
+        import torch
+
+        for module in plugins:  # user methods register themselves on import, as in a trial
+            importlib.import_module(module)
+        torch.set_num_threads(max(1, int(threads)))
+        self.screen = screen
+
+    def check(self, plan: Any, finished: dict[str, int]) -> Any:
+        return self.screen.check(plan, finished)
+
+
+class NodeScreen:
+    """A :class:`~automl._prescreen.Screen` whose dry runs run in a Ray actor on the launcher's node.
+
+    The dry run builds and times each plan's artifact. Timed in the launcher process, beside Tune's
+    event loop, the heartbeat thread and Ray's driver threads, its latency was noisy (BENCHMARKS.md,
+    issue 13: the unchanged base read 0.015-0.094 ms there against 0.015-0.018 ms in its trials), and
+    latency constraints and MO-ASHA then acted on wrong costs. The actor is a Ray worker process like
+    the trials' (same thread count, same user plugins, the same node lock), so a dry run's latency is
+    timed the way a trial times its own. It asks for no CPU: the lock, not Ray's resources, keeps it
+    from running beside a timing, and a study whose trials fill the node still screens.
+    """
+
+    def __init__(self, screen: Screen, *, plugins: tuple[str, ...] = (), threads: float = 1) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.constraints = screen.constraints
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        actor = ray.remote(num_cpus=0, max_restarts=1, max_task_retries=1)(_ScreenWorker)
+        self._actor = actor.options(scheduling_strategy=here).remote(screen, tuple(plugins), threads)
+
+    def check(self, plan: Any, finished: dict[str, int]) -> Any:
+        """:meth:`Screen.check` in the actor; a dead actor gives a verdict without costs (the trial
+        then trains and is measured as always, and fails with the reason if it cannot)."""
+        import ray
+
+        from automl._prescreen import Verdict
+
+        try:
+            return ray.get(self._actor.check.remote(plan, dict(finished)))
+        except ray.exceptions.RayError as exc:
+            return Verdict(costs=None, constraints={}, error=f"the screen's worker failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def make_scheduler(cfg: StudyConfig) -> Any:

@@ -139,7 +139,35 @@ def curve(cfg: Any, budget_s: float) -> dict[str, Any]:
         front = front[nondominated_mask(front)]
         value = hypervolume(front, ref)
         points.append((at, value))
-    return {"points": points, "finished": finished, "trained": trained}
+    return {"points": points, "finished": finished, "trained": trained, "dry_run_latency": dry_run_latency(study)}
+
+
+def dry_run_latency(study: optuna.Study) -> list[list[Any]]:
+    """``[plan, dry-run latency, trained latency]`` (ms) of each trained COMPLETE trial whose dry-run
+    costs are final: the same artifact timed before training (by the screen) and after (by the trial)."""
+    from automl._tune import DRY_RUN
+
+    names = study.metric_names or []
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        dry = t.user_attrs.get(DRY_RUN) or {}
+        trained = t.values[names.index("latency_ms")] if t.values and "latency_ms" in names else t.user_attrs.get("latency_ms")
+        if t.state == optuna.trial.TrialState.COMPLETE and dry.get("final") and trained and "duplicate_of" not in t.user_attrs:
+            out.append([t.user_attrs.get("method"), dry["latency_ms"], trained])
+    return out
+
+
+def dry_run_agreement(runs: list[dict[str, Any]]) -> str:
+    """One line: how far the dry run's latency is from the trained model's, over every run."""
+    pairs = [(dry, trained) for r in runs for _, dry, trained in r.get("dry_run_latency", [])]
+    if not pairs:
+        return "Dry-run latency against the trained model's: no trained trial with final dry-run costs."
+    ratios = sorted(dry / trained for dry, trained in pairs)
+    off = sum(not 0.8 <= x <= 1.25 for x in ratios)
+    return (
+        f"Dry-run latency / trained latency over {len(ratios)} trained trials (same artifact, timed before and after training): "
+        f"median {median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}, {off} outside 0.8-1.25."
+    )
 
 
 def time_to(points: list[tuple[float, float]], target: float) -> float | None:
@@ -195,7 +223,7 @@ def summarise(runs: list[dict[str, Any]], budget_s: float) -> str:
         "| arm | final hypervolume | time to 95 % of best (s) | finished trials / h | trained trials / h |",
         "|---|---|---|---|---|",
     ]
-    tail = ["", f"Time to 95 %: (c)/(a) = {ratio('c', 'a')} (target <= 0.3); TPE/random (b)/(d) = {ratio('b', 'd')} (target <= 0.5). Medians over seeds; a run that never reaches the target counts as the budget."]
+    tail = ["", dry_run_agreement(runs), "", f"Time to 95 %: (c)/(a) = {ratio('c', 'a')} (target <= 0.3); TPE/random (b)/(d) = {ratio('b', 'd')} (target <= 0.5). Medians over seeds; a run that never reaches the target counts as the budget."]
     return "\n".join(head + rows + tail)
 
 

@@ -176,3 +176,37 @@ def test_min_accuracy_keeps_a_trial_off_the_front_knee_and_pick(digits):
     for how in ("smallest", "fastest", "knee", "best-accuracy"):
         assert pick(view, how).number == b.number, f"--pick {how} chose A, which breaks min_accuracy"
     assert pick(view, "smallest", Constraints()).number == b.number, "the study's own bound holds with no CLI bound"
+
+
+def test_node_screen_dry_runs_in_a_ray_worker_with_the_launchers_costs(digits, ray_session):
+    """The study's screen (NodeScreen) runs each dry run in a Ray worker, as trials run, not in the
+    launcher beside Tune's loop; its exact costs are those of the same dry run in the launcher."""
+    import os
+    import tempfile
+
+    import ray
+
+    from automl._search import NodeScreen
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # tests.fixtures.whereami's LOG; not imported here, so its method is registered only in the worker.
+    log = Path(tempfile.gettempdir()) / "automl-test-whereami.pids"
+    log.unlink(missing_ok=True)
+    base = make_base("digits_cnn", digits.input_shape)
+    methods = {n: searchspace.get_method(n)() for n in ("none", "tucker")}
+    local = Screen(base=base, data=digits, settings=SETTINGS, methods=methods, constraints=Constraints(max_params=param_count(base) - 1))
+    node = NodeScreen(local, plugins=("tests.fixtures.whereami",), threads=1)
+    tucker = Plan(chain=(("tucker", {"rank_out": 0.3, "rank_in": 0.3}),), finetune={"distill": False})
+    here, there = local.check(tucker, {}), node.check(tucker, {})
+    assert there.error is None and there.costs is not None, f"the node screen failed: {there.error}"
+    exact = ("params", "size_bytes", "state_dict_bytes", "macs")
+    assert {k: getattr(there.costs, k) for k in exact} == {k: getattr(here.costs, k) for k in exact}, "the worker's dry run measured other costs"
+    assert there.costs.latency_ms > 0 and there.broken == here.broken == "", (there.broken, here.broken)
+    base_plan = Plan(chain=(("none", {}),), finetune={"distill": False})
+    assert node.check(base_plan, {}).broken.startswith("params "), "the base breaks max_params in the worker too"
+    assert node.check(base_plan, {plan_key(base_plan): 7}).duplicate_of == 7, "a finished plan is recognised in the worker"
+    verdict = node.check(Plan(chain=(("whereami", {"point": 0.5}),), finetune={"distill": False}), {})
+    assert verdict.error is None, f"the plugin method's dry run failed in the worker: {verdict.error}"
+    pids = [int(line) for line in log.read_text().split()]
+    assert pids and os.getpid() not in pids, f"dry runs ran in processes {pids}; the launcher is {os.getpid()}"
