@@ -217,7 +217,9 @@ class LatencyConfig(_Frozen):
     repeats: int = Field(default=30, ge=3, le=100_000)
     #: One latency measurement at a time per node (node-local lock), see automl._latency.
     isolate: bool = True
-    #: A measurement whose IQR/median is above this is repeated (up to max_attempts times).
+    #: Each measurement is taken this many times at least; the lowest median is kept.
+    min_attempts: int = Field(default=3, ge=1, le=100)
+    #: More attempts while the kept one's IQR/median is above this, up to max_attempts in all.
     max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     #: Dynamic models (early exits): at most this many test samples are timed one by one.
@@ -225,6 +227,12 @@ class LatencyConfig(_Frozen):
     #: At the end of a search, time the front's artifacts again with nothing else running and
     #: record how far each moved from its trial value (study attr ``latency_drift``); never replaces it.
     drift_check: bool = True
+
+    @model_validator(mode="after")
+    def _attempts(self) -> LatencyConfig:
+        if self.min_attempts > self.max_attempts:
+            raise ValueError(f"latency.min_attempts must be at most latency.max_attempts ({self.max_attempts}), got {self.min_attempts}")
+        return self
 
     def settings(self) -> LatencySettings:
         """The timing settings (:class:`automl._latency.LatencySettings`) this section describes."""

@@ -47,6 +47,7 @@ BOUNDS = {
     "latency.repeats": (3, 100_000, False, True),
     "latency.max_spread": (0.0, 10.0, True, False),
     "latency.max_attempts": (1, 100, False, True),
+    "latency.min_attempts": (1, 3, False, True),
     "base.epochs": (1, 10_000, False, True),
     "base.lr": (0.0, 10.0, True, False),
     "dataset.val_fraction": (0.0, 0.5, True, False),

@@ -170,3 +170,25 @@ def test_nested_busy_blocks_share_one_hold_and_release_it_at_the_end(ctx):
     with open(lock_path(), "a+") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises if still held
         fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+
+
+@pytest.mark.parametrize(
+    "attempts,settings,expected",
+    [
+        # A slowed attempt is as tight as an undisturbed one: the lowest median is kept, not the tightest.
+        ([(0.030, 0.001), (0.015, 0.001), (0.016, 0.0001)], {}, (0.015, 0.001, 3)),
+        # Three attempts at least, even when the first is tight.
+        ([(0.020, 0.0), (0.018, 0.0), (0.019, 0.0), (0.001, 0.0)], {"max_attempts": 5}, (0.018, 0.0, 3)),
+        # More while the kept attempt's spread is too wide, up to max_attempts in all.
+        ([(1.0, 0.5), (2.0, 0.1), (1.5, 0.6), (0.9, 0.05), (0.1, 0.0)], {"max_attempts": 5}, (0.9, 0.05, 4)),
+        ([(1.0, 0.5), (1.2, 0.5), (1.1, 0.5), (0.8, 0.5)], {"max_attempts": 4}, (0.8, 0.5, 4)),
+        # max_attempts caps min_attempts: one attempt is one call.
+        ([(2.0, 1.0), (1.0, 0.0)], {"max_attempts": 1}, (2.0, 1.0, 1)),
+    ],
+)
+def test_stable_latency_keeps_the_lowest_median_of_its_attempts(attempts, settings, expected):
+    from automl._latency import LatencySettings, stable_latency
+
+    calls = iter(attempts)
+    got = stable_latency(lambda: next(calls), LatencySettings(isolate=False, **settings))
+    assert got == expected, f"attempts {attempts} with {settings}: kept {got}, expected {expected}"
