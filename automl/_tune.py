@@ -249,12 +249,18 @@ def searcher_class():
             return config
 
         def _finished_plans(self) -> dict[str, Any]:
-            """Plan key -> the first COMPLETE trial that trained that plan (not a copy, not derived)."""
+            """Plan key -> the first trial that trained that plan to its end (COMPLETE) or until a
+            scheduler stopped it (PRUNED by MO-ASHA); not a copy, not derived. Training is seeded,
+            so the same plan would reach the same validation accuracy at the same epoch again."""
             out: dict[str, Any] = {}
-            for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            for t in self._ot_study.get_trials(deepcopy=False, states=states):
                 key = t.user_attrs.get(PLAN_KEY)
-                if key and DUPLICATE_OF not in t.user_attrs and DERIVED_FROM not in t.user_attrs:
-                    out.setdefault(key, t)
+                stopped = t.state == optuna.trial.TrialState.PRUNED
+                if not key or DUPLICATE_OF in t.user_attrs or DERIVED_FROM in t.user_attrs or (stopped and PRUNED_BY not in t.user_attrs):
+                    continue
+                if key not in out or (out[key].state == optuna.trial.TrialState.PRUNED and not stopped):
+                    out[key] = t  # a trained-to-the-end trial of the plan wins over a stopped one
             return out
 
         def _screened_out(self, trial_id: str, config: dict) -> bool:
@@ -290,8 +296,12 @@ def searcher_class():
                 for name, value in first.constraints.items():
                     ot.set_constraint(name, value)
                 ot.set_user_attr(DUPLICATE_OF, first.number)
-                self._ot_study.tell(ot, list(first.values))
-                status = f"{costs.plan.label} is trial {first.number}'s plan: recorded with its numbers, not trained again"
+                if first.state == optuna.trial.TrialState.PRUNED:
+                    self._ot_study.tell(ot, state=optuna.trial.TrialState.PRUNED)
+                    status = f"{costs.plan.label} is trial {first.number}'s plan, which {first.user_attrs.get(PRUNED_BY)} stopped: recorded PRUNED, not trained again"
+                else:
+                    self._ot_study.tell(ot, list(first.values))
+                    status = f"{costs.plan.label} is trial {first.number}'s plan: recorded with its numbers, not trained again"
             else:
                 # The trial trains: a scheduler ranks it by these costs from its first epoch on.
                 config[COSTS] = {k: v for k, v in costs.metrics().items() if v is not None}

@@ -116,7 +116,8 @@ def test_moasha_stops_a_dominated_trial_in_a_real_study(tmp_path, ray_session):
     goes on. Trial 1 is the base (``none``): larger, so it cannot dominate trial 0, and of the 2
     trials at the rung only ceil(2/4) = 1 goes on, ranked by (front, crowding, arrival): on the
     same front both are extremes (infinite crowding) and trial 0 came first; on a later front it
-    loses anyway. So trial 1 is stopped after 1 of its 2 epochs, whatever the accuracies."""
+    loses anyway. So trial 1 is stopped after 1 of its 2 epochs, whatever the accuracies. Trial 2
+    asks for trial 1's plan again: recorded PRUNED against it at once, never trained."""
     from automl import run_search
 
     data = _base_config(
@@ -124,14 +125,21 @@ def test_moasha_stops_a_dominated_trial_in_a_real_study(tmp_path, ray_session):
         enqueue=[
             {"method": "tucker", "tucker.rank_out": 0.3, "tucker.rank_in": 0.3, "distill": False},
             {"method": "none", "distill": False},
+            {"method": "none", "distill": False},
         ],
     )
+    data["budget"] = {**data["budget"], "trials": 3}
     cfg = parse_config(data)
     lines: list[str] = []
     study = run_search(cfg, log=lines.append)
     trials = sorted(study.get_trials(), key=lambda t: t.number)
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED], [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
-    first, stopped = trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, *[optuna.trial.TrialState.PRUNED] * 2], [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    first, stopped, repeat = trials
+    assert repeat.user_attrs.get("duplicate_of") == stopped.number, repeat.user_attrs
+    for k in ("pruned_by", "epoch", "val_accuracy", "size_bytes"):
+        assert repeat.user_attrs.get(k) == stopped.user_attrs[k], f"{k}: repeat {repeat.user_attrs.get(k)} != stopped {stopped.user_attrs[k]}"
+    assert sum("stopped after" in line for line in lines) == 1, f"only trial 1 trains and is stopped: {lines}"
+    assert any("which moasha stopped: recorded PRUNED, not trained again" in line for line in lines), lines
     assert first.params["method"] == "tucker" and stopped.params["method"] == "none", [t.params for t in trials]
     attrs = stopped.user_attrs
     assert attrs.get("pruned_by") == "moasha" and attrs.get("epoch") == 1, attrs
@@ -153,7 +161,7 @@ def test_moasha_stops_a_dominated_trial_in_a_real_study(tmp_path, ray_session):
         shown = runner.invoke(app, ["show", str(cfg.study_dir), flag, "--json"])
         assert shown.exit_code == 0, shown.output
         numbers = {row["trial"] for row in json.loads(shown.output)}
-        assert numbers == {first.number}, f"show {flag}: {numbers}"
+        assert numbers == {first.number}, f"show {flag}: {numbers}"  # neither PRUNED trial
     report = runner.invoke(app, ["report", str(cfg.study_dir), "--format", "md"])
     assert report.exit_code == 0, report.output
 
