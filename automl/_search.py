@@ -177,7 +177,9 @@ class NodeScreen:
 
         self.constraints = screen.constraints
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = ray.remote(num_cpus=0, max_restarts=1, max_task_retries=1)(_ScreenWorker)
+        # No restarts: Ray warns on the console about restarting an actor whose arguments live in
+        # the object store, and a dead screen only costs the dry runs (see check).
+        actor = ray.remote(num_cpus=0)(_ScreenWorker)
         self._actor = actor.options(scheduling_strategy=here).remote(screen, tuple(plugins), threads)
 
     def check(self, plan: Any, finished: dict[str, int]) -> Any:
