@@ -78,15 +78,24 @@ def tree_pss_mb(root: int) -> tuple[float, int, dict[str, float]]:
     return total / 1024, count, by_name
 
 
-def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: int) -> dict:
+def _kind(name: str) -> str:
+    """The kind of a process: trial workers, DataLoader workers and Ray's own processes by their role."""
+    for prefix in ("ray::", "raylet", "gcs_server", "python -m automl"):
+        if name.startswith(prefix):
+            return name.split()[0] if prefix == "ray::" else prefix
+    return "other"
+
+
+def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: int, model: str = "digits_cnn", concurrent: int | None = None) -> dict:
+    options = {"width": 0.5} if model == "digits_cnn" else {}
     cfg = {
         "name": f"bench12_{Path(root).name}",
         "dataset": {"name": "imagefolder", "root": root, "image_size": image_size, "workers": 2, "max_train_samples": train_cap},
-        "base": {"model": "digits_cnn", "options": {"width": 0.5}, "epochs": 1},
+        "base": {"model": model, "options": options, "epochs": 1},
         "methods": {"none": {}, "tucker": {}},
         "objectives": ["accuracy", "size_bytes"],
         "budget": {"trials": trials, "epochs": 1, "batch_size": 128},
-        "resources": {"cpus": 1},
+        "resources": {"cpus": 1, "max_concurrent": concurrent},
         "latency": {"warmup": 1, "repeats": 3, "drift_check": False},
         "output_dir": str(work / "runs"),
     }
@@ -97,6 +106,9 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
     proc = subprocess.Popen([sys.executable, "-m", "automl", "launch", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     peak: dict = {"mb": 0.0, "procs": 0, "by_name": {}}
+    #: The peak of each kind of process on its own (summed over the processes of that kind at a
+    #: sample), so a kind that grows with the data shows even when the peaks fall at other times.
+    kinds: dict[str, float] = {}
     done = threading.Event()
 
     def sample() -> None:
@@ -104,6 +116,11 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
             mb, n, by_name = tree_pss_mb(proc.pid)
             if mb > peak["mb"]:
                 peak.update(mb=mb, procs=n, by_name=by_name)
+            now: dict[str, float] = {}
+            for name, v in by_name.items():
+                now[_kind(name)] = now.get(_kind(name), 0.0) + v
+            for k, v in now.items():
+                kinds[k] = max(kinds.get(k, 0.0), v)
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -127,6 +144,8 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
         "root": root, "images": n_files, "image_size": image_size, "peak_pss_mib": round(peak["mb"]),
         "processes_at_peak": peak["procs"],
         "largest_at_peak_mib": {k: round(v) for k, v in sorted(peak["by_name"].items(), key=lambda kv: -kv[1])[:6]},
+        "peak_by_kind_mib": {k: round(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "model": model, "concurrent": concurrent,
         "base_ready_s": round(base_done or -1, 1),
         "first_trial_s": round(first_trial or -1, 1), "total_s": round(time.monotonic() - start, 1),
     }
@@ -194,11 +213,13 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", default="digits_cnn", help="base model (study mode), e.g. resnet18")
+    p.add_argument("--concurrent", type=int, default=None, help="resources.max_concurrent (study mode; default: as many as fit)")
     a = p.parse_args()
     for root in a.roots:
         if a.mode == "study":
             with tempfile.TemporaryDirectory() as tmp:
-                print(json.dumps(run_study(root, a.image_size, Path(tmp), a.trials, a.train_cap)), flush=True)
+                print(json.dumps(run_study(root, a.image_size, Path(tmp), a.trials, a.train_cap, a.model, a.concurrent)), flush=True)
         else:
             print(json.dumps(throughput(root, a.image_size, a.images, a.repeats, a.batch)), flush=True)
 
