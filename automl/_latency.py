@@ -36,7 +36,9 @@ Isolation, so a number means something on a node where other trials train at the
    independent medians is the best estimate of the model's own time (the rule of Python's
    ``timeit``); a spell of disturbance that outlasts one attempt's ~60 ms but not three no longer
    becomes the recorded number. Keeping the tightest attempt instead (as before) kept a uniformly
-   slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one.
+   slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. Spells longer than
+   all the attempts (BENCHMARKS.md, issue 11: the development VM runs one model at two speeds in
+   spells of up to ~1.5 s) are not removed; a node that does that needs more, spaced attempts.
 """
 
 from __future__ import annotations
