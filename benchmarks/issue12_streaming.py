@@ -86,11 +86,11 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: int, model: str = "digits_cnn", concurrent: int | None = None) -> dict:
+def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: int, model: str = "digits_cnn", concurrent: int | None = None, val_fraction: float = 0.15) -> dict:
     options = {"width": 0.5} if model == "digits_cnn" else {}
     cfg = {
         "name": f"bench12_{Path(root).name}",
-        "dataset": {"name": "imagefolder", "root": root, "image_size": image_size, "workers": 2, "max_train_samples": train_cap},
+        "dataset": {"name": "imagefolder", "root": root, "image_size": image_size, "workers": 2, "max_train_samples": train_cap, "val_fraction": val_fraction},
         "base": {"model": model, "options": options, "epochs": 1},
         "methods": {"none": {}, "tucker": {}},
         "objectives": ["accuracy", "size_bytes"],
@@ -145,7 +145,7 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
         "processes_at_peak": peak["procs"],
         "largest_at_peak_mib": {k: round(v) for k, v in sorted(peak["by_name"].items(), key=lambda kv: -kv[1])[:6]},
         "peak_by_kind_mib": {k: round(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-        "model": model, "concurrent": concurrent,
+        "model": model, "concurrent": concurrent, "val_fraction": val_fraction,
         "base_ready_s": round(base_done or -1, 1),
         "first_trial_s": round(first_trial or -1, 1), "total_s": round(time.monotonic() - start, 1),
     }
@@ -214,12 +214,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--model", default="digits_cnn", help="base model (study mode), e.g. resnet18")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="dataset.val_fraction (study mode)")
     p.add_argument("--concurrent", type=int, default=None, help="resources.max_concurrent (study mode; default: as many as fit)")
     a = p.parse_args()
     for root in a.roots:
         if a.mode == "study":
             with tempfile.TemporaryDirectory() as tmp:
-                print(json.dumps(run_study(root, a.image_size, Path(tmp), a.trials, a.train_cap, a.model, a.concurrent)), flush=True)
+                print(json.dumps(run_study(root, a.image_size, Path(tmp), a.trials, a.train_cap, a.model, a.concurrent, a.val_fraction)), flush=True)
         else:
             print(json.dumps(throughput(root, a.image_size, a.images, a.repeats, a.batch)), flush=True)
 
