@@ -151,7 +151,7 @@ def run_study(root: str, image_size: int, work: Path, trials: int, train_cap: in
     }
 
 
-def throughput(root: str, image_size: int, images: int, repeats: int, batch: int) -> dict:
+def throughput(root: str, image_size: int, images: int, repeats: int, batch: int, model_name: str = "digits_cnn") -> dict:
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -169,7 +169,8 @@ def throughput(root: str, image_size: int, images: int, repeats: int, batch: int
 
     def model():
         torch.manual_seed(0)
-        return build_model("digits_cnn", input_shape=splits.input_shape, num_classes=10, options={"width": 0.5})
+        options = {"width": 0.5} if model_name == "digits_cnn" else {}
+        return build_model(model_name, input_shape=splits.input_shape, num_classes=10, options=options)
 
     def ours() -> float:
         m = model()
@@ -197,7 +198,7 @@ def throughput(root: str, image_size: int, images: int, repeats: int, batch: int
         runs["ours"].append(ours())
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {
-        "root": root, "train_images": len(plain_ds), "image_size": image_size, "batch": batch,
+        "root": root, "model": model_name, "train_images": len(plain_ds), "image_size": image_size, "batch": batch,
         "ours_img_s": [round(v) for v in runs["ours"]], "plain_img_s": [round(v) for v in runs["plain"]],
         "median_ratio": round(med["ours"] / med["plain"], 3),
     }
@@ -213,7 +214,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--model", default="digits_cnn", help="base model (study mode), e.g. resnet18")
+    p.add_argument("--model", default="digits_cnn", help="base model (both modes), e.g. resnet18")
     p.add_argument("--val-fraction", type=float, default=0.15, help="dataset.val_fraction (study mode)")
     p.add_argument("--concurrent", type=int, default=None, help="resources.max_concurrent (study mode; default: as many as fit)")
     a = p.parse_args()
@@ -222,7 +223,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 print(json.dumps(run_study(root, a.image_size, Path(tmp), a.trials, a.train_cap, a.model, a.concurrent, a.val_fraction)), flush=True)
         else:
-            print(json.dumps(throughput(root, a.image_size, a.images, a.repeats, a.batch)), flush=True)
+            print(json.dumps(throughput(root, a.image_size, a.images, a.repeats, a.batch, a.model)), flush=True)
 
 
 if __name__ == "__main__":
