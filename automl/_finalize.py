@@ -4,7 +4,8 @@ Compression pipelines in the literature (ThiNet, AMC, NetAdapt, Tucker by Kim et
 long fine-tune of the chosen model; a search trial gets a few epochs. :func:`finalize_trial`
 rebuilds the trial's model from its checkpoint (:func:`automl.load_model`, plan + weights),
 continues its fine-tuning with the study's recipe for ``epochs`` more (distilled from the base when
-the trial's plan was; early stopping, the kept epoch chosen on validation accuracy, never test),
+the trial's plan was; early stopping, the kept epoch chosen on validation accuracy, never test,
+the model as searched being epoch 0, kept where no epoch beats it),
 re-fits inference-time settings (exit thresholds) on validation data, and measures the result with
 the one :func:`automl._measure.measure`. It trains where trials train: a Ray task with the trial
 resources when the study asks for GPUs (as the base does, :mod:`automl._study`), else in-process.
@@ -160,6 +161,7 @@ def finalize_trial(
         distill_weight=plan.finetune.get("distill.weight", 0.5),
         seed=cfg.seed + 1000 + number,
         patience=PATIENCE,
+        keep_start=True,  # the model as the search left it is epoch 0: kept if no epoch beats it
         **cfg.budget.recipe(),
     )
     params_override = dict(ckpt.record.get("params_override") or {})
@@ -194,8 +196,12 @@ def finalize_trial(
             raise FinalizeError(f"--trial {number}: replaying {tail.label} after the fine-tune failed: {exc}") from exc
         model = model.cpu().eval()
     _calibrate(model, data, params_override, history)
-    best = max(history["val_accuracy"], default=float("nan"))
-    log(f"finalize: kept epoch {history['kept_epoch']} of {len(history['val_accuracy'])} (validation accuracy {best:.4f}) on {where['device']}")
+    kept = history["kept_epoch"]
+    kept_val = history["val_accuracy"][kept - 1] if kept else history.get("start_val_accuracy", float("nan"))
+    log(
+        f"finalize: kept epoch {kept} of {len(history['val_accuracy'])} (validation accuracy {kept_val:.4f}"
+        f"{'; epoch 0 is the model as searched: no epoch beat it' if kept == 0 else ''}) on {where['device']}"
+    )
 
     with tempfile.TemporaryDirectory() as work:
         metrics, _ = measure(model, data, cfg.latency.settings(), folder=Path(work) / "artifact", macs=float_macs)
@@ -214,7 +220,10 @@ def finalize_trial(
         save_checkpoint(outcome, study_dir / "checkpoints" / name, base=ckpt.record["base"])
 
     values = metrics.as_dict()
-    finalize_info = {"epochs": epochs, "lr": options.lr, "patience": PATIENCE, "kept_epoch": history["kept_epoch"], "val_accuracy": history["val_accuracy"], "distilled": teacher is not None}
+    finalize_info = {
+        "epochs": epochs, "lr": options.lr, "patience": PATIENCE, "kept_epoch": history["kept_epoch"], "val_accuracy": history["val_accuracy"],
+        "start_val_accuracy": history.get("start_val_accuracy"), "distilled": teacher is not None,
+    }
     user_attrs = {k: values[k] for k in METRIC_KEYS if values.get(k) is not None}
     user_attrs.update(
         {

@@ -66,6 +66,11 @@ class TrainOptions:
     #: this many epochs without a better accuracy, and return the weights of the best epoch. None:
     #: train every epoch and keep the last (trials, whose budget is short and fixed).
     patience: int | None = None
+    #: With ``patience``: the weights before training are epoch 0, a candidate like any epoch:
+    #: evaluated on validation first, kept (``kept_epoch`` 0) unless an epoch beats them, and
+    #: patience counts from them. Finalize continues an already trained model and must not return
+    #: one that is worse by its own criterion than the model it was given.
+    keep_start: bool = False
 
 
 def make_optimizer(params: list[nn.Parameter], options: TrainOptions) -> torch.optim.Optimizer:
@@ -111,7 +116,9 @@ def fit(
         progress: called after each epoch with its :class:`~automl._progress.EpochStats` (the
             validation split is then evaluated once per epoch).
         history: with ``options.patience``, receives ``val_accuracy`` (one per epoch run) and
-            ``kept_epoch`` (1-based, the epoch whose weights are returned).
+            ``kept_epoch`` (1-based, the epoch whose weights are returned; 0 with
+            ``options.keep_start`` when no epoch beat the weights before training, whose
+            validation accuracy is then ``start_val_accuracy``).
 
     A model with several outputs to train (early exits) may define
     ``training_loss(x, y, criterion) -> Tensor``; it is then called instead of
@@ -145,6 +152,11 @@ def fit(
     started = time.perf_counter()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     val_curve: list[float] = []
+    start_val = None
+    if options.patience is not None and options.keep_start:
+        start_val = evaluate(model, data, "val", device=device)
+        model.train()
+        best = (start_val, 0, {k: v.detach().clone() for k, v in model.state_dict().items()})
     for epoch in range(options.epochs):
         epoch_start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         batches = data.batches("train", options.batch_size, shuffle=True, seed=options.seed * 1000 + epoch, pin_memory=cuda)
@@ -210,6 +222,8 @@ def fit(
         model.load_state_dict(best[2])
         if history is not None:
             history.update(val_accuracy=val_curve, kept_epoch=best[1])
+            if start_val is not None:
+                history["start_val_accuracy"] = start_val
     if layout is not None:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

@@ -35,6 +35,45 @@ def test_early_stopping_keeps_the_best_validation_epoch_and_stops_after_patience
     assert evaluate(model, digits, "val") == pytest.approx(max(curve), abs=1e-12), "the returned weights must be the kept epoch's"
 
 
+def test_keep_start_makes_the_weights_before_training_epoch_0(digits):
+    """A trained model fine-tuned at a destructive learning rate gets worse every epoch: with
+    ``keep_start`` the weights it started from are kept (epoch 0), exactly, after ``patience`` epochs."""
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", input_shape=digits.input_shape, num_classes=10)
+    fit(model, digits, TrainOptions(epochs=3, lr=3e-3, batch_size=100))
+    start_val = evaluate(model, digits, "val")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    history: dict = {}
+    fit(model, digits, TrainOptions(epochs=10, lr=1.0, batch_size=100, patience=2, keep_start=True), history=history)
+    assert max(history["val_accuracy"]) < start_val, f"lr 1.0 should make every epoch worse than {start_val}: {history}"
+    assert history["kept_epoch"] == 0 and len(history["val_accuracy"]) == 2, f"expected epoch 0 kept after 2 epochs: {history}"
+    assert history["start_val_accuracy"] == start_val, f"start accuracy {history['start_val_accuracy']} != {start_val}"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k]), f"{k} differs from the weights before training"
+
+
+def test_finalize_never_returns_a_model_worse_on_validation_than_its_parent(small_study, tmp_path):
+    """Finalize chooses on validation accuracy, and the parent's model is a candidate: at a learning
+    rate that wrecks the model, the finalized trial is the parent's model (kept epoch 0), not the
+    wrecked epoch (before the fix it kept epoch 1, far below the parent on validation)."""
+    cfg = copy_study(small_study, tmp_path)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    parent = next(t for t in complete if t.user_attrs.get("method") in ("none", "prune") and "derived_from" not in t.user_attrs)
+    data = dataset_from_config(cfg.dataset, download=False)
+    parent_val = evaluate(load_model(cfg.study_dir / parent.user_attrs["checkpoint"]), data, "val")
+
+    r = CliRunner().invoke(app, ["finalize", str(cfg.study_dir), "--trial", str(parent.number), "--epochs", "2", "--lr", "1.0"])
+    assert r.exit_code == 0, f"finalize failed: {r.output}"
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    t = next(t for t in study.get_trials() if t.user_attrs.get("finalized_from") == parent.number)
+    info = t.user_attrs["finalize"]
+    assert max(info["val_accuracy"]) < parent_val, f"lr 1.0 should make every epoch worse than the parent's {parent_val}: {info}"
+    final_val = evaluate(load_model(cfg.study_dir / t.user_attrs["checkpoint"]), data, "val")
+    assert final_val == pytest.approx(parent_val, abs=1e-12), f"finalized model's validation accuracy {final_val} is below its parent's {parent_val}: {info}"
+    assert info["kept_epoch"] == 0 and info["start_val_accuracy"] == pytest.approx(parent_val, abs=1e-12), f"expected epoch 0 (the parent) kept: {info}"
+
+
 def test_finalize_creates_a_linked_trial_and_export_ships_it(small_study, tmp_path):
     cfg = copy_study(small_study, tmp_path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
@@ -53,12 +92,13 @@ def test_finalize_creates_a_linked_trial_and_export_ships_it(small_study, tmp_pa
     assert finished_count(study) == counted, "a finalized trial must not count toward the search budget"
     info = t.user_attrs["finalize"]
     curve = info["val_accuracy"]
-    assert 1 <= len(curve) <= 3 and info["kept_epoch"] == curve.index(max(curve)) + 1, f"kept epoch not the best on validation: {info}"
+    candidates = [info["start_val_accuracy"], *curve]  # epoch 0 is the parent's model
+    assert 1 <= len(curve) <= 3 and info["kept_epoch"] == candidates.index(max(candidates)), f"kept epoch not the best on validation: {info}"
 
     folder = cfg.study_dir / t.user_attrs["checkpoint"]
     data = dataset_from_config(cfg.dataset, download=False)
     model = load_model(folder)
-    assert evaluate(model, data, "val") == pytest.approx(max(curve), abs=1e-12), "the checkpoint must hold the kept (best validation) epoch's weights"
+    assert evaluate(model, data, "val") == pytest.approx(max(candidates), abs=1e-12), "the checkpoint must hold the kept (best validation) epoch's weights"
     recorded = t.values[study.metric_names.index("accuracy")]
     assert evaluate(model, data, "test") == pytest.approx(recorded, abs=1.5 / data.n("test")), f"recorded test accuracy {recorded} is not the finalized model's"
 
@@ -98,9 +138,10 @@ def test_finalize_of_an_int8_trial_fine_tunes_its_float_model_and_replays_int8(s
     quantized = [k for k, v in model.state_dict().items() if int8(v)]
     # int8 either quantises the module (torch.ao) or leaves the recipe its runtime's quantiser applies to the artifact.
     assert quantized or artifact_quantization(model) is not None, "the finalized model of an int8 trial must be int8 again"
-    curve = t.user_attrs["finalize"]["val_accuracy"]
-    assert evaluate(float_model, data, "val") == pytest.approx(max(curve), abs=1e-12), "float/ must hold the kept (best validation) epoch's weights"
-    assert abs(evaluate(model, data, "val") - max(curve)) < 0.05, "int8 of the kept float model must keep its validation accuracy within 5 points"
+    info = t.user_attrs["finalize"]
+    best = max(info["start_val_accuracy"], *info["val_accuracy"])  # epoch 0 is the parent's float model
+    assert evaluate(float_model, data, "val") == pytest.approx(best, abs=1e-12), "float/ must hold the kept (best validation) epoch's weights"
+    assert abs(evaluate(model, data, "val") - best) < 0.05, "int8 of the kept float model must keep its validation accuracy within 5 points"
 
 
 def test_finalize_bad_input_exits_2_with_one_line(small_study, tmp_path):
