@@ -185,3 +185,20 @@ def test_finalize_trains_as_a_ray_task_with_the_trial_resources(small_study, tmp
         ray.shutdown()
     notes = t.user_attrs["notes"]
     assert notes.get("gpu_ids") == ["0"] and notes.get("device") == "cpu" and "gpu_fallback" in notes, f"finalize did not run as a Ray task with a GPU share: {notes}"
+
+
+@pytest.mark.parametrize("schedule,expected", [("onecycle", "cosine"), ("cosine", "cosine"), ("constant", "constant")])
+def test_finalize_recipe_never_warms_up_and_keeps_the_rest_of_the_recipe(schedule, expected):
+    """Early stopping must not judge a warm-up: one-cycle becomes cosine; optimiser, momentum,
+    weight decay and label smoothing stay the study's."""
+    from automl import parse_config
+    from automl._finalize import finalize_recipe
+
+    cfg = parse_config({
+        "name": "recipe", "dataset": {"name": "digits"}, "base": {"model": "digits_cnn"},
+        "budget": {"schedule": schedule, "optimizer": "sgd", "momentum": 0.8, "weight_decay": 1e-4, "label_smoothing": 0.1},
+    })
+    recipe = cfg.budget.recipe()
+    got = finalize_recipe(recipe)
+    assert got["schedule"] == expected, f"{schedule} -> {got['schedule']}, expected {expected}"
+    assert {k: v for k, v in got.items() if k != "schedule"} == {k: v for k, v in recipe.items() if k != "schedule"}, got
