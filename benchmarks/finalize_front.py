@@ -41,8 +41,10 @@ def main() -> None:
     view = load_view(optuna.load_study(study_name=cfg.name, storage=storage))
     base = view.base
     base_acc, base_params = float(base["accuracy"]), base.get("params")
-    front = [r for r in view.front if r.finalized_from is None and r.metrics.get("accuracy") is not None]
-    near = [r for r in front if r.metrics["accuracy"] >= base_acc - args.within / 100 and not (args.below_base and r.metrics["accuracy"] >= base_acc)]
+    # Search trials only; a repeat (duplicate_of) is its first trial's model, finalized once.
+    front = [r for r in view.front if r.finalized_from is None and "duplicate_of" not in r.attrs and r.metrics.get("accuracy") is not None]
+    floor = base_acc - args.within / 100 - 1e-9  # inclusive: 0.954 is within 1 point of 0.964
+    near = [r for r in front if r.metrics["accuracy"] >= floor and not (args.below_base and r.metrics["accuracy"] >= base_acc)]
     chosen = sorted(near, key=lambda r: (r.metrics.get("params") or float("inf"), r.number))[: args.count]
     which = "below the base and " if args.below_base else ""
     print(f"study {cfg.name}: {len(view.trials)} finished trials, front {len(front)}, {which}within {args.within:g} pt of the base ({base_acc:.4f}): {len(near)}; finalizing {len(chosen)}")
