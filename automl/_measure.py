@@ -29,6 +29,7 @@ process with the same function (export's verification uses it).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -221,6 +222,7 @@ def measure(
     *,
     folder: Path,
     macs: int | None = None,
+    accuracy: bool = True,
 ) -> tuple[Metrics, Artifact]:
     """All metrics of a finished model, measured on its artifact for ``settings.runtime``.
 
@@ -228,6 +230,9 @@ def measure(
 
     Args:
         macs: a MAC count to use instead of tracing ``model`` (the float graph of an int8 model).
+        accuracy: False where the accuracy means nothing (a dry run's untrained model): the test
+            split is not run through a static model and ``Metrics.accuracy`` is NaN. A dynamic model
+            still runs it, its expected MACs follow from where the samples exit.
 
     Raises:
         ArtifactError: the model cannot become the runtime's artifact, or a number cannot be measured.
@@ -240,8 +245,10 @@ def measure(
     # model.pt2 and writes TorchScript itself when asked (automl export --torchscript).
     artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
     yield_point()
-    pred, labels = _predictions(artifact, data)
-    accuracy = int((pred == labels).sum()) / max(len(labels), 1)
+    top1 = math.nan
+    if accuracy or dynamic:
+        pred, labels = _predictions(artifact, data)
+        top1 = int((pred == labels).sum()) / max(len(labels), 1) if accuracy else math.nan
     latency, iqr = time_artifact(artifact, inputs, settings, per_sample=dynamic)
     exits: dict[str, Any] = {}
     if dynamic:
@@ -249,7 +256,7 @@ def measure(
         exits = {"exit_fractions": fractions, "exit_accuracy": exit_accuracy, "exit_macs": exit_macs}
         macs = expected
     metrics = Metrics(
-        accuracy=accuracy,
+        accuracy=top1,
         params=_stored_params(model),
         size_bytes=artifact.size_bytes,
         macs=macs if macs is not None else count_macs(model, example),
