@@ -9,7 +9,7 @@ low-rank structure is shared (and regularises) across layers.
 Here every group of same-shaped convolutions (the repeated blocks of a ResNet stage, the repeated
 3-tap layers of the MNIST-1D CNN, the repeated 3x3 layers of a deeper digits CNN) is stacked into a
 tensor with modes (layer, out, in, kernel...), and Tucker-factorised from the trained kernels by
-HOOI (higher-order orthogonal iteration, SVD init; De Lathauwer et al., 2000), see :func:`hooi`. The base networks here are not made of identical blocks throughout (their
+HOOI (higher-order orthogonal iteration, SVD init; De Lathauwer et al., 2000), see :func:`searchspace._decompose.hooi`. The base networks here are not made of identical blocks throughout (their
 stages change width), so one tensor per shape group is the paper's construction applied where it is
 defined; convolutions with no same-shaped sibling stay dense and are listed in the notes.
 
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from searchspace._base import ApplyContext, CompressionMethod, Stage
+from searchspace._decompose import hooi
 from searchspace._domains import Float
 from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
@@ -44,43 +45,6 @@ from searchspace._surgery import clone, iter_convs, replace
 __all__ = ["TNet", "TNetConv1d", "TNetConv2d", "TuckerTensor", "group_convs"]
 
 MIN_CHANNELS = 4
-
-
-def _leading_left(a: torch.Tensor, r: int) -> torch.Tensor:
-    """The ``r`` leading left singular vectors of ``a`` (d x n), from the d x d Gram matrix."""
-    _, vecs = torch.linalg.eigh(a @ a.T)
-    return vecs[:, -r:].flip(1)
-
-
-def _mode_dot(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
-    """``x`` times matrix ``m`` (new_dim x dim) along ``mode``."""
-    return torch.tensordot(m, x, dims=([1], [mode])).movedim(0, mode)
-
-
-def hooi(x: torch.Tensor, ranks: Sequence[int], *, n_iter: int = 10) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Tucker decomposition by HOOI with HOSVD initialisation, exact at full ranks.
-
-    Why not ``tensorly.decomposition.tucker``: on a stacked ResNet kernel (3 x 512 x 512 x 3 x 3) it
-    takes minutes (its SVDs of the 3 x 2.4M kernel-mode unfoldings; ``svd="symeig_svd"`` forms the
-    2.4M x 2.4M Gram matrix and runs out of memory). Taking each mode's subspace from the small
-    d x d Gram matrix is the same maths in well under a second.
-    """
-    x = x.detach().to(torch.float32)
-    factors = [_leading_left(x.movedim(n, 0).reshape(x.shape[n], -1), r) for n, r in enumerate(ranks)]
-    # Full-rank modes lose nothing whatever their basis: only truncated modes are iterated, and
-    # each projection applies the most shrinking factors first.
-    truncated = [n for n, r in enumerate(ranks) if r < x.shape[n]]
-    if len(truncated) > 1:
-        for _ in range(n_iter):
-            for n in truncated:
-                y = x
-                for m in sorted((m for m in truncated if m != n), key=lambda m: ranks[m] / x.shape[m]):
-                    y = _mode_dot(y, factors[m].T, m)
-                factors[n] = _leading_left(y.movedim(n, 0).reshape(x.shape[n], -1), ranks[n])
-    core = x
-    for m in sorted(range(x.dim()), key=lambda m: ranks[m] / x.shape[m]):
-        core = _mode_dot(core, factors[m].T, m)
-    return core, factors
 
 
 def _rank(dim: int, fraction: float) -> int:
@@ -114,9 +78,9 @@ class TuckerTensor(nn.Module):
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, ranks: Sequence[int], *, n_iter_max: int = 3) -> TuckerTensor:
-        """Tucker-factorise ``tensor`` at ``ranks`` (:func:`hooi`)."""
+        """Tucker-factorise ``tensor`` at ``ranks`` (:func:`~searchspace._decompose.hooi`)."""
         module = cls(shape=tensor.shape, ranks=ranks)
-        core, factors = hooi(tensor.cpu(), ranks, n_iter=n_iter_max)
+        core, factors = hooi(tensor.cpu().float(), ranks, n_iter=n_iter_max)
         with torch.no_grad():
             module.core.copy_(core)
             for p, f in zip(module.factors, factors):

@@ -5,8 +5,9 @@ Applications", ICLR 2016 (arXiv 1511.06530). A kernel W (out x in x k...) is app
 G (r_out x r_in x k...) and factors U_out (out x r_out), U_in (in x r_in):
 W ~= G x_0 U_out x_1 U_in. The layer then runs as 1x1 conv in -> r_in, the k... core conv
 r_in -> r_out (with the original stride, padding and dilation), and 1x1 conv r_out -> out carrying the
-original bias. Exact at full ranks. Factors are initialised from the trained kernel with tensorly's
-partial Tucker (HOOI, SVD init), then the whole network is fine-tuned.
+original bias. Exact at full ranks. Factors are initialised from the trained kernel by a partial
+Tucker of its two channel modes (HOOI, SVD init: :func:`searchspace._decompose.hooi`), then the
+whole network is fine-tuned.
 
 Why not tltorch's ``FactorizedConv``: its Tucker forward contracts factors with tensorly ops each
 call, which torch's int8 quantisation, Torch-Pruning's dependency graph and ONNX export do not see as
@@ -24,12 +25,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 from torch import nn
 
 from searchspace._base import ApplyContext, CompressionMethod, Stage
+from searchspace._decompose import hooi
 from searchspace._domains import Float
 from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
@@ -75,17 +75,12 @@ class Tucker2Conv(nn.Sequential):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, *, r_out: int, r_in: int) -> Tucker2Conv:
-        """Decompose a trained convolution (HOOI via tensorly) into a Tucker-2 layer."""
+        """Decompose a trained convolution (partial Tucker of its channel modes by HOOI)."""
         if conv.groups != 1:
             raise ValueError(f"Tucker-2 needs groups == 1, but got groups={conv.groups}")
         layer = cls(conv=conv, r_out=r_out, r_in=r_in)
-        # tensorly's PyTorch backend: its SVDs run on torch's BLAS, which on a 512x512x3x3 kernel is
-        # ~40x faster here than the NumPy backend.
         weight = conv.weight.detach().to("cpu", torch.float64)
-        with tl.backend_context("pytorch"):
-            (core, (u_out, u_in)), _ = partial_tucker(
-                weight, rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=10, random_state=0
-            )
+        core, (u_out, u_in) = hooi(weight, [r_out, r_in], modes=[0, 1], n_iter=10)
         dtype, device = conv.weight.dtype, conv.weight.device
         extra = (1,) * len(conv.kernel_size)
 

@@ -64,3 +64,32 @@ def test_tucker_method_replaces_each_eligible_conv_with_the_formula_count():
         assert got == tucker2_param_count(dense, r_out, r_in), f"{name}: {got} params != formula {tucker2_param_count(dense, r_out, r_in)}"
     saved = sum(param_count(base.get_submodule(n)) - param_count(out.get_submodule(n)) for n in converted)
     assert param_count(base) - param_count(out) == saved, "only the converted convolutions may change the parameter count"
+
+
+@pytest.mark.parametrize("shape,ranks,modes", [((24, 16, 3, 3), (9, 5), (0, 1)), ((3, 12, 10, 3), (2, 5, 4, 2), (0, 1, 2, 3))])
+def test_hooi_reaches_tensorlys_partial_tucker_error(shape, ranks, modes):
+    """Our HOOI (Gram-matrix subspaces) against tensorly's reference HOOI (SVDs of the unfoldings):
+    the same reconstruction error, orthonormal factors, and the modes left out untouched."""
+    from tensorly import backend_context
+    from tensorly.decomposition import partial_tucker
+    from tensorly.tenalg import multi_mode_dot
+
+    from searchspace._decompose import hooi
+
+    torch.manual_seed(0)
+    # Low-rank signal plus noise, so the truncated subspaces are well defined and HOOI has work to do.
+    x = torch.randn(*shape, dtype=torch.float64)
+    x = x + 3 * torch.einsum("a,b,c,d->abcd", *(torch.randn(n, dtype=torch.float64) for n in shape))
+    core, factors = hooi(x, ranks, modes=modes, n_iter=20)
+    with backend_context("pytorch"):
+        ours = multi_mode_dot(core, factors, modes=list(modes))
+        (ref_core, ref_factors), _ = partial_tucker(x, rank=list(ranks), modes=list(modes), init="svd", n_iter_max=20, tol=0, random_state=0)
+        ref = multi_mode_dot(ref_core, ref_factors, modes=list(modes))
+    err, ref_err = float((ours - x).norm() / x.norm()), float((ref - x).norm() / x.norm())
+    assert err <= ref_err * (1 + 1e-6), f"HOOI error {err:.6f} is above tensorly's {ref_err:.6f}"
+    assert 0.05 < err, f"the truncation must lose something (error {err:.2e}), or the comparison is empty"
+    for m, f in zip(modes, factors):
+        assert f.shape == (shape[m], ranks[modes.index(m)]), f"mode {m}: factor shape {tuple(f.shape)}"
+        assert torch.allclose(f.T @ f, torch.eye(f.shape[1], dtype=f.dtype), atol=1e-10), f"mode {m}: factor columns not orthonormal"
+    untouched = [d for d in range(len(shape)) if d not in modes]
+    assert [core.shape[d] for d in untouched] == [shape[d] for d in untouched], f"modes {untouched} must keep their size, core {tuple(core.shape)}"
