@@ -208,6 +208,7 @@ def build_artifact(
     device: str = "cpu",
     threads: int = 1,
     torchscript: bool | None = None,
+    like: Path | None = None,
 ) -> Artifact:
     """Write ``model``'s files for ``runtime`` into ``folder`` and open them as that runtime runs them.
 
@@ -215,6 +216,12 @@ def build_artifact(
     ``artifact.json``); ``model.onnx`` is written for ``onnxruntime``; ``model.ts`` for
     ``torchscript`` or when ``torchscript`` is True. The returned artifact runs the written files as
     they were reloaded (what export ships), not the module in memory.
+
+    ``like``: a folder this function wrote for the same model in another of its settings, where the
+    settings differ only in the buffers the model keeps as named ONNX initializers (an operating
+    point of a calibrated model, e.g. other exit thresholds). Its files are copied with those buffers
+    set to ``model``'s (:func:`_rebind`) instead of capturing and exporting again, when everything
+    else in the program's state equals ``model``'s; otherwise the files are built from scratch.
 
     Raises:
         ArtifactError: the model cannot be turned into this runtime's artifact.
@@ -227,6 +234,12 @@ def build_artifact(
     example = example.cpu()
     write_ts = runtime == "torchscript" if torchscript is None else bool(torchscript)
     recipe = artifact_quantization(model)
+    if like is not None and runtime == "onnxruntime" and not write_ts and recipe is None:
+        info = _rebind(model, Path(like), folder)
+        if info is not None:
+            artifact = load_artifact(folder, runtime=runtime, device=device, threads=threads)
+            artifact.info = info
+            return artifact
     info: dict[str, Any] = {"runtime": runtime, "torch": torch.__version__.split("+")[0]}
     torch_model = model
     if recipe is not None:
@@ -305,6 +318,59 @@ def build_artifact(
         artifact = load_artifact(folder, runtime=runtime, device=device, threads=threads)
     artifact.info = info
     return artifact
+
+
+def _rebind(model: nn.Module, like: Path, folder: Path) -> dict[str, Any] | None:
+    """``like``'s ``model.pt2`` and ``model.onnx`` with the named-initializer buffers of ``model``
+    (:func:`automl._onnx.onnx_initializers`) written into ``folder``; the files' info, or None
+    (nothing written) where ``like`` does not hold the same program up to those buffers.
+
+    The ONNX file keeps those buffers as initializers named by their state-dict key (the exporter
+    does not fold them into the graph), and ``torch.export`` lifts them into the program's state,
+    so setting them there is what a fresh capture and export of ``model`` would write.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from automl import _onnx
+
+    try:
+        info = json.loads((like / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    onnx_info = info.get("onnx") or {}
+    keep = _onnx.onnx_initializers(model)
+    if (
+        not keep
+        or info.get("runtime") != "onnxruntime"
+        or "quantization" in info
+        or (info.get("pt2") or {}).get("file") != PT2_FILE
+        or onnx_info.get("exporter") != "torch.onnx.export(dynamo=True)"
+        or sorted(onnx_info.get("named_initializers") or ()) != sorted(keep)
+    ):
+        return None
+    state = model.state_dict()
+    settable = {k for k in state if k.rsplit(".", 1)[-1] in keep}
+    program = torch.export.load(str(like / PT2_FILE))
+    held = {**program.state_dict, **program.constants}
+    if set(held) != set(state) or any(not torch.equal(held[k], v) for k, v in state.items() if k not in settable):
+        return None
+    graph = onnx.load(str(like / ONNX_FILE))
+    slots = {init.name: init for init in graph.graph.initializer if init.name in settable}
+    if set(slots) != settable:
+        return None
+    for k in settable:
+        value = state[k].detach().clone()
+        if k in program.state_dict:
+            program.state_dict[k] = value
+        else:
+            program.constants[k] = value
+        slots[k].CopyFrom(numpy_helper.from_array(value.numpy(), k))
+    torch.export.save(program, str(folder / PT2_FILE))
+    onnx.save(graph, str(folder / ONNX_FILE))
+    info = {**info, "onnx": {**onnx_info, "rebound_from": like.name, "rebound": sorted(settable)}}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return info
 
 
 def eager_artifact(model: nn.Module, *, device: str = "cpu", threads: int = 1) -> Artifact:

@@ -223,6 +223,7 @@ def measure(
     folder: Path,
     macs: int | None = None,
     accuracy: bool = True,
+    like: Path | None = None,
 ) -> tuple[Metrics, Artifact]:
     """All metrics of a finished model, measured on its artifact for ``settings.runtime``.
 
@@ -230,6 +231,7 @@ def measure(
 
     Args:
         macs: a MAC count to use instead of tracing ``model`` (the float graph of an int8 model).
+        like: the artifact folder of another setting of the same model (``build_artifact``'s ``like``).
         accuracy: False where the accuracy means nothing (a dry run's untrained model): the test
             split is not run through a static model and ``Metrics.accuracy`` is NaN. A dynamic model
             still runs it, its expected MACs follow from where the samples exit.
@@ -243,7 +245,7 @@ def measure(
     example = inputs[:1]
     # model.ts only for the torchscript runtime (build_artifact's rule): export verifies against
     # model.pt2 and writes TorchScript itself when asked (automl export --torchscript).
-    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads)
+    artifact = build_artifact(model, example, folder, runtime=settings.runtime, device=settings.device, threads=settings.threads, like=like)
     yield_point()
     top1 = math.nan
     if accuracy or dynamic:

@@ -160,15 +160,17 @@ def run_trial(
         if isinstance(cpu_model, Calibrated):
             # Settings fitted on the validation split after training; every extra one is measured
             # as its own point, then the trial's own setting is restored and measured last.
+            # The settings differ only in buffers the artifact keeps as named initializers, so the
+            # first setting's files are captured and exported and the others reuse them (``like``).
             options = cpu_model.calibrate(*data.tensors("val", limit=CALIBRATION_SAMPLES))
             for k, option in enumerate(options[1:]):
                 cpu_model.use_setting(option)
                 where = folder / variant_folder(k)
-                metrics, _ = measure(cpu_model, data, settings.latency, folder=where, macs=float_macs)
+                metrics, _ = measure(cpu_model, data, settings.latency, folder=where, macs=float_macs, like=variants[0].folder if variants else None)
                 variants.append(Variant(dict(option["params"]), dict(option["state"]), metrics, where, copy.deepcopy(weights_only_state(cpu_model))))
             cpu_model.use_setting(options[0])
             notes["calibrated"] = options[0]["state"]
-        metrics, _ = measure(cpu_model, data, settings.latency, folder=folder, macs=float_macs)
+        metrics, _ = measure(cpu_model, data, settings.latency, folder=folder, macs=float_macs, like=variants[0].folder if variants else None)
     except ArtifactError as exc:
         raise TrialFailed(str(exc)) from exc
     if not math.isfinite(metrics.accuracy):

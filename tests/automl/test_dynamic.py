@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
 import pytest
+import torch
 
 import searchspace
 from automl._measure import LatencySettings
@@ -13,7 +15,7 @@ from automl._tune import DERIVED_FROM, VARIANTS, searcher_class
 from automl._trial import TrialSettings, run_trial
 from searchspace import Plan, SearchSpace
 from searchspace.methods.exits import VARIANTS as N_VARIANTS
-from tests.conftest import make_base
+from tests.conftest import make_base, random_context
 
 EXITS = {"points": "stages", "count": 1, "head": "avgpool", "pool": 2, "training": "frozen", "thresholds": "budget", "q": 0.5}
 
@@ -70,6 +72,50 @@ def test_trial_measures_exits_and_variants(small_mnist1d, tmp_path):
         got = artifact_accuracy(load_artifact(where), small_mnist1d)
         assert got == variant.metrics.accuracy, f"variant {k}: its ONNX artifact gives accuracy {got} != its recorded {variant.metrics.accuracy}"
     assert any(v.state["thresholds"] != pytest.approx(parent) for v in out.variants), "fixture: some variant must differ from the parent"
+
+
+def test_a_setting_rebound_from_anothers_files_is_what_a_fresh_export_writes(small_mnist1d, tmp_path):
+    """build_artifact(like=...) copies another setting's files with the thresholds set: the same
+    program, initializers and outputs as capturing and exporting that setting from scratch; a model
+    that differs in anything else is exported afresh."""
+    import onnx
+    from onnx import numpy_helper
+
+    from automl._artifact import build_artifact
+
+    base = make_base("mnist1d_cnn", (40,))
+    ctx = random_context((40,), base)
+    model = searchspace.get_method("exits")().apply(base, {**EXITS, "thresholds": "direct", "threshold_0": 0.5}, context=ctx).eval()
+    x = small_mnist1d.x_test
+    example = x[:1]
+    with torch.no_grad():
+        # Setting a sends the more confident half of the samples out at the first exit, setting b none.
+        model.thresholds[0] = float(model.confidences(x)[:, 0].median())
+        first = build_artifact(model, example, tmp_path / "a")
+        model.thresholds[0] = 1.5  # another setting: only the named-initializer buffer changes
+    fresh = build_artifact(model, example, tmp_path / "fresh")
+    rebound = build_artifact(model, example, tmp_path / "b", like=tmp_path / "a")
+    assert rebound.info["onnx"].get("rebound") == ["thresholds"], f"the thresholds must be rebound, info {rebound.info['onnx']}"
+
+    def initializers(folder):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer}
+
+    got, want = initializers(tmp_path / "b"), initializers(tmp_path / "fresh")
+    assert got.keys() == want.keys(), f"initializers {sorted(got)} != a fresh export's {sorted(want)}"
+    assert all(np.array_equal(got[k], want[k]) for k in want), f"initializers differ: {[k for k in want if not np.array_equal(got[k], want[k])]}"
+    assert got["thresholds"][0] == pytest.approx(1.5), f"rebound thresholds {got['thresholds']}"
+    outputs = [torch.as_tensor(a(x)) for a in (fresh, rebound)]
+    assert torch.equal(*outputs), f"rebound and fresh ONNX outputs differ by {(outputs[0] - outputs[1]).abs().max():.3e}"
+    program = torch.export.load(str(tmp_path / "b" / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(program(x), model(x), atol=1e-5), "the rebound model.pt2 must run the new setting"
+    # The comparison has teeth: setting a's own files give other outputs (half its samples exit early).
+    assert not torch.allclose(torch.as_tensor(first(x)), outputs[0]), "settings a and b must give different outputs"
+
+    with torch.no_grad():
+        model.exits[0].head.fc.bias += 1.0  # a weight differs: no rebinding, a fresh export
+    other = build_artifact(model, example, tmp_path / "d", like=tmp_path / "a")
+    assert "rebound" not in other.info["onnx"], f"a model differing in its weights must be exported afresh, info {other.info['onnx']}"
 
 
 def test_searcher_records_variants_as_derived_trials():
