@@ -218,10 +218,12 @@ class LatencyConfig(_Frozen):
     #: One latency measurement at a time per node (node-local lock), see automl._latency.
     isolate: bool = True
     #: Each measurement is taken this many times at least; the lowest median is kept.
-    min_attempts: int = Field(default=3, ge=1, le=100)
+    min_attempts: int = Field(default=5, ge=1, le=100)
     #: More attempts while the kept one's IQR/median is above this, up to max_attempts in all.
     max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    #: Seconds between two attempts, the node lock released meanwhile (they fall in different spells).
+    attempt_gap_s: float = Field(default=0.25, ge=0.0, le=60.0)
     #: Dynamic models (early exits): at most this many test samples are timed one by one.
     max_samples: int = Field(default=1000, ge=1, le=1_000_000)
     #: At the end of a search, time the front's artifacts again with nothing else running and

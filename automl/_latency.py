@@ -29,16 +29,17 @@ Isolation, so a number means something on a node where other trials train at the
    overlapping steps from starving the measurement. File locks rather than a named Ray actor: the
    kernel releases them when a worker dies (no lock leaked by a crashed trial) and they cost a system
    call, not a round trip through Ray, per step.
-2. **Several attempts, the fastest kept**: :func:`stable_latency` measures ``latency.min_attempts``
-   times (then again while the fastest attempt's IQR/median > ``latency.max_spread``, up to
-   ``latency.max_attempts``) and keeps the attempt with the lowest median. Disturbances (another
-   program, a page fault, a process start on the node) only ever add time, so the lowest of
-   independent medians is the best estimate of the model's own time (the rule of Python's
-   ``timeit``); a spell of disturbance that outlasts one attempt's ~60 ms but not three no longer
-   becomes the recorded number. Keeping the tightest attempt instead (as before) kept a uniformly
-   slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. Spells longer than
-   all the attempts (BENCHMARKS.md, issue 11: the development VM runs one model at two speeds in
-   spells of up to ~1.5 s) are not removed; a node that does that needs more, spaced attempts.
+2. **Several spaced attempts, the fastest kept**: :func:`stable_latency` measures
+   ``latency.min_attempts`` times (then again while the fastest attempt's IQR/median >
+   ``latency.max_spread``, up to ``latency.max_attempts``) and keeps the attempt with the lowest
+   median. Disturbances (another program, a page fault, a process start on the node) only ever add
+   time, so the lowest of independent medians is the best estimate of the model's own time (the
+   rule of Python's ``timeit``). Keeping the tightest attempt instead (as before) kept a uniformly
+   slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. The attempts are
+   ``latency.attempt_gap_s`` apart, with the lock released in between (the study's other work runs
+   in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and the
+   development VM runs one model at two speeds in spells of 0.1-1.5 s (BENCHMARKS.md, issue 11),
+   so only attempts spread over more than a spell are independent.
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class LatencySettings:
     #: Hold the node-local latency lock while timing (one measurement at a time per node).
     isolate: bool = True
     #: Attempts per measurement at least; the lowest median is kept (see the module docstring).
-    min_attempts: int = 3
+    min_attempts: int = 5
     #: More attempts while the kept one's IQR/median exceeds this, up to ``max_attempts`` in all.
     max_spread: float = 0.1
-    max_attempts: int = 3
+    max_attempts: int = 5
+    #: Seconds between attempts, the lock released meanwhile, so they fall in different spells.
+    attempt_gap_s: float = 0.25
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:
@@ -302,10 +305,12 @@ def time_per_sample(runs: list[Callable[[], Any]], settings: LatencySettings, *,
 
 
 def stable_latency(once: Callable[[], tuple[float, float]], settings: LatencySettings) -> tuple[float, float, int]:
-    """Run the measurement ``once`` under the node lock, several times; keep the fastest.
+    """Run the measurement ``once`` under the node lock, several times, spaced; keep the fastest.
 
     ``min(min_attempts, max_attempts)`` attempts, then more while the kept attempt's IQR/median is
-    above ``max_spread``, up to ``max_attempts`` in all (see the module docstring).
+    above ``max_spread``, up to ``max_attempts`` in all; ``attempt_gap_s`` between two attempts,
+    the lock given up meanwhile (:func:`idle`: a trial timing its own model lets the node's other
+    work run). See the module docstring.
 
     Returns:
         ``(median_ms, iqr_ms, attempts)`` of the attempt with the lowest median.
@@ -314,13 +319,16 @@ def stable_latency(once: Callable[[], tuple[float, float]], settings: LatencySet
     attempts = 0
     most = max(1, settings.max_attempts)
     least = max(1, min(settings.min_attempts, most))
-    with latency_lock(settings.isolate):
-        while attempts < most:
-            attempts += 1
+    while attempts < most:
+        if attempts and settings.attempt_gap_s > 0:
+            with idle():
+                time.sleep(settings.attempt_gap_s)
+        attempts += 1
+        with latency_lock(settings.isolate):
             median, iqr = once()
-            if best is None or median < best[0]:
-                best = (median, iqr)
-            if attempts >= least and best[1] / max(best[0], 1e-12) <= settings.max_spread:
-                break
+        if best is None or median < best[0]:
+            best = (median, iqr)
+        if attempts >= least and best[1] / max(best[0], 1e-12) <= settings.max_spread:
+            break
     assert best is not None
     return best[0], best[1], attempts

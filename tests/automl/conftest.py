@@ -61,7 +61,7 @@ def small_study(tmp_path_factory):
             "budget": {"trials": len(methods) + 1, "epochs": 1, "lr": 0.001},
             "sampler": {"name": "random", "seed": 0},
             "resources": {"cpus": 1},
-            "latency": {"batch_size": 1, "threads": 1, "warmup": 2, "repeats": 5},
+            "latency": {"batch_size": 1, "threads": 1, "warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1},
             "output_dir": str(root),
         }
     )

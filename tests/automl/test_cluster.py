@@ -167,7 +167,7 @@ def _config(path: Path, *, trials: int, output_dir: Path, checkpoint: Path | Non
         "methods": {"gated": {}},
         "budget": {"trials": trials, "epochs": 1},
         "resources": {"cpus": 1},
-        "latency": {"warmup": 2, "repeats": 5},
+        "latency": {"warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1},
         "output_dir": str(output_dir),
     }
     path.write_text(yaml.safe_dump(cfg))

@@ -36,7 +36,7 @@ def test_four_trials_share_one_logical_gpu_at_once_and_record_the_cpu_fallback(t
             "finetune": {"distill": [False]},
             "budget": {"trials": 4, "epochs": 0},
             "resources": {"cpus": 0.5, "gpus": 0.25},
-            "latency": {"warmup": 1, "repeats": 3, "drift_check": False, "isolate": False},
+            "latency": {"warmup": 1, "repeats": 3, "min_attempts": 1, "max_attempts": 1, "drift_check": False, "isolate": False},
             "output_dir": str(tmp_path / "runs"),
         }
     )

@@ -176,7 +176,7 @@ def test_nested_busy_blocks_share_one_hold_and_release_it_at_the_end(ctx):
     "attempts,settings,expected",
     [
         # A slowed attempt is as tight as an undisturbed one: the lowest median is kept, not the tightest.
-        ([(0.030, 0.001), (0.015, 0.001), (0.016, 0.0001)], {}, (0.015, 0.001, 3)),
+        ([(0.030, 0.001), (0.015, 0.001), (0.016, 0.0001)], {"max_attempts": 3}, (0.015, 0.001, 3)),
         # Three attempts at least, even when the first is tight.
         ([(0.020, 0.0), (0.018, 0.0), (0.019, 0.0), (0.001, 0.0)], {"max_attempts": 5}, (0.018, 0.0, 3)),
         # More while the kept attempt's spread is too wide, up to max_attempts in all.
@@ -190,5 +190,61 @@ def test_stable_latency_keeps_the_lowest_median_of_its_attempts(attempts, settin
     from automl._latency import LatencySettings, stable_latency
 
     calls = iter(attempts)
-    got = stable_latency(lambda: next(calls), LatencySettings(isolate=False, **settings))
+    got = stable_latency(lambda: next(calls), LatencySettings(isolate=False, min_attempts=3, attempt_gap_s=0.0, **settings))
     assert got == expected, f"attempts {attempts} with {settings}: kept {got}, expected {expected}"
+
+
+def test_attempts_are_spaced_and_the_node_works_in_the_gaps_never_during_one(ctx, monkeypatch):
+    """Attempts back to back fall in one slow spell of the machine: they are ``attempt_gap_s``
+    apart with the lock given up in between (the default settings take five), so the node's other
+    work runs in the gaps and never inside an attempt."""
+    import fcntl
+
+    from automl import _latency
+    from automl._latency import LatencySettings, lock_path, stable_latency
+
+    mpc, path = ctx
+    inside, stop = mpc.Event(), mpc.Event()
+    log = Path(path).with_name("steps.json")
+    worker = mpc.Process(target=_worker_steps, args=(path, inside, stop, str(log)))
+    worker.start()
+    settings = LatencySettings(attempt_gap_s=0.3)
+    intervals: list[tuple[float, float]] = []
+    waits: list[tuple[float, bool]] = []
+    real_sleep = time.sleep
+
+    def gap(seconds: float) -> None:
+        """The measurer's wait between attempts: is the lock free for others (no exclusive hold)?"""
+        with open(lock_path(), "a+") as other:  # another open file description: another process's view
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+                waits.append((seconds, True))
+            except BlockingIOError:
+                waits.append((seconds, False))
+        real_sleep(seconds)
+
+    def once() -> tuple[float, float]:
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.05:  # the "timing": the worker must not step now
+            pass
+        intervals.append((start, time.perf_counter()))
+        return 1.0, 0.0
+
+    monkeypatch.setattr(_latency, "time", type("clock", (), {"sleep": staticmethod(gap), "perf_counter": time.perf_counter}))
+    try:
+        assert inside.wait(SAFETY_S), "the worker never entered busy()"
+        _, _, attempts = stable_latency(once, settings)
+        stop.set()
+        worker.join(SAFETY_S)
+        steps = [tuple(s) for s in json.loads(log.read_text())]
+    finally:
+        stop.set()
+        worker.join(5)
+        if worker.is_alive():
+            worker.kill()
+    assert attempts == settings.min_attempts == 5 and len(intervals) == 5
+    assert waits == [(settings.attempt_gap_s, True)] * 4, f"between attempts (seconds, lock free): {waits}"
+    inside_attempt = [s for s in steps for t0, t1 in intervals if s[0] < t1 and s[1] > t0]
+    assert not inside_attempt, f"{len(inside_attempt)} worker steps ran inside an attempt: {inside_attempt[:3]}"
+    assert any(s[0] >= intervals[0][1] and s[1] <= intervals[-1][0] for s in steps), "the worker never stepped between attempts"

@@ -27,7 +27,7 @@ def _base_config(tmp_path, **changes):
         "sampler": {"name": "random", "seed": 0},
         "scheduler": {"name": "moasha", "grace_epochs": 1, "reduction_factor": 4},
         "resources": {"cpus": 1, "max_concurrent": 1},
-        "latency": {"warmup": 2, "repeats": 5, "drift_check": False},
+        "latency": {"warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1, "drift_check": False},
         "output_dir": str(tmp_path / "runs"),
     }
     data.update(changes)

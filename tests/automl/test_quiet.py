@@ -33,7 +33,7 @@ def test_launch_report_export_print_no_deprecation_warnings(tmp_path):
         "budget": {"trials": 3, "epochs": 1, "lr": 0.001},
         "sampler": {"name": "random", "seed": 0},
         "resources": {"cpus": 1},
-        "latency": {"batch_size": 1, "threads": 1, "warmup": 2, "repeats": 5},
+        "latency": {"batch_size": 1, "threads": 1, "warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1},
         "output_dir": str(tmp_path / "runs"),
     }
     (tmp_path / "quiet.yaml").write_text(yaml.safe_dump(cfg))

@@ -266,7 +266,7 @@ def _config(tmp_path: Path, trials: int) -> Path:
         "methods": {"gated": {}},
         "budget": {"trials": trials, "epochs": 1},
         "resources": {"cpus": 1},
-        "latency": {"warmup": 2, "repeats": 5, "drift_check": False},
+        "latency": {"warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1, "drift_check": False},
         "output_dir": str(tmp_path / "runs"),
     }
     path = tmp_path / "crashy.yaml"

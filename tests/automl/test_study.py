@@ -36,7 +36,7 @@ def _config(tmp_path, trials: int = 7):
             "enqueue": [*FLAKY_POINTS, {"method": "tucker", "tucker.rank_out": 0.3, "tucker.rank_in": 0.3, "distill": True}],
             "budget": {"trials": trials, "epochs": 1},
             "sampler": {"name": "random", "seed": 1},
-            "latency": {"warmup": 2, "repeats": 5},
+            "latency": {"warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1},
             "output_dir": str(tmp_path / "runs"),
         }
     )

@@ -71,7 +71,7 @@ def _project(tmp_path: Path, *, model: str = "mymodels:build", dataset: str = "m
         "methods": {"none": {}, "tucker": {}},
         "budget": {"trials": trials, "epochs": 1},
         "resources": {"cpus": 1},
-        "latency": {"warmup": 1, "repeats": 3, "drift_check": False},
+        "latency": {"warmup": 1, "repeats": 3, "min_attempts": 1, "max_attempts": 1, "drift_check": False},
         "output_dir": str(tmp_path / "runs"),
     }
     (proj / "study.yaml").write_text(yaml.safe_dump(config))
