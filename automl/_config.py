@@ -223,7 +223,7 @@ class LatencyConfig(_Frozen):
     max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Seconds between two attempts, the node lock released meanwhile (they fall in different spells).
-    attempt_gap_s: float = Field(default=0.25, ge=0.0, le=60.0)
+    attempt_gap_s: float = Field(default=0.5, ge=0.0, le=60.0)
     #: Dynamic models (early exits): at most this many test samples are timed one by one.
     max_samples: int = Field(default=1000, ge=1, le=1_000_000)
     #: At the end of a search, time the front's artifacts again with nothing else running and

@@ -38,7 +38,8 @@ Isolation, so a number means something on a node where other trials train at the
    slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. The attempts are
    ``latency.attempt_gap_s`` apart, with the lock released in between (the study's other work runs
    in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and the
-   development VM runs one model at two speeds in spells of 0.1-1.5 s (BENCHMARKS.md, issue 11),
+   development VM runs one model at two speeds in spells of 0.1 s to a few seconds (BENCHMARKS.md,
+   issue 11),
    so only attempts spread over more than a spell are independent.
 """
 
@@ -93,7 +94,7 @@ class LatencySettings:
     max_spread: float = 0.1
     max_attempts: int = 5
     #: Seconds between attempts, the lock released meanwhile, so they fall in different spells.
-    attempt_gap_s: float = 0.25
+    attempt_gap_s: float = 0.5
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:
