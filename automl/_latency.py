@@ -39,8 +39,7 @@ Isolation, so a number means something on a node where other trials train at the
    ``latency.attempt_gap_s`` apart, with the lock released in between (the study's other work runs
    in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and the
    development VM runs one model at two speeds in spells of 0.1 s to a few seconds (BENCHMARKS.md,
-   issue 11),
-   so only attempts spread over more than a spell are independent.
+   issue 11), so only attempts spread over more than a spell are independent.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -57,6 +60,14 @@ def random_context(shape, base, seed: int = 0):
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+def skip_unless_ci(reason: str) -> None:
+    """A service a test needs (PostgreSQL, Chromium) is missing: skip here, fail in CI, where
+    ``.ci/run`` installs it and sets ``AUTOML_CI`` (a skip there would pass a check never made)."""
+    if os.environ.get("AUTOML_CI"):
+        pytest.fail(f"{reason}; CI installs it (.ci/run), so it must be there", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray for the session; workers import this checkout (and tests.fixtures plugins)."""
@@ -69,3 +80,63 @@ def ray_session():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+# --- Running the suite on several workers (pytest-xdist, ``-n 2 --dist loadgroup``) ---------------
+
+#: Session fixtures that run a whole study: every test that uses one goes to the worker that built it
+#: (other session fixtures are cheap, e.g. the datasets, and each worker builds its own).
+SHARED_STUDIES = ("small_study",)
+
+
+def pytest_configure(config):
+    """Each xdist worker gets its own Ray temp folder (its own local Ray, never the other's)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # Short: Ray's socket paths live under it and a Unix socket path has at most 107 bytes.
+        folder = os.path.join(tempfile.gettempdir(), f"ray-{worker}-{os.getpid()}")
+        os.makedirs(folder, exist_ok=True)
+        os.environ["RAY_TMPDIR"] = folder
+
+
+def pytest_unconfigure(config):
+    """The worker's Ray temp folder goes with the worker."""
+    folder = os.environ.get("RAY_TMPDIR", "")
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.path.basename(folder).startswith("ray-gw"):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Group tests so that no expensive fixture is built twice: the tests that share a
+    module-scoped fixture, or a shared study, go to one worker (with every test they are linked to
+    through another such fixture); every other test is free to run on either worker."""
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys_of = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        keys = []
+        for name, defs in (info.name2fixturedefs.items() if info else ()):
+            if name in SHARED_STUDIES:
+                keys.append(name)
+            elif defs and defs[-1].scope == "module":
+                keys.append(f"{item.nodeid.split('::', 1)[0]}::{name}")
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+        keys_of[item.nodeid] = keys
+    for item in items:
+        keys = keys_of[item.nodeid]
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # xdist hands out the groups largest first, then single tests in this order: the slow ones
+        # first, so that no long test starts last on one worker while the other has nothing left.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

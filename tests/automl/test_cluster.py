@@ -28,6 +28,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests.conftest import skip_unless_ci
 from tests.fixtures.gate import Gate, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def postgres():
     """A PostgreSQL server on a free loopback port with an empty database; yields its URL."""
     bindir = _pg_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL binaries not installed (apt-get install -y postgresql)")
+        skip_unless_ci("PostgreSQL binaries not installed (apt-get install -y postgresql)")
     root = Path(tempfile.mkdtemp(prefix="automl-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()

@@ -16,6 +16,7 @@ from automl._cli import app
 from automl._pareto import load_view
 from automl._report import build_report, pair_data, render_html, timeline_data, write_tables
 from tests.automl.test_pareto import make_study, pt
+from tests.conftest import skip_unless_ci
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -82,8 +83,9 @@ def _chromium(args: list[str], tmp_path: Path, timeout: float = 120) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium); the browser check needs it")
 def test_report_renders_in_headless_chromium(small_study, tmp_path):
+    if CHROMIUM is None:
+        skip_unless_ci("chromium is not installed (apt-get install -y chromium); the browser check needs it")
     out = tmp_path / "report.html"
     result = CliRunner().invoke(app, ["report", str(small_study.study_dir), "--output", str(out)])
     assert result.exit_code == 0, f"automl report failed: {result.output}"
