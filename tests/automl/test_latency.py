@@ -7,6 +7,7 @@ only timeouts are safety nets that turn a deadlock into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -39,6 +40,28 @@ def _worker_steps(path: str, inside, stop, log: str) -> None:
                 pass
             steps.append((start, time.perf_counter()))
     Path(log).write_text(json.dumps(steps))
+
+
+@contextlib.contextmanager
+def _stepping_worker(mpc, path: str):
+    """A spawned worker stepping inside ``busy`` (:func:`_worker_steps`); the list it yields is
+    filled with the worker's step intervals when the block ends."""
+    inside, stop = mpc.Event(), mpc.Event()
+    log = Path(path).with_name("steps.json")
+    worker = mpc.Process(target=_worker_steps, args=(path, inside, stop, str(log)))
+    worker.start()
+    steps: list[tuple[float, float]] = []
+    try:
+        assert inside.wait(SAFETY_S), "the worker never entered busy()"
+        yield steps
+        stop.set()
+        worker.join(SAFETY_S)
+        steps.extend(tuple(s) for s in json.loads(log.read_text()))
+    finally:
+        stop.set()
+        worker.join(5)
+        if worker.is_alive():
+            worker.kill()
 
 
 def _worker_measures(path: str, inside, go, done) -> None:
@@ -91,24 +114,11 @@ def ctx(tmp_path, monkeypatch):
 
 def test_no_step_of_a_busy_worker_runs_while_a_model_is_timed(ctx):
     mpc, path = ctx
-    inside, stop = mpc.Event(), mpc.Event()
-    log = Path(path).with_name("steps.json")
-    worker = mpc.Process(target=_worker_steps, args=(path, inside, stop, str(log)))
-    worker.start()
-    try:
-        assert inside.wait(SAFETY_S), "the worker never entered busy()"
+    with _stepping_worker(mpc, path) as steps:
         time.sleep(0.1)  # not an ordering: only lets the worker log steps before the timing
         acquired, interval = _acquire_in_thread(SAFETY_S)
         assert acquired, "the measurement never got the lock: the busy worker did not yield"
         time.sleep(0.1)  # likewise, steps after it
-        stop.set()
-        worker.join(SAFETY_S)
-        steps = [tuple(s) for s in json.loads(log.read_text())]
-    finally:
-        stop.set()
-        worker.join(5)
-        if worker.is_alive():
-            worker.kill()
     assert interval is not None
     t0, t1 = interval
     overlapping = [s for s in steps if s[0] < t1 and s[1] > t0]
@@ -204,10 +214,6 @@ def test_attempts_are_spaced_and_the_node_works_in_the_gaps_never_during_one(ctx
     from automl._latency import LatencySettings, lock_path, stable_latency
 
     mpc, path = ctx
-    inside, stop = mpc.Event(), mpc.Event()
-    log = Path(path).with_name("steps.json")
-    worker = mpc.Process(target=_worker_steps, args=(path, inside, stop, str(log)))
-    worker.start()
     settings = LatencySettings(attempt_gap_s=0.3)
     intervals: list[tuple[float, float]] = []
     waits: list[tuple[float, bool]] = []
@@ -232,17 +238,8 @@ def test_attempts_are_spaced_and_the_node_works_in_the_gaps_never_during_one(ctx
         return 1.0, 0.0
 
     monkeypatch.setattr(_latency, "time", type("clock", (), {"sleep": staticmethod(gap), "perf_counter": time.perf_counter}))
-    try:
-        assert inside.wait(SAFETY_S), "the worker never entered busy()"
+    with _stepping_worker(mpc, path) as steps:
         _, _, attempts = stable_latency(once, settings)
-        stop.set()
-        worker.join(SAFETY_S)
-        steps = [tuple(s) for s in json.loads(log.read_text())]
-    finally:
-        stop.set()
-        worker.join(5)
-        if worker.is_alive():
-            worker.kill()
     assert attempts == settings.min_attempts == 5 and len(intervals) == 5
     assert waits == [(settings.attempt_gap_s, True)] * 4, f"between attempts (seconds, lock free): {waits}"
     inside_attempt = [s for s in steps for t0, t1 in intervals if s[0] < t1 and s[1] > t0]
