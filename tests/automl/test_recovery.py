@@ -274,8 +274,14 @@ def _config(tmp_path: Path, trials: int) -> Path:
     return path
 
 
-#: The launcher's CLI, which prints every thread's stack on SIGUSR2 (to tell where a hang is).
-_LAUNCHER = "import faulthandler, signal; faulthandler.register(signal.SIGUSR2, all_threads=True); from automl._cli import main; main()"
+#: The launcher's CLI, which prints every thread's stack on SIGUSR2 (to tell where a hang is), with
+#: Ctrl-C handled as in a terminal: a suite started in the background of a non-interactive shell
+#: inherits SIGINT ignored (POSIX), and so would the launcher, which then never saw the test's
+#: Ctrl-C (a fresh-clone run of the suite from a script hung here for the 600 s safety net).
+_LAUNCHER = (
+    "import faulthandler, signal; faulthandler.register(signal.SIGUSR2, all_threads=True);"
+    "signal.signal(signal.SIGINT, signal.default_int_handler); from automl._cli import main; main()"
+)
 
 
 def _run(args: list[str], tmp_path: Path, log: Path, gate: Gate) -> subprocess.Popen:
