@@ -226,7 +226,9 @@ def _fit_interruptibly(tuner: Any) -> None:
     its trials inside Ray's C++ ``ray.wait``, where a Ctrl-C stayed pending until some trial
     finished (hours, for a long trial; never, for a trial that waits on something). Waiting here,
     in ``Thread.join`` with a timeout, the main thread gets ``KeyboardInterrupt`` at once; the
-    caller closes and re-queues the running trials and the process exits (the thread is a daemon).
+    caller closes and re-queues the running trials, and the command line ends the process without
+    the interpreter's teardown, which would stop Ray under the still running thread
+    (``automl._cli._exit_now``).
     """
     import threading
 
