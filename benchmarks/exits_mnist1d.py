@@ -1,7 +1,7 @@
 """Early exits on the MNIST-1D CNN at its plateau: per-exit fractions and accuracy, expected MACs vs
 measured mean batch-1 latency, eager and TorchScript, all side by side in one run.
 
-    PYTHONPATH=. python benchmarks/exits_mnist1d.py [--base runs/mnist1d_exits/base/weights.pt]
+    python benchmarks/exits_mnist1d.py [--base runs/mnist1d_exits/base/weights.pt]
 
 Every exit model is trained once (``run_trial``: apply, fine-tune, calibrate on validation) and then
 measured at its own MSDNet budget and at every q of the variant grid, with no retraining.
@@ -42,7 +42,7 @@ CONFIGS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="weights of a trained 128-channel base (else trained here)")
     ap.add_argument("--epochs", type=int, default=120, help="base training epochs")
     ap.add_argument("--finetune", type=int, default=8, help="exit training epochs")

@@ -8,7 +8,7 @@ the exported artifact of the study's runtime in a fresh process (the study's lat
 With ``--per-method``: instead of the front, one trial per method the study ran (the most accurate
 among the shortest chains holding it), so every method family's export is measured.
 
-Usage: python benchmarks/export_front.py STUDY_DIR [--out /tmp/exports] [--per-method]
+Usage: python benchmarks/export_front.py STUDY_DIR [--out exports_bench] [--per-method]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from automl._study import load_study_config, open_storage
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("study_dir")
-    ap.add_argument("--out", default="/tmp/automl-export-bench")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study_dir", help="a finished study's folder, e.g. runs/digits")
+    ap.add_argument("--out", default="exports_bench", help="folder for the exports (replaced)")
     ap.add_argument("--per-method", action="store_true", help="one trial per method instead of the front")
     args = ap.parse_args()
     cfg = load_study_config(args.study_dir)

@@ -1,4 +1,4 @@
-"""Does finalize close the gap to the base? (issue 15)
+"""Does finalize close the gap to the base? The front's most compressed models, finalized.
 
 For a finished study (e.g. ``automl launch studies/mnist1d.yaml``): the front's three most
 compressed models (fewest ``params``) whose test accuracy is within ``--within`` points of the

@@ -1,6 +1,6 @@
 """How close N Newton-Schulz iterations (iSQRT-COV) get to the exact matrix square root.
 
-    PYTHONPATH=. python benchmarks/isqrt_convergence.py
+    python benchmarks/isqrt_convergence.py
 
 Covariances of d x 64 Gaussian features (float64, 64 matrices per d); error = max over matrices of
 ||Y_N - sqrt(S)||_F / ||sqrt(S)||_F against an eigendecomposition root.
@@ -8,13 +8,19 @@ Covariances of d x 64 Gaussian features (float64, 64 matrices per d); error = ma
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from searchspace.methods.isqrtcov import covariance, newton_schulz_sqrt
 
 
 def main() -> None:
-    dims, iterations = (2, 4, 8, 16, 32), (1, 3, 5, 7, 10)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="matrix sizes d")
+    ap.add_argument("--iterations", type=int, nargs="+", default=[1, 3, 5, 7, 10], help="Newton-Schulz iteration counts N")
+    args = ap.parse_args()
+    dims, iterations = args.dims, args.iterations
     print("| d | " + " | ".join(f"N={n}" for n in iterations) + " |")
     print("|---|" + "---|" * len(iterations))
     for d in dims:

@@ -1,9 +1,9 @@
 """Write a synthetic ImageFolder of PNGs (nothing downloaded): ``root/{train,test}/class_k/*.png``.
 
 Each class has its own colour gradient with per-image noise, so a small CNN can learn it; file
-sizes are those of real small PNGs. Used by ``benchmarks/issue12_streaming.py``.
+sizes are those of real small PNGs. Used by ``benchmarks/streamed_data.py``.
 
-    python benchmarks/make_imagefolder.py /tmp/if60k --train 50000 --test 10000 --size 32
+    python benchmarks/make_imagefolder.py data/if60k --train 50000 --test 10000 --size 32
 """
 
 from __future__ import annotations

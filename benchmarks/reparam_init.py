@@ -1,11 +1,11 @@
-"""Least-squares initialisation from the base conv vs random initialisation, same fine-tuning (issue 3).
+"""Least-squares initialisation from the base conv vs random initialisation, same fine-tuning.
 
 For ``wsnet`` and ``dwsep`` on the trained MNIST-1D base of studies/mnist1d.yaml (128 channels; the
 study caches it in runs/mnist1d/base/weights.pt), apply the method with ``init = "lstsq"`` and with
 ``init = "random"``, fine-tune both with exactly the same options (epochs, lr, seed, no distillation)
 and report test accuracy right after ``apply`` and after fine-tuning, over a few seeds.
 
-    PYTHONPATH=. /work/venv-wt3/bin/python benchmarks/reparam_init.py --epochs 10 --seeds 0 1
+    python benchmarks/reparam_init.py --epochs 10 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="studies/mnist1d.yaml")
-    ap.add_argument("--base", default="runs/mnist1d/base/weights.pt")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="studies/mnist1d.yaml", help="the study whose base model is used")
+    ap.add_argument("--base", default="runs/mnist1d/base/weights.pt", help="that study's trained base weights")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()

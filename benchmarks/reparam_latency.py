@@ -1,13 +1,13 @@
-"""Per-method params / MACs / batch-1 1-thread latency of the re-parameterised convolutions (issue 3).
+"""Per-method params / MACs / batch-1 1-thread latency of the re-parameterised convolutions, eager.
 
 One layer (the MNIST-1D CNN's Conv1d 128->128 k3 s2 on length 19; a 2D 128->128 3x3 conv on 28x28)
 and whole models (MNIST-1D CNN at 128 channels; resnet18 at 224x224), every variant measured side by
 side in ONE process, interleaved rounds, median over rounds. Also times WSNet's two forwards (materialised
 conv after the channel sum vs the paper's product-map reuse) on the 1D layer.
 
-    PYTHONPATH=. python benchmarks/reparam_latency.py [--rounds 5]
+    python benchmarks/reparam_latency.py [--rounds 5]
 
-Prints markdown tables (pasted into BENCHMARKS.md, section "issue 3").
+Prints markdown tables. The whole-model rows in every runtime: ``benchmarks/runtimes.py``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from searchspace.methods.igcv2 import IGCV2, IGCV2Conv
 from searchspace.methods.igcv3 import IGCV3, IGCV3Conv
 from searchspace.methods.tucker import Tucker2Conv
 from searchspace.methods.wsnet import WSConv
-
-torch.set_num_threads(1)
 
 #: Settings per method: one representative point of each search space.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -99,10 +97,11 @@ def table(title: str, models: dict[str, nn.Module], example: torch.Tensor, round
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-resnet", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(1)
     small = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=15, isolate=False, max_attempts=1)
     big = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=2, repeats=3, isolate=False, max_attempts=1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {args.rounds}\n")

@@ -66,7 +66,7 @@ def timed(fn, repeats: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 3000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-max", type=int, default=1000, help="largest N to run the naive history on")

@@ -1,4 +1,4 @@
-"""Which runtime turns fewer MACs into less time? Per method, eager vs TorchScript vs ONNX Runtime (issue 11).
+"""Which runtime turns fewer MACs into less time? Per method, eager vs TorchScript vs ONNX Runtime.
 
 For resnet18 at 224x224 (1000 classes) and the MNIST-1D CNN (128 channels), every registered method
 that applies (one representative setting each, weights untrained: latency does not depend on them)
@@ -107,7 +107,7 @@ def table(title: str, base: torch.nn.Module, shape: tuple[int, ...], rounds: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-resnet", action="store_true")
     args = ap.parse_args()

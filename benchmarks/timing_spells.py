@@ -7,7 +7,7 @@ measurement's median with the process age. On a quiet machine every row reads th
 a slower value that last longer than one measurement are disturbances from outside the process,
 which no estimator inside one measurement can remove.
 
-    PYTHONPATH=. python benchmarks/timing_spells.py runs/digits 5 --seconds 4 --runs 3
+    python benchmarks/timing_spells.py runs/digits 5 --seconds 4 --runs 3
 """
 
 from __future__ import annotations

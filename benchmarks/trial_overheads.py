@@ -1,11 +1,11 @@
-"""Two fixed costs of a trial, before and after, side by side in one run (this session's speed-ups).
+"""Two fixed costs of a trial, each against the slower way it could be done, side by side in one run.
 
 1. Tucker-2 decomposition of every eligible convolution of resnet18 (1000 classes) at ranks 0.5 /
-   0.5: tensorly's ``partial_tucker`` (HOOI, SVD init, 10 iterations, what the method called before)
+   0.5: tensorly's ``partial_tucker`` (HOOI, SVD init, 10 iterations)
    against :func:`searchspace._decompose.hooi` (the same HOOI from Gram matrices), with the
    relative reconstruction error of each, on random kernels.
 2. The artifacts of an early-exit trial's calibrated settings (MNIST-1D CNN, one exit, 1 + 8
-   settings): each setting captured and exported afresh (before) against the first one exported and
+   settings): each setting captured and exported afresh against the first one exported and
    the others rebound from its files (``build_artifact(like=...)``).
 
 Interleaved rounds; medians. Needs the dev extras (tensorly).
@@ -28,6 +28,7 @@ from tensorly.decomposition import partial_tucker
 import searchspace
 from automl import build_model
 from automl._artifact import build_artifact
+from searchspace import ApplyContext
 from searchspace._decompose import hooi
 from searchspace.methods.tucker import Tucker, tucker_ranks
 
@@ -62,12 +63,24 @@ def tucker_round(convs) -> dict[str, float]:
     return out
 
 
-def exits_round(root: Path) -> dict[str, float]:
-    from tests.conftest import make_base, random_context
+def _random_context(shape: tuple[int, ...], base: torch.nn.Module) -> ApplyContext:
+    """64 seeded random samples of ``shape`` as two calibration batches; ``fit`` trains nothing."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *shape, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    return ApplyContext(
+        example_input=x[:1],
+        calibration=lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]),
+        fit=lambda module, **kw: module,
+        base=base,
+    )
 
-    base = make_base("mnist1d_cnn", (40,))
+
+def exits_round(root: Path) -> dict[str, float]:
+    torch.manual_seed(0)
+    base = build_model("mnist1d_cnn", input_shape=(40,), num_classes=10).eval()
     params = {"points": "stages", "count": 1, "head": "avgpool", "pool": 2, "training": "frozen", "thresholds": "direct", "threshold_0": 0.5}
-    model = searchspace.get_method("exits")().apply(base, params, context=random_context((40,), base)).eval()
+    model = searchspace.get_method("exits")().apply(base, params, context=_random_context((40,), base)).eval()
     example = torch.randn(1, 40)
     settings = [0.1 * k for k in range(1, 10)]
     out = {}

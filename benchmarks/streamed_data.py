@@ -1,13 +1,13 @@
-"""Issue 12: streamed ImageFolder studies. Peak memory of the whole process tree and time to the
+"""Streamed ImageFolder studies: peak memory of the whole process tree and time to the
 first trial (``study`` mode), and a trial's training throughput against a plain PyTorch
 ``DataLoader`` loop on the same data and model (``throughput`` mode).
 
 Data: ``benchmarks/make_imagefolder.py`` (generated locally, nothing downloaded).
 
-    python benchmarks/make_imagefolder.py /tmp/if15k --train 12500 --test 2500
-    python benchmarks/make_imagefolder.py /tmp/if60k --train 50000 --test 10000
-    python benchmarks/issue12_streaming.py study /tmp/if15k /tmp/if60k --image-size 32
-    python benchmarks/issue12_streaming.py throughput /tmp/if60k --images 4000 --repeats 3
+    python benchmarks/make_imagefolder.py data/if15k --train 12500 --test 2500
+    python benchmarks/make_imagefolder.py data/if60k --train 50000 --test 10000
+    python benchmarks/streamed_data.py study data/if15k data/if60k --image-size 32
+    python benchmarks/streamed_data.py throughput data/if60k --images 4000 --repeats 3
 
 Memory is the sum of PSS (proportional set size: shared pages split between the processes that
 map them, so forked workers are not double counted) over the launcher and all its descendants

@@ -1,9 +1,8 @@
-"""Search efficiency (issue 13): hypervolume against wall time for four ways to run the search.
+"""Search efficiency: hypervolume against wall time for four ways to run the search.
 
-The integrator's run (4 arms x 3 seeds x 75 s of search, plus ~20 s of start-up per run: about
-20 minutes on 2 cores, on a quiet machine):
+4 arms x 3 seeds x 150 s of search, plus ~20 s of start-up per run (about 35 minutes on 2 cores):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/issue13_search_efficiency.py --budget-s 75 --seeds 3 --out runs/issue13_bench
+    python benchmarks/search_efficiency.py --budget-s 150 --seeds 3 --out runs/search_efficiency
 
 Arms, each given the same wall-clock budget of search (``--budget-s``) from the same study config
 (``studies/moasha_digits.yaml``, or ``studies/mnist1d.yaml`` with ``--dataset mnist1d``, read by the
@@ -14,8 +13,7 @@ copied into each run's study folder, so every run is in the same base units):
   pruning, calling the same :func:`automl._trial.run_trial` in this process (one trial at a time,
   one thread; no dry run, no repeat detection, no constraints);
 - ``b``: Ray Tune + TPE (:func:`automl.run_search`, scheduler fifo, no constraints). The searcher's
-  dry run and repeat detection (issue 13 parts 1 and 3) are always on in the product, so ``b``
-  already has them;
+  dry run and repeat detection are always on in the product, so ``b`` already has them;
 - ``c``: ``b`` + constraints + MO-ASHA: the config's ``scheduler:`` (moasha) and, as constraints,
   the hypervolume's own box (``size_bytes`` and ``latency_ms`` at most :data:`COST_REFERENCE` x the
   base's: a model outside it adds nothing to the hypervolume, so it is not worth training);
@@ -59,7 +57,7 @@ ARMS = {
     "c": "Ray Tune + TPE + costs-first + constraints + MO-ASHA",
     "d": "Ray Tune + random",
 }
-#: The fraction of the best hypervolume a run must reach (the issue's 95 %).
+#: The fraction of the best hypervolume a run must reach for the time-to-target column.
 TARGET = 0.95
 
 
@@ -70,7 +68,7 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int) -> Any:
 
     data = load_config(CONFIGS[args.dataset]).model_dump(mode="json")
     data.update(
-        name=f"issue13_{arm}_s{seed}" if arm != "base" else "issue13_base",
+        name=f"search_{arm}_s{seed}" if arm != "base" else "search_base",
         output_dir=str(Path(args.out).resolve()),
         sampler={"name": "random" if arm == "d" else "tpe", "seed": seed},
         resources={"cpus": 1, "max_concurrent": args.concurrent},
@@ -81,7 +79,7 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int) -> Any:
     data["constraints"] = {}
     if arm == "c":
         data["scheduler"] = args.scheduler
-        base = json.loads((Path(args.out) / "issue13_base" / "base" / "base.json").read_text())["metrics"]
+        base = json.loads((Path(args.out) / "search_base" / "base" / "base.json").read_text())["metrics"]
         data["constraints"] = {
             "max_size_bytes": COST_REFERENCE * base["size_bytes"],
             "max_latency_ms": COST_REFERENCE * base["latency_ms"],
@@ -181,7 +179,7 @@ def run_one(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cfg = arm_config(args, args.arm, args.seed)
     # The one base (weights and its measured record): every run's hypervolume is in the same units.
-    shutil.copytree(Path(args.out) / "issue13_base" / "base", cfg.study_dir / "base", dirs_exist_ok=True)
+    shutil.copytree(Path(args.out) / "search_base" / "base", cfg.study_dir / "base", dirs_exist_ok=True)
     started = time.perf_counter()
     if args.arm == "a":
         run_plain(cfg, args.budget_s)
@@ -247,7 +245,7 @@ def main() -> None:
     if args.arm:
         run_one(args)
         return
-    args.out = args.out or tempfile.mkdtemp(prefix="issue13_bench_")
+    args.out = args.out or tempfile.mkdtemp(prefix="search_efficiency_")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     # The base once (trained here, outside every run's clock), then loaded by each run.
     from automl._study import prepare_study

@@ -4,7 +4,7 @@ Both run N trials of the same plan distribution on the same data and base model;
 calls automl._trial.run_trial in-process, one after another, with one thread (what one Ray trial
 gets), so the ratio shows what Ray's parallel trials (and its overhead) buy on this machine.
 
-    python benchmarks/bench_study.py --trials 24 --epochs 12
+    python benchmarks/ray_vs_plain_optuna.py --trials 24 --epochs 55
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def config(out: str, name: str, trials: int, epochs: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=12)
     args = ap.parse_args()
-    out = tempfile.mkdtemp(prefix="bench_study_")
+    out = tempfile.mkdtemp(prefix="ray_vs_plain_optuna_")
     try:
         # Plain loop first: same data, base and trial function; one thread like one Ray trial.
         cfg = config(out, "plain", args.trials, args.epochs)

@@ -1,4 +1,4 @@
-"""Does a study's recorded latency predict the latency of what export ships? (issue 11)
+"""Does a study's recorded latency predict the latency of what export ships?
 
 For a finished study (e.g. the default one, ``automl launch studies/digits.yaml``):
 
@@ -13,13 +13,14 @@ For a finished study (e.g. the default one, ``automl launch studies/digits.yaml`
    ``automl export`` and the card's fresh-process latency of the exported file is compared with the
    trial's recorded value.
 
-    python benchmarks/one_truth.py runs/digits
+    python benchmarks/recorded_vs_shipped_latency.py runs/digits
 
 Prints markdown (pasted into BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -73,7 +74,9 @@ def fresh(folder: Path, inputs: Path, settings: dict, per_sample: bool) -> float
 
 
 def main() -> None:
-    study_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/digits")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study_dir", nargs="?", default="runs/digits", help="a finished study's folder (default runs/digits)")
+    study_dir = Path(ap.parse_args().study_dir)
     cfg = load_study_config(study_dir)
     study = optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url))
     view = load_view(study)
@@ -114,7 +117,7 @@ def main() -> None:
         "knee": next(r for r in front if r.number == knee_point(front, view)),
         "most accurate": max(front, key=lambda r: (r.metrics["accuracy"], -r.number)),
     }
-    out_root = Path(tempfile.mkdtemp(prefix="one_truth_"))
+    out_root = Path(tempfile.mkdtemp(prefix="recorded_vs_shipped_"))
     print("| pick | trial | method | recorded latency ms | exported, fresh process ms | fresh / recorded |")
     print("|---|---:|---|---:|---:|---:|")
     ratios = []

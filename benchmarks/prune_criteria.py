@@ -1,13 +1,14 @@
-"""Issue 14 benchmark: the pruning criteria as their papers define them, compared in one run.
+"""The pruning criteria as their papers define them, against Torch-Pruning alone, in one run.
 
 Same trained base, same pruning ratio on every prunable layer, same fine-tune budget, side by side
 (1 thread): each of our criteria (l1, apoz, thinet, gates, slimming, and thinet without its
 least-squares step) and Torch-Pruning's ``MagnitudePruner`` used alone (its default group-L2
 ``MagnitudeImportance``). Accuracy right after the cut (what the criterion alone keeps) and after
 fine-tuning (mean and spread over fine-tune seeds), parameters, latency, and the time the
-criterion itself took.
+criterion itself took. Latency is the trials' own function on the eager module (one attempt per
+round; rounds interleaved over all models).
 
-    PYTHONPATH=. python benchmarks/issue14_prune_criteria.py --ratio 0.5 --epochs 3 --seeds 3 --rounds 9
+    python benchmarks/prune_criteria.py --ratio 0.5 --epochs 3 --seeds 3 --rounds 9
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ import torch
 import torch_pruning as tp
 
 import searchspace
-from automl import build_model, load_dataset
-from automl._measure import LatencySettings, measure_latency, param_count
+from automl import LatencySettings, build_model, load_dataset
+from automl._artifact import eager_artifact
+from automl._measure import param_count, time_artifact
 from automl._train import TrainOptions, evaluate, fit
 from searchspace import ApplyContext
 from searchspace.methods.prune import CRITERIA, ThiNet, prunable_output_layers
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs after pruning")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tune seeds per pruned model")
@@ -48,7 +50,7 @@ def main() -> None:
     base = fit(base, data, TrainOptions(epochs=args.base_epochs, lr=3e-3)).eval()
     print(f"base mnist1d_cnn {options}: trained {args.base_epochs} epochs in {time.perf_counter() - t0:.0f}s")
     example = data.x_test[:1]
-    lat = LatencySettings(batch_size=1, threads=1, warmup=10, repeats=args.repeats)
+    lat = LatencySettings(runtime="eager", batch_size=1, threads=1, warmup=10, repeats=args.repeats, min_attempts=1, max_attempts=1)
 
     def ctx(notes: dict) -> ApplyContext:
         return ApplyContext(
@@ -109,10 +111,10 @@ def main() -> None:
     per_model: list[list[float]] = [[] for _ in rows]
     for _ in range(args.rounds):
         for i, (_, _, _, model, _, _) in enumerate(rows):
-            per_model[i].append(measure_latency(model, example, lat)[0])
+            per_model[i].append(time_artifact(eager_artifact(model), example, lat, per_sample=False)[0])
     print(
         f"\nratio {args.ratio}, fine-tune {args.epochs} epochs x {args.seeds} seeds, latency batch 1, 1 thread, "
-        f"median of {args.rounds} interleaved rounds of {args.repeats} blocks (shared 2-core machine)\n"
+        f"median of {args.rounds} interleaved rounds of {args.repeats} blocks\n"
     )
     print("| model | acc after cut | acc after fine-tune (mean, min-max) | params | latency ms, median (min-max of rounds) | min-round latency / base | prune s |")
     print("|---|---|---|---|---|---|---|")

@@ -3,7 +3,7 @@
 Trains automl's MNIST1DCNN (3 Conv1d, kernel 5/3/3, stride 2) at several widths on the offline
 MNIST-1D split the studies use, with the same `fit` every trial uses, and prints test accuracy.
 
-    python benchmarks/bench_mnist1d_base.py --channels 25 64 128 --epochs 160 --lr 0.01 --seeds 0 1 2
+    python benchmarks/mnist1d_base.py --channels 25 64 128 --epochs 160 --lr 0.01 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from automl._train import TrainOptions, evaluate, fit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channels", type=int, nargs="+", default=[25, 64])
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=0.01)
