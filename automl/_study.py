@@ -129,19 +129,19 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
         metrics = Metrics(**json.loads(record.read_text())["metrics"])
         return model.eval(), metrics
     try:
-        start = load_start(
+        begun = load_start(
             model, name=cfg.base.model, weights=cfg.base.weights, checkpoint=cfg.base.checkpoint,
             input_shape=data.input_shape, num_classes=int(data.num_classes), options=cfg.base.options,
         )
     except WeightsError as exc:
         raise StudyError(str(exc)) from exc
-    if start is not None:
-        log(f"base: {start.describe()}")
-    if start is not None and start.fits:
+    if begun is not None:
+        log(f"base: {begun.describe()}")
+    if begun is not None and begun.fits:
         # The user's model for these classes is measured as it is, not trained again.
         seconds, where = 0.0, {}
     else:
-        log(f"base: {'fine-tuning' if start else 'training'} {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
+        log(f"base: {'fine-tuning' if begun else 'training'} {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
         options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
         show = EpochProgress(log)
         if cfg.resources.gpus > 0:
@@ -176,7 +176,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     except ArtifactError as exc:
         raise StudyError(f"base.model {cfg.base.model!r} cannot be measured: {exc}") from exc
     torch.save(model.state_dict(), weights)
-    started = {"start": start.as_dict()} if start is not None else {}
+    started = {"start": begun.as_dict()} if begun is not None else {}
     record.write_text(json.dumps({"model": cfg.base.model, **started, "metrics": metrics.as_dict(), "train_seconds": seconds, **where}, indent=2))
     log(
         f"base: accuracy {metrics.accuracy:.4f}, {metrics.params} params, {metrics.size_bytes} bytes, "
