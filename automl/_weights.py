@@ -32,7 +32,7 @@ from torch import nn
 
 from automl._models import _AUX_LOGITS, _TORCHVISION, build_model, library_keys
 
-__all__ = ["Start", "WeightsError", "check_weights", "fit_state", "hub_state_dict", "load_start", "read_checkpoint"]
+__all__ = ["Start", "WeightsError", "adapt_input_conv", "check_weights", "fit_state", "hub_state_dict", "load_start", "read_checkpoint"]
 
 #: Entries a checkpoint may hold its state dict under, looked up in this order.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -109,8 +109,9 @@ def hub_state_dict(model: str, weights: str, *, input_shape: Sequence[int], opti
     """The library's pretrained state dict (its own key names, its own class count), downloaded into
     the library's cache where it is not there yet.
 
-    The library's builder loads them into its model (so its own key fixes and input-channel
-    adaptation apply), and that model's state dict is returned.
+    The library's builder loads them into its model (so its own key fixes apply), and that model's
+    state dict is returned; where the data has other than 3 channels, the first convolution's RGB
+    kernel is adapted (:func:`adapt_input_conv`; timm adapts its own the same way).
 
     Raises:
         WeightsError: unknown weights, or the download or load failed.
@@ -135,10 +136,27 @@ def hub_state_dict(model: str, weights: str, *, input_shape: Sequence[int], opti
             if model in _TORCHVISION:
                 kwargs = {}  # the short names take no builder options
             net = torchvision.models.get_model(arch, weights=torchvision.models.get_model_weights(arch)[weights], **kwargs)
+            state = dict(net.state_dict())
+            first = next(n for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+            state[f"{first}.weight"] = adapt_input_conv(state[f"{first}.weight"], int(input_shape[0]))
+            return state
     except Exception as exc:  # noqa: BLE001 - a download or file error is the user's to fix, in one line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise WeightsError(f"base.weights {weights!r} of {model!r} cannot be loaded: {type(exc).__name__}: {text}") from exc
     return dict(net.state_dict())
+
+
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB first convolution's kernel for ``channels`` input channels, as timm adapts its own
+    pretrained weights: summed over RGB for one channel, else RGB repeated and scaled by 3/channels,
+    so a grey image's response is that of the same image in RGB."""
+    have = weight.shape[1]
+    if channels == have:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-channels // have)
+    return weight.repeat(1, reps, *([1] * (weight.dim() - 2)))[:, :channels] * (have / channels)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torchvision
 
 from automl import build_model
 from automl._config import ConfigError, parse_config
-from automl._weights import WeightsError, hub_state_dict, load_start, read_checkpoint
+from automl._weights import WeightsError, adapt_input_conv, hub_state_dict, load_start, read_checkpoint
 
 SHAPE = (3, 32, 32)
 
@@ -162,6 +162,22 @@ def test_torchvision_hub_weights_come_from_torchs_cache_and_replace_the_classifi
         assert start.source == "torchvision weights IMAGENET1K_V1" and start.replaced == ("fc.weight", "fc.bias") and start.file_classes == 1000
     with pytest.raises(WeightsError, match="base.weights: torchvision model 'resnet18' has the weights DEFAULT, IMAGENET1K_V1, got 'IMAGENET1K_V3'"):
         hub_state_dict("resnet18", "IMAGENET1K_V3", input_shape=SHAPE)
+
+
+def test_hub_weights_on_grey_images_see_a_grey_image_as_the_same_image_in_rgb(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    net = _seed_torchvision_cache(tmp_path / "torch", "resnet18", "IMAGENET1K_V1")
+    model = build_model("resnet18", input_shape=(1, 32, 32), num_classes=10)
+    start = load_start(model, name="resnet18", weights="IMAGENET1K_V1", checkpoint=None, input_shape=(1, 32, 32), num_classes=10)
+    assert start.replaced == ("fc.weight", "fc.bias")
+    grey = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    first = model.stages[0][0]
+    with torch.no_grad():
+        assert torch.allclose(first(grey), net.conv1(grey.expand(-1, 3, -1, -1)), atol=1e-4), "the adapted first conv responds differently"
+    # More channels than 3: the RGB kernel repeated (R, G, B, R, G) and scaled by 3/5, as timm does.
+    w = torch.randn(4, 3, 3, 3)
+    five = adapt_input_conv(w, 5)
+    assert torch.equal(five, torch.cat([w, w[:, :2]], dim=1) * (3 / 5))
 
 
 def test_timm_pretrained_weights_come_from_the_hugging_face_cache(tmp_path):
