@@ -361,7 +361,8 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     import torchvision
 
     if arch in _AUX_LOGITS:
-        options = {"aux_logits": False, **options}
+        # init_weights=True is what torchvision does when it is left unset, minus its warning.
+        options = {"aux_logits": False, "init_weights": True, **options}
     net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     if channels != 3:
         first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
