@@ -14,6 +14,7 @@ import torchvision
 
 from automl import build_model
 from automl._config import ConfigError, parse_config
+from automl._models import library_keys
 from automl._weights import WeightsError, adapt_input_conv, hub_state_dict, load_start, read_checkpoint
 
 SHAPE = (3, 32, 32)
@@ -112,7 +113,7 @@ def test_a_1000_class_checkpoint_gets_a_new_classifier_and_keeps_every_other_wei
     ours, start = _start(name, tmp_path / "in1k.pt")
     assert start.replaced == classifier and start.file_classes == 1000 and start.num_classes == 4, start
     assert "1000 classes, replaced by a new one of 4" in start.describe()
-    mine = {v: ours.state_dict()[k] for k, v in __import__("automl._models", fromlist=["library_keys"]).library_keys(ours).items()}
+    mine = {v: ours.state_dict()[k] for k, v in library_keys(ours).items()}
     for key, value in theirs.state_dict().items():
         if key in classifier:
             assert mine[key].shape[0] == 4, f"{key}: {tuple(mine[key].shape)}"
