@@ -21,7 +21,8 @@ from automl._constraints import Constraints
 from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
-from automl._models import list_models
+from automl._models import LIBRARIES, check_model_name, list_models
+from automl._weights import check_weights
 
 __all__ = ["ConfigError", "StudyConfig", "load_config"]
 
@@ -114,9 +115,16 @@ class _Recipe(_Frozen):
 
 
 class BaseModelConfig(_Recipe):
+    #: A built-in or short torchvision name, ``torchvision:NAME``, ``timm:NAME`` or ``module:function``.
     model: str
     options: dict[str, Any] = Field(default_factory=dict)
-    #: A user checkpoint (weights-only state dict) to load instead of training the base.
+    #: Pretrained weights from the library's hub (downloaded when named): a torchvision weights
+    #: name (``IMAGENET1K_V1``, ``DEFAULT``) or ``pretrained`` (timm); the classifier is replaced
+    #: for the dataset's classes and the model fine-tuned for ``epochs``.
+    weights: str | None = None
+    #: The user's checkpoint (a state dict, possibly under ``state_dict``/``model``/``model_state_dict``,
+    #: keys possibly prefixed ``module.``/``model.``, or a ``torch.export`` ``.pt2``): used as is when
+    #: its classes are the dataset's, else its classifier is replaced and the model fine-tuned.
     checkpoint: str | None = None
     epochs: int = Field(default=20, ge=1, le=10_000)
     lr: float = Field(default=3e-3, gt=0.0, le=10.0)
@@ -124,8 +132,12 @@ class BaseModelConfig(_Recipe):
     @field_validator("model")
     @classmethod
     def _known(cls, v: str) -> str:
+        allowed = f"{', '.join(list_models())}, 'torchvision:NAME', 'timm:NAME' or 'module:function'"
+        if v.partition(":")[0] in LIBRARIES:
+            check_model_name(v)
+            return v
         if v not in list_models() and not re.fullmatch(r"[\w.]+:\w+", v):
-            raise ValueError(f"unknown base model {v!r}; allowed: {', '.join(list_models())} or 'module:function'")
+            raise ValueError(f"unknown base model {v!r}; allowed: {allowed}")
         if v not in list_models():
             check_reference(v)
         return v
@@ -136,6 +148,17 @@ class BaseModelConfig(_Recipe):
         if v is not None and not Path(v).is_file():
             raise ValueError(f"checkpoint file must exist, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> BaseModelConfig:
+        if self.weights is not None:
+            if self.checkpoint is not None:
+                raise ValueError(f"base.weights and base.checkpoint: set one of them, got weights={self.weights!r} and checkpoint={self.checkpoint!r}")
+            try:
+                check_weights(self.model, self.weights)
+            except ValueError as exc:
+                raise ValueError(f"base.weights: {exc}") from None
+        return self
 
 
 class Objective(_Frozen):

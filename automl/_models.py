@@ -1,13 +1,27 @@
-"""Base models: built-in CNNs, torchvision architectures by name, and user factories.
+"""Base models: built-in CNNs, torchvision and timm architectures by name, and user factories.
 
 Every base model is a :class:`StagedNet`: a list of feature ``stages`` followed by a classifier
 ``head``. Methods that need to know the network's layout (early exits attach to stage outputs,
 second-order pooling replaces the head, compound scaling rebuilds at another width/depth) read it
 from there instead of guessing per architecture.
+
+Names (``base.model``):
+
+- the built-ins (``digits_cnn``, ``mnist1d_cnn``) and the short torchvision names of
+  :func:`list_models`, split into stages by this module (:class:`TorchvisionNet`);
+- ``torchvision:NAME`` (any classification model of torchvision) and ``timm:NAME`` (any timm
+  model): the library's own module, built by the library's own builder, exactly as a user's
+  ``module:function`` factory module is used: stage 0 of a :class:`StagedNet` with an identity head;
+- ``module:function``: a user factory.
+
+Every base model records :attr:`StagedNet.library_keys`: its state-dict keys under the names the
+library (or the factory's module) gives them, so a checkpoint saved from the library's model loads
+into it (:mod:`automl._weights`).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from typing import Any, Callable, Sequence
@@ -21,7 +35,11 @@ __all__ = [
     "MNIST1DCNN",
     "StagedNet",
     "TorchvisionNet",
+    "LIBRARIES",
     "build_model",
+    "check_model_name",
+    "library_keys",
+    "library_models",
     "list_models",
 ]
 
@@ -55,6 +73,9 @@ class StagedNet(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.head = head
+        #: Own state-dict key -> the key the source library (or a factory's module) names it;
+        #: empty where the names are the model's own.
+        self.library_keys: dict[str, str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -154,10 +175,18 @@ def _from_features_classifier(net: nn.Module, n_stages: int = 4) -> StagedNet:
     blocks = list(net.features)
     bounds = [round(i * len(blocks) / n_stages) for i in range(n_stages + 1)]
     stages = [nn.Sequential(*blocks[a:b]) for a, b in zip(bounds, bounds[1:])]
-    linear = [m for m in net.classifier.modules() if isinstance(m, nn.Linear)][-1]
-    drop = [m for m in net.classifier.modules() if isinstance(m, nn.Dropout)]
-    head = ClassifierHead(in_features=linear.in_features, num_classes=linear.out_features, dropout=drop[0].p if drop else 0.0)
-    head.fc = linear
+    layers = [m for m in net.classifier.modules() if not isinstance(m, nn.Sequential)]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    drop = [m for m in layers if isinstance(m, nn.Dropout)]
+    if len(linears) == 1 and len(layers) == len(linears) + len(drop):
+        # [Dropout,] Linear (MobileNetV2, EfficientNet): the head's own dropout and fc.
+        head = ClassifierHead(in_features=linears[0].in_features, num_classes=linears[0].out_features, dropout=drop[0].p if drop else 0.0)
+        head.fc = linears[0]
+    else:
+        # A deeper classifier (MobileNetV3: Linear, Hardswish, Dropout, Linear) is kept whole: every
+        # layer of it is part of the function the weights were trained for.
+        head = ClassifierHead(in_features=linears[0].in_features, num_classes=linears[-1].out_features)
+        head.fc = net.classifier
     return StagedNet(stages=stages, head=head)
 
 
@@ -235,6 +264,7 @@ class TorchvisionNet(StagedNet):
 
     def __init__(self, *, arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: float = 1.0) -> None:
         net = _torchvision_net(arch, num_classes, width, depth)
+        names = {id(t): k for k, t in net.state_dict(keep_vars=True).items()}
         if hasattr(net, "layer4"):
             staged = _from_resnet(net)
         elif hasattr(net, "features") and hasattr(net, "classifier"):
@@ -242,6 +272,8 @@ class TorchvisionNet(StagedNet):
         else:
             raise ValueError(f"torchvision model {arch!r} has no known stage layout (resnet or features/classifier)")
         super().__init__(stages=list(staged.stages), head=staged.head)
+        # The stages hold torchvision's own modules, so each tensor is torchvision's under another name.
+        self.library_keys = {k: names[id(t)] for k, t in self.state_dict(keep_vars=True).items()}
         if in_channels != 3:
             first_name, first = next((n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
             self.set_submodule(
@@ -263,21 +295,114 @@ _BUILTIN: dict[str, Callable[..., StagedNet]] = {
 _TORCHVISION = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 
 
+#: Library prefixes of ``base.model`` (``torchvision:resnet18``, ``timm:resnetv2_50``).
+LIBRARIES = ("torchvision", "timm")
+#: torchvision builders whose default (auxiliary classifiers in training mode) returns a tuple, not
+#: the logits: built without them, as torchvision builds them for its pretrained weights.
+_AUX_LOGITS = ("googlenet", "inception_v3")
+
+
 def list_models() -> list[str]:
-    """Names accepted as ``base.model`` (besides a ``module:function`` factory)."""
+    """Names accepted as ``base.model`` (besides ``torchvision:NAME``, ``timm:NAME`` and a ``module:function`` factory)."""
     return sorted([*_BUILTIN, *_TORCHVISION])
+
+
+def library_models(library: str) -> list[str]:
+    """The architectures ``library:NAME`` accepts: torchvision's classification models, or timm's models.
+
+    Raises:
+        ValueError: the library is not installed (timm is an optional extra).
+    """
+    if library == "torchvision":
+        import torchvision
+
+        return sorted(torchvision.models.list_models(module=torchvision.models))
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError("timm models need the timm package: pip install 'automl-compress[timm]'") from None
+        return timm.list_models()
+    raise ValueError(f"unknown model library {library!r}; allowed: {', '.join(LIBRARIES)}")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` (one line, listing what is allowed) when ``name`` is not a library model.
+
+    Only ``torchvision:NAME`` and ``timm:NAME`` are checked here; the short names and
+    ``module:function`` factories are checked by their callers.
+    """
+    library, _, arch = name.partition(":")
+    allowed = library_models(library)
+    if library == "timm":
+        import timm
+
+        if timm.is_model(timm.models.split_model_name_tag(arch)[0]):
+            return
+        close = difflib.get_close_matches(arch, allowed, n=5)
+        raise ValueError(
+            f"unknown timm model {arch!r}; allowed: any of timm.list_models() ({len(allowed)} names)"
+            + (f", e.g. {', '.join(close)}" if close else "")
+        )
+    if arch not in allowed:
+        raise ValueError(f"unknown torchvision classification model {arch!r}; allowed: {', '.join(allowed)}")
+
+
+def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any]) -> nn.Module:
+    """The library's own model, freshly initialised, at ``num_classes`` and the input's channels."""
+    check_model_name(f"{library}:{arch}")
+    if len(input_shape) != 3:
+        raise ValueError(f"{library}:{arch} takes images (channels, height, width), but the data's samples have shape {tuple(input_shape)}")
+    channels = int(input_shape[0])
+    if library == "timm":
+        import timm
+
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **options)
+    import torchvision
+
+    if arch in _AUX_LOGITS:
+        # init_weights=True is what torchvision does when it is left unset, minus its warning.
+        options = {"aux_logits": False, "init_weights": True, **options}
+    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+    if channels != 3:
+        first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+        net.set_submodule(
+            first_name,
+            nn.Conv2d(channels, first.out_channels, first.kernel_size, stride=first.stride, padding=first.padding,
+                      dilation=first.dilation, groups=first.groups, bias=first.bias is not None),
+        )
+    return net
+
+
+def _as_staged(net: nn.Module) -> StagedNet:
+    """A module as one stage with an identity head; its keys keep the module's names as library keys."""
+    staged = StagedNet(stages=[net], head=nn.Identity())
+    staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
+    return staged
+
+
+def library_keys(model: nn.Module) -> dict[str, str]:
+    """Each state-dict key of ``model`` -> the name the library (or the factory's module) gives it.
+
+    A key the model names as the library does maps to itself.
+    """
+    own = getattr(model, "library_keys", None) or {}
+    return {k: own.get(k, k) for k in model.state_dict()}
 
 
 def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, options: dict[str, Any] | None = None) -> StagedNet:
     """Build a freshly initialised base model.
 
     Args:
-        name: a built-in name, a torchvision architecture, or ``"module:function"``; a factory is
-            called as ``function(input_shape=..., num_classes=..., **options)`` and may return a
-            :class:`StagedNet` or any module (which then counts as a single stage).
+        name: a built-in name, a short torchvision name (:func:`list_models`), ``"torchvision:NAME"``,
+            ``"timm:NAME"``, or ``"module:function"``; a factory is called as
+            ``function(input_shape=..., num_classes=..., **options)`` and may return a
+            :class:`StagedNet` or any module (which then counts as a single stage). A library model
+            is the library's own module used as a factory's module is.
         input_shape: one sample's shape, e.g. ``(1, 8, 8)`` or ``(40,)``.
         num_classes: number of classes of the dataset.
-        options: extra keyword arguments for the constructor (e.g. ``width``, ``channels``).
+        options: extra keyword arguments for the constructor (e.g. ``width``, ``channels``; for a
+            library model its builder's arguments, e.g. ``image_size`` of a torchvision ViT).
 
     Raises:
         ValueError: unknown name, or a factory that cannot be imported.
@@ -287,6 +412,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         return _BUILTIN[name](input_shape=tuple(input_shape), num_classes=num_classes, **options)
     if name in _TORCHVISION:
         return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
+    library, _, arch = name.partition(":")
+    if library in LIBRARIES:
+        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options))
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -297,6 +425,6 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         if not isinstance(net, nn.Module):
             raise ValueError(f"base model factory {name!r} must return a torch.nn.Module, got {type(net).__name__}")
         if not isinstance(net, StagedNet):
-            net = StagedNet(stages=[net], head=nn.Identity())
+            net = _as_staged(net)
         return net
-    raise ValueError(f"unknown base model {name!r}; allowed: {', '.join(list_models())} or 'module:function'")
+    raise ValueError(f"unknown base model {name!r}; allowed: {', '.join(list_models())}, 'torchvision:NAME', 'timm:NAME' or 'module:function'")

@@ -37,6 +37,7 @@ from automl._data import Splits, dataset_from_config
 from automl._measure import Metrics, measure
 from automl._progress import EpochProgress, drain, sender
 from automl._models import StagedNet, build_model
+from automl._weights import WeightsError, load_start
 from automl._trial import TrialSettings
 from automl._train import TrainOptions, fit
 
@@ -127,16 +128,20 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         metrics = Metrics(**json.loads(record.read_text())["metrics"])
         return model.eval(), metrics
-    if cfg.base.checkpoint:
-        try:
-            state = torch.load(cfg.base.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except Exception as exc:  # noqa: BLE001
-            raise StudyError(f"base.checkpoint {cfg.base.checkpoint!r} does not fit base.model {cfg.base.model!r}: {exc}") from None
-        log(f"base: loaded {cfg.base.checkpoint}")
+    try:
+        begun = load_start(
+            model, name=cfg.base.model, weights=cfg.base.weights, checkpoint=cfg.base.checkpoint,
+            input_shape=data.input_shape, num_classes=int(data.num_classes), options=cfg.base.options,
+        )
+    except WeightsError as exc:
+        raise StudyError(str(exc)) from exc
+    if begun is not None:
+        log(f"base: {begun.describe()}")
+    if begun is not None and begun.fits:
+        # The user's model for these classes is measured as it is, not trained again.
         seconds, where = 0.0, {}
     else:
-        log(f"base: training {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
+        log(f"base: {'fine-tuning' if begun else 'training'} {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
         options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
         show = EpochProgress(log)
         if cfg.resources.gpus > 0:
@@ -171,7 +176,8 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
     except ArtifactError as exc:
         raise StudyError(f"base.model {cfg.base.model!r} cannot be measured: {exc}") from exc
     torch.save(model.state_dict(), weights)
-    record.write_text(json.dumps({"model": cfg.base.model, "metrics": metrics.as_dict(), "train_seconds": seconds, **where}, indent=2))
+    started = {"start": begun.as_dict()} if begun is not None else {}
+    record.write_text(json.dumps({"model": cfg.base.model, **started, "metrics": metrics.as_dict(), "train_seconds": seconds, **where}, indent=2))
     log(
         f"base: accuracy {metrics.accuracy:.4f}, {metrics.params} params, {metrics.size_bytes} bytes, "
         f"latency {metrics.latency_ms:.3f} ms"

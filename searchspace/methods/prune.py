@@ -654,10 +654,37 @@ CRITERIA: dict[str, type[ChannelCriterion]] = {c.name: c for c in (L1Filter, APo
 
 
 def prunable_output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Layers whose outputs are the model's outputs (the classes): never pruned."""
-    with torch.no_grad():
-        n_out = model.eval()(example).shape[-1]
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
+    """The layers whose output channels are the model's outputs (the classes): never pruned.
+
+    Found on Torch-Pruning's dependency graph: the layers of every group whose out-channels reach the
+    model's output (through the graph's output node, or by being the layer that returns it), so a
+    convolutional classifier (SqueezeNet's 1x1 conv, then ReLU and global pooling), a linear one, or
+    several layers summed into the logits all keep their width and the output its shape.
+    """
+    produced: list[nn.Module] = []
+
+    def hook(module: nn.Module, inputs: Any, out: Any) -> None:
+        produced.append(module)
+        seen[module] = out
+
+    seen: dict[nn.Module, Any] = {}
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            output = model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    # The layer that returns the output itself (a final Linear): the graph has no output node after it.
+    last = {m for m in layers if seen.get(m) is output}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    out: list[nn.Module] = []
+    for group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        sliced = [dep.target.module for dep, _ in group if dep.pruning_fn in _CONV_OUT]
+        if any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group) or last & set(sliced):
+            out += [m for m in sliced if m not in out]
+    return out
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:

@@ -279,3 +279,32 @@ def test_prune_refuses_computed_weights_and_tnet_chains():
 def test_unknown_criterion_is_a_clear_error():
     with pytest.raises(ValueError, match="prune.criterion must be one of"):
         _prune_one(_toy(), "random", _context(torch.rand(4, 1, 8, 8)))
+
+
+def _squeezenet() -> nn.Module:
+    """torchvision's SqueezeNet 1.0: its classifier is a 1x1 convolution, ReLU and global pooling."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.squeezenet1_0(num_classes=10).eval()
+
+
+def test_the_output_layers_are_the_ones_whose_channels_are_the_logits():
+    from searchspace.methods.prune import prunable_output_layers
+
+    net = _squeezenet()
+    assert prunable_output_layers(net, torch.randn(1, 3, 64, 64)) == [net.classifier[1]], "SqueezeNet: the output layer is the classifier's conv"
+    toy = _toy()
+    assert prunable_output_layers(toy, torch.randn(1, 1, 8, 8)) == [toy[-1]], "a final Linear is the output layer, and nothing before it"
+
+
+@pytest.mark.parametrize("criterion", ["l1", "apoz", "slimming"])  # the cheap ones; thinet/gates take 10-20 s here
+def test_pruning_never_changes_the_output_of_a_convolutional_classifier(criterion):
+    net = _squeezenet()
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ctx = _context(x, net, fit=lambda m, **_: m)
+    out = searchspace.get_method("prune")().apply(net, {"criterion": criterion, "ratio": 0.5, "per_stage": False, "gate_epochs": 1, "gate_l1": 0.01}, context=ctx)
+    assert ctx.notes["prune.channels"], f"{criterion}: nothing was pruned"
+    assert "classifier.1" not in ctx.notes["prune.channels"], f"{criterion}: the classifier conv was pruned: {ctx.notes['prune.channels']['classifier.1']}"
+    with torch.no_grad():
+        assert out.eval()(x).shape == (8, 10), f"{criterion}: the pruned SqueezeNet predicts {out(x).shape[-1]} classes"
