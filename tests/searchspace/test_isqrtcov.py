@@ -66,3 +66,13 @@ def test_isqrtcov_method_replaces_final_head():
     assert not isinstance(base.head, ISqrtCovHead), "apply edited the base model's head"
     assert ctx.notes["isqrtcov.features"][0] == 25, f"head should read the 25-channel map, notes say {ctx.notes}"
     assert out(torch.randn(4, 40)).shape == (4, 10)
+
+
+def test_isqrtcov_is_left_out_of_a_library_model_whose_stages_end_in_logits():
+    """A library model is one stage ending in logits: supports() says so, instead of apply() raising."""
+    from automl import build_model
+
+    model = build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10)
+    why = get_method("isqrtcov")().supports(model)
+    assert why is not None and "identity" in why, why
+    assert get_method("isqrtcov")().supports(build_model("resnet18", input_shape=(3, 32, 32), num_classes=10)) is None
