@@ -3,7 +3,7 @@
 The integrator's run (4 arms x 3 seeds x 75 s of search, plus ~20 s of start-up per run: about
 20 minutes on 2 cores, on a quiet machine):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/issue13_search_efficiency.py --budget-s 75 --seeds 3 --out runs/issue13_bench
+    .venv/bin/python benchmarks/issue13_search_efficiency.py --budget-s 75 --seeds 3 --out runs/issue13_bench
 
 Arms, each given the same wall-clock budget of search (``--budget-s``) from the same study config
 (``studies/moasha_digits.yaml``, or ``studies/mnist1d.yaml`` with ``--dataset mnist1d``, read by the
