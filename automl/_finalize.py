@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import torch
 from torch import nn
 
 import searchspace
