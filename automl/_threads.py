@@ -6,9 +6,10 @@ thread: a base trained with both threads of a 2-core machine beside one busy pro
 quarter to a third of its idle speed. So nothing a study computes runs at PyTorch's default; the
 count comes from the config:
 
-- training (the base in the launcher, every trial, the dry-run screen, finalize, export's checks,
-  the end-of-study drift check outside its timed calls): ``resources.cpus`` whole threads, at
-  least one (:func:`training_threads`), what Ray reserves for a trial;
+- training: ``resources.cpus`` whole threads, at least one (:func:`training_threads`), what Ray
+  reserves for a trial. Every trial and the dry-run screen (Ray workers), the launcher (the base,
+  the end-of-study drift check) and the commands that open a study (export's checks, finalize,
+  the report) compute with it;
 - data-loader workers: ``dataset.workers`` processes for streamed datasets (none for the in-memory
   ones, :func:`automl._data.loader_workers`), each with one thread (PyTorch sets one thread in
   every ``DataLoader`` worker);
