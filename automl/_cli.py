@@ -157,12 +157,18 @@ def list_studies(runs: Path = typer.Option(Path("runs"), "--runs", help="Folder 
 
 
 def _load_study(study: str, runs: Path):
-    """(config, Optuna study) of an existing study folder or name; exits 2 with one line if absent."""
+    """(config, Optuna study) of an existing study folder or name; exits 2 with one line if absent.
+
+    What the command then computes (export's checks, finalize, the report) runs with the study's
+    thread plan (automl._threads).
+    """
     import optuna
 
     from automl._study import StudyError, open_storage
+    from automl._threads import ThreadPlan
 
     cfg = _resolve_study(study, runs)
+    ThreadPlan.from_config(cfg).apply()
     try:
         return cfg, optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url))
     except StudyError as exc:

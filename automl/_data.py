@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "Splits", "dataset_from_config", "load_dataset", "resolve_augment"]
+__all__ = ["AUGMENTATIONS", "DATASETS", "Splits", "dataset_from_config", "load_dataset", "loader_workers", "resolve_augment"]
 
 SPLITS = ("train", "val", "test")
 #: ``dataset.augment`` values; "auto" picks the kind's default (see :func:`resolve_augment`).
@@ -199,6 +199,8 @@ class Splits:
             shuffle=shuffle,
             # Seeds both the order and the workers' augmentation draws.
             generator=torch.Generator().manual_seed(seed),
+            # Each worker computes with one thread (PyTorch sets it in every worker), so the workers
+            # add ``workers`` threads beside the trainer's (automl._threads).
             num_workers=self.workers,
             pin_memory=pin_memory,
             persistent_workers=False,
@@ -505,7 +507,13 @@ def load_dataset(
         valid = Subset(_Transformed(train_src, eval_tf), val)
         test = _Transformed(test_src, eval_tf)
     x0, _ = test[0]
-    return Splits(name, train, valid, test, int(num_classes), tuple(torch.as_tensor(x0).shape), workers if src.kind != "tensor" else 0)
+    return Splits(name, train, valid, test, int(num_classes), tuple(torch.as_tensor(x0).shape), loader_workers(name, workers))
+
+
+def loader_workers(name: str, workers: int) -> int:
+    """``DataLoader`` worker processes dataset ``name`` gets for ``dataset.workers`` = ``workers``:
+    none for the in-memory datasets (indexed in the training process, no loader at all)."""
+    return 0 if get_source(name).kind == "tensor" else int(workers)
 
 
 def _flatten_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import torch
 from torch import nn
 
 import searchspace
@@ -41,6 +40,7 @@ from automl._config import StudyConfig
 from automl._measure import measure
 from automl._metrics import METRIC_KEYS
 from automl._rebuild import load_model
+from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._train import TrainOptions, TrialFailed, fit
 from automl._trial import CALIBRATION_SAMPLES, Calibrated, TrialOutcome, apply_chain
 
@@ -104,7 +104,7 @@ def _task(model: nn.Module, teacher: nn.Module | None, data: Any, options: Train
     """Ray task: the fine-tune on the task's device (a GPU where the trial resources ask for one)."""
     from automl._cluster import assigned_device
 
-    torch.set_num_threads(max(1, int(cpus)))
+    set_threads(training_threads(cpus))
     device, where = assigned_device(gpus)
     model, history = _continue(model, teacher, data, options, device)
     return model, history, where
@@ -128,6 +128,7 @@ def finalize_trial(
     from automl._data import dataset_from_config
     from automl._study import objective_values, prepare_base
 
+    ThreadPlan.from_config(cfg).apply()
     if epochs < 1:
         raise FinalizeError(f"--epochs must be >= 1, got {epochs}")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
@@ -192,7 +193,6 @@ def finalize_trial(
             task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_task)
             model, history, where = ray.get(task.remote(model, teacher, data, options, cfg.resources.gpus, cfg.resources.cpus))
         else:
-            torch.set_num_threads(max(1, int(cfg.resources.cpus)))
             model, history = _continue(model, teacher, data, options, "cpu")
             where = {"device": "cpu"}
     except TrialFailed as exc:

@@ -14,6 +14,7 @@ from automl._config import StudyConfig
 from automl._prescreen import Screen
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
+from automl._threads import ThreadPlan
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
 __all__ = ["NodeScreen", "check_drift", "make_scheduler", "run_search"]
@@ -66,6 +67,8 @@ def run_search(
 
     init_ray(cfg)
     resources = ray.cluster_resources()
+    for line in ThreadPlan.from_config(cfg).warnings(resources.get("CPU", 0)):
+        log(line)
     slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
     if cfg.resources.gpus > 0:
         slots = min(slots, int(resources.get("GPU", 0) // cfg.resources.gpus))
@@ -148,11 +151,11 @@ class _ScreenWorker:
     def __init__(self, screen: Screen, plugins: tuple[str, ...], threads: float) -> None:
         import importlib
 
-        import torch
+        from automl._threads import set_threads, training_threads
 
         for module in plugins:  # user methods register themselves on import, as in a trial
             importlib.import_module(module)
-        torch.set_num_threads(max(1, int(threads)))
+        set_threads(training_threads(threads))
         self.screen = screen
 
     def check(self, plan: Any, finished: dict[str, int]) -> Any:

@@ -38,10 +38,11 @@ from automl._measure import Metrics, measure
 from automl._progress import EpochProgress, drain, sender
 from automl._models import StagedNet, build_model
 from automl._weights import WeightsError, load_start
+from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._trial import TrialSettings
 from automl._train import TrainOptions, fit
 
-__all__ = ["Payload", "StudyError", "init_ray", "load_study_config", "objective_values", "open_storage", "prepare_study"]
+__all__ = ["Payload", "StudyError", "base_train_options", "init_ray", "load_study_config", "objective_values", "open_storage", "prepare_study"]
 
 
 class StudyError(RuntimeError):
@@ -118,8 +119,17 @@ def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:
     return build_model(ref["model"], input_shape=ref["input_shape"], num_classes=ref["num_classes"], options=ref["options"])
 
 
+def base_train_options(cfg: StudyConfig) -> TrainOptions:
+    """How the base trains: its epochs and recipe, the study's batch size, seed and device options."""
+    return TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
+
+
 def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callable[[str], None] = print) -> tuple[nn.Module, Metrics]:
-    """Train the base once (or load the user's checkpoint), cache it in the study folder, measure it."""
+    """Train the base once (or load the user's checkpoint), cache it in the study folder, measure it.
+
+    ``base.json`` records where it trained and ``torch_threads``, PyTorch's thread count in the
+    process that trained it (:mod:`automl._threads`).
+    """
     folder = study_dir / "base"
     weights = folder / "weights.pt"
     record = folder / "base.json"
@@ -142,7 +152,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
         seconds, where = 0.0, {}
     else:
         log(f"base: {'fine-tuning' if begun else 'training'} {cfg.base.model} for {cfg.base.epochs} epochs on {data.describe()}")
-        options = TrainOptions(epochs=cfg.base.epochs, lr=cfg.base.lr, batch_size=cfg.budget.batch_size, seed=cfg.seed, **cfg.base.recipe(), **cfg.budget.device_options())
+        options = base_train_options(cfg)
         show = EpochProgress(log)
         if cfg.resources.gpus > 0:
             # On a GPU machine or cluster the base trains where trials do: a Ray task with their resources.
@@ -162,7 +172,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
             model.load_state_dict(state)
             log(f"base: trained on {where['device']}" + (f" ({where['gpu_fallback']})" if "gpu_fallback" in where else ""))
         else:
-            where = {"device": "cpu"}
+            where = {"device": "cpu", "torch_threads": torch.get_num_threads()}
             start = time.perf_counter()
             try:
                 fit(model, data, options, progress=lambda s: show("base", s))
@@ -190,11 +200,11 @@ def _train_base(
 ) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """Ray task: train the base on the task's device; returns CPU weights, seconds, device record.
     Each epoch's progress goes to the launcher through ``queue``."""
-    torch.set_num_threads(max(1, int(cpus)))
+    threads = set_threads(training_threads(cpus))
     device, where = assigned_device(gpus)
     start = time.perf_counter()
     fit(model, data, options, device=device, progress=sender(queue, "base"))
-    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, where
+    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, {**where, "torch_threads": threads}
 
 
 def init_ray(cfg: StudyConfig) -> None:
@@ -244,7 +254,11 @@ def build_space(cfg: StudyConfig, base: nn.Module) -> SearchSpace:
 
 
 def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tuple[Path, Payload, SearchSpace]:
-    """Create (or reopen) the study folder, the Optuna study, the data and the base model."""
+    """Create (or reopen) the study folder, the Optuna study, the data and the base model.
+
+    The launcher computes with the config's thread plan from here on (:mod:`automl._threads`); its
+    one line is logged first.
+    """
     study_dir = cfg.study_dir
     storage = open_storage_checked(cfg)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +280,9 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
                 "resume it with `automl resume` or give the new study another name"
             )
     config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    plan = ThreadPlan.from_config(cfg)
+    plan.apply()
+    log(plan.describe())
     data = dataset_from_config(cfg.dataset)
     base, base_metrics = prepare_base(cfg, data, study_dir, log=log)
     study = optuna.create_study(

@@ -131,7 +131,8 @@ def run_trial(
     base = base.eval()
     example = data.example().to(device)
     teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
-    notes: dict[str, Any] = {}
+    # What this process trains with (the study's thread plan, automl._threads), for the record.
+    notes: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
 
     def train(module: nn.Module, *, epochs: int | None = None, extra_loss: Any = None, seed_offset: int = 0) -> nn.Module:
         opts = TrainOptions(

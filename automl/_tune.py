@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import torch
 
 from searchspace import Plan
 from automl._checkpoint import save_checkpoint, variant_folder
@@ -24,6 +23,7 @@ from automl._prescreen import plan_key
 from automl._progress import LONG_TRIAL_S, EpochProgress, drain, sender
 from automl._recovery import LAUNCHER, finished_count, guarded
 from automl._study import Payload, open_storage
+from automl._threads import set_threads, training_threads
 from automl._trial import run_trial
 
 __all__ = ["DERIVED_FROM", "DRY_RUN", "DUPLICATE_OF", "EPOCH", "INFEASIBLE", "PARTIAL", "PLAN_KEY", "PRUNED_BY", "VAL_ACCURACY", "EXTRA_ATTRS", "FAIL_REASON", "VARIANTS", "make_callback", "searcher_class", "trial_function"]
@@ -64,8 +64,7 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
 
     for module in payload.plugins:  # user methods register themselves on import
         importlib.import_module(module)
-    threads = max(1, int(payload.cpus))
-    torch.set_num_threads(threads)
+    set_threads(training_threads(payload.cpus))
     device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])
     progress = sender(payload.progress, f"trial {config.get('optuna_trial_number', '?')}", after_s=LONG_TRIAL_S)
