@@ -146,6 +146,6 @@ class DepthwiseSeparable(CompressionMethod):
             else:
                 replace(out, name, DWSepConv.from_conv(conv, activation=activation, init=init))
                 converted.append(name)
-        context.notes["dwsep.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["dwsep.skipped"] = skipped
         return out

@@ -254,7 +254,7 @@ class WSNet(CompressionMethod):
                 modes[name] = timing
             replace(out, name, layer)
             converted[name] = [s, c]
-        context.notes["wsnet.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["wsnet.skipped"] = skipped
         context.notes["wsnet.forward"] = modes
         return out
