@@ -19,6 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from automl._config import ConfigError, StudyConfig, load_config
+from automl._pareto import PICK_NAMES
+
+#: The ``--pick`` choices as the help and the messages show them.
+_PICKS = ", ".join(PICK_NAMES)
+#: The one-line message for a command given both or neither of ``--trial`` and ``--pick``.
+_TRIAL_OR_PICK = f"give exactly one of --trial N or --pick {{{','.join(PICK_NAMES)}}}"
 
 app = typer.Typer(
     add_completion=False,
@@ -327,7 +333,7 @@ def compare(
 def export_cmd(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     trial: Optional[int] = typer.Option(None, "--trial", min=0, help="Export this trial number."),
-    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial: knee, best-accuracy, smallest, fastest, fewest-macs (within the bounds given)."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help=f"Choose the trial: {_PICKS} (within the bounds given)."),
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
@@ -341,7 +347,7 @@ def export_cmd(
     from automl._pareto import load_view, pick
 
     if (trial is None) == (pick_ is None):
-        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+        fail(_TRIAL_OR_PICK)
     constraints = _constraints(max_latency, max_size, min_accuracy)
     cfg, s = _load_study(study, runs)
     view = load_view(s)
@@ -389,24 +395,22 @@ def export_cmd(
 def finalize(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     trial: Optional[int] = typer.Option(None, "--trial", help="Finalize this trial number."),
-    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial as export does: knee, best-accuracy, smallest, fastest, fewest-macs."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help=f"Choose the trial as export does: {_PICKS}."),
     epochs: int = typer.Option(30, "--epochs", help="Most fine-tuning epochs (early stopping on validation accuracy may end sooner)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the study's budget.lr)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
 ) -> None:
     """Fine-tune a chosen trial's model for longer and store it as a new trial linked to it."""
-    import importlib
-
     from automl._finalize import FinalizeError, finalize_trial
     from automl._pareto import load_view, pick
+    from automl._plugins import import_plugins
 
     if (trial is None) == (pick_ is None):
-        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+        fail(_TRIAL_OR_PICK)
     if epochs < 1:
         fail(f"--epochs must be >= 1, got {epochs}")
     cfg, s = _load_study(study, runs)
-    for module in cfg.plugins:  # user methods register themselves on import
-        importlib.import_module(module)
+    import_plugins(cfg.plugins)
     if trial is None:
         view = load_view(s)
         # A search trial is picked: a finalized one is its parent's continuation, not a new choice.

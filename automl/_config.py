@@ -22,6 +22,7 @@ from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
 from automl._models import list_models
+from automl._plugins import import_plugins
 
 __all__ = ["ConfigError", "StudyConfig", "load_config"]
 
@@ -299,11 +300,7 @@ class StudyConfig(_Frozen):
     @field_validator("plugins")
     @classmethod
     def _plugins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, module in enumerate(v):
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # noqa: BLE001 - any import failure is a bad config
-                raise ValueError(f"plugins[{i}]: module {module!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+        import_plugins(v)  # a PluginError is a ValueError: one line naming plugins[i]
         return v
 
     @field_validator("methods")

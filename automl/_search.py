@@ -11,6 +11,7 @@ import optuna
 
 from automl._cluster import start_sink
 from automl._config import StudyConfig
+from automl._plugins import import_plugins
 from automl._prescreen import Screen
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
@@ -146,12 +147,9 @@ class _ScreenWorker:
     """The body of :class:`NodeScreen`'s actor: a trial worker's setup, then the screen's checks."""
 
     def __init__(self, screen: Screen, plugins: tuple[str, ...], threads: float) -> None:
-        import importlib
-
         import torch
 
-        for module in plugins:  # user methods register themselves on import, as in a trial
-            importlib.import_module(module)
+        import_plugins(plugins)  # as in a trial
         torch.set_num_threads(max(1, int(threads)))
         self.screen = screen
 

@@ -58,12 +58,11 @@ EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit
 
 def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     """Run one trial from a Ray Tune config; returns the result dict (never raises for trial faults)."""
-    import importlib
-
     from ray import tune
 
-    for module in payload.plugins:  # user methods register themselves on import
-        importlib.import_module(module)
+    from automl._plugins import import_plugins
+
+    import_plugins(payload.plugins)
     threads = max(1, int(payload.cpus))
     torch.set_num_threads(threads)
     device, where = assigned_device(payload.gpus)
