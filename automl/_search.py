@@ -161,8 +161,8 @@ class NodeScreen:
     """A :class:`~automl._prescreen.Screen` whose dry runs run in a Ray actor on the launcher's node.
 
     The dry run builds and times each plan's artifact. Timed in the launcher process, beside Tune's
-    event loop, the heartbeat thread and Ray's driver threads, its latency was noisy (BENCHMARKS.md,
-    issue 13: the unchanged base read 0.015-0.094 ms there against 0.015-0.018 ms in its trials), and
+    event loop, the heartbeat thread and Ray's driver threads, its latency was noisy (the
+    unchanged base read 0.015-0.094 ms there against 0.015-0.018 ms in its trials), and
     latency constraints and MO-ASHA then acted on wrong costs. The actor is a Ray worker process like
     the trials' (same thread count, same user plugins, the same node lock), so a dry run's latency is
     timed the way a trial times its own. It asks for no CPU: the lock, not Ray's resources, keeps it
