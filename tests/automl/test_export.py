@@ -179,22 +179,6 @@ def test_pick_with_constraint_and_bad_selection(small_study, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output, f"an existing destination must not be overwritten silently: {r.output}"
 
 
-def test_show_filters_and_compare(small_study):
-    runner = CliRunner()
-    view = load_view(optuna.load_study(study_name=small_study.name, storage=small_study.storage_url))
-    best = max(r.metrics["accuracy"] for r in view.front)
-    r = runner.invoke(app, ["show", str(small_study.study_dir), "--front", "--min-accuracy", str(best)])
-    assert r.exit_code == 0 and f"with accuracy >= {best:g}" in r.output, f"show --min-accuracy failed: {r.output}"
-    kept = [r_.number for r_ in view.front if r_.metrics["accuracy"] >= best]
-    assert f"{len(kept)} of {len(view.front)} trials" in r.output, f"filter kept the wrong number of trials: {r.output}"
-    r = runner.invoke(app, ["show", str(small_study.study_dir), "--max-size", "1"])
-    assert r.exit_code == 0 and "no trial on the front meets size_bytes <= 1" in r.output, f"empty filter must say so: {r.output}"
-    r = runner.invoke(app, ["compare", str(small_study.study_dir), str(small_study.study_dir)])
-    assert r.exit_code == 0, f"compare failed: {r.output}"
-    hv = [line for line in r.output.splitlines() if line.strip().startswith("│ tiny")]
-    assert len(hv) == 2 and hv[0] == hv[1], f"a study compared with itself must show equal rows: {hv}"
-
-
 @pytest.mark.parametrize("threshold", [0.0, 1.5], ids=["always-exit", "never-exit"])
 def test_export_keeps_data_dependent_control_flow(threshold, small_study, tmp_path):
     """Both branches of a user's early-exit forward (Python control flow on a tensor value, which
