@@ -21,7 +21,8 @@ translates that program with onnxscript. Checked on torch 2.14.1 for every regis
 The legacy TorchScript-based exporter (:func:`legacy_to_onnx`, ``dynamo=False``) remains for one
 case only: a model that exists only as TorchScript, which ``torch.export`` cannot take (a model
 scripted because ``torch.export`` could not capture it, and the ``torch.ao`` int8 modules of the
-PyTorch runtimes, whose quantised packed weights ``torch.export`` cannot capture). :data:`LEGACY_REASON` is what the artifact's metadata records.
+PyTorch runtimes, whose quantised packed weights ``torch.export`` cannot capture).
+:data:`LEGACY_REASON` is what the artifact's metadata records.
 """
 
 from __future__ import annotations
