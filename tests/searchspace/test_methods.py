@@ -115,3 +115,22 @@ def test_registry_rejects_duplicates_and_lists_allowed():
 @pytest.mark.parametrize("name", METHODS, indirect=True)
 def test_method_cites_its_paper(name):
     assert searchspace.get_method(name).reference, f"{name}: cite the paper the method follows in `reference`"
+
+
+@pytest.mark.parametrize("model_name,shape", [("digits_cnn", (1, 8, 8)), ("mnist1d_cnn", (40,))], ids=["digits_cnn", "mnist1d_cnn"])
+@pytest.mark.parametrize("name", METHODS, indirect=True)
+def test_structure_follows_from_the_parameters(name, model_name, shape):
+    """The contract ``automl.load_model`` and the dry run rely on: the same parameters on the same
+    base give the same state-dict layout, whatever the calibration data and with ``dry_run`` on."""
+    method = searchspace.get_method(name)()
+    base = make_base(model_name, shape)
+    if method.supports(base) is not None:
+        pytest.skip(f"{name} does not apply to {model_name}")
+    params, _ = sample_params(method, seed=5)
+    layouts = []
+    for seed, dry in ((0, False), (1, True)):
+        ctx = random_context(shape, base, seed=seed)
+        ctx.dry_run = dry
+        out = method.apply(base, params, context=ctx)
+        layouts.append({k: tuple(v.shape) for k, v in out.state_dict().items() if isinstance(v, torch.Tensor)})
+    assert layouts[0] == layouts[1], f"{name} on {model_name}: the layout depends on the data or dry_run: {set(layouts[0].items()) ^ set(layouts[1].items())}"
