@@ -1,7 +1,7 @@
 """Export: every method family the small study trained is exported, then loaded in fresh processes
 holding only torch (the ``torch.export`` program, model.pt2) and only onnxruntime (ONNX), reproducing
 the card's accuracy; TorchScript ships only with --torchscript (or the torchscript runtime); bad
-checkpoints fail with exit 2 writing nothing; show/compare on the same study."""
+checkpoints fail with exit 2 writing nothing; the steps of an export on constructed inputs."""
 
 from __future__ import annotations
 
@@ -380,3 +380,77 @@ def _program_thresholds(folder: Path) -> list[float]:
     buffers = [v for k, v in torch.export.load(str(folder / "model.pt2")).module().named_buffers() if k.endswith("thresholds")]
     assert len(buffers) == 1, f"{folder}/model.pt2 must hold one thresholds buffer, has {len(buffers)}"
     return buffers[0][:-1].tolist()
+
+
+# --- the steps of an export, on constructed inputs ------------------------------------------
+
+
+def _row(metrics, number=3):
+    from automl._pareto import FrontRow
+
+    return FrontRow(number=number, method="none", params={}, metrics=metrics)
+
+
+def test_recorded_metrics_prefer_the_study_and_need_an_accuracy():
+    from automl._export import ExportError, _recorded_metrics
+
+    got = _recorded_metrics(_row({"accuracy": 0.9, "latency_ms": None}), {"metrics": {"accuracy": 0.1, "latency_ms": 2.0, "macs": 7}})
+    assert got == {"accuracy": 0.9, "latency_ms": 2.0, "macs": 7}, "the study's value wins; the record fills what the study lacks"
+    with pytest.raises(ExportError, match="trial 3 has no recorded accuracy to verify against") as raised:
+        _recorded_metrics(_row({"accuracy": None}), {"metrics": {}})
+    assert raised.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "record,files,runtime",
+    [({"runtime": "eager"}, ["model.onnx"], "eager"), ({}, ["model.onnx", "model.ts"], "onnxruntime"), ({}, ["model.ts"], "torchscript"), ({}, [], "eager")],
+)
+def test_checkpoint_runtime_is_the_records_else_the_files(tmp_path, record, files, runtime):
+    from automl._export import _checkpoint_runtime
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    assert _checkpoint_runtime(tmp_path, record) == runtime
+
+
+def test_accuracy_matches_counts_correct_samples():
+    from automl._export import _accuracy_matches
+
+    # 360 samples: one sample is 1/360 of accuracy; equal counts match, one sample apart does not.
+    assert _accuracy_matches(300 / 360, 300 / 360 + 1e-12, 360)
+    assert not _accuracy_matches(300 / 360, 301 / 360, 360)
+
+
+def test_staging_renames_into_place_or_leaves_nothing(tmp_path):
+    from automl._export import _staging
+
+    out = tmp_path / "new" / "export"
+    with pytest.raises(RuntimeError, match="check failed"):
+        with _staging(out) as tmp:
+            (tmp / "card.json").write_text("{}")
+            raise RuntimeError("check failed")
+    assert not (tmp_path / "new").exists(), "a failed export removes its staging folder and the parent it made"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "stale.txt").write_text("x")
+    with _staging(tmp_path / "old") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".old.partial-")
+        (tmp / "card.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["card.json"], "a finished export replaces the old folder whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "no staging folder is left"
+
+
+def test_copy_checkpoint_files_copies_what_exists_readable_by_all(tmp_path):
+    import stat
+
+    from automl._checkpoint import RECORD, WEIGHTS
+    from automl._export import _copy_checkpoint_files
+
+    src, dst = tmp_path / "ckpt", tmp_path / "out"
+    src.mkdir()
+    dst.mkdir()
+    for name in (WEIGHTS, RECORD, "model.pt2"):
+        (src / name).write_bytes(name.encode())
+        (src / name).chmod(0o600)
+    _copy_checkpoint_files(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == sorted([WEIGHTS, RECORD, "model.pt2"])
+    assert all((dst / n).read_bytes() == n.encode() and stat.S_IMODE((dst / n).stat().st_mode) == 0o644 for n in (WEIGHTS, RECORD, "model.pt2"))
