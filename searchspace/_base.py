@@ -95,10 +95,14 @@ class CompressionMethod(abc.ABC):
       editable in the ONNX file are named in an ``onnx_initializers`` class attribute of the module.
       A module that cannot be captured is scripted instead, with the reason recorded.
     - **Protocols.** A model that needs more than a forward pass implements one of the protocols
-      of :mod:`searchspace._protocols` with exactly its signatures: :class:`ArtifactQuantization`
-      (quantised when it becomes the artifact; set :attr:`quantizes_artifact`),
-      :class:`Calibrated` (settings fitted after training), :class:`DynamicInference` (work that
-      depends on the input; such methods set :attr:`costs_after_training`).
+      of :mod:`searchspace._protocols` with exactly its signatures:
+      :class:`~searchspace.ArtifactQuantization` (quantised when it becomes the artifact; set
+      :attr:`quantizes_artifact`), :class:`~searchspace.Calibrated` (settings fitted after
+      training), :class:`~searchspace.DynamicInference` (work that depends on the input; such
+      methods set :attr:`costs_after_training`).
+
+    The registry-driven tests (``tests/searchspace/test_methods.py``, ``test_protocols.py``) check
+    these points for every registered method on every built-in base model.
 
     Args:
         ranges: narrowed domains for some hyperparameters (validated by :meth:`narrowed`).
@@ -124,9 +128,9 @@ class CompressionMethod(abc.ABC):
     #: permutations, computed kernels, exit heads sized at apply time).
     prunable_layers: ClassVar[bool] = True
     #: Whether the method's quantisation happens when the model becomes its runtime's artifact:
-    #: ``apply`` returns the float model carrying an :class:`ArtifactQuantization` recipe, and the
-    #: artifact builder quantises with the runtime's own tools (int8: ONNX Runtime's quantiser for
-    #: ``onnxruntime``). Its size and accuracy are those of the quantised artifact.
+    #: ``apply`` returns the float model carrying an :class:`~searchspace.ArtifactQuantization`
+    #: recipe, and the artifact builder quantises with the runtime's own tools (int8: ONNX
+    #: Runtime's quantiser for ``onnxruntime``). Its size and accuracy are the quantised artifact's.
     quantizes_artifact: ClassVar[bool] = False
     #: The notes key (without the ``"<name>."`` prefix) under which :meth:`apply` records the layers
     #: it converted, as a list or dict that is empty when it converted none; see
