@@ -32,15 +32,15 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from automl._latency import torch_threads
-from searchspace import artifact_quantization
+from searchspace import DynamicInference, artifact_quantization
 
-__all__ = ["Artifact", "ArtifactError", "DynamicInference", "build_artifact", "eager_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
+__all__ = ["Artifact", "ArtifactError", "build_artifact", "eager_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
@@ -51,22 +51,6 @@ INFO_FILE = "artifact.json"
 
 class ArtifactError(RuntimeError):
     """A model cannot be turned into (or loaded as) its runtime's artifact; the message says why."""
-
-
-@runtime_checkable
-class DynamicInference(Protocol):
-    """A model whose work depends on its input, e.g. early exits (``searchspace.methods.exits``).
-
-    ``exit_indices(x)`` gives the exit each sample of ``x`` leaves at, under the model's current
-    settings; ``exit_paths()`` gives, per exit, a module that runs exactly what a sample leaving
-    there runs (for counting MACs with the same counter as every other model). Such a model is
-    compiled with ``torch.jit.script`` (its control flow depends on the data, so tracing would
-    freeze one path) and timed per sample.
-    """
-
-    def exit_indices(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def exit_paths(self) -> list[nn.Module]: ...
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -80,7 +64,7 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
     """The TorchScript form of ``model``: scripted, or traced where a static model does not script.
 
     A static model runs the same ops for every input, so tracing records it exactly where scripting
-    cannot compile it (e.g. a ``super().forward`` call). A dynamic model (:class:`DynamicInference`)
+    cannot compile it (e.g. a ``super().forward`` call). A dynamic model (:class:`searchspace.DynamicInference`)
     must script: tracing would freeze one path, so it fails with the reason instead.
 
     Raises:

@@ -17,7 +17,7 @@ Layout of ``checkpoints/trial_NNNNN/``:
   started from, a checkpoint of its own whose plan is the chain before them (not measured:
   ``metrics`` is empty); finalize fine-tunes it and replays the post-training stages;
 - ``variant_K/``: each extra operating point of the same trained model (see
-  :class:`automl._trial.Calibrated`), a checkpoint of its own with its own settings, files and
+  :class:`searchspace.Calibrated`), a checkpoint of its own with its own settings, files and
   metrics; its Optuna trial's ``checkpoint`` attribute points here.
 
 A checkpoint written before this format (``weights.pt``, no ``format``) is refused with a
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl._artifact import DynamicInference
+from searchspace import DynamicInference
 
 __all__ = [
     "FLOAT_FOLDER",

@@ -19,6 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from automl._config import ConfigError, StudyConfig, load_config
+from automl._pareto import PICK_NAMES
+
+#: The ``--pick`` choices as the help and the messages show them.
+_PICKS = ", ".join(PICK_NAMES)
+#: The one-line message for a command given both or neither of ``--trial`` and ``--pick``.
+_TRIAL_OR_PICK = f"give exactly one of --trial N or --pick {{{','.join(PICK_NAMES)}}}"
 
 app = typer.Typer(
     add_completion=False,
@@ -47,8 +53,8 @@ def _exit_now(code: int) -> NoReturn:
     After Ctrl-C, Ray Tune's loop is still running in its daemon thread
     (:func:`automl._search._fit_interruptibly`). A normal exit runs Ray's ``atexit`` shutdown under
     that thread, and its next call into Ray ends the process from Ray's C++ core with exit code 1
-    ("The core worker has already been shutdown"): a Ctrl-C exited 1 instead of 130 in 1 of 6
-    full suite runs. Nothing is left to write by then (the running trials are closed and re-queued
+    ("The core worker has already been shutdown"), so a Ctrl-C could exit 1 instead of 130.
+    Nothing is left to write by then (the running trials are closed and re-queued
     in the Optuna storage, every finished one was stored when it finished), and the launcher's local
     Ray processes end with it (Ray starts them to share its fate), as after a kill.
     """
@@ -177,6 +183,28 @@ def _load_study(study: str, runs: Path):
         fail(f"study {cfg.name!r} has no Optuna study in {cfg.storage_url}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FrontTable:
+    """What ``show`` prints, computed apart from drawing it."""
+
+    #: The study's one-line summary (trial counts, the base's numbers).
+    summary: str
+    title: str
+    #: The rows to draw, in order (empty when ``empty`` says why there is no table).
+    rows: tuple
+    #: Why no table is drawn (no finished trial, or none meets the bounds); None when there is one.
+    empty: str | None
+    #: ``(trial number, reason)`` of the first failed trials, printed under the table.
+    failures: tuple[tuple[int, str], ...] = ()
+
+
+#: The columns of ``show``'s table, and whether each is right-aligned (a number).
+FRONT_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("trial", True), ("method", False), ("accuracy", True), ("Δacc", True), ("size (B)", True),
+    ("x smaller", True), ("latency (ms)", True), ("x faster", True), ("MACs", True), ("params", False),
+)
+
+
 def _front_rows(view, constraints, all_trials: bool):
     """(title, rows) that ``show`` prints: the front (or every finished trial), most accurate first,
     filtered by the bounds; rows is None when no trial meets them."""
@@ -190,46 +218,62 @@ def _front_rows(view, constraints, all_trials: bool):
     return f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}", rows
 
 
-def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: bool = False) -> None:
-    from automl._pareto import load_view, params_summary
-
-    view = load_view(study)
-    title, rows = _front_rows(view, constraints, all_trials)
-    if as_json:
-        print(json.dumps([{"trial": r.number, "method": r.method, "finalized_from": r.finalized_from, **r.metrics, "params": r.params} for r in rows], default=str))
-        return
+def front_table(view, constraints=None, *, all_trials: bool = False) -> FrontTable:
+    """The record ``show`` draws for ``view`` (see :class:`FrontTable`)."""
     base = view.base
-    console.print(
+    summary = (
         f"study {view.name}: {len(view.trials)} complete, {view.n_failed} failed, {view.n_running} running; "
         f"base accuracy {base.get('accuracy', float('nan')):.4f}, {base.get('size_bytes')} bytes, "
-        f"{base.get('latency_ms', float('nan')):.3f} ms",
-        markup=False,
+        f"{base.get('latency_ms', float('nan')):.3f} ms"
     )
+    title, rows = _front_rows(view, constraints, all_trials)
+    empty = None
     if not view.front:
-        console.print("no finished trial yet: the front is empty", markup=False)
+        empty = "no finished trial yet: the front is empty"
+    elif not rows:
+        empty = f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}"
+    return FrontTable(summary=summary, title=title, rows=tuple(rows) if empty is None else (), empty=empty, failures=tuple(view.failures[:5]))
+
+
+def front_cells(r) -> tuple[str, ...]:
+    """One row of ``show``'s table as text, in :data:`FRONT_COLUMNS` order ("-" where unmeasured)."""
+    from automl._pareto import params_summary
+
+    m = r.metrics
+    return (
+        str(r.number),
+        r.method + (f" (finalized from {r.finalized_from})" if r.finalized_from is not None else ""),
+        f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "-",
+        f"{100 * r.accuracy_delta:+.2f}pt" if r.accuracy_delta is not None else "-",
+        f"{int(m['size_bytes'])}" if m.get("size_bytes") is not None else "-",
+        f"{r.compression:.2f}" if r.compression else "-",
+        f"{m['latency_ms']:.3f}" if m.get("latency_ms") is not None else "-",
+        f"{r.speedup:.2f}" if r.speedup else "-",
+        f"{int(m['macs']):,}" if m.get("macs") is not None else "-",
+        params_summary(r.params),
+    )
+
+
+def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: bool = False) -> None:
+    from automl._pareto import load_view
+
+    view = load_view(study)
+    if as_json:
+        _, rows = _front_rows(view, constraints, all_trials)
+        print(json.dumps([{"trial": r.number, "method": r.method, "finalized_from": r.finalized_from, **r.metrics, "params": r.params} for r in rows], default=str))
         return
-    if not rows:
-        console.print(f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}", markup=False)
+    record = front_table(view, constraints, all_trials=all_trials)
+    console.print(record.summary, markup=False)
+    if record.empty is not None:
+        console.print(record.empty, markup=False)
         return
-    table = Table(title=title)
-    for col in ("trial", "method", "accuracy", "Δacc", "size (B)", "x smaller", "latency (ms)", "x faster", "MACs", "params"):
-        table.add_column(col, justify="right" if col not in ("method", "params") else "left")
-    for r in rows:
-        m = r.metrics
-        table.add_row(
-            str(r.number),
-            r.method + (f" (finalized from {r.finalized_from})" if r.finalized_from is not None else ""),
-            f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "-",
-            f"{100 * r.accuracy_delta:+.2f}pt" if r.accuracy_delta is not None else "-",
-            f"{int(m['size_bytes'])}" if m.get("size_bytes") is not None else "-",
-            f"{r.compression:.2f}" if r.compression else "-",
-            f"{m['latency_ms']:.3f}" if m.get("latency_ms") is not None else "-",
-            f"{r.speedup:.2f}" if r.speedup else "-",
-            f"{int(m['macs']):,}" if m.get("macs") is not None else "-",
-            params_summary(r.params),
-        )
+    table = Table(title=record.title)
+    for col, right in FRONT_COLUMNS:
+        table.add_column(col, justify="right" if right else "left")
+    for r in record.rows:
+        table.add_row(*front_cells(r))
     console.print(table)
-    for number, reason in view.failures[:5]:
+    for number, reason in record.failures:
         console.print(f"failed trial {number}: {reason}", markup=False)
 
 
@@ -303,37 +347,68 @@ def compare(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
 ) -> None:
     """Compare two studies' fronts by hypervolume on one common reference point."""
-    from automl._pareto import COST_REFERENCE, front_hypervolume, load_view
+    from automl._pareto import COST_REFERENCE, load_view
 
     va, vb = (load_view(_load_study(x, runs)[1]) for x in (a, b))
     if va.objectives != vb.objectives or va.directions != vb.directions:
         fail(f"studies must share objectives to be compared, got {list(va.objectives)} vs {list(vb.objectives)}")
-    # One unit system for both fronts: study A's base model (the same base in the usual case of two
-    # searches over one model); the reference point is then common by construction.
-    unit = va.base or vb.base
     table = Table(title=f"Fronts on a common reference point (units of {va.name}'s base; cost reference {COST_REFERENCE:g}x, accuracy 0)")
     for col in ("study", "finished", "failed", "front", "hypervolume", "best accuracy", "smallest (B)", "fastest (ms)"):
         table.add_column(col, justify="left" if col == "study" else "right")
-    for v in (va, vb):
-        def best(key, fn):
-            vals = [r.metrics[key] for r in v.front if r.metrics.get(key) is not None]
-            return fn(vals) if vals else None
-        acc, size, lat = best("accuracy", max), best("size_bytes", min), best("latency_ms", min)
+    for row in compare_rows(va, vb):
         table.add_row(
-            v.name, str(len(v.trials)), str(v.n_failed), str(len(v.front)),
-            f"{front_hypervolume(v.front, v.objectives, v.directions, unit):.4f}",
-            f"{acc:.4f}" if acc is not None else "-", f"{int(size)}" if size is not None else "-", f"{lat:.3f}" if lat is not None else "-",
+            row.study, str(row.finished), str(row.failed), str(row.front), f"{row.hypervolume:.4f}",
+            f"{row.best_accuracy:.4f}" if row.best_accuracy is not None else "-",
+            f"{int(row.smallest_bytes)}" if row.smallest_bytes is not None else "-",
+            f"{row.fastest_ms:.3f}" if row.fastest_ms is not None else "-",
         )
     console.print(table)
     if va.base and vb.base and any(va.base.get(k) != vb.base.get(k) for k in va.objectives):
         _log(f"note: the two studies have different base models; both fronts are measured in units of {va.name}'s base")
 
 
+@dataclasses.dataclass(frozen=True)
+class CompareRow:
+    """One study's line of ``compare``: counts, the front's hypervolume and its best numbers."""
+
+    study: str
+    finished: int
+    failed: int
+    front: int
+    #: Hypervolume of the front in units of the first study's base (the common reference point).
+    hypervolume: float
+    best_accuracy: float | None
+    smallest_bytes: float | None
+    fastest_ms: float | None
+
+
+def compare_rows(*views) -> list[CompareRow]:
+    """``compare``'s record: one :class:`CompareRow` per study view, all measured in units of the
+    first view's base (the same base in the usual case of two searches over one model), so the
+    reference point is common by construction."""
+    from automl._pareto import front_hypervolume
+
+    unit = next((v.base for v in views if v.base), {})
+
+    def best(v, key, fn):
+        vals = [r.metrics[key] for r in v.front if r.metrics.get(key) is not None]
+        return fn(vals) if vals else None
+
+    return [
+        CompareRow(
+            study=v.name, finished=len(v.trials), failed=v.n_failed, front=len(v.front),
+            hypervolume=front_hypervolume(v.front, v.objectives, v.directions, unit),
+            best_accuracy=best(v, "accuracy", max), smallest_bytes=best(v, "size_bytes", min), fastest_ms=best(v, "latency_ms", min),
+        )
+        for v in views
+    ]
+
+
 @app.command("export")
 def export_cmd(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     trial: Optional[int] = typer.Option(None, "--trial", min=0, help="Export this trial number."),
-    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial: knee, best-accuracy, smallest, fastest, fewest-macs (within the bounds given)."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help=f"Choose the trial: {_PICKS} (within the bounds given)."),
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
@@ -347,7 +422,7 @@ def export_cmd(
     from automl._pareto import load_view, pick
 
     if (trial is None) == (pick_ is None):
-        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+        fail(_TRIAL_OR_PICK)
     constraints = _constraints(max_latency, max_size, min_accuracy)
     cfg, s = _load_study(study, runs)
     view = load_view(s)
@@ -395,24 +470,22 @@ def export_cmd(
 def finalize(
     study: str = typer.Argument(..., help="Study folder, or a study name under --runs."),
     trial: Optional[int] = typer.Option(None, "--trial", help="Finalize this trial number."),
-    pick_: Optional[str] = typer.Option(None, "--pick", help="Choose the trial as export does: knee, best-accuracy, smallest, fastest, fewest-macs."),
+    pick_: Optional[str] = typer.Option(None, "--pick", help=f"Choose the trial as export does: {_PICKS}."),
     epochs: int = typer.Option(30, "--epochs", help="Most fine-tuning epochs (early stopping on validation accuracy may end sooner)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the study's budget.lr)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
 ) -> None:
     """Fine-tune a chosen trial's model for longer and store it as a new trial linked to it."""
-    import importlib
-
     from automl._finalize import FinalizeError, finalize_trial
     from automl._pareto import load_view, pick
+    from automl._plugins import import_plugins
 
     if (trial is None) == (pick_ is None):
-        fail("give exactly one of --trial N or --pick {knee,best-accuracy,smallest,fastest,fewest-macs}")
+        fail(_TRIAL_OR_PICK)
     if epochs < 1:
         fail(f"--epochs must be >= 1, got {epochs}")
     cfg, s = _load_study(study, runs)
-    for module in cfg.plugins:  # user methods register themselves on import
-        importlib.import_module(module)
+    import_plugins(cfg.plugins)
     if trial is None:
         view = load_view(s)
         # A search trial is picked: a finalized one is its parent's continuation, not a new choice.

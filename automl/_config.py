@@ -23,6 +23,7 @@ from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
 from automl._models import LIBRARIES, check_model_name, list_models
 from automl._weights import check_weights
+from automl._plugins import import_plugins
 
 __all__ = ["ConfigError", "StudyConfig", "load_config"]
 
@@ -322,11 +323,7 @@ class StudyConfig(_Frozen):
     @field_validator("plugins")
     @classmethod
     def _plugins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, module in enumerate(v):
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # noqa: BLE001 - any import failure is a bad config
-                raise ValueError(f"plugins[{i}]: module {module!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+        import_plugins(v)  # a PluginError is a ValueError: one line naming plugins[i]
         return v
 
     @field_validator("methods")

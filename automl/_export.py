@@ -24,21 +24,23 @@ The *PyTorch artifact* the checks compare with is ``model.pt2`` where the checkp
 (``torch.export.load(...).module()``), else ``model.ts``; the card names it (``pytorch_artifact``).
 Checks (any failing one aborts the export):
 
-1. the checkpoint exists, rebuilds (:func:`automl.load_model`) and its PyTorch artifact loads;
+1. the checkpoint exists, rebuilds (:func:`automl.load_model`) and its PyTorch artifact loads
+   (:func:`load_trial_checkpoint`);
 2. the test accuracy of the study runtime's artifact (ONNX Runtime on ``model.onnx``, ``model.ts``,
    or the rebuilt module for ``eager``) equals the trial's recorded accuracy (the same number of
    correct test samples), computed by the same function trials use
-   (:func:`automl._measure.artifact_accuracy`);
+   (:func:`automl._measure.artifact_accuracy`; :func:`_verify_accuracy`);
 3. ONNX Runtime's outputs are compared with the PyTorch artifact's on the whole test split: within
    ``1e-4`` for float models; for int8 models (``model.ts``), whose integer kernels round
    differently in the two runtimes, the same test accuracy and the same prediction on >= 99 % of
    the samples. The card records it. Where ONNX is an extra (the study timed another runtime) an
    ONNX file that fails is not shipped. int8 quantised by ONNX Runtime has no PyTorch artifact
-   (unless ``--torchscript``): its ONNX file is the measured one, verified by check 2;
+   (unless ``--torchscript``): its ONNX file is the measured one, verified by check 2
+   (:func:`_verify_onnx`);
 4. the weights file reloads to tensors equal to the PyTorch artifact's state dict, and the eager
    module rebuilt from plan and weights computes what the PyTorch artifact (and ``model.ts``, where
    it ships beside ``model.pt2``) computes on the whole test split (float: within ``1e-4``; int8:
-   the same kernels, the same predictions).
+   the same kernels, the same predictions; :func:`_verify_rebuild`, :func:`_verify_torchscript`).
 
 Latency is then re-timed on the exported runtime's file in a fresh Python process that does nothing
 else (``python -m automl._measure latency ...``), by the function trials use, on the same real test
@@ -48,6 +50,7 @@ the machine may be busy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,12 +62,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from automl import _onnx as onnx_export
-from automl._artifact import PT2_FILE, TORCHSCRIPT_FILE, ArtifactError, eager_artifact, load_artifact, to_torchscript
+from automl._artifact import ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, ArtifactError, eager_artifact, load_artifact, to_torchscript
 from automl._checkpoint import RECORD, WEIGHTS, CheckpointError, load_checkpoint, read_weights
 from automl._latency import LatencySettings
 from automl._measure import artifact_accuracy, latency_inputs
@@ -201,7 +204,7 @@ def _check_onnx(reference: Any, reference_name: str | None, folder: Path, data: 
     if quantized:
         # Two quantisers' int8 forms of the same float weights (ONNX Runtime's is the measured
         # model.onnx, torch.ao's the model.ts asked for), not copies of one model: how they differ
-        # is recorded, never a rejection (a fresh CI run saw 1 of 360 predictions differ).
+        # is recorded, never a rejection (they may disagree on a prediction in a few hundred).
         info["criterion"] = "independent int8 quantisations of the same float weights (ONNX Runtime's is the measured artifact): compared for information"
         return {"status": "ok", **info, **({"pytorch_artifact_differs": reason} if reason else {})}
     if reason is not None:
@@ -388,6 +391,306 @@ model = automl.load_model(".")  # this folder: base architecture, chain replayed
 """
 
 
+# --- the steps of an export -----------------------------------------------------------------
+
+
+def _recorded_metrics(row: FrontRow, record: dict[str, Any]) -> dict[str, Any]:
+    """The trial's recorded numbers: the study's, completed by the checkpoint record's where the
+    study has none (a value the study holds wins).
+
+    Raises:
+        ExportError: (code 2) no recorded accuracy, so nothing to verify against.
+    """
+    recorded = dict(row.metrics)
+    for k, v in record.get("metrics", {}).items():
+        if recorded.get(k) is None:
+            recorded[k] = v
+    if recorded.get("accuracy") is None:
+        raise ExportError(f"trial {row.number} has no recorded accuracy to verify against")
+    return recorded
+
+
+def _checkpoint_runtime(folder: Path, record: dict[str, Any]) -> str:
+    """The runtime the trial was measured on: the record's, else guessed from the files it holds
+    (``model.onnx``: ONNX Runtime; ``model.ts``: TorchScript; neither: eager)."""
+    if record.get("runtime"):
+        return str(record["runtime"])
+    if (folder / ONNX_FILE).is_file():
+        return "onnxruntime"
+    return "torchscript" if (folder / TORCHSCRIPT_FILE).is_file() else "eager"
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden ``.partial`` folder beside ``out`` to write into; renamed to ``out`` when the block
+    ends without error (replacing an existing ``out``), removed on any error together with a
+    parent folder made for it, so a failed export leaves nothing on disk."""
+    created_parent = not out.parent.exists()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=False)
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:
+            try:
+                out.parent.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _copy_checkpoint_files(source: Path, dest: Path) -> None:
+    """Byte for byte what the trial wrote: plan and weights (``automl.load_model(dest)`` rebuilds
+    the module), the PyTorch artifact (``model.pt2``, or ``model.ts`` where the runtime is
+    TorchScript or int8 has no .pt2) and the measured ``model.onnx``."""
+    for name in (WEIGHTS, RECORD, PT2_FILE, TORCHSCRIPT_FILE, ONNX_FILE):
+        if name in (WEIGHTS, RECORD) or (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            os.chmod(dest / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
+
+
+class _Rebuilt:
+    """The module ``automl.load_model`` rebuilt, and (made on first use) the form the PyTorch
+    runtimes run: quantised by the model's recipe where it carries one, else the module itself."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.recipe = artifact_quantization(model)
+        self._pytorch: torch.nn.Module | None = None
+
+    def pytorch(self) -> torch.nn.Module:
+        if self._pytorch is None:
+            self._pytorch = self.recipe.quantize_torch(self.model, {}).eval() if self.recipe is not None else self.model.eval()
+        return self._pytorch
+
+
+def _write_torchscript(module: torch.nn.Module, example: torch.Tensor, folder: Path) -> None:
+    """``--torchscript``: ``model.ts`` scripted (or traced) from the rebuilt module.
+
+    Raises:
+        ExportError: (code 1) the module does not become TorchScript.
+    """
+    try:
+        scripted = to_torchscript(module, example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
+            scripted.save(str(folder / TORCHSCRIPT_FILE))
+    except Exception as exc:  # noqa: BLE001 - the flag asked for a file this model cannot give
+        raise ExportError(f"--torchscript: the rebuilt module does not become TorchScript: {type(exc).__name__}: {_first_line(exc)}", code=1) from exc
+
+
+def _accuracy_matches(accuracy: float, recorded: float, n_test: int) -> bool:
+    """Whether two test accuracies on ``n_test`` samples count the same number of correct samples."""
+    return abs(accuracy - recorded) < 0.5 / max(n_test, 1)
+
+
+def _verify_accuracy(folder: Path, runtime: str, rebuilt: _Rebuilt, data: Any, recorded: float, *, trial: int) -> tuple[float, str]:
+    """Check: the study runtime's artifact in ``folder`` reproduces the recorded test accuracy
+    (the same number of correct test samples), by the function trials use.
+
+    Returns:
+        ``(accuracy, runtime verified)``.
+
+    Raises:
+        ExportError: code 2 where the artifact does not run; code 1 where the accuracy differs.
+    """
+    verify_runtime = runtime if runtime in ("onnxruntime", "torchscript", "eager") else "onnxruntime"
+    try:
+        artifact = eager_artifact(rebuilt.pytorch()) if verify_runtime == "eager" else load_artifact(folder, runtime=verify_runtime)
+        acc = artifact_accuracy(artifact, data)
+    except ArtifactError as exc:
+        raise ExportError(f"trial {trial}: the checkpoint's {verify_runtime} artifact does not run: {exc}") from exc
+    n_test = data.n("test")
+    if not _accuracy_matches(acc, recorded, n_test):
+        raise ExportError(
+            f"verification failed: the exported {verify_runtime} model's test accuracy {acc:.6f} != recorded {recorded:.6f} ({n_test} test samples)",
+            code=1,
+        )
+    return acc, verify_runtime
+
+
+def _verify_rebuild(
+    folder: Path, rebuilt: _Rebuilt, reference: Any, reference_name: str | None, data: Any, artifact_info: dict[str, Any], *, ts_written: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Check: the weights file holds the PyTorch artifact's weights, and the module rebuilt from plan
+    and weights computes what it computes. Returns the card's ``rebuild`` entry.
+
+    Where the artifact was quantised when it was built (``artifact.json``: ``quantization``), the
+    weights are the float ones the runtime's quantiser started from and the checkpoint's
+    ``model.ts`` holds the quantised form: nothing to compare, unless export wrote that ``model.ts``
+    itself (``--torchscript``) from the rebuilt module.
+
+    Raises:
+        ExportError: (code 1) the weights or the rebuilt module's outputs differ.
+    """
+    quantized = "quantization" in artifact_info
+    if reference is None:
+        why = "int8 quantised by ONNX Runtime when the artifact was built" if quantized else f"no model.pt2 ({(artifact_info.get('pt2') or {}).get('reason')})"
+        log(f"rebuild: no PyTorch artifact in the checkpoint: {why}; model.onnx is compared with the rebuilt module below")
+        return {"skipped": f"{why}: no PyTorch artifact to compare the rebuilt module with", "pytorch_artifact": None}
+    if quantized and not ts_written:
+        log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); {reference_name} is their quantised form")
+        return {"skipped": "the artifact is quantised from the rebuilt float module when it is built", "pytorch_artifact": reference_name}
+    if not quantized:
+        diff = _same_weights(read_weights(folder / WEIGHTS), reference.state_dict())
+        if diff is not None:
+            raise ExportError(f"verification failed: {WEIGHTS} does not match {reference_name}: {diff}", code=1)
+    diff, info = _rebuild_matches(rebuilt.pytorch() if quantized else rebuilt.model, reference, reference_name, data)
+    if diff is not None:
+        raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {reference_name}: {diff}", code=1)
+    log(f"verified: the module rebuilt from plan and weights computes what {reference_name} computes")
+    return info
+
+
+def _verify_torchscript(folder: Path, rebuilt: _Rebuilt, reference_name: str | None, data: Any, rebuild_info: dict[str, Any], *, ts_written: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Check: a ``model.ts`` shipped beside ``model.pt2`` computes what the rebuilt module computes.
+    Returns the card's ``torchscript`` entry (None where no such file ships).
+
+    Raises:
+        ExportError: (code 1) it computes something else.
+    """
+    info: dict[str, Any] | None = None
+    if (folder / TORCHSCRIPT_FILE).is_file() and reference_name != TORCHSCRIPT_FILE:
+        ts_module = _jit_load(folder / TORCHSCRIPT_FILE).eval()
+        diff, info = _rebuild_matches(rebuilt.pytorch(), ts_module, TORCHSCRIPT_FILE, data)
+        if diff is not None:
+            raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {TORCHSCRIPT_FILE}: {diff}", code=1)
+        log(f"verified: {TORCHSCRIPT_FILE} computes what the rebuilt module computes")
+    if info is not None or ts_written:
+        return {**(info or rebuild_info), "written_by_export": ts_written}
+    return None
+
+
+def _verify_onnx(
+    folder: Path, rebuilt: _Rebuilt, reference: Any, reference_name: str | None, data: Any, *, onnx_measured: bool, quantized: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Check: ONNX Runtime's outputs against the PyTorch artifact's on the whole test split
+    (:func:`_check_onnx`). Returns the card's ``onnx`` entry.
+
+    Where the trial did not time ONNX Runtime, ``model.onnx`` is made here first (from
+    ``model.pt2`` by the dynamo exporter, else from the TorchScript or rebuilt module); such an
+    extra file that fails to export or to match is removed, not shipped. A measured ``model.onnx``
+    (verified by :func:`_verify_accuracy`) always ships, and the entry says how the PyTorch artifact
+    differs from it, if it does.
+    """
+    path = folder / ONNX_FILE
+    info: dict[str, Any] = {}
+    if not onnx_measured:
+        try:
+            if reference_name == PT2_FILE:  # the program export ships, translated by the dynamo exporter
+                onnx_export.to_onnx(torch.export.load(str(folder / PT2_FILE)), data.example(), path, keep=onnx_export.onnx_initializers(rebuilt.model))
+            else:
+                onnx_export.to_onnx(reference if reference is not None else rebuilt.pytorch(), data.example(), path)
+        except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
+            path.unlink(missing_ok=True)
+            info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
+    n_test = data.n("test")
+    if path.is_file():
+        if reference is None and not quantized:
+            # A float model torch.export cannot capture (Python control flow on tensor values):
+            # the checkpoint has only model.onnx, so it is compared with the rebuilt module.
+            info = _check_onnx(rebuilt.model.eval(), "automl.load_model", folder, data, n_test, quantized=False)
+        else:
+            info = _check_onnx(reference, reference_name, folder, data, n_test, quantized=quantized)
+    if info["status"] == "ok":
+        log(f"verified: ONNX Runtime matches {reference_name} ({info['criterion']}; max |diff| {info['max_abs_diff_vs_torch']:.2e}), accuracy {info['accuracy']:.4f}")
+    elif onnx_measured:
+        log(f"ONNX is the measured artifact: {info.get('reason')}")
+    else:
+        path.unlink(missing_ok=True)
+        log(f"ONNX: not shipped ({info['reason']})")
+    return info
+
+
+@dataclass
+class _Checks:
+    """What the checks found, for the card."""
+
+    #: Test accuracy of the study runtime's artifact, and that runtime.
+    accuracy: float
+    accuracy_runtime: str
+    rebuild: dict[str, Any]
+    torchscript: dict[str, Any] | None
+    onnx: dict[str, Any]
+    #: The fresh process's timing (``latency_ms``, ``latency_iqr_ms``), or why there is none.
+    latency: dict[str, Any]
+
+
+def _build_card(
+    view: StudyView,
+    row: FrontRow,
+    study_dir: Path,
+    folder: Path,
+    record: dict[str, Any],
+    *,
+    recorded: dict[str, Any],
+    checks: _Checks,
+    runtime: str,
+    input_shape: list[int],
+    n_test: int,
+    reference_name: str | None,
+    artifact_info: dict[str, Any],
+    latency: LatencySettings,
+) -> dict[str, Any]:
+    """The export's ``card.json``: where the trial comes from, what it is, its recorded and
+    re-measured numbers, what the checks found, the files in ``folder`` and the environment."""
+    plan = record.get("plan", {})
+    has = lambda name: (folder / name).is_file()  # noqa: E731
+    return {
+        "study": view.name,
+        "study_dir": str(study_dir.resolve()),
+        "dataset": view.attrs.get("dataset"),
+        "base_model": view.attrs.get("base_model"),
+        "trial": row.number,
+        "derived_from": row.attrs.get("derived_from"),
+        "ray_trial_id": row.attrs.get("ray_trial_id"),
+        "method": row.method,
+        "chain": plan.get("chain", []),
+        "finetune": plan.get("finetune", {}),
+        "search_params": row.params,
+        "notes": record.get("notes", {}),
+        "input_shape": input_shape,
+        "runtime": runtime,
+        "objectives": dict(zip(view.objectives, view.directions)),
+        "on_front": any(r.number == row.number for r in view.front),
+        "metrics": {
+            "recorded": recorded,
+            "exported": {
+                "accuracy": checks.accuracy,
+                "accuracy_runtime": checks.accuracy_runtime,
+                "accuracy_onnx": checks.onnx.get("accuracy"),
+                "latency_ms": checks.latency.get("latency_ms"),
+                "latency_iqr_ms": checks.latency.get("latency_iqr_ms"),
+                "latency_error": checks.latency.get("error"),
+                "size_bytes_weights_file": (folder / WEIGHTS).stat().st_size,
+                "n_test": n_test,
+            },
+            "base": view.base,
+            "compression": row.compression,
+            "speedup": row.speedup,
+        },
+        "onnx": checks.onnx,
+        "rebuild": checks.rebuild,
+        "torchscript": checks.torchscript,
+        "files": {
+            "pt2": PT2_FILE if has(PT2_FILE) else None,
+            "pt2_reason": None if has(PT2_FILE) else (artifact_info.get("pt2") or {}).get("reason"),
+            "torchscript": TORCHSCRIPT_FILE if has(TORCHSCRIPT_FILE) else None,
+            "pytorch_artifact": reference_name,
+            "onnx": ONNX_FILE if has(ONNX_FILE) else None,
+            "weights": WEIGHTS,
+            "plan": RECORD,
+            "usage": "README.md",
+        },
+        "environment": environment(latency),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def export_trial(
     view: StudyView,
     row: FrontRow,
@@ -419,139 +722,32 @@ def export_trial(
     if out.exists() and not force:
         raise ExportError(f"output folder {out} already exists; pass --force to replace it or --out to choose another")
     ckpt = load_trial_checkpoint(study_dir, row)
-    recorded = dict(row.metrics)
-    for k, v in ckpt.record.get("metrics", {}).items():
-        if recorded.get(k) is None:
-            recorded[k] = v
-    if recorded.get("accuracy") is None:
-        raise ExportError(f"trial {row.number} has no recorded accuracy to verify against")
-    onnx_measured = (ckpt.folder / "model.onnx").is_file()  # the trial timed ONNX Runtime
-    runtime = ckpt.record.get("runtime") or ("onnxruntime" if onnx_measured else "torchscript" if (ckpt.folder / TORCHSCRIPT_FILE).is_file() else "eager")
+    recorded = _recorded_metrics(row, ckpt.record)
+    onnx_measured = (ckpt.folder / ONNX_FILE).is_file()  # the trial timed ONNX Runtime
+    runtime = _checkpoint_runtime(ckpt.folder, ckpt.record)
     per_sample = bool(ckpt.record.get("per_sample"))
     data = load_data()
     input_shape = list(ckpt.record.get("input_shape") or data.input_shape)
 
-    created_parent = not out.parent.exists()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True, exist_ok=False)
-        weights_name = WEIGHTS
-        # Byte for byte what the trial wrote: plan and weights (automl.load_model(out) rebuilds the
-        # module), the PyTorch artifact (model.pt2, or model.ts where the runtime is TorchScript or
-        # int8 has no .pt2) and the measured model.onnx.
-        for name in (WEIGHTS, RECORD, PT2_FILE, TORCHSCRIPT_FILE, "model.onnx"):
-            if name in (WEIGHTS, RECORD) or (ckpt.folder / name).is_file():
-                shutil.copyfile(ckpt.folder / name, tmp / name)
-                os.chmod(tmp / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
-        n_test = data.n("test")
+    with _staging(out) as tmp:
+        _copy_checkpoint_files(ckpt.folder, tmp)
         info_file = ckpt.folder / "artifact.json"
         artifact_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         quantized = "quantization" in artifact_info
-        recipe = artifact_quantization(ckpt.model)
-        torch_model: torch.nn.Module | None = None  # the rebuilt module as the PyTorch runtimes run it
-
-        def pytorch_model() -> torch.nn.Module:
-            nonlocal torch_model
-            if torch_model is None:
-                torch_model = recipe.quantize_torch(ckpt.model, {}).eval() if recipe is not None else ckpt.model.eval()
-            return torch_model
-
-        # --torchscript: model.ts from the rebuilt module, quantised as the PyTorch runtimes quantise
-        # it, verified below like the checkpoint's files.
-        ts_written = False
-        if torchscript and not (tmp / TORCHSCRIPT_FILE).is_file():
-            try:
-                scripted = to_torchscript(pytorch_model(), data.example())
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
-                    scripted.save(str(tmp / TORCHSCRIPT_FILE))
-            except Exception as exc:  # noqa: BLE001 - the flag asked for a file this model cannot give
-                raise ExportError(f"--torchscript: the rebuilt module does not become TorchScript: {type(exc).__name__}: {_first_line(exc)}", code=1) from exc
-            ts_written = True
+        rebuilt = _Rebuilt(ckpt.model)
+        ts_written = torchscript and not (tmp / TORCHSCRIPT_FILE).is_file()
+        if ts_written:
+            _write_torchscript(rebuilt.pytorch(), data.example(), tmp)
         reference_name, reference = _load_reference(tmp)
 
-        # 1. the measured artifact (the study's runtime) reproduces the recorded accuracy.
-        verify_runtime = runtime if runtime in ("onnxruntime", "torchscript", "eager") else "onnxruntime"
-        try:
-            if verify_runtime == "eager":
-                artifact = eager_artifact(pytorch_model())
-            else:
-                artifact = load_artifact(tmp, runtime=verify_runtime)
-            acc = artifact_accuracy(artifact, data)
-        except ArtifactError as exc:
-            raise ExportError(f"trial {row.number}: the checkpoint's {verify_runtime} artifact does not run: {exc}") from exc
-        if abs(acc - float(recorded["accuracy"])) >= 0.5 / max(n_test, 1):
-            raise ExportError(
-                f"verification failed: the exported {verify_runtime} model's test accuracy {acc:.6f} != recorded {float(recorded['accuracy']):.6f} "
-                f"({n_test} test samples)",
-                code=1,
-            )
+        acc, verify_runtime = _verify_accuracy(tmp, runtime, rebuilt, data, float(recorded["accuracy"]), trial=row.number)
         log(f"verified: {verify_runtime} test accuracy {acc:.4f} equals the recorded {float(recorded['accuracy']):.4f}")
+        rebuild_info = _verify_rebuild(tmp, rebuilt, reference, reference_name, data, artifact_info, ts_written=ts_written, log=log)
+        torchscript_info = _verify_torchscript(tmp, rebuilt, reference_name, data, rebuild_info, ts_written=ts_written, log=log)
+        onnx_info = _verify_onnx(tmp, rebuilt, reference, reference_name, data, onnx_measured=onnx_measured, quantized=quantized, log=log)
 
-        # 2. weights file == the PyTorch artifact's weights; the module rebuilt from them computes the
-        # same. Where the artifact was quantised when it was built (artifact.json: "quantization"),
-        # the weights are the float ones the runtime's quantiser started from and the checkpoint's
-        # model.ts holds the quantised form: nothing to compare.
-        rebuild_info: dict[str, Any] = {}
-        if reference is None:
-            why = "int8 quantised by ONNX Runtime when the artifact was built" if quantized else f"no model.pt2 ({(artifact_info.get('pt2') or {}).get('reason')})"
-            log(f"rebuild: no PyTorch artifact in the checkpoint: {why}; model.onnx is compared with the rebuilt module below")
-            rebuild_info = {"skipped": f"{why}: no PyTorch artifact to compare the rebuilt module with", "pytorch_artifact": None}
-        elif quantized and not ts_written:
-            log(f"weights: the float weights the runtime quantised ({artifact_info['quantization'].get('mode')}); {reference_name} is their quantised form")
-            rebuild_info = {"skipped": "the artifact is quantised from the rebuilt float module when it is built", "pytorch_artifact": reference_name}
-        else:
-            compared = pytorch_model() if quantized else ckpt.model
-            if not quantized:
-                diff = _same_weights(read_weights(tmp / weights_name), reference.state_dict())
-                if diff is not None:
-                    raise ExportError(f"verification failed: {weights_name} does not match {reference_name}: {diff}", code=1)
-            diff, rebuild_info = _rebuild_matches(compared, reference, reference_name, data)
-            if diff is not None:
-                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {reference_name}: {diff}", code=1)
-            log(f"verified: the module rebuilt from plan and weights computes what {reference_name} computes")
-
-        # 2b. --torchscript beside model.pt2: model.ts is verified against the rebuilt module too.
-        torchscript_info: dict[str, Any] | None = None
-        if (tmp / TORCHSCRIPT_FILE).is_file() and reference_name != TORCHSCRIPT_FILE:
-            ts_module = _jit_load(tmp / TORCHSCRIPT_FILE).eval()
-            diff, torchscript_info = _rebuild_matches(pytorch_model(), ts_module, TORCHSCRIPT_FILE, data)
-            if diff is not None:
-                raise ExportError(f"verification failed: the module automl.load_model rebuilds from plan and weights differs from {TORCHSCRIPT_FILE}: {diff}", code=1)
-            log(f"verified: {TORCHSCRIPT_FILE} computes what the rebuilt module computes")
-        if torchscript_info is not None or ts_written:
-            torchscript_info = {**(torchscript_info or rebuild_info), "written_by_export": ts_written}
-
-        # 3. ONNX against the PyTorch artifact on the whole test split.
-        onnx_info: dict[str, Any] = {}
-        if not onnx_measured:
-            try:
-                if reference_name == PT2_FILE:  # the program export ships, translated by the dynamo exporter
-                    onnx_export.to_onnx(torch.export.load(str(tmp / PT2_FILE)), data.example(), tmp / "model.onnx", keep=onnx_export.onnx_initializers(ckpt.model))
-                else:
-                    onnx_export.to_onnx(reference if reference is not None else pytorch_model(), data.example(), tmp / "model.onnx")
-            except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
-                (tmp / "model.onnx").unlink(missing_ok=True)
-                onnx_info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
-        if (tmp / "model.onnx").is_file():
-            if reference is None and not quantized:
-                # A float model torch.export cannot capture (Python control flow on tensor values):
-                # the checkpoint has only model.onnx, so it is compared with the rebuilt module.
-                onnx_info = _check_onnx(ckpt.model.eval(), "automl.load_model", tmp, data, n_test, quantized=False)
-            else:
-                onnx_info = _check_onnx(reference, reference_name, tmp, data, n_test, quantized=quantized)
-        if onnx_info["status"] == "ok":
-            log(f"verified: ONNX Runtime matches {reference_name} ({onnx_info['criterion']}; max |diff| {onnx_info['max_abs_diff_vs_torch']:.2e}), accuracy {onnx_info['accuracy']:.4f}")
-        elif onnx_measured:
-            # model.onnx is the measured artifact (verified above); it ships, and the card says how
-            # the PyTorch artifact differs from it (or that there is none).
-            log(f"ONNX is the measured artifact: {onnx_info.get('reason')}")
-        else:
-            (tmp / "model.onnx").unlink(missing_ok=True)
-            log(f"ONNX: not shipped ({onnx_info['reason']})")
-        ships_onnx = (tmp / "model.onnx").is_file()
-
-        # 4. latency of the exported runtime's file in a fresh, otherwise idle process.
+        # Latency of the exported runtime's file in a fresh, otherwise idle process: information,
+        # not a check (the machine may be busy).
         fresh: dict[str, Any] = {"skipped": True}
         if measure_latency:
             inputs = latency_inputs(data, latency, dynamic=per_sample)
@@ -559,67 +755,11 @@ def export_trial(
         if "latency_ms" in fresh:
             log(f"latency: {fresh['latency_ms']:.3f} ms ({runtime}) re-timed in a fresh process (recorded {recorded.get('latency_ms') or float('nan'):.3f} ms)")
 
-        plan = ckpt.record.get("plan", {})
-        card = {
-            "study": view.name,
-            "study_dir": str(study_dir.resolve()),
-            "dataset": view.attrs.get("dataset"),
-            "base_model": view.attrs.get("base_model"),
-            "trial": row.number,
-            "derived_from": row.attrs.get("derived_from"),
-            "ray_trial_id": row.attrs.get("ray_trial_id"),
-            "method": row.method,
-            "chain": plan.get("chain", []),
-            "finetune": plan.get("finetune", {}),
-            "search_params": row.params,
-            "notes": ckpt.record.get("notes", {}),
-            "input_shape": input_shape,
-            "runtime": runtime,
-            "objectives": dict(zip(view.objectives, view.directions)),
-            "on_front": any(r.number == row.number for r in view.front),
-            "metrics": {
-                "recorded": recorded,
-                "exported": {
-                    "accuracy": acc,
-                    "accuracy_runtime": verify_runtime,
-                    "accuracy_onnx": onnx_info.get("accuracy"),
-                    "latency_ms": fresh.get("latency_ms"),
-                    "latency_iqr_ms": fresh.get("latency_iqr_ms"),
-                    "latency_error": fresh.get("error"),
-                    "size_bytes_weights_file": (tmp / weights_name).stat().st_size,
-                    "n_test": n_test,
-                },
-                "base": view.base,
-                "compression": row.compression,
-                "speedup": row.speedup,
-            },
-            "onnx": onnx_info,
-            "rebuild": rebuild_info,
-            "torchscript": torchscript_info,
-            "files": {
-                "pt2": PT2_FILE if (tmp / PT2_FILE).is_file() else None,
-                "pt2_reason": None if (tmp / PT2_FILE).is_file() else (artifact_info.get("pt2") or {}).get("reason"),
-                "torchscript": TORCHSCRIPT_FILE if (tmp / TORCHSCRIPT_FILE).is_file() else None,
-                "pytorch_artifact": reference_name,
-                "onnx": "model.onnx" if ships_onnx else None,
-                "weights": weights_name,
-                "plan": RECORD,
-                "usage": "README.md",
-            },
-            "environment": environment(latency),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        checks = _Checks(accuracy=acc, accuracy_runtime=verify_runtime, rebuild=rebuild_info, torchscript=torchscript_info, onnx=onnx_info, latency=fresh)
+        card = _build_card(
+            view, row, study_dir, tmp, ckpt.record, recorded=recorded, checks=checks, runtime=runtime, input_shape=input_shape,
+            n_test=data.n("test"), reference_name=reference_name, artifact_info=artifact_info, latency=latency,
+        )
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
         (tmp / "README.md").write_text(_usage(card))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return card
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            try:
-                out.parent.rmdir()
-            except OSError:
-                pass
-        raise
+    return card

@@ -16,7 +16,7 @@
   ``latency.max_samples`` test samples (dynamic models); see :mod:`automl._latency` for the clock.
   ``latency_iqr_ms`` is the spread that says whether the median can be trusted.
 
-Dynamic models (early exits, :class:`~automl._artifact.DynamicInference`) do different work per
+Dynamic models (early exits, :class:`~searchspace.DynamicInference`) do different work per
 input, so for them ``macs`` is the expected count, sum over exits of (fraction of test samples
 leaving there) x (MACs of everything a sample leaving there runs), and ``exit_fractions``,
 ``exit_accuracy``, ``exit_macs`` give per exit the fraction of test samples that leave there, their
@@ -39,13 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl._artifact import Artifact, ArtifactError, DynamicInference, build_artifact, load_artifact, state_dict_bytes
+from automl._artifact import Artifact, ArtifactError, build_artifact, load_artifact, state_dict_bytes
 from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample, yield_point
-from searchspace import artifact_quantization
+from searchspace import DynamicInference, artifact_quantization
 
 
 __all__ = [
-    "DynamicInference",
     "LatencySettings",
     "MeasureError",
     "Metrics",

@@ -19,10 +19,10 @@ translates that program with onnxscript. Checked on torch 2.14.1 for every regis
   is the measured and shipped one.
 
 The legacy TorchScript-based exporter (:func:`legacy_to_onnx`, ``dynamo=False``) remains for one
-case only: a model that exists only as TorchScript (a checkpoint from before issue 15 holds no
-rebuildable eager module, and ``torch.export`` cannot take a ``ScriptModule``), including the
-``torch.ao`` int8 modules of the PyTorch runtimes, which ``torch.export`` cannot capture
-(quantised packed-weight objects). :data:`LEGACY_REASON` is what the artifact's metadata records.
+case only: a model that exists only as TorchScript, which ``torch.export`` cannot take (a model
+scripted because ``torch.export`` could not capture it, and the ``torch.ao`` int8 modules of the
+PyTorch runtimes, whose quantised packed weights ``torch.export`` cannot capture).
+:data:`LEGACY_REASON` is what the artifact's metadata records.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ __all__ = [
     "COST_REFERENCE",
     "Constraints",
     "FrontRow",
+    "PICK_NAMES",
     "StudyView",
     "best_per_method",
-    "front_rows",
     "hypervolume",
     "hypervolume_history",
     "knee_point",
@@ -118,11 +118,6 @@ def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[st
     )
 
 
-def front_rows(study: optuna.Study) -> list[FrontRow]:
-    """The non-dominated finished trials, most accurate first."""
-    return list(load_view(study).front)
-
-
 def load_view(study: optuna.Study) -> StudyView:
     """Everything a review needs from one study, read once from its storage."""
     attrs = study.user_attrs
@@ -171,6 +166,8 @@ PICKS: dict[str, tuple[str, bool]] = {
     "fastest": ("latency_ms", False),
     "fewest-macs": ("macs", False),
 }
+#: Every ``pick`` strategy a user may name (``--pick``), the knee first.
+PICK_NAMES: tuple[str, ...] = ("knee", *PICKS)
 
 
 def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) -> FrontRow:
@@ -181,9 +178,8 @@ def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) ->
     Raises:
         ValueError: unknown ``how``, or no finished trial meets ``constraints`` (one line).
     """
-    allowed = ["knee", *PICKS]
-    if how not in allowed:
-        raise ValueError(f"--pick must be one of {', '.join(allowed)}, got {how!r}")
+    if how not in PICK_NAMES:
+        raise ValueError(f"--pick must be one of {', '.join(PICK_NAMES)}, got {how!r}")
     # The study's own bounds (config ``constraints:``, kept as the study attribute) hold as well.
     constraints = study_constraints(view).merged(constraints)
     rows = constraints.filter(view.trials)

@@ -15,7 +15,8 @@ those of its trained model.
 
 :class:`Screen` is what the searcher asks before it launches a trial: stop it if a known cost breaks
 a bound of ``constraints:``, record it against an earlier finished trial if the plan it really is
-(stages that converted no layer are recognised from their notes) was trained already.
+(stages that converted no layer are recognised from their notes,
+``CompressionMethod.converted_nothing``) was trained already.
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ COST_METRICS: tuple[str, ...] = ("params", "size_bytes", "macs", "latency_ms")
 #: Not ``size_bytes``: an early-exit artifact holds its fitted thresholds in its graph, and its
 #: file size moves by a few hundred bytes with them (the state dict's bytes do not).
 PLAN_COSTS: tuple[str, ...] = ("params", "state_dict_bytes")
-
-#: Notes keys (``<method>.<key>``) whose empty value means the stage converted no layer.
-_CONVERTED_NOTES = ("converted", "channels", "groups")
 
 
 @dataclass(frozen=True)
@@ -87,11 +85,6 @@ def _structure(model: nn.Module) -> list[tuple[str, str, tuple[tuple[str, tuple[
         (name, type(m).__name__, tuple((k, tuple(v.shape)) for k, v in m.state_dict(keep_vars=False).items() if "." not in k and hasattr(v, "shape")))
         for name, m in model.named_modules()
     ]
-
-
-def _converted_nothing(name: str, notes: Mapping[str, Any]) -> bool:
-    keys = [f"{name}.{k}" for k in _CONVERTED_NOTES if f"{name}.{k}" in notes]
-    return bool(keys) and all(not notes[k] for k in keys)
 
 
 def dry_run(
@@ -143,7 +136,7 @@ def dry_run(
             example=example, calibration=calibration, train=untrained, methods=methods, notes=notes, dry_run=True,
         )
         float_macs = stage_macs if stage_macs is not None else (float_macs if not method.finetune else None)
-        if name != "none" and _converted_nothing(name, notes) and _structure(model) == before:
+        if name != "none" and method.converted_nothing(notes) and _structure(model) == before:
             noop.append(name)
             # Only a structure stage is replaced: `none` fine-tunes exactly as it would (same seed
             # offset, same epochs). A later stage that changed nothing still fine-tunes once more.

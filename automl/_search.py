@@ -11,10 +11,11 @@ import optuna
 
 from automl._cluster import start_sink
 from automl._config import StudyConfig
+from automl._plugins import import_plugins
 from automl._prescreen import Screen
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
-from automl._threads import ThreadPlan
+from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
 
 __all__ = ["NodeScreen", "check_drift", "make_scheduler", "run_search"]
@@ -149,12 +150,8 @@ class _ScreenWorker:
     """The body of :class:`NodeScreen`'s actor: a trial worker's setup, then the screen's checks."""
 
     def __init__(self, screen: Screen, plugins: tuple[str, ...], threads: float) -> None:
-        import importlib
 
-        from automl._threads import set_threads, training_threads
-
-        for module in plugins:  # user methods register themselves on import, as in a trial
-            importlib.import_module(module)
+        import_plugins(plugins)  # user methods register themselves on import, as in a trial
         set_threads(training_threads(threads))
         self.screen = screen
 
@@ -166,8 +163,8 @@ class NodeScreen:
     """A :class:`~automl._prescreen.Screen` whose dry runs run in a Ray actor on the launcher's node.
 
     The dry run builds and times each plan's artifact. Timed in the launcher process, beside Tune's
-    event loop, the heartbeat thread and Ray's driver threads, its latency was noisy (BENCHMARKS.md,
-    issue 13: the unchanged base read 0.015-0.094 ms there against 0.015-0.018 ms in its trials), and
+    event loop, the heartbeat thread and Ray's driver threads, its latency was noisy (the
+    unchanged base read 0.015-0.094 ms there against 0.015-0.018 ms in its trials), and
     latency constraints and MO-ASHA then acted on wrong costs. The actor is a Ray worker process like
     the trials' (same thread count, same user plugins, the same node lock), so a dry run's latency is
     timed the way a trial times its own. It asks for no CPU: the lock, not Ray's resources, keeps it

@@ -11,13 +11,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 import searchspace
-from searchspace import ApplyContext, CompressionMethod, Plan
+from searchspace import ApplyContext, Calibrated, CompressionMethod, Plan
 from automl._artifact import ArtifactError
 from automl._checkpoint import variant_folder, weights_only_state
 from automl._data import Splits
@@ -25,25 +25,10 @@ from automl._latency import LatencySettings, yield_point
 from automl._measure import Metrics, count_macs, measure
 from automl._train import TrainOptions, TrialFailed, fit
 
-#: Validation samples a :class:`Calibrated` model fits its settings on (the first this many).
+#: Validation samples a :class:`searchspace.Calibrated` model fits its settings on (the first this many).
 CALIBRATION_SAMPLES = 5000
 
-__all__ = ["Calibrated", "TrialOutcome", "TrialSettings", "Variant", "apply_chain", "run_trial"]
-
-
-@runtime_checkable
-class Calibrated(Protocol):
-    """A trained model with inference-time settings fitted on the validation split (e.g. exit
-    thresholds), each of which is an operating point worth measuring without retraining.
-
-    ``calibrate(x_val, y_val)`` fits them and returns the settings, the trial's own first; each is
-    ``{"params": {optuna name: value} overriding the trial's parameters, "state": {...} JSON-able
-    record of what was set}``. ``use_setting(setting)`` puts the model in one of them, in place.
-    """
-
-    def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> list[dict[str, Any]]: ...
-
-    def use_setting(self, setting: Mapping[str, Any]) -> None: ...
+__all__ = ["TrialOutcome", "TrialSettings", "Variant", "apply_chain", "run_trial"]
 
 
 @dataclass
@@ -96,7 +81,7 @@ class TrialOutcome:
     input_shape: tuple[int, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    #: Extra operating points of the same trained model (see :class:`Calibrated`).
+    #: Extra operating points of the same trained model (see :class:`searchspace.Calibrated`).
     variants: list[Variant] = field(default_factory=list)
     #: The float model the first post-training stage (int8) started from, and how many stages of
     #: the chain made it: what finalize fine-tunes before it replays the post-training stages.

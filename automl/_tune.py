@@ -58,12 +58,11 @@ EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit
 
 def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     """Run one trial from a Ray Tune config; returns the result dict (never raises for trial faults)."""
-    import importlib
-
     from ray import tune
 
-    for module in payload.plugins:  # user methods register themselves on import
-        importlib.import_module(module)
+    from automl._plugins import import_plugins
+
+    import_plugins(payload.plugins)
     set_threads(training_threads(payload.cpus))
     device, where = assigned_device(payload.gpus)
     plan = Plan.from_dict(config["plan"])

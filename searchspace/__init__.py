@@ -1,17 +1,21 @@
 """Compression methods from published work, a registry of them, and one conditional search space."""
 
-from searchspace._base import ApplyContext, ArtifactQuantization, CompressionMethod, Stage, artifact_quantization
+from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical, Domain, Float, Int
-from searchspace._registry import get_method, list_methods, register_method
+from searchspace._protocols import PROTOCOLS, ArtifactQuantization, Calibrated, DynamicInference, artifact_quantization
+from searchspace._registry import get_method, list_methods, register_method, registered, unregister_method
 from searchspace._space import FINETUNE_HYPERPARAMETERS, Plan, SearchSpace
 
 __all__ = [
     "FINETUNE_HYPERPARAMETERS",
+    "PROTOCOLS",
     "ApplyContext",
     "ArtifactQuantization",
+    "Calibrated",
     "Categorical",
     "CompressionMethod",
     "Domain",
+    "DynamicInference",
     "Float",
     "Int",
     "Plan",
@@ -21,4 +25,6 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "registered",
+    "unregister_method",
 ]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import optuna
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from searchspace._domains import Domain
 
-__all__ = ["ApplyContext", "ArtifactQuantization", "CompressionMethod", "Stage", "artifact_quantization"]
+__all__ = ["ApplyContext", "CompressionMethod", "Stage"]
 
 
 class Stage(enum.IntEnum):
@@ -66,42 +65,44 @@ class ApplyContext:
             yield batch
 
 
-@runtime_checkable
-class ArtifactQuantization(Protocol):
-    """Quantisation that happens when a model becomes its runtime's artifact, by that runtime's tools.
-
-    A method whose :attr:`CompressionMethod.quantizes_artifact` is True returns from ``apply`` the
-    float model with one of these as its ``artifact_quantization`` attribute (the recipe: mode and
-    calibration inputs). The artifact builder (``automl._artifact``) then quantises what it ships
-    with the runtime that runs it: the exported float ONNX file by ONNX Runtime's quantiser, the
-    module for the PyTorch runtimes, so the measured model is the shipped one.
-    """
-
-    def describe(self) -> dict[str, Any]:
-        """What the recipe is (mode, calibration size), recorded with the artifact."""
-        ...
-
-    def quantize_onnx(self, float_onnx: Path, out: Path) -> dict[str, Any]:
-        """Write the quantised form of the float ONNX file ``float_onnx`` to ``out``; return notes."""
-        ...
-
-    def quantize_torch(self, model: nn.Module) -> nn.Module:
-        """The quantised module for the PyTorch runtimes (a new module; ``model`` stays float)."""
-        ...
-
-
-def artifact_quantization(model: nn.Module) -> ArtifactQuantization | None:
-    """The recipe a quantising method left on ``model`` (see :class:`ArtifactQuantization`), if any."""
-    recipe = getattr(model, "artifact_quantization", None)
-    return recipe if isinstance(recipe, ArtifactQuantization) else None
-
-
 class CompressionMethod(abc.ABC):
     """A compression method from a paper, searchable by Optuna.
 
-    Subclasses set :attr:`name`, :attr:`stage` and :attr:`hyperparameters`, and implement
-    :meth:`apply`. They are registered with :func:`searchspace.register_method`, which is all it
-    takes for the search, the CLI and the registry-driven tests to pick them up.
+    Subclasses set :attr:`name`, :attr:`stage`, :attr:`hyperparameters` and :attr:`reference`, and
+    implement :meth:`apply`. They are registered with :func:`searchspace.register_method`, which is
+    all it takes for the search, the CLI and the registry-driven tests to pick them up.
+
+    The contract every method honours (the rest of the system relies on it and never asks which
+    method it holds):
+
+    - **Search space.** :meth:`space` only calls ``trial.suggest_*`` under names prefixed with
+      ``"<name>."`` and returns plain values, so it replays on ``optuna.trial.FixedTrial``.
+    - **No edits in place.** :meth:`apply` returns a new module; the model it is given (the trained
+      base, or the previous stage's output) is left untouched.
+    - **Structure from parameters.** The returned module's structure (its layers and the shapes of
+      its state dict) follows from the input model's structure and ``params`` alone, never from
+      the trained values, the calibration data or what ``context.fit`` learns. Two things rest on
+      it: the dry run that prices a plan before training (``context.dry_run``, where ``fit``
+      trains nothing) and ``automl.load_model``, which rebuilds a checkpoint by replaying the
+      chain without training and then loads the stored weights strictly.
+    - **Notes.** What the method did goes to ``context.notes`` under keys prefixed with
+      ``"<name>."``. The layers it converted go under :meth:`converted_key`: an empty record there
+      (and an unchanged structure) marks the stage as a no-op, so the plan is recorded as what it
+      really is and is not trained twice (:meth:`converted_nothing`).
+    - **Capture by torch.export.** The module runs under ``torch.export.export`` (for
+      ``model.pt2`` and the ONNX file) with a dynamic batch axis: data-dependent control flow
+      goes through ``torch.cond`` while ``torch.compiler.is_exporting()``, buffers that must stay
+      editable in the ONNX file are named in an ``onnx_initializers`` class attribute of the module.
+      A module that cannot be captured is scripted instead, with the reason recorded.
+    - **Protocols.** A model that needs more than a forward pass implements one of the protocols
+      of :mod:`searchspace._protocols` with exactly its signatures:
+      :class:`~searchspace.ArtifactQuantization` (quantised when it becomes the artifact; set
+      :attr:`quantizes_artifact`), :class:`~searchspace.Calibrated` (settings fitted after
+      training), :class:`~searchspace.DynamicInference` (work that depends on the input; such
+      methods set :attr:`costs_after_training`).
+
+    The registry-driven tests (``tests/searchspace/test_methods.py``, ``test_protocols.py``) check
+    these points for every registered method on every built-in base model.
 
     Args:
         ranges: narrowed domains for some hyperparameters (validated by :meth:`narrowed`).
@@ -127,10 +128,14 @@ class CompressionMethod(abc.ABC):
     #: permutations, computed kernels, exit heads sized at apply time).
     prunable_layers: ClassVar[bool] = True
     #: Whether the method's quantisation happens when the model becomes its runtime's artifact:
-    #: ``apply`` returns the float model carrying an :class:`ArtifactQuantization` recipe, and the
-    #: artifact builder quantises with the runtime's own tools (int8: ONNX Runtime's quantiser for
-    #: ``onnxruntime``). Its size and accuracy are those of the quantised artifact.
+    #: ``apply`` returns the float model carrying an :class:`~searchspace.ArtifactQuantization`
+    #: recipe, and the artifact builder quantises with the runtime's own tools (int8: ONNX
+    #: Runtime's quantiser for ``onnxruntime``). Its size and accuracy are the quantised artifact's.
     quantizes_artifact: ClassVar[bool] = False
+    #: The notes key (without the ``"<name>."`` prefix) under which :meth:`apply` records the layers
+    #: it converted, as a list or dict that is empty when it converted none; see
+    #: :meth:`converted_key`. A method that records no such key is never taken for a no-op.
+    converted_note: ClassVar[str] = "converted"
 
     def __init__(self, *, ranges: Mapping[str, Domain] | None = None) -> None:
         self.ranges: dict[str, Domain] = dict(self.hyperparameters)
@@ -170,6 +175,21 @@ class CompressionMethod(abc.ABC):
     def supports(self, model: nn.Module) -> str | None:
         """Return why the method cannot apply to ``model``, or None when it can."""
         return None
+
+    @classmethod
+    def converted_key(cls) -> str:
+        """The notes key of the converted layers, ``"<name>.<converted_note>"``."""
+        return f"{cls.name}.{cls.converted_note}"
+
+    @classmethod
+    def converted_nothing(cls, notes: Mapping[str, Any]) -> bool:
+        """Whether ``notes`` (one stage's) record that the stage converted no layer.
+
+        False where the key is absent: a method that does not record its converted layers is never
+        taken for a no-op. The caller also checks that the structure did not change.
+        """
+        key = cls.converted_key()
+        return key in notes and not notes[key]
 
     def accepts(self, chain: tuple[str, ...]) -> bool:
         """Whether this method may follow the methods already in ``chain`` (names, in order)."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
-from typing import TypeVar
+from typing import Iterator, TypeVar
 
 from searchspace._base import CompressionMethod, Stage
 
-__all__ = ["get_method", "list_methods", "register_method"]
+__all__ = ["get_method", "list_methods", "register_method", "registered", "unregister_method"]
 
 _METHODS: dict[str, type[CompressionMethod]] = {}
 _T = TypeVar("_T", bound=type[CompressionMethod])
@@ -28,6 +29,32 @@ def register_method(cls: _T) -> _T:
         raise ValueError(f"method names must be unique, but {name!r} is registered twice")
     _METHODS[name] = cls
     return cls
+
+
+def unregister_method(name: str) -> type[CompressionMethod]:
+    """Remove ``name`` from the registry and return its class (for tests and notebooks).
+
+    Raises:
+        KeyError: unknown name; the message lists the registered ones.
+    """
+    cls = get_method(name)
+    del _METHODS[name]
+    return cls
+
+
+@contextlib.contextmanager
+def registered(cls: _T) -> Iterator[_T]:
+    """Register ``cls`` for the duration of a ``with`` block, then remove it again.
+
+    The built-in methods are loaded first, so a name clash with one of them raises as
+    :func:`register_method` does; nothing is left registered when the block ends, even on error.
+    """
+    _load_builtin()
+    register_method(cls)
+    try:
+        yield cls
+    finally:
+        _METHODS.pop(cls.name, None)
 
 
 def _load_builtin() -> None:

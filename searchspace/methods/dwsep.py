@@ -104,7 +104,7 @@ class DepthwiseSeparable(CompressionMethod):
     A conv with fewer than :data:`MIN_IN_CHANNELS` input channels (a first layer) is converted only
     with ``first_layer = True``: MobileNet keeps its first layer a full conv, and separating a conv
     with one input channel leaves ONE depthwise filter for all outputs (on the MNIST-1D base that
-    cost 30-60 accuracy points after fine-tuning, BENCHMARKS.md "issue 3"). On mobilenet_v2 the stem
+    cost 30-60 accuracy points after fine-tuning, see BENCHMARKS.md). On mobilenet_v2 the stem
     is the only dense k x k conv, so there the method only acts with ``first_layer = True``.
     """
 
@@ -146,6 +146,6 @@ class DepthwiseSeparable(CompressionMethod):
             else:
                 replace(out, name, DWSepConv.from_conv(conv, activation=activation, init=init))
                 converted.append(name)
-        context.notes["dwsep.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["dwsep.skipped"] = skipped
         return out

@@ -116,6 +116,6 @@ class IGC(CompressionMethod):
             else:
                 replace(out, name, IGCConv.from_conv(conv, partitions=lp))
                 converted[name] = lp
-        context.notes["igc.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["igc.skipped"] = skipped
         return out

@@ -145,6 +145,6 @@ class IGCV2(CompressionMethod):
             else:
                 replace(out, name, IGCV2Conv(conv=conv, factors=factors).to(conv.weight.device, conv.weight.dtype))
                 converted[name] = factors
-        context.notes["igcv2.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["igcv2.skipped"] = skipped
         return out

@@ -128,6 +128,6 @@ class IGCV3(CompressionMethod):
                 continue
             replace(out, name, IGCV3Conv(conv=conv, expansion=t, g1=g1, g2=g2).to(conv.weight.device, conv.weight.dtype))
             converted[name] = [t, g1, g2]
-        context.notes["igcv3.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["igcv3.skipped"] = skipped
         return out

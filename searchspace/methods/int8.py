@@ -146,6 +146,7 @@ class Int8Recipe:
     calibration: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def describe(self) -> dict[str, Any]:
+        """The mode and the number of calibration samples, recorded with the artifact."""
         out: dict[str, Any] = {"mode": self.mode, "calibration_samples": sum(len(x) for x in self.calibration)}
         return out
 

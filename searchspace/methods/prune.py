@@ -732,6 +732,8 @@ class Prune(CompressionMethod):
 
     name = "prune"
     stage = Stage.PRUNE
+    #: The notes record the pruned layers' channel counts (before, after).
+    converted_note = "channels"
     reference = (
         "Li et al. ICLR 2017 (L1); Hu et al. 2016 (APoZ); Luo et al. ICCV 2017 (ThiNet); Wang et al. CVPR 2018 "
         "(gates); Liu et al. ICCV 2017 (slimming); via Torch-Pruning DepGraph, Fang et al. CVPR 2023"

@@ -204,7 +204,7 @@ class TNet(CompressionMethod):
         # The layer mode is where T-Net shares across layers, so the search must be able to cut it
         # on the smallest group (two layers: rank 1 below 0.75, each layer a multiple of one
         # kernel). 3-layer groups reach rank 2 at most (round(3 * 0.5) = 2): rank 1 there
-        # collapsed trained digits CNNs to chance in the first study (domain 0.75..1 until issue 14).
+        # collapses trained digits CNNs to chance.
         "rank_layers": Float(0.5, 1.0),
         "rank_out": Float(0.1, 1.0),
         "rank_in": Float(0.1, 1.0),
@@ -212,6 +212,8 @@ class TNet(CompressionMethod):
     }
     #: Its layers compute their weight from shared factors: Torch-Pruning cannot slice them.
     prunable_layers = False
+    #: A group of layers shares one tensor: the notes record the converted groups.
+    converted_note = "groups"
 
     def supports(self, model: nn.Module) -> str | None:
         groups, _ = group_convs(model)
@@ -242,6 +244,6 @@ class TNet(CompressionMethod):
             for i, (n, conv) in enumerate(zip(names, convs)):
                 replace(out, n, _TNET_CLASS[type(conv)].from_conv(conv, tensor, i))
             converted[names[0]] = {"layers": names, "shape": list(stacked.shape), "ranks": ranks, "params": factored, "dense": dense}
-        context.notes["tnet.groups"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["tnet.skipped"] = skipped
         return out

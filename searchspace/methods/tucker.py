@@ -145,6 +145,6 @@ class Tucker(CompressionMethod):
                 continue
             replace(out, name, Tucker2Conv.from_conv(conv, r_out=r_out, r_in=r_in))
             converted[name] = [r_out, r_in]
-        context.notes["tucker.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["tucker.skipped"] = skipped
         return out

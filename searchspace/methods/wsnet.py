@@ -22,7 +22,7 @@ the plain conv runs one oneDNN call on the channel-summed input with the materia
 kernel (built once and kept while in inference, so the exported/inference path is a plain conv).
 For every 1D layer, ``WSNet.apply`` times both at batch 1, one thread, on the layer's real input
 shape and keeps the faster (``WSConv.mode``, timings in the trial notes under ``wsnet.forward``);
-2D layers use the plain conv. BENCHMARKS.md (section "issue 3") has both side by side.
+2D layers use the plain conv. BENCHMARKS.md times both side by side.
 
 2D kernels: sampling runs along the kernel's width axis (the last one); the condensed filter keeps
 the full height, so filter i is Phi[:, :, i*S : i*S + kw]. The paper is 1D (audio); the width axis is
@@ -254,7 +254,7 @@ class WSNet(CompressionMethod):
                 modes[name] = timing
             replace(out, name, layer)
             converted[name] = [s, c]
-        context.notes["wsnet.converted"] = converted
+        context.notes[self.converted_key()] = converted
         context.notes["wsnet.skipped"] = skipped
         context.notes["wsnet.forward"] = modes
         return out

@@ -15,8 +15,8 @@ import searchspace
 from automl import load_model
 from automl._checkpoint import FLOAT_FOLDER, WEIGHTS, CheckpointError, save_checkpoint, variant_folder, weights_only_state
 from automl._measure import Metrics
-from automl._trial import Calibrated, TrialOutcome, Variant, apply_chain
-from searchspace import Plan
+from automl._trial import TrialOutcome, Variant, apply_chain
+from searchspace import Calibrated, Plan
 from tests.conftest import make_base, random_context, sample_params
 
 SMALL = [("digits_cnn", (1, 8, 8)), ("mnist1d_cnn", (40,))]

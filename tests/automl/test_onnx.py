@@ -11,7 +11,7 @@ import torch
 
 import searchspace
 from automl._export import _jit_load
-from automl._onnx import ATOL, OPSET, export_program, is_quantized, onnx_initializers, to_onnx
+from automl._onnx import ATOL, LEGACY_REASON, OPSET, export_program, is_quantized, onnx_initializers, to_onnx
 from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
 SMALL = [b for b in BASE_MODELS if b[0] in ("digits_cnn", "mnist1d_cnn")]
@@ -105,7 +105,7 @@ def test_dynamic_int8_linear_is_integer_arithmetic_and_exact(tmp_path):
     ts = _jit_load(tmp_path / "q.ts")
     assert is_quantized(ts)
     info = to_onnx(ts, x[:1], tmp_path / "q.onnx")
-    assert info["exporter"].startswith("torchscript (legacy") and info["reason"], f"a ScriptModule must say why it is legacy: {info}"
+    assert info["exporter"].startswith("torchscript (legacy") and info["reason"] == LEGACY_REASON, f"a ScriptModule must say why it is legacy: {info}"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" in ops, f"expected integer matmuls, got {ops}"
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
