@@ -150,7 +150,6 @@ class _ScreenWorker:
     """The body of :class:`NodeScreen`'s actor: a trial worker's setup, then the screen's checks."""
 
     def __init__(self, screen: Screen, plugins: tuple[str, ...], threads: float) -> None:
-
         import_plugins(plugins)  # user methods register themselves on import, as in a trial
         set_threads(training_threads(threads))
         self.screen = screen
