@@ -6,7 +6,7 @@ Why not tensorly's ``tucker`` / ``partial_tucker``: both take each mode's subspa
 mode unfolding, and ``partial_tucker``'s iterations call the default SVD whatever ``svd=`` says
 (tensorly 0.10 passes it to the initialisation only). On a 512 x 512 x 3 x 3 ResNet kernel that is
 ~5 s per layer (45 s for resnet18's 16 eligible convolutions against 10 s here: BENCHMARKS.md,
-"Trial overheads"); on T-Net's stacked 3 x 512 x 512 x 3 x 3 kernel
+"How long do a trial's fixed overheads take?"); on T-Net's stacked 3 x 512 x 512 x 3 x 3 kernel
 minutes (``svd="symeig_svd"`` forms the 2.4M x 2.4M Gram matrix and runs out of memory). Taking each
 mode's subspace from the small d x d Gram matrix of its unfolding is the same maths in a fraction of
 the time (tests/searchspace/test_tucker.py checks it against tensorly's ``partial_tucker``).

@@ -69,7 +69,7 @@ def newton_schulz_sqrt(sigma: torch.Tensor, iterations: int, eps: float = TRACE_
     Convergence is quadratic once the normalised eigenvalues are near 1 but slow for small ones: the
     error on an eigenvalue a of A is sqrt(a) (1 - sqrt(p_N)) with p_0 = a, p_{k+1} = p_k (3 - p_k)^2 / 4.
     With d comparable eigenvalues (a ~ 1/d), 5 iterations reach 1e-4 relative error at d = 4 but
-    ~2e-2 at d = 16 (see BENCHMARKS.md): the paper trains through this approximation rather than
+    ~2e-2 at d = 16 (BENCHMARKS.md, "How many Newton-Schulz iterations does iSQRT-COV need?"): the paper trains through this approximation rather than
     computing the exact root.
     """
     if iterations < 1:
