@@ -21,7 +21,7 @@ import searchspace
 from automl import build_model, load_dataset
 from automl._artifact import eager_artifact
 from automl._latency import LatencySettings
-from automl._measure import param_count, size_bytes, time_artifact
+from automl._measure import param_count, state_dict_bytes, time_artifact
 from automl._train import TrainOptions, evaluate, fit
 from searchspace import ApplyContext
 from searchspace.methods.prune import prunable_output_layers
@@ -94,7 +94,7 @@ def main() -> None:
         m.eval()
         acc = evaluate(m, data)
         med, iqr = time_artifact(eager_artifact(m), example, lat, per_sample=False)
-        print(f"| {label} | {acc:.4f} | {param_count(m)} | {size_bytes(m)} | {med:.4f} ({iqr:.4f}) |")
+        print(f"| {label} | {acc:.4f} | {param_count(m)} | {state_dict_bytes(m)} | {med:.4f} ({iqr:.4f}) |")
 
 
 if __name__ == "__main__":
