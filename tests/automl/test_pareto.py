@@ -19,6 +19,7 @@ from automl._pareto import (
     normalise,
     pick,
 )
+from automl._records import write_trial
 
 BASE = {"accuracy": 0.9, "size_bytes": 1000, "latency_ms": 1.0, "macs": 10_000, "params": 250}
 
