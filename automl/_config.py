@@ -6,6 +6,7 @@ is allowed; the CLI turns it into exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -15,12 +16,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 import searchspace
 from automl._constraints import Constraints
 from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
-from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName, Runtime
+from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName
 from automl._models import LIBRARIES, check_model_name, list_models
 from automl._weights import check_weights
 from automl._plugins import import_plugins
@@ -231,25 +233,11 @@ class ResourcesConfig(_Frozen):
         return self
 
 
-class LatencyConfig(_Frozen):
-    #: Whose artifact is timed: the ONNX file export ships (onnxruntime), model.ts, or the module.
-    runtime: Runtime = "onnxruntime"
-    device: Literal["cpu", "cuda"] = "cpu"
-    batch_size: int = Field(default=1, ge=1, le=4096)
-    threads: int = Field(default=1, ge=1, le=256)
-    warmup: int = Field(default=10, ge=0, le=100_000)
-    repeats: int = Field(default=30, ge=3, le=100_000)
-    #: One latency measurement at a time per node (node-local lock), see automl._latency.
-    isolate: bool = True
-    #: Each measurement is taken this many times at least; the lowest median is kept.
-    min_attempts: int = Field(default=5, ge=1, le=100)
-    #: More attempts while the kept one's IQR/median is above this, up to max_attempts in all.
-    max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
-    max_attempts: int = Field(default=5, ge=1, le=100)
-    #: Seconds between two attempts, the node lock released meanwhile (they fall in different spells).
-    attempt_gap_s: float = Field(default=0.5, ge=0.0, le=60.0)
-    #: Dynamic models (early exits): at most this many test samples are timed one by one.
-    max_samples: int = Field(default=1000, ge=1, le=1_000_000)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class LatencyConfig(LatencySettings):
+    """The ``latency`` section: every timing setting (:class:`automl._latency.LatencySettings`, which
+    defines them, their defaults and ranges) and the search's drift check."""
+
     #: At the end of a search, time the front's artifacts again with nothing else running and
     #: record how far each moved from its trial value (study attr ``latency_drift``); never replaces it.
     drift_check: bool = True
@@ -261,8 +249,8 @@ class LatencyConfig(_Frozen):
         return self
 
     def settings(self) -> LatencySettings:
-        """The timing settings (:class:`automl._latency.LatencySettings`) this section describes."""
-        return LatencySettings.from_mapping(self.model_dump())
+        """The timing settings alone, as every measurement takes them."""
+        return LatencySettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LatencySettings)})
 
 
 class StudyConfig(_Frozen):
@@ -435,7 +423,7 @@ def _format(err: ValidationError, source: str) -> str:
     first = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-")) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         msg = "unknown key (not a field of this section)"
     elif first["type"] == "missing":
         msg = "required field is missing"

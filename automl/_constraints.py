@@ -3,10 +3,11 @@
 
 A bound on a cost (``max_*``) is known before training (see :mod:`automl._prescreen`): a trial that
 breaks one stops before it trains. ``min_accuracy`` is known only after training: it keeps a trial
-off the front, the knee and every pick. Both reach Optuna through its constraint mechanism: the
-searcher stores one named value per bound with ``Trial.set_constraint`` (Optuna 5's replacement of
-the samplers' ``constraints_func``; the values live in the trial's system attributes, where TPE
-and NSGA-II read them to learn the feasible region and ``study.best_trials`` drops infeasible ones).
+off the front, the knee and every pick. Both reach Optuna through its constraint mechanism: each
+trial's record (:func:`automl._records.write_trial`) holds one named value per bound, as
+``Trial.set_constraint`` stores it (Optuna 5's replacement of the samplers' ``constraints_func``;
+the values live in the trial's system attributes, where TPE and NSGA-II read them to learn the
+feasible region and ``study.best_trials`` drops infeasible ones).
 
 This module imports nothing of the project but :mod:`automl._metrics`.
 """

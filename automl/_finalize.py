@@ -10,9 +10,10 @@ re-fits inference-time settings (exit thresholds) on validation data, and measur
 the one :func:`automl._measure.measure`. It trains where trials train: a Ray task with the trial
 resources when the study asks for GPUs (as the base does, :mod:`automl._study`), else in-process.
 
-The result is a new COMPLETE Optuna trial: the parent's parameters, its own checkpoint folder
-(``checkpoints/finalized_PPPPP``, ``_2``... for later runs), the user attribute
-``finalized_from`` = parent number, and ``finalize`` (epochs, lr, validation curve, kept epoch).
+The result is a new COMPLETE trial, recorded as every trial is
+(:func:`automl._records.write_trial`): the parent's parameters, its own checkpoint folder
+(``checkpoints/finalized_PPPPP``, ``_2``... for later runs), the user attribute ``finalized_from``
+= parent number, and ``finalize`` (epochs, lr, validation curve, kept epoch).
 Like derived trials it is not a search run: it never counts toward the budget
 (:func:`automl._recovery.finished_count`).
 
@@ -38,16 +39,14 @@ from searchspace import Plan
 from automl._checkpoint import FLOAT_FOLDER, CheckpointError, load_checkpoint, save_checkpoint
 from automl._config import StudyConfig
 from automl._measure import measure
-from automl._metrics import METRIC_KEYS
 from automl._rebuild import load_model
+from automl._records import CHECKPOINT, FINALIZED_FROM, METHOD, write_trial
 from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._train import TrainOptions, TrialFailed, fit
 from automl._trial import CALIBRATION_SAMPLES, Calibrated, TrialOutcome, apply_chain
 
-__all__ = ["FINALIZED_FROM", "FinalizeError", "finalize_recipe", "finalize_trial", "finalized_version"]
+__all__ = ["FinalizeError", "finalize_recipe", "finalize_trial", "finalized_version"]
 
-#: User attribute of a finalized trial: the number of the trial it continues.
-FINALIZED_FROM = "finalized_from"
 #: Epochs without a better validation accuracy before finalize stops.
 PATIENCE = 5
 
@@ -126,7 +125,7 @@ def finalize_trial(
             a plan that fine-tunes after a post-training stage.
     """
     from automl._data import dataset_from_config
-    from automl._study import objective_values, prepare_base
+    from automl._study import prepare_base
 
     ThreadPlan.from_config(cfg).apply()
     if epochs < 1:
@@ -140,7 +139,7 @@ def finalize_trial(
     if parent.state != optuna.trial.TrialState.COMPLETE:
         raise FinalizeError(f"--trial {number}: that trial is {parent.state.name}, only COMPLETE trials can be finalized")
     study_dir = cfg.study_dir
-    rel = parent.user_attrs.get("checkpoint")
+    rel = parent.user_attrs.get(CHECKPOINT)
     if not rel:
         raise FinalizeError(f"--trial {number}: it has no checkpoint recorded (user attr 'checkpoint' is missing)")
     try:
@@ -234,32 +233,15 @@ def finalize_trial(
             name = f"finalized_{number:05d}_{k}"
         save_checkpoint(outcome, study_dir / "checkpoints" / name, base=ckpt.record["base"])
 
-    values = metrics.as_dict()
     finalize_info = {
         "epochs": epochs, "lr": options.lr, "schedule": options.schedule, "patience": PATIENCE, "kept_epoch": history["kept_epoch"], "val_accuracy": history["val_accuracy"],
         "start_val_accuracy": history.get("start_val_accuracy"), "distilled": teacher is not None,
     }
-    user_attrs = {k: values[k] for k in METRIC_KEYS if values.get(k) is not None}
-    user_attrs.update(
-        {
-            FINALIZED_FROM: number,
-            "checkpoint": f"checkpoints/{name}",
-            "method": parent.user_attrs.get("method", plan.label),
-            "finalize": finalize_info,
-            "seconds": outcome.seconds,
-            "runtime": metrics.runtime,
-            "notes": notes,
-        }
+    return write_trial(
+        study, None, state=optuna.trial.TrialState.COMPLETE, objectives=[o.metric for o in cfg.objectives], metrics=metrics,
+        # The config's bounds, as every trial records them (what keeps an infeasible model off the front).
+        constraints=None if cfg.constraints.empty else cfg.constraints.violations(metrics.as_dict()),
+        checkpoint=f"checkpoints/{name}",
+        attrs={FINALIZED_FROM: number, METHOD: parent.user_attrs.get(METHOD, plan.label), "finalize": finalize_info, "seconds": outcome.seconds, "notes": notes},
+        params=dict(parent.params), distributions=dict(parent.distributions),
     )
-    # The config's bounds, as every trial records them (what keeps an infeasible model off the front).
-    constraints = None if cfg.constraints.empty else cfg.constraints.violations(values)
-    trial = optuna.trial.create_trial(
-        params=dict(parent.params),
-        distributions=dict(parent.distributions),
-        values=objective_values(cfg, values),
-        user_attrs=user_attrs,
-        constraints=constraints,
-    )
-    study.add_trial(trial)
-    added = max((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("checkpoint") == f"checkpoints/{name}"), key=lambda t: t.number)
-    return added

@@ -1,8 +1,8 @@
 """Timing: the settings, the one clock every latency goes through, and node-local isolation.
 
-This module is a leaf (it imports nothing of the project): :mod:`automl._artifact` builds what is
-timed, :mod:`automl._measure` decides what to time and calls :func:`time_blocks` /
-:func:`time_per_sample` through :func:`stable_latency`.
+This module is a leaf (of the project it imports only the metric names, :mod:`automl._metrics`):
+:mod:`automl._artifact` builds what is timed, :mod:`automl._measure` decides what to time and calls
+:func:`time_blocks` / :func:`time_per_sample` through :func:`stable_latency`.
 
 Definitions (the README repeats them, nothing else does):
 
@@ -22,9 +22,9 @@ Isolation, so a number means something on a node where other trials train at the
    the launcher's dry run of the next plan. Shared holders reach a :func:`yield_point` at every
    batch of every split (:func:`gated_batches`) and between stages, where they let a waiting
    measurement go first, so a measurement waits for the current step or export to end, and nothing
-   else runs on the node while a model is timed. Holding only the training steps (as before) left
+   else runs on the node while a model is timed. Holding only the training steps would leave
    evaluation passes, exports, decompositions and the launcher's dry runs running beside the timed
-   model, and on these 2-core machines a quarter of the recorded latencies then read 2x. A turnstile
+   model; on a 2-core machine a quarter of the recorded latencies then read 2x. A turnstile
    file (taken by workers only in passing, held by the measurer while it waits) keeps a stream of
    overlapping steps from starving the measurement. File locks rather than a named Ray actor: the
    kernel releases them when a worker dies (no lock leaked by a crashed trial) and they cost a system
@@ -34,12 +34,12 @@ Isolation, so a number means something on a node where other trials train at the
    ``latency.max_spread``, up to ``latency.max_attempts``) and keeps the attempt with the lowest
    median. Disturbances (another program, a page fault, a process start on the node) only ever add
    time, so the lowest of independent medians is the best estimate of the model's own time (the
-   rule of Python's ``timeit``). Keeping the tightest attempt instead (as before) kept a uniformly
+   rule of Python's ``timeit``). Keeping the tightest attempt instead would keep a uniformly
    slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. The attempts are
    ``latency.attempt_gap_s`` apart, with the lock released in between (the study's other work runs
-   in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and the
-   development VM runs one model at two speeds in spells of 0.1 s to a few seconds (BENCHMARKS.md,
-   issue 11), so only attempts spread over more than a spell are independent.
+   in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and a
+   virtual machine may run one model at two speeds in spells of 0.1 s to a few seconds (see
+   BENCHMARKS.md), so only attempts spread over more than a spell are independent.
 """
 
 from __future__ import annotations
@@ -50,11 +50,15 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from automl._metrics import Runtime
 
 __all__ = [
     "LatencySettings",
@@ -71,29 +75,31 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class LatencySettings:
-    """How latency is measured (the study config's ``latency`` section, see the README)."""
+    """How latency is measured: the one definition of every timing setting, its default and its
+    allowed range. The study config's ``latency`` section is this plus the search's own options
+    (:class:`automl._config.LatencyConfig`); a pydantic dataclass, so a setting out of its range
+    fails wherever the settings are built, and they are immutable."""
 
     #: The runtime whose artifact is timed: ``onnxruntime`` (what export ships), ``torchscript``, ``eager``.
-    runtime: str = "onnxruntime"
-    #: ``cpu`` or ``cuda``.
-    device: str = "cpu"
-    batch_size: int = 1
-    threads: int = 1
-    warmup: int = 10
-    repeats: int = 30
-    #: Dynamic models: at most this many test samples are timed one by one (the first ones).
-    max_samples: int = 1000
+    runtime: Runtime = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    threads: int = Field(default=1, ge=1, le=256)
+    warmup: int = Field(default=10, ge=0, le=100_000)
+    repeats: int = Field(default=30, ge=3, le=100_000)
+    #: Dynamic models (early exits): at most this many test samples are timed one by one (the first ones).
+    max_samples: int = Field(default=1000, ge=1, le=1_000_000)
     #: Hold the node-local latency lock while timing (one measurement at a time per node).
     isolate: bool = True
     #: Attempts per measurement at least; the lowest median is kept (see the module docstring).
-    min_attempts: int = 5
+    min_attempts: int = Field(default=5, ge=1, le=100)
     #: More attempts while the kept one's IQR/median exceeds this, up to ``max_attempts`` in all.
-    max_spread: float = 0.1
-    max_attempts: int = 5
+    max_spread: float = Field(default=0.1, gt=0.0, le=10.0)
+    max_attempts: int = Field(default=5, ge=1, le=100)
     #: Seconds between attempts, the lock released meanwhile, so they fall in different spells.
-    attempt_gap_s: float = 0.5
+    attempt_gap_s: float = Field(default=0.5, ge=0.0, le=60.0)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:

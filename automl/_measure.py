@@ -32,7 +32,6 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from automl._artifact import Artifact, ArtifactError, build_artifact, load_artifact, state_dict_bytes
 from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample, yield_point
+from automl._metrics import Metrics
 from searchspace import DynamicInference, artifact_quantization
 
 
@@ -53,32 +53,13 @@ __all__ = [
     "latency_inputs",
     "measure",
     "param_count",
-    "size_bytes",
+    "state_dict_bytes",
     "time_artifact",
 ]
 
 
 class MeasureError(ArtifactError):
     """A number cannot be measured for this model; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Metrics:
-    accuracy: float
-    params: int
-    size_bytes: int
-    macs: int | None
-    latency_ms: float
-    latency_iqr_ms: float
-    state_dict_bytes: int | None = None
-    #: The runtime whose artifact was measured (``latency.runtime``).
-    runtime: str | None = None
-    exit_fractions: list[float] | None = None
-    exit_accuracy: list[float | None] | None = None
-    exit_macs: list[int | None] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -115,11 +96,6 @@ def _stored_params(model: nn.Module) -> int:
     where static int8 fuses it), the same count for every runtime."""
     recipe = artifact_quantization(model)
     return param_count(model if recipe is None else recipe.quantize_torch(model))
-
-
-def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's saved state dict (``state_dict_bytes``; ``size_bytes`` of the eager runtime)."""
-    return state_dict_bytes(model)
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

@@ -8,8 +8,8 @@ ranked by non-dominated sorting on (validation accuracy so far, its costs) and, 
 crowding distance (Deb et al. 2002; the extremes of a front first). Asynchronous, as ASHA: a trial
 is judged when it reaches the rung, against those that reached it before.
 
-:class:`Rungs` is the decision alone (no Ray); :func:`scheduler_class` wraps it as a Ray Tune
-scheduler reading ``result[time_attr]`` (epochs), ``result[metric]`` (validation accuracy, never
+:class:`Rungs` is the decision alone; :class:`MOASHAScheduler` wraps it as a Ray Tune scheduler
+reading ``result[time_attr]`` (epochs), ``result[metric]`` (validation accuracy, never
 test accuracy) and the cost keys from each reported result.
 
 Wiring (``scheduler: {name: moasha}`` in a study config): each trial reports, after every training
@@ -17,6 +17,7 @@ epoch, its validation accuracy and its dry-run costs (:class:`automl._tune._Epoc
 epoch count is all of the trial's training epochs so far, monotone over a chain that fine-tunes
 after several stages); :func:`automl._search.run_search` hands this scheduler to the Tuner, and the
 searcher records a trial it stopped as PRUNED (:attr:`MOASHAScheduler.stopped` tells it which).
+This module imports Ray; the run loop imports it only for a study that names this scheduler.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-__all__ = ["Rungs", "crowding_distance", "nondominated_ranks", "promotable", "scheduler_class"]
+__all__ = ["MOASHAScheduler", "Rungs", "crowding_distance", "nondominated_ranks", "promotable"]
 
 
 def nondominated_ranks(points: np.ndarray) -> np.ndarray:
@@ -128,33 +130,27 @@ def _finite_or_worst(value: Any, direction: str) -> float:
     return -math.inf if direction == "maximize" else math.inf
 
 
-def scheduler_class():
-    """The Ray Tune scheduler class (imported lazily: Ray is heavy)."""
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+class MOASHAScheduler(FIFOScheduler):
+    """MO-ASHA as a Ray Tune scheduler (see the module docstring)."""
 
-    class MOASHAScheduler(FIFOScheduler):
-        """MO-ASHA as a Ray Tune scheduler (see the module docstring)."""
+    #: What the searcher records as ``pruned_by``.
+    name = "moasha"
 
-        #: What the searcher records as ``pruned_by``.
-        name = "moasha"
+    def __init__(self, *, metric: str, costs: Sequence[str], cost_directions: Sequence[str], grace_epochs: int, reduction_factor: float, max_epochs: int, time_attr: str = "epoch") -> None:
+        super().__init__()
+        # Not ``_metric``: Tune would then require it in every result, the final one too.
+        self._val_metric = metric
+        self._costs = tuple(costs)
+        self._time_attr = time_attr
+        self.rungs = Rungs(grace_epochs, reduction_factor, max_epochs, ("maximize", *cost_directions))
+        #: Ray trial ids this scheduler stopped (the searcher records them PRUNED).
+        self.stopped: set[str] = set()
 
-        def __init__(self, *, metric: str, costs: Sequence[str], cost_directions: Sequence[str], grace_epochs: int, reduction_factor: float, max_epochs: int, time_attr: str = "epoch") -> None:
-            super().__init__()
-            # Not ``_metric``: Tune would then require it in every result, the final one too.
-            self._val_metric = metric
-            self._costs = tuple(costs)
-            self._time_attr = time_attr
-            self.rungs = Rungs(grace_epochs, reduction_factor, max_epochs, ("maximize", *cost_directions))
-            #: Ray trial ids this scheduler stopped (the searcher records them PRUNED).
-            self.stopped: set[str] = set()
-
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            if self._time_attr not in result or self._val_metric not in result:
-                return TrialScheduler.CONTINUE
-            values = [result[self._val_metric], *(_finite_or_worst(result.get(c), d) for c, d in zip(self._costs, self.rungs.directions[1:]))]
-            go_on = self.rungs.decide(trial.trial_id, int(result[self._time_attr]), values)
-            if not go_on:
-                self.stopped.add(trial.trial_id)
-            return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
-
-    return MOASHAScheduler
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if self._time_attr not in result or self._val_metric not in result:
+            return TrialScheduler.CONTINUE
+        values = [result[self._val_metric], *(_finite_or_worst(result.get(c), d) for c, d in zip(self._costs, self.rungs.directions[1:]))]
+        go_on = self.rungs.decide(trial.trial_id, int(result[self._time_attr]), values)
+        if not go_on:
+            self.stopped.add(trial.trial_id)
+        return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP

@@ -11,6 +11,7 @@ import optuna
 
 from automl._constraints import Constraints
 from automl._metrics import METRIC_KEYS
+from automl._records import CHECKPOINT, FAIL_REASON, FINALIZED_FROM, METHOD
 
 __all__ = [
     "COST_REFERENCE",
@@ -30,9 +31,6 @@ __all__ = [
     "study_constraints",
 ]
 
-_METRIC_KEYS = METRIC_KEYS
-
-
 @dataclass(frozen=True)
 class FrontRow:
     """One finished trial with every measured number and its ratios to the base model."""
@@ -51,13 +49,13 @@ class FrontRow:
     @property
     def finalized_from(self) -> int | None:
         """The trial this one finalized (``automl finalize``), or None for a search trial."""
-        value = self.attrs.get("finalized_from")
+        value = self.attrs.get(FINALIZED_FROM)
         return None if value is None else int(value)
 
     @property
     def checkpoint(self) -> str | None:
         """The checkpoint folder, relative to the study folder (None if the trial never saved one)."""
-        value = self.attrs.get("checkpoint")
+        value = self.attrs.get(CHECKPOINT)
         return str(value) if value else None
 
 
@@ -84,37 +82,27 @@ class StudyView:
         return next((r for r in (*self.trials, *self.failed) if r.number == number), None)
 
 
-def _row(t: optuna.trial.FrozenTrial, objectives: tuple[str, ...], base: dict[str, Any]) -> FrontRow:
-    """One trial's record: its Optuna values are its objective numbers, the rest its user attributes.
-
-    These are the numbers ``study.best_trials`` and optuna-dashboard see; nothing here replaces them.
-    """
+def _row(t: optuna.trial.FrozenTrial, base: dict[str, Any]) -> FrontRow:
+    """One trial's record: every measured number is its user attribute of that name
+    (:mod:`automl._records`), whatever the study's objectives; None where none was measured."""
+    metrics: dict[str, float | None] = {k: t.user_attrs.get(k) for k in METRIC_KEYS}
+    attrs = {k: v for k, v in t.user_attrs.items() if k not in METRIC_KEYS}
+    method = str(t.user_attrs.get(METHOD, t.params.get("method", "?")))
     if t.state == optuna.trial.TrialState.FAIL:
-        return FrontRow(
-            number=t.number,
-            method=str(t.user_attrs.get("method", t.params.get("method", "?"))),
-            params=dict(t.params),
-            metrics={k: None for k in _METRIC_KEYS},
-            attrs={k: v for k, v in t.user_attrs.items() if k not in _METRIC_KEYS},
-            state="failed",
-            fail_reason=str(t.user_attrs.get("fail_reason", "unknown")),
-        )
-    metrics: dict[str, float | None] = {k: t.user_attrs.get(k) for k in _METRIC_KEYS}
-    for name, value in zip(objectives, t.values or ()):
-        metrics[name] = value
+        return FrontRow(number=t.number, method=method, params=dict(t.params), metrics=metrics, attrs=attrs, state="failed", fail_reason=str(t.user_attrs.get(FAIL_REASON, "unknown")))
 
     def ratio(a: Any, b: Any) -> float | None:
         return float(a) / float(b) if a and b else None
 
     return FrontRow(
         number=t.number,
-        method=str(t.user_attrs.get("method", t.params.get("method", "?"))),
+        method=method,
         params=dict(t.params),
         metrics=metrics,
         compression=ratio(base.get("size_bytes"), metrics.get("size_bytes")),
         speedup=ratio(base.get("latency_ms"), metrics.get("latency_ms")),
         accuracy_delta=(metrics["accuracy"] - base["accuracy"]) if metrics.get("accuracy") is not None and "accuracy" in base else None,
-        attrs={k: v for k, v in t.user_attrs.items() if k not in _METRIC_KEYS},
+        attrs=attrs,
     )
 
 
@@ -126,7 +114,7 @@ def load_view(study: optuna.Study) -> StudyView:
     base = dict(attrs.get("base") or {})
     all_trials = study.get_trials(deepcopy=False)
     done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
-    rows = tuple(_row(t, objectives, base) for t in done)
+    rows = tuple(_row(t, base) for t in done)
     best = {t.number for t in study.best_trials} if done else set()
     key = "accuracy" if "accuracy" in objectives else objectives[0]
     front = tuple(sorted((r for r in rows if r.number in best), key=lambda r: -(r.metrics.get(key) or 0.0)))
@@ -140,8 +128,8 @@ def load_view(study: optuna.Study) -> StudyView:
         front=front,
         n_failed=len(failed),
         n_running=sum(t.state == optuna.trial.TrialState.RUNNING for t in all_trials),
-        failures=tuple((t.number, str(t.user_attrs.get("fail_reason", "unknown"))) for t in failed),
-        failed=tuple(_row(t, objectives, base) for t in failed),
+        failures=tuple((t.number, str(t.user_attrs.get(FAIL_REASON, "unknown"))) for t in failed),
+        failed=tuple(_row(t, base) for t in failed),
         attrs={k: v for k, v in attrs.items() if k != "base"},
     )
 

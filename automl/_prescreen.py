@@ -36,11 +36,14 @@ from searchspace import CompressionMethod, Plan, Stage
 from automl._constraints import Constraints
 from automl._latency import busy, gated_batches
 from automl._measure import measure
+from automl._metrics import METRIC_KEYS, Metrics
 from automl._trial import TrialSettings, apply_chain
 
-__all__ = ["COST_METRICS", "Costs", "Screen", "dry_run", "plan_key"]
+__all__ = ["COST_KEYS", "COST_METRICS", "Costs", "Screen", "Verdict", "dry_run", "plan_key"]
 
-#: The cost metrics a dry run measures (and may be bounded before training).
+#: The numbers a dry run records: every scalar metric but accuracy.
+COST_KEYS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "accuracy")
+#: The costs a bound of ``constraints:`` may name (and may stop a trial before training).
 COST_METRICS: tuple[str, ...] = ("params", "size_bytes", "macs", "latency_ms")
 #: Costs that follow from the plan for every method (final even when ``Costs.final`` is False).
 #: Not ``size_bytes``: an early-exit artifact holds its fitted thresholds in its graph, and its
@@ -50,14 +53,10 @@ PLAN_COSTS: tuple[str, ...] = ("params", "state_dict_bytes")
 
 @dataclass(frozen=True)
 class Costs:
-    """A plan's costs measured on its untrained final structure."""
+    """A plan's costs: the :class:`~automl._metrics.Metrics` of its untrained final structure."""
 
-    params: int
-    size_bytes: int
-    macs: int | None
-    latency_ms: float
-    latency_iqr_ms: float
-    state_dict_bytes: int | None
+    #: Measured without a test pass: ``accuracy`` is NaN (an untrained model's means nothing).
+    metrics: Metrics
     #: False where a method's MACs/latency depend on training (only PLAN_COSTS are final then).
     final: bool
     #: The plan it really is: a structure stage that converted no layer becomes ``none``.
@@ -66,8 +65,13 @@ class Costs:
     noop: tuple[str, ...] = ()
     seconds: float = 0.0
 
-    def metrics(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (*COST_METRICS, "latency_iqr_ms", "state_dict_bytes")}
+    def values(self) -> dict[str, Any]:
+        """The cost numbers by metric name (every scalar metric but accuracy)."""
+        return {k: getattr(self.metrics, k) for k in COST_KEYS}
+
+    def record(self) -> dict[str, Any]:
+        """What a trial's ``dry_run`` attribute holds: the costs, whether they are final, the seconds."""
+        return {**self.values(), "final": self.final, "seconds": self.seconds}
 
     @property
     def known(self) -> tuple[str, ...]:
@@ -148,12 +152,7 @@ def dry_run(
         # No test pass: the untrained model's accuracy is never kept.
         metrics, _ = measure(model, data, settings.latency, folder=Path(folder or tmp), macs=float_macs, accuracy=False)
     return Costs(
-        params=metrics.params,
-        size_bytes=metrics.size_bytes,
-        macs=metrics.macs,
-        latency_ms=metrics.latency_ms,
-        latency_iqr_ms=metrics.latency_iqr_ms,
-        state_dict_bytes=metrics.state_dict_bytes,
+        metrics=metrics,
         final=final,
         plan=Plan(chain=tuple(chain), finetune=dict(plan.finetune)),
         noop=tuple(noop),
@@ -195,6 +194,6 @@ class Screen:
         except Exception as exc:  # noqa: BLE001 - the trial itself will fail with the reason
             return Verdict(costs=None, constraints={}, error=f"{type(exc).__name__}: {str(exc)[:200]}")
         duplicate = finished.get(plan_key(costs.plan))
-        values = self.constraints.violations(costs.metrics(), only=costs.known)
-        broken = [f"{metric} {costs.metrics()[metric]} > {bound:g}" for f, metric, is_max, bound in self.constraints.bounds() if is_max and values[f] > 0]
+        values = self.constraints.violations(costs.values(), only=costs.known)
+        broken = [f"{metric} {getattr(costs.metrics, metric)} > {bound:g}" for f, metric, is_max, bound in self.constraints.bounds() if is_max and values[f] > 0]
         return Verdict(costs=costs, constraints=values, broken="; ".join(broken), duplicate_of=duplicate)

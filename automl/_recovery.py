@@ -16,9 +16,9 @@ What happens to a trial left RUNNING by a launcher that was killed (SIGKILL, pow
    ``launcher.<id>``, :func:`register_launcher`), so such a trial is stale at once when it is older
    than this launcher and every other registered launcher is on this host and dead; otherwise it
    waits out :data:`GRACE_S` from its start.
-2. It is closed as FAIL with ``fail_reason`` "interrupted ..." and ``interrupted = True``; the
-   storage's compare-and-set (``set_trial_state_values`` returns False / raises for a trial another
-   process already finished) makes exactly one launcher win.
+2. It is recorded FAIL (:func:`automl._records.write_trial`) with ``fail_reason`` "interrupted ..."
+   and ``interrupted = True``; the storage refuses every write to a trial another process already
+   finished, so exactly one launcher wins.
 3. The winner re-queues the same parameters (``study.enqueue_trial``, user attr ``requeue_of``), so
    the point the sampler chose is still evaluated; the next ``ask`` pops it.
 4. Interrupted trials do not count toward the budget (:func:`finished_count`), so a study killed any
@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterable
 import optuna
 from optuna.trial import TrialState
 
+from automl._records import DERIVED_FROM, FAIL_REASON, FINALIZED_FROM, INTERRUPTED, write_trial
+
 __all__ = [
     "GRACE_S",
     "HEARTBEAT_S",
@@ -58,7 +60,6 @@ __all__ = [
     "remove_orphan_checkpoints",
 ]
 
-FAIL_REASON = "fail_reason"
 #: Seconds between two heartbeats of a launcher's running trials.
 HEARTBEAT_S = 10.0
 #: A RUNNING trial whose heartbeat is older than this belongs to a launcher that is gone.
@@ -146,20 +147,16 @@ def close_interrupted(study: optuna.Study, *, log: Callable[[str], None] = print
     Returns:
         The numbers of the trials this call closed.
     """
-    storage = study._storage
     closed: list[int] = []
     attrs = study.user_attrs
+    reason = "interrupted: the launcher running this trial stopped; its parameters were re-queued"
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(t, study_attrs=attrs):
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the launcher running this trial stopped; its parameters were re-queued")
-            won = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
+            write_trial(study, t, state=TrialState.FAIL, attrs={INTERRUPTED: True, FAIL_REASON: reason})
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another launcher closed it first
-        if not won:
-            continue
         closed.append(t.number)
         if requeue and t.params:
             study.enqueue_trial(dict(t.params), user_attrs={"requeue_of": t.number}, skip_if_exists=False)
@@ -178,9 +175,9 @@ def finished_count(study: optuna.Study) -> int:
     """
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if "derived_from" in t.user_attrs or "finalized_from" in t.user_attrs:
+        if DERIVED_FROM in t.user_attrs or FINALIZED_FROM in t.user_attrs:
             continue  # extra operating points of a trial's model (e.g. exit thresholds), finalize: not search runs
-        if t.state == TrialState.COMPLETE or not t.user_attrs.get("interrupted"):
+        if t.state == TrialState.COMPLETE or not t.user_attrs.get(INTERRUPTED):
             n += 1
     return n
 

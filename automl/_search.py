@@ -13,10 +13,11 @@ from automl._cluster import start_sink
 from automl._config import StudyConfig
 from automl._plugins import import_plugins
 from automl._prescreen import Screen
+from automl._records import CHECKPOINT, EPOCH, VAL_ACCURACY
 from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
 from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
 from automl._threads import ThreadPlan, set_threads, training_threads
-from automl._tune import EXTRA_ATTRS, make_callback, searcher_class, trial_function
+from automl._tune import trial_function
 
 __all__ = ["NodeScreen", "check_drift", "make_scheduler", "run_search"]
 
@@ -48,6 +49,8 @@ def run_search(
     import ray
     from ray import tune
 
+    from automl._searcher import StudySearcher, make_callback
+
     study_dir, payload, space = prepare_study(cfg, log=log)
     storage = open_storage(cfg.storage_url)
     study = optuna.load_study(study_name=cfg.name, storage=storage)
@@ -77,14 +80,13 @@ def run_search(
             raise StudyError(f"resources.gpus: {cfg.resources.gpus} per trial requested, but the Ray cluster has {resources.get('GPU', 0)} GPUs")
     concurrent = max(1, min(slots, cfg.resources.max_concurrent or slots, remaining))
     metrics = [o.metric for o in cfg.objectives]
-    searcher = searcher_class()(
+    searcher = StudySearcher(
         space=space,
         metric=metrics,
         mode=["max" if o.resolved_direction == "maximize" else "min" for o in cfg.objectives],
         sampler=make_sampler(cfg, offset=len(study.get_trials(deepcopy=False))),
         study_name=cfg.name,
         storage=storage,
-        extra_metrics=tuple(m for m in EXTRA_ATTRS if m not in metrics),
         budget=budget,
         screen=NodeScreen(
             Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
@@ -203,11 +205,10 @@ def make_scheduler(cfg: StudyConfig) -> Any:
     """
     if cfg.scheduler.name == "fifo":
         return None
-    from automl._moasha import scheduler_class
-    from automl._tune import EPOCH, VAL_ACCURACY
+    from automl._moasha import MOASHAScheduler
 
     costs = [o for o in cfg.objectives if o.metric != "accuracy"]
-    return scheduler_class()(
+    return MOASHAScheduler(
         metric=VAL_ACCURACY,
         costs=[o.metric for o in costs],
         cost_directions=[o.resolved_direction for o in costs],
@@ -269,12 +270,11 @@ def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: 
     drift = dict(study.user_attrs.get("latency_drift") or {})
     out: dict[int, float] = {}
     for t in study.best_trials:
-        recorded = t.user_attrs.get("latency_ms", None)
-        if recorded is None and "latency_ms" in (study.metric_names or []):
-            recorded = t.values[study.metric_names.index("latency_ms")]
-        folder = study_dir / str(t.user_attrs.get("checkpoint") or f"checkpoints/trial_{t.number:05d}")
-        if recorded is None or not folder.is_dir():
+        recorded = t.user_attrs.get("latency_ms")
+        rel = t.user_attrs.get(CHECKPOINT)
+        if recorded is None or not rel or not (study_dir / rel).is_dir():
             continue  # run by another launcher sharing the study: its checkpoint is in its folder
+        folder = study_dir / rel
         try:
             ckpt = load_checkpoint(folder)
             if settings.runtime == "eager":

@@ -1,6 +1,7 @@
 """Study preparation: storage, study folder, data, base model, sampler and search space.
 
-The Ray Tune glue is :mod:`automl._tune`; the run loop is :mod:`automl._search`.
+The trainable is :mod:`automl._tune`, the searcher :mod:`automl._searcher`; the run loop is
+:mod:`automl._search`; a trial's record is written by :mod:`automl._records`.
 
 Layout of a study folder (``<output_dir>/<name>/``):
 

@@ -43,7 +43,7 @@ def make_study(n: int, seed: int = 0) -> optuna.Study:
         trials.append(
             optuna.trial.create_trial(
                 values=[acc, size, lat], params={"method": method}, distributions=dist,
-                user_attrs={"method": method, "macs": int(BASE["macs"] * keep), "params": int(BASE["params"] * keep), "checkpoint": f"checkpoints/trial_{i:05d}"},
+                user_attrs={"method": method, "accuracy": acc, "size_bytes": size, "latency_ms": lat, "macs": int(BASE["macs"] * keep), "params": int(BASE["params"] * keep), "checkpoint": f"checkpoints/trial_{i:05d}"},
             )
         )
     study.add_trials(trials)

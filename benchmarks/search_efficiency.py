@@ -143,13 +143,12 @@ def curve(cfg: Any, budget_s: float) -> dict[str, Any]:
 def dry_run_latency(study: optuna.Study) -> list[list[Any]]:
     """``[plan, dry-run latency, trained latency]`` (ms) of each trained COMPLETE trial whose dry-run
     costs are final: the same artifact timed before training (by the screen) and after (by the trial)."""
-    from automl._tune import DRY_RUN
+    from automl._records import DRY_RUN
 
-    names = study.metric_names or []
     out = []
     for t in study.get_trials(deepcopy=False):
         dry = t.user_attrs.get(DRY_RUN) or {}
-        trained = t.values[names.index("latency_ms")] if t.values and "latency_ms" in names else t.user_attrs.get("latency_ms")
+        trained = t.user_attrs.get("latency_ms")
         if t.state == optuna.trial.TrialState.COMPLETE and dry.get("final") and trained and "duplicate_of" not in t.user_attrs:
             out.append([t.user_attrs.get("method"), dry["latency_ms"], trained])
     return out

@@ -174,6 +174,7 @@ def test_drift_check_of_the_eager_runtime_times_the_rebuilt_module(digits, tmp_p
     import optuna
 
     from automl._latency import LatencySettings
+    from automl._records import write_trial
     from automl._search import check_drift
     from automl._study import Payload
     from automl._trial import TrialSettings
@@ -187,7 +188,7 @@ def test_drift_check_of_the_eager_runtime_times_the_rebuilt_module(digits, tmp_p
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_metric_names(["accuracy", "latency_ms"])
     # Recorded 1000 s per sample: the re-timed module (milliseconds) drifts by about -100 %.
-    study.add_trial(optuna.trial.create_trial(values=[0.5, 1e6], user_attrs={"checkpoint": "checkpoints/trial_00000"}))
+    write_trial(study, None, state=optuna.trial.TrialState.COMPLETE, objectives=("accuracy", "latency_ms"), metrics={"accuracy": 0.5, "latency_ms": 1e6}, checkpoint="checkpoints/trial_00000")
     settings = TrialSettings(epochs=0, lr=0.0, batch_size=64, latency=LatencySettings(runtime="eager", warmup=1, repeats=3))
     payload = Payload(data=digits.head("test", 50), base=base, settings=settings, methods={}, cpus=1, gpus=0)
     lines: list[str] = []

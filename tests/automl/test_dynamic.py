@@ -1,19 +1,18 @@
-"""Dynamic models end to end: a trial measures exits and their variants; the searcher records them."""
+"""Dynamic models: a trial measures exits and their variants, each checkpointed as its own model.
+
+How the searcher records the variants is tested in ``test_searcher.py``."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
-import optuna
 import pytest
 import torch
 
 import searchspace
 from automl._measure import LatencySettings
-from automl._tune import DERIVED_FROM, VARIANTS, searcher_class
 from automl._trial import TrialSettings, run_trial
-from searchspace import Plan, SearchSpace
+from searchspace import Plan
 from searchspace.methods.exits import VARIANTS as N_VARIANTS
 from tests.conftest import make_base, random_context
 
@@ -116,43 +115,3 @@ def test_a_setting_rebound_from_anothers_files_is_what_a_fresh_export_writes(sma
         model.exits[0].head.fc.bias += 1.0  # a weight differs: no rebinding, a fresh export
     other = build_artifact(model, example, tmp_path / "d", like=tmp_path / "a")
     assert "rebound" not in other.info["onnx"], f"a model differing in its weights must be exported afresh, info {other.info['onnx']}"
-
-
-def test_searcher_records_variants_as_derived_trials():
-    methods = {n: searchspace.get_method(n)() for n in ("none", "exits")}
-    space = SearchSpace(methods)
-    study = optuna.create_study(directions=["maximize", "minimize"], study_name="variants")
-    searcher = searcher_class()(
-        space=space, metric=["accuracy", "latency_ms"], mode=["max", "min"],
-        sampler=optuna.samplers.RandomSampler(seed=0), study_name="variants", storage=None,
-        extra_metrics=("macs", "exit_fractions"),
-    )
-    searcher._ot_study = study  # the searcher's own in-memory study, reachable for inspection
-    # Ask until the sampler picks `exits` with direct thresholds, to check a mode switch replays.
-    for i in range(200):
-        config = searcher.suggest(f"t{i}")
-        chain = config["plan"]["chain"]
-        if chain[0]["method"] == "exits" and chain[0]["params"]["thresholds"] == "direct":
-            break
-        searcher.on_trial_complete(f"t{i}", {"fail_reason": "skipped by the test"})
-    else:
-        pytest.fail("200 random trials never sampled exits with direct thresholds")
-    variants = [
-        {"params": {"exits.thresholds": "budget", "exits.q": q}, "state": {"thresholds": [0.9]},
-         "metrics": {"accuracy": 0.8, "latency_ms": 0.1 * q, "macs": 1000, "exit_fractions": [0.5, 0.5]}}
-        for q in (0.1, 1.0)
-    ]
-    result = {"accuracy": 0.9, "latency_ms": 0.3, "macs": 2000, VARIANTS: json.dumps(variants)}
-    searcher.on_trial_complete(f"t{i}", result)
-    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    parent = [t for t in done if DERIVED_FROM not in t.user_attrs]
-    derived = [t for t in done if DERIVED_FROM in t.user_attrs]
-    assert len(parent) == 1 and len(derived) == 2, f"{len(parent)} parent and {len(derived)} derived trials"
-    for t, q in zip(derived, (0.1, 1.0)):
-        assert t.user_attrs[DERIVED_FROM] == parent[0].number, f"derived_from {t.user_attrs[DERIVED_FROM]} != {parent[0].number}"
-        k = (0.1, 1.0).index(q)
-        assert t.user_attrs["checkpoint"] == f"{parent[0].user_attrs['checkpoint']}/variant_{k}", f"a variant must point at its own checkpoint, got {t.user_attrs['checkpoint']}"
-        assert t.params["exits.thresholds"] == "budget" and t.params["exits.q"] == q, f"variant params {t.params}"
-        assert not any(k.startswith("exits.threshold_") for k in t.params), f"direct thresholds must be dropped: {t.params}"
-        assert t.values == [0.8, pytest.approx(0.1 * q)], f"variant values {t.values}"
-        assert t.user_attrs["exit_fractions"] == [0.5, 0.5], f"variant attrs {t.user_attrs}"

@@ -52,7 +52,7 @@ def test_four_trials_share_one_logical_gpu_at_once_and_record_the_cpu_fallback(t
     assert len(trials) == 4 and not failed, f"{len(trials)} trials, failures: {failed}"
     assert len(list(arrivals.iterdir())) == 4, f"arrivals {sorted(p.name for p in arrivals.iterdir())}"
     for t in trials:
-        notes = json.loads(t.user_attrs["notes"])
+        notes = t.user_attrs["notes"]
         assert notes.get("gpu_ids") == ["0"], f"trial {t.number} was not handed GPU 0: {notes}"
         assert notes.get("device") == "cpu" and "no CUDA" in notes.get("gpu_fallback", ""), f"trial {t.number} did not record the CPU fallback: {notes}"
     base = json.loads((cfg.study_dir / "base" / "base.json").read_text())

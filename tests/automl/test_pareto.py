@@ -6,6 +6,7 @@ import math
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from automl._pareto import (
     COST_REFERENCE,
@@ -18,12 +19,13 @@ from automl._pareto import (
     normalise,
     pick,
 )
+from automl._records import write_trial
 
 BASE = {"accuracy": 0.9, "size_bytes": 1000, "latency_ms": 1.0, "macs": 10_000, "params": 250}
 
 
 def make_study(points, *, objectives=("accuracy", "size_bytes", "latency_ms"), failed=(), running=0):
-    """A study like ``run_search`` leaves it: objectives as values, other metrics as user attrs."""
+    """A study like ``run_search`` leaves it, written by the one writer (automl._records)."""
     directions = ["maximize" if o == "accuracy" else "minimize" for o in objectives]
     study = optuna.create_study(directions=directions)
     study.set_user_attr("base", BASE)
@@ -31,11 +33,12 @@ def make_study(points, *, objectives=("accuracy", "size_bytes", "latency_ms"), f
     study.set_user_attr("study_dir", "/nonexistent")
     dist = {"method": optuna.distributions.CategoricalDistribution(["none", "tucker", "wsnet"])}
     for i, (method, metrics) in enumerate(points):
-        attrs = {k: v for k, v in metrics.items() if k not in objectives}
-        attrs.update(method=method, checkpoint=f"checkpoints/trial_{i:05d}")
-        study.add_trial(optuna.trial.create_trial(values=[metrics[o] for o in objectives], params={"method": method}, distributions=dist, user_attrs=attrs))
+        write_trial(
+            study, None, state=TrialState.COMPLETE, objectives=objectives, metrics=metrics, checkpoint=f"checkpoints/trial_{i:05d}",
+            attrs={"method": method}, params={"method": method}, distributions=dist,
+        )
     for method, reason in failed:
-        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"method": method}, distributions=dist, user_attrs={"method": method, "fail_reason": reason}))
+        write_trial(study, None, state=TrialState.FAIL, attrs={"method": method, "fail_reason": reason}, params={"method": method}, distributions=dist)
     for _ in range(running):
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={"method": "tucker"}, distributions=dist))
     return study
@@ -124,7 +127,7 @@ def test_front_is_optunas_best_trials_with_the_same_values_whatever_the_drift_ch
     study.set_user_attr("objectives", ["accuracy", "latency_ms"])
     study.set_user_attr("base", {"accuracy": 0.9, "latency_ms": 2.0, "size_bytes": 100})
     for values in ([0.9, 4.0], [0.8, 1.0], [0.7, 3.0], [0.95, 8.0]):
-        study.add_trial(_optuna.trial.create_trial(values=values, params={}, distributions={}))
+        write_trial(study, None, state=TrialState.COMPLETE, objectives=("accuracy", "latency_ms"), metrics=dict(zip(("accuracy", "latency_ms"), values)))
     study.set_user_attr("latency_drift", {"0": -0.75, "1": 2.0})
     view = load_view(study)
     best = {t.number: t.values for t in study.best_trials}

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from automl._cli import app
 from automl._pareto import load_view
+from automl._records import write_trial
 from automl._report import build_report, pair_data, render_html, timeline_data, write_tables
 from tests.automl.test_pareto import make_study, pt
 from tests.conftest import skip_unless_ci
@@ -139,7 +140,7 @@ def test_cli_report_on_a_study_with_no_finished_trial(small_study, tmp_path):
     study.set_user_attr("base", {"accuracy": 0.9, "size_bytes": 1000, "latency_ms": 1.0})
     study.set_user_attr("objectives", ["accuracy", "size_bytes", "latency_ms"])
     dist = {"method": optuna.distributions.CategoricalDistribution(["tucker"])}
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"method": "tucker"}, distributions=dist, user_attrs={"method": "tucker", "fail_reason": "TrialFailed: diverged"}))
+    write_trial(study, None, state=optuna.trial.TrialState.FAIL, params={"method": "tucker"}, distributions=dist, attrs={"method": "tucker", "fail_reason": "TrialFailed: diverged"})
     r = CliRunner().invoke(app, ["report", str(folder)])
     assert r.exit_code == 0 and "No finished trial yet" in r.output, f"report must say plainly there is no finished trial: {r.output}"
     page = (folder / "report.html").read_text()

@@ -9,7 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 import searchspace
-from automl._measure import param_count, size_bytes
+from automl._measure import param_count, state_dict_bytes
 from searchspace import ApplyContext
 from searchspace._surgery import clone
 from searchspace.methods.prune import CRITERIA, APoZ, CriticalPathGates, ThiNet, _gate_layers, _OneGroup
@@ -34,7 +34,7 @@ def test_pruned_model_is_physically_smaller_and_runs(model_name, shape):
     ctx = _context(x, base)
     out = searchspace.get_method("prune")().apply(base, {"criterion": "l1", "ratio": 0.5, "per_stage": False}, context=ctx)
     assert param_count(out) < 0.5 * param_count(base), f"{model_name}: {param_count(out)} params after 50% pruning vs {param_count(base)}"
-    assert size_bytes(out) < 0.5 * size_bytes(base), f"{model_name}: {size_bytes(out)} bytes after pruning vs {size_bytes(base)}"
+    assert state_dict_bytes(out) < 0.5 * state_dict_bytes(base), f"{model_name}: {state_dict_bytes(out)} bytes after pruning vs {state_dict_bytes(base)}"
     assert ctx.notes["prune.channels"], f"{model_name}: notes list no pruned layer"
     with torch.no_grad():
         y = out.eval()(x)
