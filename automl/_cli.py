@@ -199,6 +199,8 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
         f"{base.get('latency_ms', float('nan')):.3f} ms",
         markup=False,
     )
+    for line in _target_lines(view):
+        console.print(line, markup=False)
     if not view.front:
         console.print("no finished trial yet: the front is empty", markup=False)
         return
@@ -225,6 +227,14 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
     console.print(table)
     for number, reason in view.failures[:5]:
         console.print(f"failed trial {number}: {reason}", markup=False)
+
+
+def _target_lines(view) -> list[str]:
+    """Where the study's latencies were measured, and a warning when its records disagree."""
+    from automl._target import study_targets
+
+    where = study_targets(view.base, view.trials)
+    return [text for text in (where.line, where.warning and f"warning: {where.warning}") if text]
 
 
 def _constraints(max_latency: float | None, max_size: float | None, min_accuracy: float | None):

@@ -586,6 +586,7 @@ def export_trial(
                     "latency_ms": fresh.get("latency_ms"),
                     "latency_iqr_ms": fresh.get("latency_iqr_ms"),
                     "latency_error": fresh.get("error"),
+                    "latency_target": fresh.get("latency_target"),
                     "size_bytes_weights_file": (tmp / weights_name).stat().st_size,
                     "n_test": n_test,
                 },

@@ -94,6 +94,11 @@ class LatencySettings:
     max_attempts: int = 5
     #: Seconds between attempts, the lock released meanwhile, so they fall in different spells.
     attempt_gap_s: float = 0.5
+    #: A Ray custom resource: every timing runs on a node that declares it (:mod:`automl._target`).
+    node: str | None = None
+    #: A user's timing function ``module:function`` that times the artifact file instead of this
+    #: module's clock (:mod:`automl._target`).
+    runner: str | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:

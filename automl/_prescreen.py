@@ -67,9 +67,11 @@ class Costs:
     #: Stages that converted no layer (method names).
     noop: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: Where the dry run's latency was measured (``Metrics.latency_target``).
+    latency_target: str | None = None
 
     def metrics(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (*COST_METRICS, "latency_iqr_ms", "state_dict_bytes")}
+        return {k: getattr(self, k) for k in (*COST_METRICS, "latency_iqr_ms", "state_dict_bytes", "latency_target")}
 
     @property
     def known(self) -> tuple[str, ...]:
@@ -165,6 +167,7 @@ def dry_run(
         plan=Plan(chain=tuple(chain), finetune=dict(plan.finetune)),
         noop=tuple(noop),
         seconds=time.perf_counter() - start,
+        latency_target=metrics.latency_target,
     )
 
 

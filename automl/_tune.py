@@ -53,7 +53,7 @@ PRUNED_BY = "pruned_by"
 #: Config key the searcher adds to a trial's Ray config: its dry-run costs (automl._prescreen).
 COSTS = "costs"
 #: Result keys stored as user attributes of the Optuna trial (besides its objective values).
-EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node")
+EXTRA_ATTRS = (*METRIC_KEYS, "runtime", "exit_fractions", "exit_accuracy", "exit_macs", "seconds", "attempts", "notes", "node", "latency_target")
 
 
 def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
