@@ -327,15 +327,29 @@ def _ensure_ray(resource: str) -> None:
         raise ArtifactError(f"latency.node {resource!r}: timing on the target needs a running Ray cluster (RAY_ADDRESS), but none was reached: {type(exc).__name__}: {exc}") from exc
 
 
+#: This process's Ray task of each target resource (defined once: each definition is exported anew).
+_TASKS: dict[str, Any] = {}
+
+
+def _task(resource: str) -> Any:
+    import ray
+
+    if resource not in _TASKS:
+        # num_cpus=0: the target's CPUs may all be reserved by training trials; what keeps the
+        # measurement alone on the node is its latency lock, taken inside the task. An explicit
+        # DEFAULT strategy: a trial's placement group (Ray Tune's) must not capture the task, whose
+        # node is chosen by the resource alone.
+        _TASKS[resource] = ray.remote(_timing_task).options(num_cpus=0, resources={resource: 0.001}, scheduling_strategy="DEFAULT", name="automl-latency-on-target")
+    return _TASKS[resource]
+
+
 def _time_on_node(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettings, *, per_sample: bool) -> Timing:
     import ray
 
     resource = settings.node or ""
     _ensure_ray(resource)
     files, module = _shipped(artifact)
-    # num_cpus=0: the target's CPUs may all be reserved by training trials; what keeps the
-    # measurement alone on the node is its latency lock, taken inside the task.
-    task = ray.remote(_timing_task).options(num_cpus=0, resources={resource: 0.001}, name="automl-latency-on-target")
+    task = _task(resource)
     ref = task.remote(files, module, artifact.runtime, inputs.detach().cpu().contiguous(), settings, per_sample)
     with idle():  # the target may be this node: its measurement must not wait for our hold
         while not ray.wait([ref], timeout=_NODE_CHECK_S)[0]:
