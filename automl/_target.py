@@ -26,6 +26,7 @@ study's latencies were measured and warn when its records disagree (:func:`targe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -269,7 +270,10 @@ def _shipped(artifact: Artifact) -> tuple[dict[str, bytes] | None, Any]:
     """What travels to the target: the artifact file's bytes (and ONNX external-data files beside
     it), or for the ``eager`` runtime, which writes no file, the module itself."""
     if artifact.path is None:
-        return None, artifact._run  # the eager artifact runs the module it holds
+        module = artifact._run  # the eager artifact runs the module it holds
+        if any(t.device.type != "cpu" for t in (*module.parameters(), *module.buffers())):
+            module = copy.deepcopy(module).cpu()  # the target moves it to latency.device itself
+        return None, module
     path = Path(artifact.path)
     files = {path.name: path.read_bytes()}
     for extra in path.parent.glob(f"{path.name}.data"):
