@@ -196,6 +196,8 @@ class FrontTable:
     empty: str | None
     #: ``(trial number, reason)`` of the first failed trials, printed under the table.
     failures: tuple[tuple[int, str], ...] = ()
+    #: Where the latencies were measured, and a warning when the records disagree.
+    where: tuple[str, ...] = ()
 
 
 #: The columns of ``show``'s table, and whether each is right-aligned (a number).
@@ -232,7 +234,7 @@ def front_table(view, constraints=None, *, all_trials: bool = False) -> FrontTab
         empty = "no finished trial yet: the front is empty"
     elif not rows:
         empty = f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}"
-    return FrontTable(summary=summary, title=title, rows=tuple(rows) if empty is None else (), empty=empty, failures=tuple(view.failures[:5]))
+    return FrontTable(summary=summary, title=title, rows=tuple(rows) if empty is None else (), empty=empty, failures=tuple(view.failures[:5]), where=tuple(_target_lines(view)))
 
 
 def front_cells(r) -> tuple[str, ...]:
@@ -264,6 +266,8 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
         return
     record = front_table(view, constraints, all_trials=all_trials)
     console.print(record.summary, markup=False)
+    for line in record.where:
+        console.print(line, markup=False)
     if record.empty is not None:
         console.print(record.empty, markup=False)
         return
@@ -275,6 +279,14 @@ def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: 
     console.print(table)
     for number, reason in record.failures:
         console.print(f"failed trial {number}: {reason}", markup=False)
+
+
+def _target_lines(view) -> list[str]:
+    """Where the study's latencies were measured, and a warning when its records disagree."""
+    from automl._target import study_targets
+
+    where = study_targets(view.base, view.trials)
+    return [text for text in (where.line, where.warning and f"warning: {where.warning}") if text]
 
 
 def _constraints(max_latency: float | None, max_size: float | None, min_accuracy: float | None):

@@ -42,6 +42,8 @@ def user_modules(cfg: Any) -> list[str]:
 
     names = [ref.partition(":")[0] for ref in (cfg.base.model, cfg.dataset.name) if ":" in ref]
     names += list(cfg.plugins)
+    if getattr(cfg.latency, "runner", None):
+        names.append(cfg.latency.runner.partition(":")[0])
     roots = [Path(p).resolve() for p in cfg.python_path]
     found: list[str] = []
     for name in names:

@@ -242,6 +242,34 @@ class LatencyConfig(LatencySettings):
     #: record how far each moved from its trial value (study attr ``latency_drift``); never replaces it.
     drift_check: bool = True
 
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,99}", v):
+            raise ValueError(f"latency.node must name a Ray custom resource (letters, digits, _ . : / -, starting with a letter or _), got {v!r}")
+        if v in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"latency.node must name a custom resource, not Ray's built-in {v!r}")
+        return v
+
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"latency.runner must be 'module:function', got {v!r}")
+        try:
+            check_reference(v)
+        except ValueError as exc:
+            raise ValueError(f"latency.runner {v!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _runner_file(self) -> LatencyConfig:
+        if self.runner is not None and self.runtime == "eager":
+            raise ValueError(f"latency.runner times the artifact file, and latency.runtime 'eager' has none; use onnxruntime or torchscript, got runner={self.runner!r}")
+        return self
+
     @model_validator(mode="after")
     def _attempts(self) -> LatencyConfig:
         if self.min_attempts > self.max_attempts:

@@ -73,6 +73,7 @@ from automl._latency import LatencySettings
 from automl._measure import artifact_accuracy, latency_inputs
 from automl._pareto import FrontRow, StudyView
 from automl._rebuild import load_model
+from automl._target import cpu_name
 from searchspace import artifact_quantization
 
 __all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_trial_checkpoint"]
@@ -288,16 +289,6 @@ def _fresh_latency(folder: Path, inputs: torch.Tensor, latency: LatencySettings,
 # --- environment ------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(latency: Any) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -310,7 +301,7 @@ def environment(latency: Any) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "versions": {p: version(p) for p in ("torch", "onnx", "onnxruntime", "safetensors", "optuna", "ray", "automl-compress")},
         "latency": {"runtime": latency.runtime, "device": latency.device, "batch_size": latency.batch_size, "threads": latency.threads, "warmup": latency.warmup, "repeats": latency.repeats},
@@ -666,6 +657,7 @@ def _build_card(
                 "latency_ms": checks.latency.get("latency_ms"),
                 "latency_iqr_ms": checks.latency.get("latency_iqr_ms"),
                 "latency_error": checks.latency.get("error"),
+                "latency_target": checks.latency.get("latency_target"),
                 "size_bytes_weights_file": (folder / WEIGHTS).stat().st_size,
                 "n_test": n_test,
             },

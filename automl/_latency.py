@@ -100,6 +100,12 @@ class LatencySettings:
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Seconds between attempts, the lock released meanwhile, so they fall in different spells.
     attempt_gap_s: float = Field(default=0.5, ge=0.0, le=60.0)
+    #: A Ray custom resource (``ray start --resources '{"NAME": 1}'``): every latency is timed on a
+    #: node that declares it, training stays where Ray places it (:mod:`automl._target`).
+    node: str | None = Field(default=None, strict=True)
+    #: A user's timing function ``module:function`` (:class:`automl._target.TimingRunner`): it gets
+    #: the artifact file, the inputs and these settings, and returns per-call times in ms.
+    runner: str | None = Field(default=None, strict=True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LatencySettings:

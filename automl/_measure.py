@@ -14,7 +14,9 @@
 - ``latency_ms``: the artifact timed on real test inputs by :func:`time_artifact`: block timing of
   the first ``latency.batch_size`` test samples (static models), per-sample timing over the first
   ``latency.max_samples`` test samples (dynamic models); see :mod:`automl._latency` for the clock.
-  ``latency_iqr_ms`` is the spread that says whether the median can be trusted.
+  ``latency_iqr_ms`` is the spread that says whether the median can be trusted. Where it was
+  timed (here, the ``latency.node`` target, or a ``latency.runner``) is :mod:`automl._target`'s
+  choice; ``latency_target`` records where (host, Ray node id, CPU, runtime and version, threads).
 
 Dynamic models (early exits, :class:`~searchspace.DynamicInference`) do different work per
 input, so for them ``macs`` is the expected count, sum over exits of (fraction of test samples
@@ -39,8 +41,9 @@ import torch
 from torch import nn
 
 from automl._artifact import Artifact, ArtifactError, build_artifact, load_artifact, state_dict_bytes
-from automl._latency import LatencySettings, stable_latency, time_blocks, time_per_sample, yield_point
+from automl._latency import LatencySettings, yield_point
 from automl._metrics import Metrics
+from automl._target import Timing, time_artifact
 from searchspace import DynamicInference, artifact_quantization
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "LatencySettings",
     "MeasureError",
     "Metrics",
+    "Timing",
     "artifact_accuracy",
     "count_macs",
     "latency_inputs",
@@ -137,31 +141,6 @@ def latency_inputs(data: Any, settings: LatencySettings, *, dynamic: bool) -> to
     return x.contiguous()
 
 
-def time_artifact(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettings, *, per_sample: bool) -> tuple[float, float]:
-    """Median (or per-sample mean) and IQR, in ms, of ``artifact`` on ``inputs``: the one latency.
-
-    Static models are block-timed on ``inputs`` as one batch; dynamic ones (``per_sample``) run each
-    sample of ``inputs`` alone. Held under the node lock and repeated while the spread is too wide
-    (:func:`automl._latency.stable_latency`).
-    """
-    if per_sample:
-        runs = [artifact.bind(s) for s in inputs.split(1)]
-
-        def once() -> tuple[float, float]:
-            with artifact.context():
-                return time_per_sample(runs, settings, sync=artifact.sync)
-
-    else:
-        run = artifact.bind(inputs)
-
-        def once() -> tuple[float, float]:
-            with artifact.context():
-                return time_blocks(run, settings, sync=artifact.sync)
-
-    median, iqr, _ = stable_latency(once, settings)
-    return median, iqr
-
-
 def _predictions(artifact: Artifact, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     preds, labels = [], []
     for x, y in data.batches("test", 500):
@@ -226,7 +205,7 @@ def measure(
     if accuracy or dynamic:
         pred, labels = _predictions(artifact, data)
         top1 = int((pred == labels).sum()) / max(len(labels), 1) if accuracy else math.nan
-    latency, iqr = time_artifact(artifact, inputs, settings, per_sample=dynamic)
+    timing = time_artifact(artifact, inputs, settings, per_sample=dynamic)
     exits: dict[str, Any] = {}
     if dynamic:
         fractions, exit_accuracy, exit_macs, expected = _exit_numbers(model, data, pred, labels, example)
@@ -237,8 +216,9 @@ def measure(
         params=_stored_params(model),
         size_bytes=artifact.size_bytes,
         macs=macs if macs is not None else count_macs(model, example),
-        latency_ms=latency,
-        latency_iqr_ms=iqr,
+        latency_ms=timing.median_ms,
+        latency_iqr_ms=timing.iqr_ms,
+        latency_target=json.dumps(timing.where, sort_keys=True, default=str),
         state_dict_bytes=state_dict_bytes(model),
         runtime=settings.runtime,
         **exits,
@@ -261,8 +241,8 @@ def _latency_main(argv: list[str]) -> int:
     settings = LatencySettings.from_mapping(json.loads(args.settings))
     inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
     artifact = load_artifact(Path(args.folder), runtime=settings.runtime, device=settings.device, threads=settings.threads)
-    median, iqr = time_artifact(artifact, inputs, settings, per_sample=args.per_sample)
-    print(json.dumps({"runtime": settings.runtime, "latency_ms": median, "latency_iqr_ms": iqr}))
+    timing = time_artifact(artifact, inputs, settings, per_sample=args.per_sample)
+    print(json.dumps({"runtime": settings.runtime, "latency_ms": timing.median_ms, "latency_iqr_ms": timing.iqr_ms, "latency_target": timing.where}, default=str))
     return 0
 
 

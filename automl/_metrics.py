@@ -47,6 +47,9 @@ class Metrics:
     exit_fractions: list[float] | None = None
     exit_accuracy: list[float | None] | None = None
     exit_macs: list[int | None] | None = None
+    #: Where ``latency_ms`` was measured (:func:`automl._target.provenance`), as JSON text: Ray
+    #: Tune flattens nested results, so text keeps one shape in every record.
+    latency_target: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,6 +32,7 @@ from automl._pareto import (
     nondominated_mask,
     params_summary,
 )
+from automl._target import study_targets
 
 __all__ = [
     "FORMATS",
@@ -229,6 +230,8 @@ def build_report(view: StudyView) -> ReportData:
         notes.append(f"No finished trial yet ({len(view.failed)} failed, {view.n_running} running): there is no front to show.")
     elif view.n_running:
         notes.append(f"The study is still running ({view.n_running} trials in progress): this report shows the {len(view.trials)} trials finished so far.")
+    where = study_targets(view.base, view.trials)
+    notes.extend(text[0].upper() + text[1:] + "." for text in (where.line, where.warning) if text)
     return ReportData(
         view=view,
         front=trial_table(view.front, view, knee=knee),

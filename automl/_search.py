@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -48,6 +49,16 @@ def run_search(
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
     from ray import tune
+
+    if cfg.latency.node:
+        # Before anything is trained or written: the base, the dry runs and every trial are timed there.
+        from automl._target import TargetError, require_node
+
+        init_ray(cfg)
+        try:
+            require_node(cfg.latency.node)
+        except TargetError as exc:
+            raise StudyError(str(exc)) from exc
 
     from automl._searcher import StudySearcher, make_callback
 
@@ -287,10 +298,13 @@ def check_drift(study: optuna.Study, study_dir: Path, payload: Payload, *, log: 
             continue
         dynamic = bool(ckpt.record.get("per_sample"))
         inputs = latency_inputs(payload.data, settings, dynamic=dynamic)
-        median, _ = time_artifact(artifact, inputs, settings, per_sample=dynamic)
-        out[t.number] = drift[str(t.number)] = (median - float(recorded)) / float(recorded)
+        timing = time_artifact(artifact, inputs, settings, per_sample=dynamic)
+        where = timing.where
+        out[t.number] = drift[str(t.number)] = (timing.median_ms - float(recorded)) / float(recorded)
     if out:
         study.set_user_attr("latency_drift", drift)
+        # Where the re-timing ran (automl._target.provenance), the same JSON text as a trial's record.
+        study.set_user_attr("latency_drift_target", json.dumps(where, sort_keys=True, default=str))
         moved = sorted(n for n, d in out.items() if abs(d) > DRIFT_WARN)
         log(
             f"drift check: {len(out)} front trials re-timed alone; {len(moved)} moved by more than {DRIFT_WARN:.0%} "
