@@ -38,8 +38,8 @@ Isolation, so a number means something on a node where other trials train at the
    slowed one: a 1.5-2x attempt has as narrow a spread as an undisturbed one. The attempts are
    ``latency.attempt_gap_s`` apart, with the lock released in between (the study's other work runs
    in the gaps): attempts back to back (~60 ms each) fall in the same slow spell, and a
-   virtual machine may run one model at two speeds in spells of 0.1 s to a few seconds (see
-   BENCHMARKS.md), so only attempts spread over more than a spell are independent.
+   virtual machine may run one model at two speeds in spells of 0.1 s to a few seconds (BENCHMARKS.md,
+   "How steady is this machine's timing?"), so only attempts spread over more than a spell are independent.
 """
 
 from __future__ import annotations
