@@ -70,8 +70,9 @@ class Costs:
         return {k: getattr(self.metrics, k) for k in COST_KEYS}
 
     def record(self) -> dict[str, Any]:
-        """What a trial's ``dry_run`` attribute holds: the costs, whether they are final, the seconds."""
-        return {**self.values(), "final": self.final, "seconds": self.seconds}
+        """What a trial's ``dry_run`` attribute holds: the costs, where their latency was measured,
+        whether they are final, the seconds."""
+        return {**self.values(), "latency_target": self.metrics.latency_target, "final": self.final, "seconds": self.seconds}
 
     @property
     def known(self) -> tuple[str, ...]:
