@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from automl._layout import LayoutError, find_layout
+
 __all__ = [
     "ClassifierHead",
     "DigitsCNN",
@@ -76,6 +78,9 @@ class StagedNet(nn.Module):
         #: Own state-dict key -> the key the source library (or a factory's module) names it;
         #: empty where the names are the model's own.
         self.library_keys: dict[str, str] = {}
+        #: Why the layout is not known beyond what ``stages`` and ``head`` show (a module brought
+        #: whole that could not be traced or split), for methods to say why they cannot apply.
+        self.layout_reason: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -374,10 +379,24 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     return net
 
 
-def _as_staged(net: nn.Module) -> StagedNet:
-    """A module as one stage with an identity head; its keys keep the module's names as library keys."""
-    staged = StagedNet(stages=[net], head=nn.Identity())
-    staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
+def _as_staged(net: nn.Module, input_shape: Sequence[int]) -> StagedNet:
+    """A module brought whole, split into the stages and head found in its traced graph
+    (:func:`automl._layout.find_layout`); where none is found, one stage with an identity head and
+    the reason in :attr:`StagedNet.layout_reason`. Either way its keys keep the module's names as
+    library keys (each part holds the module's own submodules under their qualified names)."""
+    try:
+        layout = find_layout(net, input_shape)
+    except LayoutError as exc:
+        staged = StagedNet(stages=[net], head=nn.Identity())
+        staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
+        staged.layout_reason = f"no layout found in the traced graph: {exc}"
+        return staged
+    staged = StagedNet(stages=layout.stages, head=layout.head)
+    staged.train(net.training)
+    staged.library_keys = {f"stages.{i}.{k}": k for i, stage in enumerate(layout.stages) for k in stage.state_dict()}
+    staged.library_keys.update({f"head.{k}": k for k in layout.head.state_dict()})
+    if len(layout.stages) == 1:
+        staged.layout_reason = f"the traced graph has no drop in resolution carried by a single tensor before its last feature map ({layout.ends[-1][0]})"
     return staged
 
 
@@ -414,7 +433,7 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
-        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options))
+        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options), tuple(input_shape))
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -425,6 +444,6 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         if not isinstance(net, nn.Module):
             raise ValueError(f"base model factory {name!r} must return a torch.nn.Module, got {type(net).__name__}")
         if not isinstance(net, StagedNet):
-            net = _as_staged(net)
+            net = _as_staged(net, tuple(input_shape))
         return net
     raise ValueError(f"unknown base model {name!r}; allowed: {', '.join(list_models())}, 'torchvision:NAME', 'timm:NAME' or 'module:function'")

@@ -162,9 +162,10 @@ class ISqrtCov(CompressionMethod):
         if not isinstance(getattr(model, "stages", None), nn.ModuleList) or not isinstance(getattr(model, "head", None), nn.Module):
             return "the model is not a StagedNet (no `stages` + `head` to replace)"
         if isinstance(model.head, nn.Identity):
-            # A module brought whole (a factory's or a library's) is one stage that ends in logits:
-            # there is no feature map between the stages and the head to pool.
-            return "the head is an identity (the stages end in logits): no feature map to pool"
+            # A module brought whole whose traced graph gave no head (automl._layout) is one stage
+            # that ends in logits: there is no feature map between the stages and the head to pool.
+            why = getattr(model, "layout_reason", None)
+            return "the head is an identity (the stages end in logits): no feature map to pool" + (f" ({why})" if why else "")
         return None
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
