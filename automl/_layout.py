@@ -55,28 +55,69 @@ class Layout:
 
 
 class _Tracer(fx.Tracer):
-    """``torch.fx``'s tracer, with the modules and functions timm marks as not traceable kept whole."""
+    """``torch.fx``'s tracer, with weight-holding layers and the modules and functions timm marks as
+    not traceable kept whole."""
 
-    def __init__(self) -> None:
-        self._leaves: tuple[type, ...] = ()
+    def __init__(self, leaves: tuple[type, ...] = ()) -> None:
+        self._leaves: tuple[type, ...] = leaves
         functions: tuple[Any, ...] = ()
         if "timm" in sys.modules:  # only a timm model can hold timm's modules; never import it for others
             try:
                 from timm.layers import _fx as timm_fx
 
-                self._leaves = tuple(timm_fx.get_notrace_modules())
+                self._leaves += tuple(timm_fx.get_notrace_modules())
                 functions = tuple(timm_fx.get_notrace_functions())
             except (ImportError, AttributeError):
                 pass
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
+        # A layer that holds its own weights (a library's Linear or Conv2d subclass, a user's custom
+        # layer) stays one module: methods find layers by their module type, and a traced-through
+        # layer would leave only a bare parameter holder behind.
+        own = next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+        return (own and next(m.children(), None) is None) or isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(net: nn.Module) -> fx.GraphModule:
-    graph = _Tracer().trace(net)
+def _trace(net: nn.Module, leaves: tuple[type, ...] = ()) -> fx.GraphModule:
+    graph = _Tracer(leaves).trace(net)
     return fx.GraphModule(net, graph, class_name=type(net).__name__)
+
+
+#: Most module types kept whole because their forward reads ``self.training``.
+MAX_MODE_LEAVES = 8
+
+
+def _trace_both_modes(net: nn.Module) -> fx.GraphModule:
+    """The graph of ``net``'s forward, the same in eval and training mode.
+
+    A traced graph freezes every ``self.training`` it reads; a module whose forward reads it
+    (stochastic depth, a block's own dropout) is therefore kept whole (a leaf, whose forward runs
+    as written), found where the two modes' graphs first differ, and the model traced again.
+
+    Raises:
+        LayoutError: the model cannot be traced, or its own forward (not a submodule's) reads the mode.
+    """
+    leaves: tuple[type, ...] = ()
+    for _ in range(MAX_MODE_LEAVES + 1):
+        try:
+            net.eval()
+            evaluated = _trace(net, leaves)
+            net.train()
+            trained = _trace(net, leaves)
+        except Exception as exc:  # noqa: BLE001 - any trace failure is the reason the layout is unknown
+            raise LayoutError(f"torch.fx cannot trace its forward ({_first_line(exc)})") from exc
+        finally:
+            net.eval()
+        if evaluated.code == trained.code:
+            return evaluated
+        a, b = list(evaluated.graph.nodes), list(trained.graph.nodes)
+        first = next((x for x, y in zip(a, b) if x.format_node() != y.format_node()), a[min(len(a), len(b)) - 1])
+        stack = list((first.meta.get("nn_module_stack") or {}).values())
+        if not stack or len(leaves) == MAX_MODE_LEAVES:
+            raise LayoutError(f"its forward branches on training mode at {first.name}, which a traced graph would freeze")
+        leaves += (stack[-1][1],)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -181,17 +222,7 @@ def find_layout(net: nn.Module, input_shape: Sequence[int]) -> Layout:
     """
     was = net.training
     try:
-        net.eval()
-        try:
-            gm = _trace(net)
-            net.train()
-            trained = _trace(net)
-        except Exception as exc:  # noqa: BLE001 - any trace failure is the reason the layout is unknown
-            raise LayoutError(f"torch.fx cannot trace its forward ({_first_line(exc)})") from exc
-        finally:
-            net.eval()
-        if gm.code != trained.code:
-            raise LayoutError("its forward branches on training mode (e.g. stochastic depth), which a traced graph would freeze")
+        gm = _trace_both_modes(net)
         try:
             small = _shapes(gm, _example(input_shape, 1))
         except Exception as exc:  # noqa: BLE001
