@@ -10,9 +10,13 @@ Names (``base.model``):
 - the built-ins (``digits_cnn``, ``mnist1d_cnn``) and the short torchvision names of
   :func:`list_models`, split into stages by this module (:class:`TorchvisionNet`);
 - ``torchvision:NAME`` (any classification model of torchvision) and ``timm:NAME`` (any timm
-  model): the library's own module, built by the library's own builder, exactly as a user's
-  ``module:function`` factory module is used: stage 0 of a :class:`StagedNet` with an identity head;
-- ``module:function``: a user factory.
+  model): the library's own module, built by the library's own builder, and used exactly as a
+  user's ``module:function`` factory module is (below);
+- ``module:function``: a user factory, returning a :class:`StagedNet` (its layout declared) or any
+  module, whose layout is then found from its traced graph (:func:`automl._layout.find_layout`):
+  stages cut where one tensor carries everything after each drop in resolution, and the head after
+  the last feature map (pooling, flatten, classifier). A module whose graph cannot be traced or has
+  no such feature map is one stage with an identity head, and :attr:`StagedNet.layout_reason` says why.
 
 Every base model records :attr:`StagedNet.library_keys`: its state-dict keys under the names the
 library (or the factory's module) gives them, so a checkpoint saved from the library's model loads
@@ -416,8 +420,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         name: a built-in name, a short torchvision name (:func:`list_models`), ``"torchvision:NAME"``,
             ``"timm:NAME"``, or ``"module:function"``; a factory is called as
             ``function(input_shape=..., num_classes=..., **options)`` and may return a
-            :class:`StagedNet` or any module (which then counts as a single stage). A library model
-            is the library's own module used as a factory's module is.
+            :class:`StagedNet` or any module (then split into the stages and head found in its
+            traced graph, or one stage where none are found). A library model is the library's
+            own module used as a factory's module is.
         input_shape: one sample's shape, e.g. ``(1, 8, 8)`` or ``(40,)``.
         num_classes: number of classes of the dataset.
         options: extra keyword arguments for the constructor (e.g. ``width``, ``channels``; for a
