@@ -186,6 +186,37 @@ def test_a_forward_that_branches_on_training_mode_is_refused():
         find_layout(Drop(), SHAPE)
 
 
+class Halve(nn.Module):
+    """Reads the training mode in its forward, as stochastic depth does."""
+
+    def forward(self, x):
+        return x * 0.5 if self.training else x
+
+
+class WithHalve(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 2) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 4, 3, stride=2, padding=1)
+        self.halve = Halve()
+        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.b(self.halve(F.relu(self.a(x)))).mean(dim=(2, 3)))
+
+
+def test_a_submodule_that_reads_training_mode_stays_whole_and_keeps_both_modes():
+    torch.manual_seed(0)
+    net = WithHalve()
+    layout = find_layout(net, SHAPE)
+    staged = StagedNet(stages=layout.stages, head=layout.head)
+    assert len(layout.stages) == 2 and any(isinstance(m, Halve) for m in staged.modules()), "Halve must stay a module"
+    x = torch.randn(2, *SHAPE)
+    for train in (False, True):
+        net.train(train), staged.train(train)
+        assert torch.allclose(staged(x), net(x), atol=1e-6), f"training={train}: the split model computes another function"
+
+
 def test_a_model_without_feature_maps_keeps_one_stage():
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(LayoutError, match="no feature map"):
