@@ -29,6 +29,7 @@ plan gets the same layout.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -146,21 +147,29 @@ class _Shapes(fx.Interpreter):
         return result
 
 
-def _shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
+def _shapes(gm: fx.GraphModule, x: torch.Tensor, *, real: bool = True) -> dict[str, Any]:
     """Node name -> its output's shape on input ``x`` (None where it is not a tensor).
 
     Run on fake tensors (shapes only, no arithmetic: a large model costs milliseconds), and for real
-    where an op needs real values.
+    (when ``real``) where an op needs real values.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # A failing op is expected here (a model of one fixed input size, at twice the size); the fake
+    # tensor module would log its traceback as an error before the exception reaches us.
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             interpreter = _Shapes(gm)
             interpreter.run(mode.from_tensor(x))
             return interpreter.shapes
     except Exception:  # noqa: BLE001 - an op fake tensors cannot run (data-dependent): run it for real
-        pass
+        if not real:
+            raise
+    finally:
+        quiet.setLevel(level)
     interpreter = _Shapes(gm)
     with torch.no_grad():
         interpreter.run(x)
@@ -236,7 +245,7 @@ def find_layout(net: nn.Module, input_shape: Sequence[int]) -> Layout:
         except Exception as exc:  # noqa: BLE001
             raise LayoutError(f"its traced graph does not run on one input of shape {tuple(input_shape)} ({_first_line(exc)})") from exc
         try:
-            large: dict[str, Any] | None = _shapes(gm, _example(input_shape, 2))
+            large: dict[str, Any] | None = _shapes(gm, _example(input_shape, 2), real=False)
         except Exception:  # noqa: BLE001 - a model of one fixed input size: its feature maps are the >= 3-D tensors
             large = None
         return _split(gm, small, large, input_shape, set(net.state_dict()))
