@@ -10,9 +10,13 @@ Names (``base.model``):
 - the built-ins (``digits_cnn``, ``mnist1d_cnn``) and the short torchvision names of
   :func:`list_models`, split into stages by this module (:class:`TorchvisionNet`);
 - ``torchvision:NAME`` (any classification model of torchvision) and ``timm:NAME`` (any timm
-  model): the library's own module, built by the library's own builder, exactly as a user's
-  ``module:function`` factory module is used: stage 0 of a :class:`StagedNet` with an identity head;
-- ``module:function``: a user factory.
+  model): the library's own module, built by the library's own builder, and used exactly as a
+  user's ``module:function`` factory module is (below);
+- ``module:function``: a user factory, returning a :class:`StagedNet` (its layout declared) or any
+  module, whose layout is then found from its traced graph (:func:`automl._layout.find_layout`):
+  stages cut where one tensor carries everything after each drop in resolution, and the head after
+  the last feature map (pooling, flatten, classifier). A module whose graph cannot be traced or has
+  no such feature map is one stage with an identity head, and :attr:`StagedNet.layout_reason` says why.
 
 Every base model records :attr:`StagedNet.library_keys`: its state-dict keys under the names the
 library (or the factory's module) gives them, so a checkpoint saved from the library's model loads
@@ -28,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from automl._layout import LayoutError, find_layout
 
 __all__ = [
     "ClassifierHead",
@@ -76,6 +82,9 @@ class StagedNet(nn.Module):
         #: Own state-dict key -> the key the source library (or a factory's module) names it;
         #: empty where the names are the model's own.
         self.library_keys: dict[str, str] = {}
+        #: Why the layout is not known beyond what ``stages`` and ``head`` show (a module brought
+        #: whole that could not be traced or split), for methods to say why they cannot apply.
+        self.layout_reason: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -374,10 +383,24 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     return net
 
 
-def _as_staged(net: nn.Module) -> StagedNet:
-    """A module as one stage with an identity head; its keys keep the module's names as library keys."""
-    staged = StagedNet(stages=[net], head=nn.Identity())
-    staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
+def _as_staged(net: nn.Module, input_shape: Sequence[int]) -> StagedNet:
+    """A module brought whole, split into the stages and head found in its traced graph
+    (:func:`automl._layout.find_layout`); where none is found, one stage with an identity head and
+    the reason in :attr:`StagedNet.layout_reason`. Either way its keys keep the module's names as
+    library keys (each part holds the module's own submodules under their qualified names)."""
+    try:
+        layout = find_layout(net, input_shape)
+    except LayoutError as exc:
+        staged = StagedNet(stages=[net], head=nn.Identity())
+        staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
+        staged.layout_reason = f"no layout found in the traced graph: {exc}"
+        return staged
+    staged = StagedNet(stages=layout.stages, head=layout.head)
+    staged.train(net.training)
+    staged.library_keys = {f"stages.{i}.{k}": k for i, stage in enumerate(layout.stages) for k in stage.state_dict()}
+    staged.library_keys.update({f"head.{k}": k for k in layout.head.state_dict()})
+    if len(layout.stages) == 1:
+        staged.layout_reason = f"the traced graph has no drop in resolution carried by a single tensor before its last feature map ({layout.ends[-1][0]})"
     return staged
 
 
@@ -397,8 +420,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         name: a built-in name, a short torchvision name (:func:`list_models`), ``"torchvision:NAME"``,
             ``"timm:NAME"``, or ``"module:function"``; a factory is called as
             ``function(input_shape=..., num_classes=..., **options)`` and may return a
-            :class:`StagedNet` or any module (which then counts as a single stage). A library model
-            is the library's own module used as a factory's module is.
+            :class:`StagedNet` or any module (then split into the stages and head found in its
+            traced graph, or one stage where none are found). A library model is the library's
+            own module used as a factory's module is.
         input_shape: one sample's shape, e.g. ``(1, 8, 8)`` or ``(40,)``.
         num_classes: number of classes of the dataset.
         options: extra keyword arguments for the constructor (e.g. ``width``, ``channels``; for a
@@ -414,7 +438,7 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
-        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options))
+        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options), tuple(input_shape))
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -425,6 +449,6 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         if not isinstance(net, nn.Module):
             raise ValueError(f"base model factory {name!r} must return a torch.nn.Module, got {type(net).__name__}")
         if not isinstance(net, StagedNet):
-            net = _as_staged(net)
+            net = _as_staged(net, tuple(input_shape))
         return net
     raise ValueError(f"unknown base model {name!r}; allowed: {', '.join(list_models())}, 'torchvision:NAME', 'timm:NAME' or 'module:function'")

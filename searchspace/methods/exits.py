@@ -464,7 +464,9 @@ class Exits(CompressionMethod):
         if not isinstance(getattr(model, "stages", None), nn.ModuleList) or not hasattr(model, "head"):
             return "the model is not a StagedNet (no `stages` to attach exits to)"
         if not _cut_points(model, "blocks")[1]:
-            return "a single stage with no block boundary: nowhere to place an exit"
+            # A module brought whole says why its traced graph gave no stages (automl._layout).
+            why = getattr(model, "layout_reason", None)
+            return "a single stage with no block boundary: nowhere to place an exit" + (f" ({why})" if why else "")
         return None
 
     def q_grid(self) -> list[float]:

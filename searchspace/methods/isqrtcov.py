@@ -42,7 +42,7 @@ from searchspace._surgery import clone
 
 __all__ = ["ISqrtCov", "ISqrtCovHead", "covariance", "newton_schulz_sqrt"]
 
-#: Added to the trace before dividing: a feature map with a single position (e.g. resnet18's last
+#: The least trace divided by: a feature map with a single position (e.g. resnet18's last
 #: stage on 32x32 inputs) has a zero covariance, which must give a zero square root, not NaN.
 TRACE_EPS = 1e-8
 
@@ -60,7 +60,7 @@ def newton_schulz_sqrt(sigma: torch.Tensor, iterations: int, eps: float = TRACE_
     Args:
         sigma: symmetric positive (semi-)definite matrices, shaped (batch, d, d).
         iterations: Newton-Schulz iterations N >= 1 (the paper uses 3 or 5).
-        eps: added to the trace (see :data:`TRACE_EPS`).
+        eps: the least trace divided by (see :data:`TRACE_EPS`).
 
     As in the paper's implementation, the first iteration uses Z_0 = I (T_0 = (3I - A) / 2, no
     product) and the last one only updates Y; each step is one fused ``baddbmm`` plus products, which
@@ -78,7 +78,10 @@ def newton_schulz_sqrt(sigma: torch.Tensor, iterations: int, eps: float = TRACE_
     eye = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
     # The trace as a masked sum rather than diagonal().sum(): the same value, and the ONNX exporter
     # (TorchScript path) loses the dtype after `diagonal` and then cannot export the sum.
-    trace = (sigma * eye).sum(dim=[1, 2]).clamp_min(0.0) + eps
+    # Floored at eps rather than added to it: the same for any non-degenerate trace, and ONNX
+    # Runtime gives 0 + 1e-8 = 0 for the exported sum (the graph optimiser drops the tiny addend),
+    # so a single-position feature map (zero covariance) turned into NaN there.
+    trace = (sigma * eye).sum(dim=[1, 2]).clamp_min(eps)
     a = sigma / trace[:, None, None]
     # Expanded to (batch, d, d) so MAC counters (torchprofile's baddbmm handler) read its shape.
     half3 = (1.5 * eye).expand_as(sigma)
@@ -162,9 +165,10 @@ class ISqrtCov(CompressionMethod):
         if not isinstance(getattr(model, "stages", None), nn.ModuleList) or not isinstance(getattr(model, "head", None), nn.Module):
             return "the model is not a StagedNet (no `stages` + `head` to replace)"
         if isinstance(model.head, nn.Identity):
-            # A module brought whole (a factory's or a library's) is one stage that ends in logits:
-            # there is no feature map between the stages and the head to pool.
-            return "the head is an identity (the stages end in logits): no feature map to pool"
+            # A module brought whole whose traced graph gave no head (automl._layout) is one stage
+            # that ends in logits: there is no feature map between the stages and the head to pool.
+            why = getattr(model, "layout_reason", None)
+            return "the head is an identity (the stages end in logits): no feature map to pool" + (f" ({why})" if why else "")
         return None
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:

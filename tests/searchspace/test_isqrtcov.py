@@ -68,11 +68,14 @@ def test_isqrtcov_method_replaces_final_head():
     assert out(torch.randn(4, 40)).shape == (4, 10)
 
 
-def test_isqrtcov_is_left_out_of_a_library_model_whose_stages_end_in_logits():
-    """A library model is one stage ending in logits: supports() says so, instead of apply() raising."""
+def test_isqrtcov_is_left_out_of_a_model_whose_stages_end_in_logits():
+    """A module brought whole whose graph cannot be traced stays one stage ending in logits:
+    supports() says so and why, instead of apply() raising. A library model gets its head from its
+    traced graph (automl._layout) and is supported, as the built-in layouts are."""
     from automl import build_model
 
-    model = build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10)
-    why = get_method("isqrtcov")().supports(model)
-    assert why is not None and "identity" in why, why
+    untraceable = build_model("tests.fixtures.models:export_fixture", input_shape=(1, 8, 8), num_classes=10, options={"kind": "early_exit"})
+    why = get_method("isqrtcov")().supports(untraceable)
+    assert why is not None and "identity" in why and "torch.fx cannot trace" in why, why
+    assert get_method("isqrtcov")().supports(build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10)) is None
     assert get_method("isqrtcov")().supports(build_model("resnet18", input_shape=(3, 32, 32), num_classes=10)) is None
