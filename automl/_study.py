@@ -116,7 +116,9 @@ def base_reference(cfg: StudyConfig, data: Splits) -> dict[str, Any]:
 
 
 def _build_base(cfg: StudyConfig, data: Splits) -> StagedNet:
+    """The base architecture, initialised from ``cfg.seed``: one config gives one base, run after run."""
     ref = base_reference(cfg, data)
+    torch.manual_seed(cfg.seed)
     return build_model(ref["model"], input_shape=ref["input_shape"], num_classes=ref["num_classes"], options=ref["options"])
 
 

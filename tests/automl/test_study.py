@@ -196,3 +196,17 @@ def test_default_study_front_is_optunas_best_trials_and_resume_keeps_its_numbers
     assert resumed.exit_code == 0, resumed.output
     after = {t.number: (t.values, dict(t.user_attrs)) for t in optuna.load_study(study_name="digits", storage=cfg.storage_url).get_trials()}
     assert after == before, "resuming a finished study must not change any trial's numbers"
+
+
+def test_the_base_is_initialised_from_the_configs_seed_whatever_ran_before(digits):
+    """One config gives one base: its initial weights follow ``seed``, not the generator's state."""
+    from automl._study import _build_base
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        cfg = parse_config({"name": "seeded", "dataset": {"name": "digits"}, "base": {"model": "digits_cnn"}, "seed": seed})
+        torch.rand(int(torch.randint(1, 100, ()).item()))  # the generator in some other state each time
+        return list(_build_base(cfg, digits).state_dict().values())
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)), "the same seed must give the same initial base"
+    assert not all(torch.equal(a, b) for a, b in zip(first, other)), "another seed must give another initial base"
