@@ -100,7 +100,7 @@ def _launch(cfg: StudyConfig, trials: int | None) -> None:
         if created and not started:
             shutil.rmtree(cfg.study_dir, ignore_errors=True)
         raise
-    _print_front(study)
+    _print_front(study, max_drop=cfg.review.max_drop)
 
 
 @app.command()
@@ -190,7 +190,8 @@ class FrontTable:
     #: The study's one-line summary (trial counts, the base's numbers).
     summary: str
     title: str
-    #: The rows to draw, in order (empty when ``empty`` says why there is no table).
+    #: The plans to draw (:class:`automl._pareto.PlanGroup`, a plan and its repeats as one row),
+    #: most accurate first, within ``review.max_drop`` of the base (empty when ``empty`` says why).
     rows: tuple
     #: Why no table is drawn (no finished trial, or none meets the bounds); None when there is one.
     empty: str | None
@@ -198,11 +199,18 @@ class FrontTable:
     failures: tuple[tuple[int, str], ...] = ()
     #: Where the latencies were measured, and a warning when the records disagree.
     where: tuple[str, ...] = ()
+    #: The plans more than ``max_drop`` below the base's accuracy, listed apart under their own title.
+    beyond: tuple = ()
+    beyond_title: str = ""
+    #: The knee among ``rows`` (the trial ``export --pick knee`` exports), None when there is none.
+    knee: int | None = None
+    #: The accuracy tolerance the rows were split by (None: every row is in ``rows``).
+    max_drop: float | None = None
 
 
 #: The columns of ``show``'s table, and whether each is right-aligned (a number).
 FRONT_COLUMNS: tuple[tuple[str, bool], ...] = (
-    ("trial", True), ("method", False), ("accuracy", True), ("Δacc", True), ("size (B)", True),
+    ("trial", True), ("count", True), ("method", False), ("accuracy", True), ("Δacc", True), ("size (B)", True),
     ("x smaller", True), ("latency (ms)", True), ("x faster", True), ("MACs", True), ("params", False),
 )
 
@@ -220,8 +228,20 @@ def _front_rows(view, constraints, all_trials: bool):
     return f"{what}: {len(rows)} of {len(pool)} trials with {constraints.describe()}", rows
 
 
-def front_table(view, constraints=None, *, all_trials: bool = False) -> FrontTable:
-    """The record ``show`` draws for ``view`` (see :class:`FrontTable`)."""
+def _points(max_drop: float) -> str:
+    return f"{100 * max_drop:g} point{'' if max_drop == 0.01 else 's'}"
+
+
+def front_table(view, constraints=None, *, all_trials: bool = False, max_drop: float | None = None) -> FrontTable:
+    """The record ``show`` draws for ``view`` (see :class:`FrontTable`).
+
+    Rows are plans (:func:`automl._pareto.group_by_plan`): a plan and its repeats are one row with
+    their count. With ``max_drop`` (``review.max_drop``) the plans more than that below the base's
+    accuracy are listed apart, and the knee is taken among the others, as ``export --pick knee``
+    takes it.
+    """
+    from automl._pareto import Constraints, group_by_plan, pick, within_drop
+
     base = view.base
     summary = (
         f"study {view.name}: {len(view.trials)} complete, {view.n_failed} failed, {view.n_running} running; "
@@ -229,22 +249,48 @@ def front_table(view, constraints=None, *, all_trials: bool = False) -> FrontTab
         f"{base.get('latency_ms', float('nan')):.3f} ms"
     )
     title, rows = _front_rows(view, constraints, all_trials)
+    if base.get("accuracy") is None:
+        max_drop = None
+    close = [r for r in rows if within_drop(r, max_drop)]
+    far = [r for r in rows if not within_drop(r, max_drop)]
+    groups, beyond = group_by_plan(close), group_by_plan(far)
+    if max_drop is not None:
+        title += f"; within {_points(max_drop)} of the base accuracy (review.max_drop): {len(groups)} plans"
     empty = None
     if not view.front:
         empty = "no finished trial yet: the front is empty"
     elif not rows:
         empty = f"no trial on the {'study' if all_trials else 'front'} meets {constraints.describe()}"
-    return FrontTable(summary=summary, title=title, rows=tuple(rows) if empty is None else (), empty=empty, failures=tuple(view.failures[:5]), where=tuple(_target_lines(view)))
+    elif not groups:
+        empty = f"no trial on the {'study' if all_trials else 'front'} is within {_points(max_drop)} of the base accuracy (review.max_drop {max_drop:g}; widen it with --max-drop)"
+    beyond_title = f"beyond review.max_drop (more than {_points(max_drop)} below the base accuracy): {len(beyond)} plans" if beyond else ""
+    knee = None
+    if groups:
+        try:  # exactly what `export --pick knee` would export with these bounds
+            knee = pick(view, "knee", constraints or Constraints(), max_drop=max_drop).number
+        except ValueError:
+            knee = None
+    return FrontTable(
+        summary=summary, title=title, rows=tuple(groups) if empty is None else (), empty=empty, failures=tuple(view.failures[:5]),
+        where=tuple(_target_lines(view)), beyond=tuple(beyond) if view.front and rows else (), beyond_title=beyond_title,
+        knee=knee, max_drop=max_drop,
+    )
 
 
-def front_cells(r) -> tuple[str, ...]:
-    """One row of ``show``'s table as text, in :data:`FRONT_COLUMNS` order ("-" where unmeasured)."""
-    from automl._pareto import params_summary
+def front_cells(group, *, knee: int | None = None) -> tuple[str, ...]:
+    """One row of ``show``'s table (a :class:`automl._pareto.PlanGroup`, or one trial's row) as
+    text, in :data:`FRONT_COLUMNS` order ("-" where unmeasured); the knee's method says so."""
+    from automl._pareto import PlanGroup, params_summary
 
+    if not isinstance(group, PlanGroup):
+        group = PlanGroup(row=group, numbers=(group.number,))
+    r = group.row
     m = r.metrics
+    others = group.numbers[1:]
     return (
-        str(r.number),
-        r.method + (f" (finalized from {r.finalized_from})" if r.finalized_from is not None else ""),
+        str(r.number) + (f" (+{', '.join(map(str, others))})" if others else ""),
+        str(group.count),
+        r.method + (f" (finalized from {r.finalized_from})" if r.finalized_from is not None else "") + (" (knee)" if knee is not None and r.number == knee else ""),
         f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "-",
         f"{100 * r.accuracy_delta:+.2f}pt" if r.accuracy_delta is not None else "-",
         f"{int(m['size_bytes'])}" if m.get("size_bytes") is not None else "-",
@@ -256,27 +302,47 @@ def front_cells(r) -> tuple[str, ...]:
     )
 
 
-def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: bool = False) -> None:
+def front_json(record: FrontTable) -> list[dict]:
+    """``show --json``: one object per plan, its repeats in ``trials``, whether it is within
+    ``review.max_drop`` and whether it is the knee."""
+    return [
+        {
+            "trial": g.row.number, "trials": list(g.numbers), "count": g.count, "method": g.row.method, "finalized_from": g.row.finalized_from,
+            **g.row.metrics, "params": g.row.params, "within_max_drop": within, "knee": g.row.number == record.knee,
+        }
+        for within, groups in ((True, record.rows), (False, record.beyond))
+        for g in groups
+    ]
+
+
+def _print_front(study, constraints=None, *, all_trials: bool = False, as_json: bool = False, max_drop: float | None = None) -> None:
     from automl._pareto import load_view
 
     view = load_view(study)
+    record = front_table(view, constraints, all_trials=all_trials, max_drop=max_drop)
     if as_json:
-        _, rows = _front_rows(view, constraints, all_trials)
-        print(json.dumps([{"trial": r.number, "method": r.method, "finalized_from": r.finalized_from, **r.metrics, "params": r.params} for r in rows], default=str))
+        print(json.dumps(front_json(record), default=str))
         return
-    record = front_table(view, constraints, all_trials=all_trials)
     console.print(record.summary, markup=False)
     for line in record.where:
         console.print(line, markup=False)
+
+    def draw(title: str, groups) -> None:
+        table = Table(title=title)
+        for col, right in FRONT_COLUMNS:
+            table.add_column(col, justify="right" if right else "left")
+        for g in groups:
+            table.add_row(*front_cells(g, knee=record.knee))
+        console.print(table)
+
     if record.empty is not None:
         console.print(record.empty, markup=False)
-        return
-    table = Table(title=record.title)
-    for col, right in FRONT_COLUMNS:
-        table.add_column(col, justify="right" if right else "left")
-    for r in record.rows:
-        table.add_row(*front_cells(r))
-    console.print(table)
+    else:
+        draw(record.title, record.rows)
+        if record.knee is not None:
+            console.print(f"knee: trial {record.knee} (what `automl export --pick knee` exports)", markup=False)
+    if record.beyond:
+        draw(record.beyond_title, record.beyond)
     for number, reason in record.failures:
         console.print(f"failed trial {number}: {reason}", markup=False)
 
@@ -303,6 +369,16 @@ def _constraints(max_latency: float | None, max_size: float | None, min_accuracy
 _MAX_LATENCY = typer.Option(None, "--max-latency", min=0.0, help="Keep models with latency_ms <= this.")
 _MAX_SIZE = typer.Option(None, "--max-size", min=0.0, help="Keep models with size_bytes <= this.")
 _MIN_ACCURACY = typer.Option(None, "--min-accuracy", help="Keep models with test accuracy >= this (fraction).")
+_MAX_DROP = typer.Option(None, "--max-drop", help="Accuracy tolerance: the knee and picks choose among models at most this far below the base (fraction; default: the study's review.max_drop).")
+
+
+def _max_drop(cfg: StudyConfig, value: float | None) -> float:
+    """``--max-drop`` if given (checked like ``review.max_drop``), else the study's ``review.max_drop``."""
+    if value is None:
+        return cfg.review.max_drop
+    if not 0.0 <= value <= 1.0:
+        fail(f"--max-drop must be a fraction in [0, 1] (0.01 = 1 point), got {value}")
+    return value
 
 
 @app.command()
@@ -313,12 +389,14 @@ def show(
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
+    max_drop: Optional[float] = _MAX_DROP,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (trial, method, every recorded number) instead of a table."),
 ) -> None:
-    """Print a study's Pareto front as a table, optionally only the models meeting bounds."""
+    """Print a study's Pareto front as a table (a plan and its repeats as one row), the models within
+    the accuracy tolerance first and the knee among them, optionally only the models meeting bounds."""
     constraints = _constraints(max_latency, max_size, min_accuracy)
-    _, s = _load_study(study, runs)
-    _print_front(s, constraints, all_trials=not front, as_json=as_json)
+    cfg, s = _load_study(study, runs)
+    _print_front(s, constraints, all_trials=not front, as_json=as_json, max_drop=_max_drop(cfg, max_drop))
 
 
 @app.command()
@@ -327,6 +405,7 @@ def report(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
     fmt: str = typer.Option("html", "--format", help="html (one self-contained page), md (one file), csv or parquet (one file per table)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File (html, md) or folder (csv, parquet); default: in the study folder."),
+    max_drop: Optional[float] = _MAX_DROP,
 ) -> None:
     """Write the study's report: Pareto fronts, hypervolume, knee point, best per method, tables."""
     from automl._pareto import load_view
@@ -335,7 +414,7 @@ def report(
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg, s = _load_study(study, runs)
-    data = build_report(load_view(s))
+    data = build_report(load_view(s), max_drop=_max_drop(cfg, max_drop))
     for note in data.notes:
         _log(note)
     if fmt == "html":
@@ -347,7 +426,10 @@ def report(
         out = output or (cfg.study_dir / ("report.md" if fmt == "md" else f"report_{fmt}"))
         written = write_tables(data, out, fmt)
     if data.knee is not None:
-        _log(f"knee point: trial {data.knee}; front of {len(data.front)}; hypervolume {data.hypervolume['hypervolume'].iloc[-1]:.4f} (base alone = 1)")
+        _log(
+            f"knee point: trial {data.knee} (within {100 * data.max_drop:g} points of the base accuracy); front of {len(data.front)} plans; "
+            f"hypervolume {data.hypervolume['hypervolume'].iloc[-1]:.4f} (base alone = 1)"
+        )
     for path in written:
         _log(f"wrote {path}")
 
@@ -424,6 +506,7 @@ def export_cmd(
     max_latency: Optional[float] = _MAX_LATENCY,
     max_size: Optional[float] = _MAX_SIZE,
     min_accuracy: Optional[float] = _MIN_ACCURACY,
+    max_drop: Optional[float] = _MAX_DROP,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Destination folder (default: <study>/exports/trial_NNNNN)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing destination folder."),
     torchscript: bool = typer.Option(False, "--torchscript", help="Also ship model.ts (TorchScript, deprecated in PyTorch), scripted from the rebuilt module and verified."),
@@ -437,6 +520,7 @@ def export_cmd(
         fail(_TRIAL_OR_PICK)
     constraints = _constraints(max_latency, max_size, min_accuracy)
     cfg, s = _load_study(study, runs)
+    drop = _max_drop(cfg, max_drop)
     view = load_view(s)
     if trial is not None:
         row = view.row(trial)
@@ -448,10 +532,10 @@ def export_cmd(
             fail(f"--trial {trial} does not meet {constraints.describe()}")
     else:
         try:
-            row = pick(view, pick_, constraints)
+            row = pick(view, pick_, constraints, max_drop=drop)
         except ValueError as exc:
             fail(str(exc))
-        _log(f"picked trial {row.number} ({row.method}) by {pick_} with {constraints.describe()}")
+        _log(f"picked trial {row.number} ({row.method}) by {pick_} with {constraints.describe()}, within {100 * drop:g} points of the base accuracy")
     from automl._finalize import finalized_version
 
     final = finalized_version(s, row.number)
@@ -485,6 +569,7 @@ def finalize(
     pick_: Optional[str] = typer.Option(None, "--pick", help=f"Choose the trial as export does: {_PICKS}."),
     epochs: int = typer.Option(30, "--epochs", help="Most fine-tuning epochs (early stopping on validation accuracy may end sooner)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the study's budget.lr)."),
+    max_drop: Optional[float] = _MAX_DROP,
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding study folders."),
 ) -> None:
     """Fine-tune a chosen trial's model for longer and store it as a new trial linked to it."""
@@ -503,7 +588,7 @@ def finalize(
         # A search trial is picked: a finalized one is its parent's continuation, not a new choice.
         search = dataclasses.replace(view, trials=tuple(r for r in view.trials if r.finalized_from is None), front=tuple(r for r in view.front if r.finalized_from is None))
         try:
-            trial = pick(search, pick_).number
+            trial = pick(search, pick_, max_drop=_max_drop(cfg, max_drop)).number
         except ValueError as exc:
             fail(str(exc))
         _log(f"picked trial {trial} by {pick_}")

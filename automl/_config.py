@@ -24,6 +24,7 @@ from automl._data import DATASETS, FACTORY, resolve_augment
 from automl._latency import LatencySettings
 from automl._metrics import DEFAULT_DIRECTION, OBJECTIVE_METRICS, ObjectiveName
 from automl._models import LIBRARIES, check_model_name, list_models
+from automl._pareto import DEFAULT_MAX_DROP
 from automl._weights import check_weights
 from automl._plugins import import_plugins
 
@@ -218,6 +219,19 @@ class SchedulerConfig(_Frozen):
     reduction_factor: float = Field(default=3.0, ge=2.0, le=1000.0)
 
 
+class ReviewConfig(_Frozen):
+    """How a finished study is reviewed (``show``, ``report``, ``export/finalize --pick``).
+
+    The knee and every pick choose among the models whose test accuracy is at most ``max_drop``
+    (a fraction: 0.01 = 1 percentage point) below the base model's; ``show`` lists the rest of the
+    front apart. The default is Intel Neural Compressor's default tolerance (1 %): a compressed
+    model further below its base is rarely the one a user ships, and a knee taken over models
+    many points worse would rank accuracy as just one cost among others.
+    """
+
+    max_drop: float = Field(default=DEFAULT_MAX_DROP, ge=0.0, le=1.0)
+
+
 class ResourcesConfig(_Frozen):
     cpus: float = Field(default=1.0, gt=0.0, le=1024)
     gpus: float = Field(default=0.0, ge=0.0, le=64)
@@ -317,6 +331,8 @@ class StudyConfig(_Frozen):
     #: Bounds on the final model (automl._constraints): a trial whose costs, known before training,
     #: break a max_* bound stops before it trains; min_accuracy keeps trials off the front and picks.
     constraints: Constraints = Constraints()
+    #: How the front is reviewed: the accuracy tolerance of the knee and the picks.
+    review: ReviewConfig = ReviewConfig()
     #: Folder that holds one sub-folder per study.
     output_dir: str = "runs"
     seed: int = 0

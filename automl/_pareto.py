@@ -11,15 +11,18 @@ import optuna
 
 from automl._constraints import Constraints
 from automl._metrics import METRIC_KEYS
-from automl._records import CHECKPOINT, FAIL_REASON, FINALIZED_FROM, METHOD
+from automl._records import CHECKPOINT, DUPLICATE_OF, FAIL_REASON, FINALIZED_FROM, METHOD, PLAN_KEY
 
 __all__ = [
     "COST_REFERENCE",
     "Constraints",
+    "DEFAULT_MAX_DROP",
     "FrontRow",
     "PICK_NAMES",
+    "PlanGroup",
     "StudyView",
     "best_per_method",
+    "group_by_plan",
     "hypervolume",
     "hypervolume_history",
     "knee_point",
@@ -28,7 +31,9 @@ __all__ = [
     "normalise",
     "params_summary",
     "pick",
+    "review_knee",
     "study_constraints",
+    "within_drop",
 ]
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class FrontRow:
         """The checkpoint folder, relative to the study folder (None if the trial never saved one)."""
         value = self.attrs.get(CHECKPOINT)
         return str(value) if value else None
+
+    @property
+    def plan(self) -> str:
+        """The plan this trial really is: its ``plan_key`` record (a repeat's is its first's, and a
+        structure stage that converted nothing is recorded as ``none``); a trial without one (a
+        variant, a finalized model, a study written by hand) is a plan of its own."""
+        key = self.attrs.get(PLAN_KEY)
+        return str(key) if key else f"trial {self.number}"
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,68 @@ def params_summary(params: dict[str, Any], limit: int = 80) -> str:
 
 
 
+# --- plans and the accuracy tolerance -------------------------------------------------------
+
+#: The default ``review.max_drop``: models more than 1 percentage point below the base's accuracy
+#: are left out of the knee and the picks (Intel Neural Compressor's default tolerance is 1 %).
+DEFAULT_MAX_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """One plan as ``show`` and the report list it: the trial that trained it and its repeats."""
+
+    #: The trial that trained the plan (else the first listed): its numbers are the plan's.
+    row: FrontRow
+    #: Every listed trial of the plan, ``row`` first, the others by number.
+    numbers: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.numbers)
+
+
+def group_by_plan(rows: Sequence[FrontRow]) -> list[PlanGroup]:
+    """``rows`` with each plan once (:attr:`FrontRow.plan`), in the order of each plan's first row.
+
+    A repeat (``duplicate_of``) carries the numbers of the trial it repeats, so a plan listed with
+    its repeats is one model listed several times; the trial that trained it stands for the group.
+    """
+    groups: dict[str, list[FrontRow]] = {}
+    for r in rows:
+        groups.setdefault(r.plan, []).append(r)
+    out = []
+    for members in groups.values():
+        trained = [r for r in members if DUPLICATE_OF not in r.attrs]
+        head = min(trained or members, key=lambda r: r.number)
+        out.append(PlanGroup(row=head, numbers=(head.number, *sorted(r.number for r in members if r is not head))))
+    return out
+
+
+def within_drop(row: FrontRow, max_drop: float | None) -> bool:
+    """Whether ``row``'s accuracy is at most ``max_drop`` (a fraction) below the base's.
+
+    True for every row when ``max_drop`` is None (no tolerance) or the base's accuracy is unknown;
+    False for a row without a measured accuracy. A rounding margin of 1e-9 keeps a model exactly
+    ``max_drop`` below the base inside.
+    """
+    if max_drop is None or row.accuracy_delta is None and row.metrics.get("accuracy") is not None:
+        return True
+    return row.accuracy_delta is not None and row.accuracy_delta >= -max_drop - 1e-9
+
+
+def _admitted(view: StudyView, max_drop: float | None) -> list[FrontRow]:
+    return [r for r in view.trials if within_drop(r, max_drop)] if view.base.get("accuracy") is not None else list(view.trials)
+
+
+def review_knee(view: StudyView, max_drop: float | None = None) -> int | None:
+    """The knee of the front among the models within ``max_drop`` of the base's accuracy (None:
+    no such model); the trial that trained its plan stands for a plan's repeats."""
+    admitted = {r.number for r in _admitted(view, max_drop)}
+    front = [g.row for g in group_by_plan([r for r in view.front if r.number in admitted])]
+    return knee_point(front, view)
+
+
 # --- constraints and picks ------------------------------------------------------------------
 
 
@@ -158,13 +233,15 @@ PICKS: dict[str, tuple[str, bool]] = {
 PICK_NAMES: tuple[str, ...] = ("knee", *PICKS)
 
 
-def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) -> FrontRow:
-    """Choose one finished trial: ``knee`` of the (constrained) front or the best by one metric.
+def pick(view: StudyView, how: str, constraints: Constraints = Constraints(), *, max_drop: float | None = None) -> FrontRow:
+    """Choose one finished trial: ``knee`` of the (constrained) front or the best by one metric,
+    among the trials within ``max_drop`` of the base's accuracy (``review.max_drop``; None: all).
 
-    Ties on the metric are broken by accuracy, then by the lower trial number, so a pick is stable.
+    Ties on the metric are broken by accuracy, then by the lower trial number, so a pick is stable;
+    of a plan's repeats, the trial that trained it is picked.
 
     Raises:
-        ValueError: unknown ``how``, or no finished trial meets ``constraints`` (one line).
+        ValueError: unknown ``how``, or no finished trial meets ``constraints`` and ``max_drop`` (one line).
     """
     if how not in PICK_NAMES:
         raise ValueError(f"--pick must be one of {', '.join(PICK_NAMES)}, got {how!r}")
@@ -173,6 +250,17 @@ def pick(view: StudyView, how: str, constraints: Constraints = Constraints()) ->
     rows = constraints.filter(view.trials)
     if not rows:
         raise ValueError(f"no finished trial of study {view.name!r} meets {constraints.describe()} ({len(view.trials)} finished)")
+    admitted = {r.number for r in _admitted(view, max_drop)}
+    close = [r for r in rows if r.number in admitted]
+    if not close:
+        best = max(rows, key=lambda r: (r.metrics.get("accuracy") or 0.0, -r.number))
+        meeting = "" if constraints.empty else f" meeting {constraints.describe()}"
+        raise ValueError(
+            f"no finished trial of study {view.name!r}{meeting} is within review.max_drop {max_drop:g} ({100 * max_drop:g} points) of the base "
+            f"accuracy {view.base['accuracy']:.4f}; the most accurate is trial {best.number} at {best.metrics.get('accuracy') or 0.0:.4f} "
+            "(raise review.max_drop or pass --max-drop)"
+        )
+    rows = [g.row for g in group_by_plan(close)]
     if how == "knee":
         # The knee of the front of the admitted trials: constraining first, then taking the front,
         # keeps the pick on the trade-off curve the user can actually use.

@@ -26,11 +26,14 @@ from automl._pareto import (
     COST_REFERENCE,
     FrontRow,
     StudyView,
+    PlanGroup,
     best_per_method,
+    group_by_plan,
     hypervolume_history,
-    knee_point,
     nondominated_mask,
     params_summary,
+    review_knee,
+    within_drop,
 )
 from automl._target import study_targets
 
@@ -108,6 +111,8 @@ class ReportData:
     scatters: tuple[ScatterData, ...] = ()
     timeline: TimelineData | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The accuracy tolerance the knee was taken within (``review.max_drop``; None: the whole front).
+    max_drop: float | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
@@ -124,23 +129,31 @@ class ReportData:
 _COLUMNS = [
     "trial", "state", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression",
     "latency_ms", "latency_iqr_ms", "speedup", "macs", "macs_reduction", "n_params", "on_front", "knee",
-    "finalized_from", "checkpoint", "fail_reason",
+    "count", "same_plan", "within_max_drop", "finalized_from", "checkpoint", "fail_reason",
 ]
 
 
-def trial_table(rows: Sequence[FrontRow], view: StudyView, *, knee: int | None = None) -> pd.DataFrame:
-    """One row per trial with every measured number and its ratio to the base model.
+def trial_table(rows: Sequence[FrontRow | PlanGroup], view: StudyView, *, knee: int | None = None, max_drop: float | None = None) -> pd.DataFrame:
+    """One row per trial (or per plan: a :class:`PlanGroup` is its trained trial's row, with
+    ``count`` trials and the others' numbers in ``same_plan``), every measured number and its ratio
+    to the base model.
 
     ``compression`` = base size / size, ``speedup`` = base latency / latency, ``macs_reduction`` =
-    base MACs / MACs, ``accuracy_delta_pt`` = accuracy - base accuracy in percentage points.
+    base MACs / MACs, ``accuracy_delta_pt`` = accuracy - base accuracy in percentage points;
+    ``within_max_drop``: at most ``max_drop`` below the base's accuracy (the knee's candidates).
     """
     front = {r.number for r in view.front}
     base_macs = view.base.get("macs")
     records = []
-    for r in rows:
+    for item in rows:
+        group = item if isinstance(item, PlanGroup) else PlanGroup(row=item, numbers=(item.number,))
+        r = group.row
         m = r.metrics
         records.append(
             {
+                "count": group.count,
+                "same_plan": ", ".join(map(str, group.numbers[1:])),
+                "within_max_drop": r.state == "complete" and within_drop(r, max_drop),
                 "trial": r.number,
                 "state": r.state,
                 "method": r.method,
@@ -216,9 +229,14 @@ def timeline_data(view: StudyView) -> TimelineData:
     )
 
 
-def build_report(view: StudyView) -> ReportData:
-    """Every table and figure record of a study's report (works with no finished trial at all)."""
-    knee = knee_point(view.front, view)
+def build_report(view: StudyView, *, max_drop: float | None = None) -> ReportData:
+    """Every table and figure record of a study's report (works with no finished trial at all).
+
+    The front table lists each plan once (:func:`automl._pareto.group_by_plan`, its repeats counted);
+    the knee is taken among the models within ``max_drop`` of the base's accuracy
+    (``review.max_drop``; None: the whole front), as ``export --pick knee`` takes it.
+    """
+    knee = review_knee(view, max_drop)
     all_rows = sorted((*view.trials, *view.failed), key=lambda r: r.number)
     hv = hypervolume_history(view)
     hv_df = pd.DataFrame(hv, columns=["trial", "hypervolume"])
@@ -230,19 +248,22 @@ def build_report(view: StudyView) -> ReportData:
         notes.append(f"No finished trial yet ({len(view.failed)} failed, {view.n_running} running): there is no front to show.")
     elif view.n_running:
         notes.append(f"The study is still running ({view.n_running} trials in progress): this report shows the {len(view.trials)} trials finished so far.")
+    if view.front and knee is None and max_drop is not None:
+        notes.append(f"No model on the front is within review.max_drop {max_drop:g} of the base accuracy: there is no knee (widen it with --max-drop).")
     where = study_targets(view.base, view.trials)
     notes.extend(text[0].upper() + text[1:] + "." for text in (where.line, where.warning) if text)
     return ReportData(
         view=view,
-        front=trial_table(view.front, view, knee=knee),
-        trials=trial_table(all_rows, view, knee=knee),
-        best=trial_table(best_per_method(view), view, knee=knee),
+        front=trial_table(group_by_plan(view.front), view, knee=knee, max_drop=max_drop),
+        trials=trial_table(all_rows, view, knee=knee, max_drop=max_drop),
+        best=trial_table(best_per_method(view), view, knee=knee, max_drop=max_drop),
         failures=failures,
         hypervolume=hv_df,
         knee=knee,
         scatters=(*scatters, *((three,) if three else ())),
         timeline=timeline_data(view),
         notes=tuple(notes),
+        max_drop=max_drop,
     )
 
 
@@ -277,6 +298,13 @@ def write_tables(data: ReportData, out: Path, fmt: str) -> list[Path]:
     return written
 
 
+def _knee_line(data: ReportData) -> str:
+    if data.knee is None:
+        return "- knee point: none (no finished trial)" if not data.view.trials else "- knee point: none (no model on the front within review.max_drop)"
+    within = "" if data.max_drop is None else f" (among the models within {100 * data.max_drop:g} points of the base accuracy, review.max_drop)"
+    return f"- knee point: trial {data.knee}{within}"
+
+
 def _summary_lines(data: ReportData) -> list[str]:
     v = data.view
     b = v.base
@@ -284,7 +312,7 @@ def _summary_lines(data: ReportData) -> list[str]:
         f"- objectives: {', '.join(f'{o} ({d})' for o, d in zip(v.objectives, v.directions))}",
         f"- trials: {len(v.trials)} finished, {v.n_failed} failed, {v.n_running} running; front: {len(v.front)}",
         "- base model: " + ", ".join(f"{k} {b[k]:.4g}" for k in ("accuracy", "size_bytes", "latency_ms", "macs") if b.get(k) is not None),
-        f"- knee point: trial {data.knee}" if data.knee is not None else "- knee point: none (no finished trial)",
+        _knee_line(data),
     ]
     if len(data.hypervolume):
         lines.append(f"- hypervolume (base = 1): {data.hypervolume['hypervolume'].iloc[-1]:.4f}")
@@ -457,7 +485,7 @@ def render_html(data: ReportData) -> str:
     divs = []
     for i, (div_id, fig) in enumerate(figures):
         divs.append(pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=div_id, config={"displaylogo": False}))
-    table_cols = ["trial", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression", "latency_ms", "speedup", "macs", "macs_reduction", "knee"]
+    table_cols = ["trial", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression", "latency_ms", "speedup", "macs", "macs_reduction", "within_max_drop", "knee"]
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in data.notes)
     summary = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _summary_lines(data) if not any(line.endswith(n) for n in data.notes))
     explain = (
@@ -478,7 +506,7 @@ def render_html(data: ReportData) -> str:
 {explain}
 <div class="grid">{''.join(divs)}</div>
 <h2>Pareto front ({len(data.front)} trials; click a column to sort)</h2>
-{_html_table(data.front, table_id="front-table", columns=table_cols)}
+{_html_table(data.front, table_id="front-table", columns=[*table_cols[:1], "count", "same_plan", *table_cols[1:]])}
 <h2>Best trial per method</h2>
 {_html_table(data.best, table_id="best-table", columns=table_cols)}
 <h2>Failed trials ({len(data.failures)})</h2>

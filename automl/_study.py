@@ -275,7 +275,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         except Exception:  # noqa: BLE001 - an unreadable old config is compared as written
             pass
         # Budget, cluster address and storage may change between runs; what defines the search may not.
-        ignored = ("budget", "ray_address", "storage", "output_dir", "python_path")
+        ignored = ("budget", "ray_address", "storage", "output_dir", "python_path", "review")
         changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])
         if changed:
             raise StudyError(

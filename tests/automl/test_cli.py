@@ -48,11 +48,11 @@ def test_front_table_rows_and_cells_have_the_known_numbers():
     view = _view(TWO, objectives=("accuracy", "size_bytes"))
     table = front_table(view)
     assert table.empty is None and table.title == "Pareto front (2 trials)", table
-    assert [r.number for r in table.rows] == [0, 1], "the front, most accurate first"
+    assert [g.row.number for g in table.rows] == [0, 1], "the front, most accurate first"
     assert table.summary == "study " + view.name + ": 2 complete, 0 failed, 0 running; base accuracy 0.9000, 1000 bytes, 1.000 ms"
     cells = dict(zip((c for c, _ in FRONT_COLUMNS), front_cells(table.rows[1])))
     assert cells == {
-        "trial": "1", "method": "wsnet", "accuracy": "0.4500", "Δacc": "-45.00pt", "size (B)": "250", "x smaller": "4.00",
+        "trial": "1", "count": "1", "method": "wsnet", "accuracy": "0.4500", "Δacc": "-45.00pt", "size (B)": "250", "x smaller": "4.00",
         "latency (ms)": "2.000", "x faster": "0.50", "MACs": "5,000", "params": "method=wsnet",
     }, cells
 
@@ -64,7 +64,7 @@ def test_front_table_says_why_it_is_empty():
     assert table.rows == () and table.empty == "no trial on the front meets size_bytes <= 100", table.empty
     assert table.failures == ((2, "boom"),), table.failures
     kept = front_table(view, Constraints(min_accuracy=0.5), all_trials=True)
-    assert kept.title == "finished trials: 1 of 2 trials with accuracy >= 0.5" and [r.number for r in kept.rows] == [0], kept.title
+    assert kept.title == "finished trials: 1 of 2 trials with accuracy >= 0.5" and [g.row.number for g in kept.rows] == [0], kept.title
     empty = front_table(_view([]))
     assert empty.empty == "no finished trial yet: the front is empty" and empty.rows == ()
 

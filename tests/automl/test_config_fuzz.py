@@ -54,8 +54,9 @@ BOUNDS = {
     "dataset.val_fraction": (0.0, 0.5, True, False),
     "dataset.image_size": (4, 1024, False, True),
     "dataset.max_train_samples": (10, None, False, True),
+    "review.max_drop": (0.0, 1.0, False, False),
 }
-SECTIONS = ["dataset", "base", "budget", "sampler", "resources", "latency"]
+SECTIONS = ["dataset", "base", "budget", "sampler", "resources", "latency", "review"]
 REQUIRED = ["name", "dataset", "base", "dataset.name", "base.model"]
 # Text that can never parse as a number, a bool or a null (pydantic's lax mode coerces those).
 WORD = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=12).map(lambda s: "zz" + s)

@@ -172,9 +172,10 @@ def test_pick_with_constraint_and_bad_selection(small_study, tmp_path):
     out = tmp_path / "knee"
     r = runner.invoke(app, ["export", str(small_study.study_dir), "--pick", "knee", "--out", str(out)])
     assert r.exit_code == 0, f"--pick knee failed: {r.output}"
-    from automl._pareto import knee_point
+    from automl._pareto import review_knee
 
-    assert json.loads((out / "card.json").read_text())["trial"] == knee_point(view.front, view), "--pick knee must export the knee trial"
+    knee = review_knee(view, small_study.review.max_drop)
+    assert json.loads((out / "card.json").read_text())["trial"] == knee, "--pick knee must export the knee within review.max_drop"
     r = runner.invoke(app, ["export", str(small_study.study_dir), "--pick", "knee", "--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output, f"an existing destination must not be overwritten silently: {r.output}"
 
