@@ -232,6 +232,9 @@ def build_report(view: StudyView) -> ReportData:
         notes.append(f"The study is still running ({view.n_running} trials in progress): this report shows the {len(view.trials)} trials finished so far.")
     where = study_targets(view.base, view.trials)
     notes.extend(text[0].upper() + text[1:] + "." for text in (where.line, where.warning) if text)
+    # Written by automl._study.prepare_study (LEFT_OUT): methods whose supports() refused the base.
+    for method, reason in sorted((view.attrs.get("left_out") or {}).items()):
+        notes.append(f"Method {method} was left out of the search: {reason.rstrip('.')}.")
     return ReportData(
         view=view,
         front=trial_table(view.front, view, knee=knee),
