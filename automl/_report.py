@@ -252,6 +252,9 @@ def build_report(view: StudyView, *, max_drop: float | None = None) -> ReportDat
         notes.append(f"No model on the front is within review.max_drop {max_drop:g} of the base accuracy: there is no knee (widen it with --max-drop).")
     where = study_targets(view.base, view.trials)
     notes.extend(text[0].upper() + text[1:] + "." for text in (where.line, where.warning) if text)
+    # Written by automl._study.prepare_study (LEFT_OUT): methods whose supports() refused the base.
+    for method, reason in sorted((view.attrs.get("left_out") or {}).items()):
+        notes.append(f"Method {method} was left out of the search: {reason.rstrip('.')}.")
     return ReportData(
         view=view,
         front=trial_table(group_by_plan(view.front), view, knee=knee, max_drop=max_drop),

@@ -247,11 +247,29 @@ def objective_values(cfg: StudyConfig, metrics: dict[str, Any]) -> list[float]:
     return [float(metrics[o.metric]) if metrics.get(o.metric) is not None else math.nan for o in cfg.objectives]
 
 
-def build_space(cfg: StudyConfig, base: nn.Module) -> SearchSpace:
+#: Study user attribute: ``{method: reason}`` of the configured methods left out of the search
+#: because they cannot apply to the base (``supports()``), shown by ``automl report``.
+LEFT_OUT = "left_out"
+
+
+def left_out_methods(methods: dict[str, searchspace.CompressionMethod], base: nn.Module) -> dict[str, str]:
+    """``{name: reason}`` of the methods whose :meth:`~searchspace.CompressionMethod.supports`
+    refuses ``base``: they are left out before the study starts, so that none becomes a failed trial."""
+    reasons = {n: m.supports(base) for n, m in methods.items()}
+    return {n: r for n, r in reasons.items() if r is not None}
+
+
+def build_space(cfg: StudyConfig, base: nn.Module, *, left_out: dict[str, str] | None = None) -> SearchSpace:
+    """The search space of the configured methods that apply to ``base``.
+
+    Raises:
+        StudyError: no structure method applies (the reasons of each are in the message).
+    """
     methods = cfg.method_instances()
-    usable = {n: m for n, m in methods.items() if m.supports(base) is None}
+    left_out = left_out_methods(methods, base) if left_out is None else left_out
+    usable = {n: m for n, m in methods.items() if n not in left_out}
     if not any(m.stage == searchspace.Stage.STRUCTURE for m in usable.values()):
-        reasons = "; ".join(f"{n}: {m.supports(base)}" for n, m in methods.items())
+        reasons = "; ".join(f"{n}: {left_out.get(n, 'applies, but it is not a structure method')}" for n in methods)
         raise StudyError(f"methods: none of the enabled methods applies to base.model {cfg.base.model!r} ({reasons})")
     return SearchSpace(usable, finetune=cfg.finetune_domains())
 
@@ -306,7 +324,11 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
     study.set_user_attr("dataset", cfg.dataset.name)
     # The config's bounds, for `show`/`export --pick` (automl._pareto.study_constraints).
     study.set_user_attr("constraints", cfg.constraints.model_dump(exclude_none=True))
-    space = build_space(cfg, base)
+    left_out = left_out_methods(cfg.method_instances(), base)
+    for name, reason in left_out.items():
+        log(f"method {name} left out: {reason}")
+    study.set_user_attr(LEFT_OUT, left_out)
+    space = build_space(cfg, base, left_out=left_out)
     payload = Payload(
         data=data,
         base=base,

@@ -1,0 +1,228 @@
+"""Whether a method really applies to a model: one cell of the method-coverage table.
+
+A cell is one method (a pruning criterion counts as its own method) on one base model at the
+method's middle settings. :func:`check_cell` runs what a trial runs, without training: ``supports``,
+``apply`` (``fit`` trains nothing), a forward pass, the output shape against the base's, the ONNX
+artifact the trial ships (:func:`automl._artifact.build_artifact`) and ONNX Runtime against the eager
+model. Its verdict is one of
+
+- ``works``: every step passed;
+- ``n/a``: ``supports()`` refused the model, with its reason (the study leaves the method out);
+- ``fails``: ``supports()`` accepted the model and a later step failed: the method lies.
+
+The suite's registry-driven test (``tests/searchspace/test_supports_truth.py``) and the coverage
+benchmark (``benchmarks/method_coverage.py``) both judge cells here, so a number means the same in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import torch
+from torch import nn
+
+import searchspace
+
+__all__ = ["ORT_RTOL", "SPREAD", "Cell", "MidSampler", "check_cell", "input_dependent", "mid_params", "variants"]
+
+#: ONNX Runtime against PyTorch, relative to the largest logit. Float reordering alone already
+#: moves MobileNetV2's unmodified base by 1.8e-4 of its largest logit in ONNX Runtime at 32 px, so
+#: 1e-4 would fail the base itself; 1e-3 still catches any wrong operator or weight.
+ORT_RTOL = 1e-3
+#: Smallest spread of the logits across inputs, relative to the largest logit, for a base whose
+#: logits depend on the input: below it an ONNX check of 1e-4 relative would compare near-constants.
+SPREAD = 1e-2
+
+
+@dataclass
+class Cell:
+    """One method on one model. ``step`` names the step that decided the verdict."""
+
+    model: str
+    method: str
+    status: str  # works | n/a | fails | timeout
+    step: str = ""  # supports | apply | forward | shape | onnx | ort | base
+    reason: str = ""
+    params_base: int | None = None
+    params_after: int | None = None
+    rel_diff: float | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MidSampler(optuna.samplers.BaseSampler):
+    """Optuna sampler that picks the middle of every distribution (``fixed`` values first).
+
+    The middle of a float or int range (geometric for a log range), the middle choice of a
+    categorical one. Conditional spaces replay through it as through any sampler.
+    """
+
+    def __init__(self, fixed: Mapping[str, Any] | None = None) -> None:
+        self.fixed = dict(fixed or {})
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        if param_name in self.fixed:
+            return self.fixed[param_name]
+        d = param_distribution
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            return d.choices[len(d.choices) // 2]
+        mid = math.sqrt(d.low * d.high) if d.log else (d.low + d.high) / 2
+        if isinstance(d, optuna.distributions.IntDistribution):
+            return int(d.low + round((mid - d.low) / d.step) * d.step)
+        return float(mid)
+
+
+def mid_params(method: searchspace.CompressionMethod, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``method.space`` at the middle of its domains (``fixed``: Optuna names to pin, e.g. a criterion)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(sampler=MidSampler(fixed)).ask()
+    return method.space(trial)
+
+
+def variants(names: list[str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, method, fixed Optuna params)`` of every registered method; ``prune`` once per
+    criterion (``prune:l1``...), since each criterion is its own algorithm."""
+    out = []
+    for name in names or searchspace.list_methods():
+        domain = searchspace.get_method(name).hyperparameters.get("criterion")
+        if isinstance(domain, searchspace.Categorical):
+            out.extend((f"{name}:{c}", name, {f"{name}.criterion": c}) for c in domain.choices)
+        else:
+            out.append((name, name, {}))
+    return out
+
+
+def _logit_spread(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        y = model(x).float()
+    return float(y.std(dim=0).max() / y.abs().max().clamp_min(1e-12))
+
+
+def input_dependent(model: nn.Module, x: torch.Tensor) -> float:
+    """Make a randomly initialised ``model`` give logits that depend on the input; returns their
+    spread (largest per-class std across ``x``, relative to the largest logit).
+
+    BatchNorm statistics are set from ``x`` (the training-mode pass a first step would make), so
+    activations neither vanish nor explode through depth; where the logits still barely move (a
+    classifier initialised near zero), the last layer producing the logits is re-drawn at unit
+    fan-in scale.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes below
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
+    spread = _logit_spread(model, x)
+    if spread < SPREAD:
+        with torch.no_grad():
+            classes = model(x[:1]).shape[-1]
+        last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.shape[0] == classes]
+        if last:
+            w = last[-1].weight
+            with torch.no_grad():
+                w.normal_(0.0, 1.0 / math.sqrt(w[0].numel()))
+            spread = _logit_spread(model, x)
+    return spread
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_packed"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def check_cell(
+    model_name: str,
+    base: nn.Module,
+    x: torch.Tensor,
+    label: str,
+    method_name: str,
+    fixed: Mapping[str, Any] | None = None,
+    *,
+    folder: Path | None = None,
+) -> Cell:
+    """Judge ``method_name`` (at its middle settings, ``fixed`` pinned) on ``base`` with inputs ``x``
+    (a small batch whose logits depend on the input, see :func:`input_dependent`).
+
+    Never raises for what the method does: every failure is the cell's reason.
+    """
+    start = time.perf_counter()
+    cell = Cell(model=model_name, method=label, status="works", params_base=_n_params(base))
+
+    def done(status: str, step: str, reason: str = "") -> Cell:
+        cell.status, cell.step, cell.reason = status, step, reason
+        cell.seconds = round(time.perf_counter() - start, 3)
+        return cell
+
+    method = searchspace.get_method(method_name)()
+    try:
+        why = method.supports(base)
+    except Exception as exc:  # noqa: BLE001 - a crash in supports() is the method's fault, reported
+        return done("fails", "supports", _first_line(exc))
+    if why is not None:
+        return done("n/a", "supports", str(why))
+    try:
+        params = mid_params(method, fixed)
+        gen = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 10, (len(x),), generator=gen)
+        ctx = searchspace.ApplyContext(
+            example_input=x[:1], calibration=lambda: iter([(x, y), (x, y)]), fit=lambda module, **kw: module, base=base,
+        )
+        model = method.apply(base, params, context=ctx).eval()
+    except Exception as exc:  # noqa: BLE001
+        return done("fails", "apply", _first_line(exc))
+    cell.params_after = _n_params(model)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            want = base(x)
+    except Exception as exc:  # noqa: BLE001
+        return done("fails", "forward", _first_line(exc))
+    if tuple(ref.shape) != tuple(want.shape):
+        return done("fails", "shape", f"output shape {tuple(ref.shape)} differs from the base's {tuple(want.shape)}")
+    if not bool(torch.isfinite(ref).all()):
+        return done("fails", "forward", "non-finite logits")
+    from automl._artifact import build_artifact
+
+    with tempfile.TemporaryDirectory() if folder is None else contextlib.nullcontext(str(folder)) as tmp:
+        try:
+            artifact = build_artifact(model, x[:1], Path(tmp), runtime="onnxruntime")
+            got = artifact(x)
+        except Exception as exc:  # noqa: BLE001
+            return done("fails", "onnx", _first_line(exc))
+    if tuple(got.shape) != tuple(ref.shape):
+        return done("fails", "ort", f"ONNX Runtime output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}")
+    scale = float(ref.abs().max().clamp_min(1e-12))
+    cell.rel_diff = float((got.float() - ref.float()).abs().max()) / scale
+    if not math.isfinite(cell.rel_diff):
+        return done("fails", "ort", "ONNX Runtime gives non-finite logits")
+    # An artifact quantised by its runtime (int8) differs from the float eager model by the
+    # quantisation error, which on a random-init net says nothing about the export: recorded, not judged.
+    if not method.quantizes_artifact and cell.rel_diff > ORT_RTOL:
+        return done("fails", "ort", f"ONNX Runtime differs from PyTorch by {cell.rel_diff:.3g} of the largest logit > {ORT_RTOL:g}")
+    return done("works", "ort")
+

@@ -1,0 +1,234 @@
+"""Method coverage: every registered method on every torchvision classifier and a sample of timm.
+
+Each cell is one method (each pruning criterion its own) at its middle settings on one base model
+at a small input size, judged by :func:`automl._coverage.check_cell`: supports / dry-run apply /
+forward / output shape / ONNX export through the trial's artifact path / ONNX Runtime against
+PyTorch (relative to the largest logit) / parameters before and after, with each failure's reason.
+The base is made input dependent first (BatchNorm statistics from the inputs, see
+:func:`automl._coverage.input_dependent`).
+
+Each model runs in its own subprocess; a cell that exceeds ``--cell-timeout`` is recorded as
+``timeout`` and the model's remaining cells go on in a fresh subprocess. Writes ``cells.csv``,
+``cells.json`` and ``coverage.md`` (per-method counts: works / n/a / fails / timeout, then every
+failure and every n/a reason) into ``--out``.
+
+    python benchmarks/method_coverage.py --models all --out coverage
+    python benchmarks/method_coverage.py --models torchvision --limit 15 --methods prune,tucker
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: timm models across families (at least 40): ResNet / ResNet-D, EfficientNet(V2), MobileNetV2/V3,
+#: GhostNet, RegNet, ConvNeXt, RepVGG, FastViT, DenseNet, DLA, MixNet, MNASNet, LCNet, ReXNet, VGG...
+TIMM_MODELS = [
+    "resnet18", "resnet10t", "resnet18d", "resnet26d", "resnet34d", "resnet50d", "seresnet18", "resnext26ts",
+    "efficientnet_b0", "efficientnet_lite0", "efficientnet_es", "tf_efficientnet_b0", "efficientnetv2_rw_t",
+    "tf_efficientnetv2_b0",
+    "mobilenetv2_050", "mobilenetv2_100", "mobilenetv3_small_050", "mobilenetv3_small_100",
+    "mobilenetv3_large_100", "tf_mobilenetv3_small_minimal_100",
+    "ghostnet_050", "ghostnet_100", "ghostnetv2_100",
+    "regnetx_002", "regnetx_004", "regnety_002", "regnety_004",
+    "convnext_atto", "convnext_femto", "convnextv2_atto",
+    "repvgg_a0", "repvgg_b0",
+    "fastvit_t8", "fastvit_t12",
+    "densenet121", "dla34", "dla46_c", "mixnet_s", "mnasnet_small", "mnasnet_100", "lcnet_050", "lcnet_100",
+    "rexnet_100", "skresnet18", "vgg11", "cspresnet50",
+]
+MARK = "@@CELL "
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def timm_models() -> list[str]:
+    import timm
+
+    known = set(timm.list_models())
+    return [f"timm:{n}" for n in TIMM_MODELS if n in known]
+
+
+def worker(model_name: str, labels: list[str], size: int) -> None:
+    """Build the base once, then print one marked JSON line per cell (parent reads them as they come)."""
+    import torch
+
+    from automl._coverage import Cell, check_cell, input_dependent, variants
+    from automl._models import build_model
+
+    torch.set_num_threads(1)
+    wanted = {v[0]: v for v in variants() if v[0] in labels}
+    shape = (3, size, size)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        options = {"image_size": size} if model_name.startswith("torchvision:vit_") else None
+        base = build_model(model_name, input_shape=shape, num_classes=10, options=options)
+        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+        spread = input_dependent(base, x)
+    except Exception as exc:  # noqa: BLE001 - the model itself does not build at this size
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:250]}"
+        print(MARK + json.dumps({"base": "fails", "reason": reason, "seconds": time.perf_counter() - start}), flush=True)
+        return
+    print(MARK + json.dumps({"base": "ok", "spread": spread, "seconds": time.perf_counter() - start}), flush=True)
+    for label in labels:
+        _, method, fixed = wanted[label]
+        try:
+            cell = check_cell(model_name, base, x, label, method, fixed)
+        except BaseException as exc:  # noqa: BLE001 - check_cell catches the method's errors; this is the harness's
+            cell = Cell(model=model_name, method=label, status="fails", step="harness", reason=f"{type(exc).__name__}: {exc}"[:300])
+        print(MARK + json.dumps(cell.as_dict()), flush=True)
+
+
+def run_model(model_name: str, labels: list[str], size: int, cell_timeout: float, base_timeout: float) -> tuple[dict, list[dict]]:
+    """Every cell of one model, each in a subprocess with a deadline; a stuck cell becomes ``timeout``."""
+    cells: list[dict] = []
+    base: dict = {}
+    todo = list(labels)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    while todo:
+        cmd = [sys.executable, __file__, "--worker", model_name, "--methods", ",".join(todo), "--size", str(size)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        buf = b""
+        deadline = time.monotonic() + base_timeout + cell_timeout
+        got_base = False
+        while True:
+            left = deadline - time.monotonic()
+            ready = select.select([proc.stdout], [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                proc.kill()
+                proc.wait()
+                if not got_base:
+                    base = {"base": "timeout", "reason": f"building the base took over {base_timeout:.0f} s"}
+                    return base, cells
+                cells.append({"model": model_name, "method": todo.pop(0), "status": "timeout", "step": "", "reason": f"over {cell_timeout:.0f} s"})
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:  # the worker ended
+                proc.wait()
+                if todo and got_base:
+                    cells.append({"model": model_name, "method": todo.pop(0), "status": "fails", "step": "crash", "reason": f"the process died (exit {proc.returncode})"})
+                elif not got_base:
+                    return {"base": "fails", "reason": f"the process died (exit {proc.returncode})"}, cells
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line.startswith(MARK.encode()):
+                    continue
+                record = json.loads(line[len(MARK):])
+                if "base" in record:
+                    base, got_base = record, True
+                    if record["base"] != "ok":
+                        proc.wait()
+                        return base, cells
+                else:
+                    cells.append(record)
+                    todo.remove(record["method"])
+                deadline = time.monotonic() + cell_timeout
+            if not todo:
+                proc.wait()
+                break
+    return base, cells
+
+
+def table(cells: list[dict], labels: list[str], bases: dict[str, dict]) -> str:
+    """Markdown: per-method counts, then each failure and each n/a reason with its models."""
+    counts = {label: collections.Counter() for label in labels}
+    for c in cells:
+        counts[c["method"]][c["status"]] += 1
+    ok = [m for m, b in bases.items() if b.get("base") == "ok"]
+    lines = [
+        f"Models whose base builds at this size: {len(ok)} of {len(bases)}.", "",
+        "| method | works | n/a | fails | timeout | works / applicable |", "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in labels:
+        n = counts[label]
+        applicable = n["works"] + n["fails"] + n["timeout"]
+        share = f"{n['works'] / applicable:.0%}" if applicable else "-"
+        lines.append(f"| {label} | {n['works']} | {n['n/a']} | {n['fails']} | {n['timeout']} | {share} |")
+    for title, statuses in (("Failures (supports() said yes)", ("fails", "timeout")), ("Not applicable (supports()'s reason)", ("n/a",))):
+        grouped: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        for c in cells:
+            if c["status"] in statuses:
+                grouped[(c["method"], f"{c['status']} at {c.get('step') or '-'}: {c['reason']}")].append(c["model"])
+        lines += ["", f"**{title}**", ""]
+        lines += [f"- {m}: {r} ({len(ms)}: {', '.join(x.split(':', 1)[-1] for x in ms)})" for (m, r), ms in sorted(grouped.items())] or ["- none"]
+    failed = {m: b for m, b in bases.items() if b.get("base") != "ok"}
+    if failed:
+        lines += ["", "**Bases that do not build at this size (no cell counted)**", ""]
+        lines += [f"- {m}: {b.get('reason', b.get('base'))}" for m, b in sorted(failed.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", choices=("torchvision", "timm", "all"), default="all")
+    ap.add_argument("--limit", type=int, default=None, help="at most N models of each library (in list order)")
+    ap.add_argument("--only", default=None, help="comma-separated model names (e.g. torchvision:resnet18), instead of --models")
+    ap.add_argument("--methods", default=None, help="comma-separated methods or variants (prune:l1); default every registered method, prune per criterion")
+    ap.add_argument("--size", type=int, default=64, help="input side in pixels (3 x size x size)")
+    ap.add_argument("--cell-timeout", type=float, default=120.0, help="seconds a cell may take before it is recorded as timeout")
+    ap.add_argument("--base-timeout", type=float, default=120.0, help="seconds to build a base and set its BatchNorm statistics")
+    ap.add_argument("--out", type=Path, default=Path("method_coverage"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from automl._coverage import variants
+
+    all_labels = [v[0] for v in variants()]
+    if args.methods:
+        asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+        labels = [lab for lab in all_labels if lab in asked or lab.split(":")[0] in asked]
+        unknown = [m for m in asked if not any(lab == m or lab.split(":")[0] == m for lab in all_labels)]
+        if unknown:
+            ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(all_labels)}")
+    else:
+        labels = all_labels
+    if args.worker:
+        worker(args.worker, labels, args.size)
+        return
+
+    if args.only:
+        models = [m.strip() for m in args.only.split(",") if m.strip()]
+    else:
+        models = []
+        if args.models in ("torchvision", "all"):
+            models += torchvision_models()[: args.limit]
+        if args.models in ("timm", "all"):
+            models += timm_models()[: args.limit]
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells: list[dict] = []
+    bases: dict[str, dict] = {}
+    for i, model in enumerate(models, 1):
+        start = time.perf_counter()
+        base, got = run_model(model, labels, args.size, args.cell_timeout, args.base_timeout)
+        bases[model] = base
+        cells += got
+        summary = collections.Counter(c["status"] for c in got)
+        print(f"[{i}/{len(models)}] {model}: base {base.get('base')} {dict(summary)} ({time.perf_counter() - start:.0f} s)", flush=True)
+        (args.out / "cells.json").write_text(json.dumps({"size": args.size, "bases": bases, "cells": cells}, indent=1))
+    fields = ["model", "method", "status", "step", "reason", "params_base", "params_after", "rel_diff", "seconds"]
+    with open(args.out / "cells.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(cells)
+    md = table(cells, labels, bases)
+    (args.out / "coverage.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

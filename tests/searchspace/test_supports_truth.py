@@ -1,0 +1,120 @@
+"""``supports()`` tells the truth, for every registered method on a fixed list of architectures.
+
+Where a method's ``supports()`` is None, the method at its middle settings must apply (no training),
+keep the base's output shape, export through the trial's artifact path and run in ONNX Runtime
+within :data:`automl._coverage.ORT_RTOL` of the eager model relative to its largest logit (int8's
+quantised artifact: exported and finite; its quantisation error is recorded, not judged),
+on inputs whose logits really depend on the input. Where it is not None, the reason is a sentence:
+the study leaves the method out with it (automl._study.left_out_methods). Cells are judged by
+:func:`automl._coverage.check_cell`, the function the coverage benchmark uses.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automl._coverage import SPREAD, check_cell, input_dependent, variants
+from automl._models import build_model
+
+IMAGE = (3, 32, 32)
+
+
+class Functional(nn.Module):
+    """A user's CNN in functional style: branches joined by torch.cat, F.relu, F.max_pool2d and a
+    classifier on ``x.view(x.size(0), -1)``."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.mid = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = torch.cat([F.relu(self.left(x)), F.relu(self.right(x))], dim=1)
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.bn(self.mid(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def functional(*, input_shape, num_classes):
+    return Functional(input_shape[0], num_classes)
+
+
+#: (model, one sample's shape). The fast list runs in every suite run; the rest (4 minutes
+#: for mnist1d_cnn and the functional module alone on a loaded machine, more for the 32 px
+#: ImageNet-style nets) is marked slow.
+FAST = [("digits_cnn", (1, 8, 8))]
+LIBRARY = [
+    ("mnist1d_cnn", (40,)),
+    (f"{__name__}:functional", IMAGE),  # torch.cat of branches, F.relu, x.view(x.size(0), -1)
+    ("resnet18", IMAGE),
+    ("mobilenet_v2", IMAGE),
+    ("torchvision:squeezenet1_0", IMAGE),  # its classifier is a 1x1 convolution
+    ("torchvision:mobilenet_v3_small", IMAGE),
+    ("torchvision:regnet_x_400mf", IMAGE),
+    ("torchvision:shufflenet_v2_x0_5", IMAGE),  # channel shuffle
+    ("torchvision:densenet121", IMAGE),  # concatenations
+    ("timm:resnet18", IMAGE),
+    ("timm:mobilenetv3_small_050", IMAGE),
+]
+VARIANTS = variants()
+
+
+@functools.lru_cache(maxsize=2)
+def _base(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor, float]:
+    torch.manual_seed(0)
+    model = build_model(name, input_shape=shape, num_classes=10)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    return model, x, input_dependent(model, x)
+
+
+def _check(model_name: str, shape: tuple[int, ...], label: str, method: str, fixed: dict) -> None:
+    base, x, spread = _base(model_name, shape)
+    assert spread >= SPREAD, f"{model_name}: the logits barely depend on the input (spread {spread:.2g} < {SPREAD})"
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cell = check_cell(model_name, base, x, label, method, fixed)
+    if cell.status == "n/a":
+        reason = cell.reason.strip()
+        assert len(reason.split()) >= 3, f"{label} on {model_name}: supports() must say why in a sentence, got {cell.reason!r}"
+    else:
+        assert cell.status == "works", f"{label} on {model_name}: supports() is None but {cell.step} failed: {cell.reason}"
+    after = base.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, f"{label} edited the base in place: {changed[:3]}"
+
+
+@pytest.mark.parametrize("label,method,fixed", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("model_name,shape", FAST, ids=[m.rsplit(":", 1)[-1] for m, _ in FAST])
+def test_supports_none_means_the_method_applies_and_exports(model_name, shape, label, method, fixed):
+    _check(model_name, shape, label, method, fixed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label,method,fixed", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("model_name,shape", LIBRARY, ids=[m for m, _ in LIBRARY])
+def test_supports_none_means_the_method_applies_and_exports_on_library_models(model_name, shape, label, method, fixed):
+    _check(model_name, shape, label, method, fixed)
+
+
+def test_mid_settings_are_the_middle_of_each_domain():
+    """The middle choice of a categorical, the midpoint of a float range, replayed through Optuna."""
+    import searchspace
+    from automl._coverage import mid_params
+
+    tucker = mid_params(searchspace.get_method("tucker")())
+    assert tucker == pytest.approx({"rank_out": 0.525, "rank_in": 0.525})
+    prune = mid_params(searchspace.get_method("prune")(), {"prune.criterion": "thinet"})
+    assert prune["criterion"] == "thinet" and prune["per_stage"] is True, prune  # (False, True): the second
+    assert prune["stage_ratio_0"] == pytest.approx(0.35), prune
+    assert mid_params(searchspace.get_method("wsnet")())["stride"] == 2
+    assert [v[0] for v in variants(["prune"])] == [f"prune:{c}" for c in ("apoz", "gates", "l1", "slimming", "thinet")]
