@@ -4,7 +4,7 @@ A user's module (or a torchvision / timm model) comes without a declared layout,
 attach after stages and iSQRT-COV replaces the head on the last feature map. The layout is read off
 the model's ``torch.fx`` graph (:func:`find_layout`):
 
-1. The forward pass is traced (``torch.fx``; a layer holding its own weights, and timm's own leaf
+1. The forward pass is traced (``torch.fx``; a module without submodules, and timm's own leaf
    modules and wrapped functions where timm is loaded, stay whole), in eval and in training mode. A
    traced graph freezes every ``self.training`` it reads, so a module whose forward reads it
    (stochastic depth) is kept whole as well; a model whose own forward reads it is refused.
@@ -75,11 +75,11 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # A layer that holds its own weights (a library's Linear or Conv2d subclass, a user's custom
-        # layer) stays one module: methods find layers by their module type, and a traced-through
-        # layer would leave only a bare parameter holder behind.
-        own = next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
-        return (own and next(m.children(), None) is None) or isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
+        # A module with no submodules (a library's Linear or Conv2d subclass, a user's custom layer)
+        # stays one module: methods find layers by their module type, a traced-through layer would
+        # leave only a bare parameter holder behind, and its forward runs as written (tracing would
+        # run its Python once, at trace time, and keep only the tensor operations it recorded).
+        return next(m.children(), None) is None or isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _trace(net: nn.Module, leaves: tuple[type, ...] = ()) -> fx.GraphModule:

@@ -116,7 +116,7 @@ def test_base_and_trials_train_with_the_configured_threads(tmp_path, ray_session
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == cfg.budget.trials, [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials]
     for t in complete:
-        notes = json.loads(t.user_attrs["notes"])
+        notes = t.user_attrs["notes"]
         assert notes.get("torch_threads") == 1, f"trial {t.number} trained with {notes.get('torch_threads')} threads, resources.cpus is 1: {notes}"
     ray_cores = ray.cluster_resources().get("CPU", 0)
     warned = [ln for ln in lines if ln.startswith("warning:") and "latency.threads" in ln]
