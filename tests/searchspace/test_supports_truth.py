@@ -15,7 +15,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from automl._coverage import SPREAD, check_cell, input_dependent, variants
@@ -24,38 +23,12 @@ from automl._models import build_model
 IMAGE = (3, 32, 32)
 
 
-class Functional(nn.Module):
-    """A user's CNN in functional style: branches joined by torch.cat, F.relu, F.max_pool2d and a
-    classifier on ``x.view(x.size(0), -1)``."""
-
-    def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
-        self.bn0 = nn.BatchNorm2d(8)
-        self.left = nn.Conv2d(8, 8, 3, padding=1)
-        self.right = nn.Conv2d(8, 8, 1)
-        self.mid = nn.Conv2d(16, 16, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16 * 8 * 8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn0(self.stem(x)))
-        x = torch.cat([F.relu(self.left(x)), F.relu(self.right(x))], dim=1)
-        x = F.max_pool2d(x, 2)
-        x = F.relu(self.bn(self.mid(x)))
-        return self.fc(x.view(x.size(0), -1))
-
-
-def functional(*, input_shape, num_classes):
-    return Functional(input_shape[0], num_classes)
-
-
 #: (model, one sample's shape). The fast list runs unmarked; the functional module (a user's
-#: forward with torch.cat of branches, F.relu and x.view) is marked slow. The library zoo
+#: forward with torch.cat of branches, F.relu and x.view, from test_layout) is marked slow. The library zoo
 #: (torchvision, timm) is swept by benchmarks/method_coverage.py, which takes too long for the suite.
 FAST = [("digits_cnn", (1, 8, 8))]
 LIBRARY = [
-    (f"{__name__}:functional", IMAGE),  # torch.cat of branches, F.relu, x.view(x.size(0), -1)
+    ("tests.automl.test_layout:functional", IMAGE),  # torch.cat of branches, F.relu, x.view(x.size(0), -1)
 ]
 VARIANTS = variants()
 
