@@ -5,6 +5,8 @@ paths an early-exit model takes)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,11 @@ def test_every_method_exports_to_onnx_matching_pytorch(name, model_name, shape, 
     assert all(any(n.split(".")[-1] == k for n in names) for k in kept), f"{kept} must stay named ONNX initializers, have {sorted(names)[:10]}"
     if mixed is not None:
         assert any(n.op_type == "If" for n in graph.node), f"{name}: early exits must be ONNX If (torch.cond), ops {sorted({n.op_type for n in graph.node})}"
+    # The exporter annotates each node with the exporting machine's stack trace and source paths;
+    # the shipped file carries none of it (If branches included).
+    raw = (tmp_path / "model.onnx").read_bytes()
+    checkout = str(Path(__file__).resolve().parents[2]).encode()
+    assert checkout not in raw and b"stack_trace" not in raw, f"{name}: model.onnx carries the exporter's debug metadata (paths of this machine)"
 
 
 def test_thresholds_edited_in_the_onnx_file_move_the_exits(tmp_path):
