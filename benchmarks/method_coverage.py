@@ -49,9 +49,15 @@ MARK = "@@CELL "
 
 
 def torchvision_models() -> list[str]:
+    """Every torchvision classifier, smallest first (parameter count from its weights' metadata),
+    so a run cut short by ``--limit`` or a deadline has covered the most models."""
     import torchvision
 
-    return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+    def params(name: str) -> int:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+
+    names = sorted(torchvision.models.list_models(module=torchvision.models), key=params)
+    return [f"torchvision:{n}" for n in names]
 
 
 def timm_models() -> list[str]:
