@@ -119,8 +119,12 @@ def dataset(train: int = 8000, test: int = 2000, size: int = 64, seed: int = 0) 
     """The study's dataset factory: ``(train, test)`` tensor datasets of :func:`generate`'s images."""
     from torch.utils.data import TensorDataset
 
-    (xa, ya), (xb, yb) = _tensors(train, test, size, seed)
-    return TensorDataset(xa, ya), TensorDataset(xb, yb)
+    out = []
+    for x, y in _tensors(train, test, size, seed):
+        made = TensorDataset(x, y)
+        made.classes = list(CLASSES)  # how the study counts the classes
+        out.append(made)
+    return out[0], out[1]
 
 
 def write(root: Path, *, train: int, test: int, size: int, seed: int = 0) -> None:
