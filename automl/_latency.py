@@ -52,7 +52,7 @@ import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple
 
 import torch
 from pydantic import ConfigDict, Field
@@ -62,6 +62,7 @@ from automl._metrics import Runtime
 
 __all__ = [
     "LatencySettings",
+    "PerSample",
     "busy",
     "gated_batches",
     "idle",
@@ -291,12 +292,26 @@ def time_blocks(run: Callable[[], Any], settings: LatencySettings, *, sync: Call
     return _median_iqr([block(number) * 1e3 for _ in range(settings.repeats)])
 
 
-def time_per_sample(runs: list[Callable[[], Any]], settings: LatencySettings, *, sync: Callable[[], None] | None = None) -> tuple[float, float]:
-    """Mean per-sample latency (ms) and the IQR of the per-pass means (per-sample timing).
+class PerSample(NamedTuple):
+    """Per-sample timing of a dynamic model, in ms (:func:`time_per_sample`)."""
+
+    #: Mean over the samples of each sample's median time: the expected latency of one request.
+    mean_ms: float
+    #: IQR of the per-pass means: whether the mean can be trusted.
+    iqr_ms: float
+    #: Median and 90th percentile over the samples of each sample's median time: the latency a
+    #: request meets half the time, and the tail a user with a latency budget plans for.
+    p50_ms: float
+    p90_ms: float
+
+
+def time_per_sample(runs: list[Callable[[], Any]], settings: LatencySettings, *, sync: Callable[[], None] | None = None) -> PerSample:
+    """Per-sample latency of ``runs`` (per-sample timing), see :class:`PerSample`.
 
     ``runs[i]`` runs the model on sample ``i`` alone. A pass over many samples is long enough to be
-    preempted on a shared machine; a per-sample median, like the block median of
-    :func:`time_blocks`, discards those interruptions instead of averaging them in.
+    preempted on a shared machine; a per-sample median over the repeats, like the block median of
+    :func:`time_blocks`, discards those interruptions instead of averaging them in. The quantiles
+    are linear interpolations between the sorted per-sample medians (``torch.quantile``).
     """
     if not runs:
         raise ValueError("per-sample timing needs at least one input sample, got none")
@@ -313,7 +328,9 @@ def time_per_sample(runs: list[Callable[[], Any]], settings: LatencySettings, *,
             sync()
             times[r, i] = clock() - start
     per_pass = (times.mean(dim=1) * 1e3).tolist()
-    return float(times.median(dim=0).values.mean()) * 1e3, _median_iqr(per_pass)[1]
+    per_sample = times.median(dim=0).values * 1e3
+    p50, p90 = torch.quantile(per_sample, torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
+    return PerSample(float(per_sample.mean()), _median_iqr(per_pass)[1], p50, p90)
 
 
 def stable_latency(once: Callable[[], tuple[float, float]], settings: LatencySettings) -> tuple[float, float, int]:

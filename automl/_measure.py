@@ -22,7 +22,9 @@ Dynamic models (early exits, :class:`~searchspace.DynamicInference`) do differen
 input, so for them ``macs`` is the expected count, sum over exits of (fraction of test samples
 leaving there) x (MACs of everything a sample leaving there runs), and ``exit_fractions``,
 ``exit_accuracy``, ``exit_macs`` give per exit the fraction of test samples that leave there, their
-accuracy, and the MACs up to and including that exit (None for static models).
+accuracy, and the MACs up to and including that exit (None for static models). Their
+``latency_ms`` is the mean per-sample latency, and ``latency_p50_ms`` / ``latency_p90_ms`` the
+median and 90th percentile over the samples, the tail a latency budget must allow for.
 
 ``python -m automl._measure latency FOLDER --inputs X.pt ...`` times an artifact folder in a fresh
 process with the same function (export's verification uses it).
@@ -218,6 +220,8 @@ def measure(
         macs=macs if macs is not None else count_macs(model, example),
         latency_ms=timing.median_ms,
         latency_iqr_ms=timing.iqr_ms,
+        latency_p50_ms=timing.p50_ms,
+        latency_p90_ms=timing.p90_ms,
         latency_target=json.dumps(timing.where, sort_keys=True, default=str),
         state_dict_bytes=state_dict_bytes(model),
         runtime=settings.runtime,

@@ -47,6 +47,10 @@ class Metrics:
     exit_fractions: list[float] | None = None
     exit_accuracy: list[float | None] | None = None
     exit_macs: list[int | None] | None = None
+    #: Per-sample timing (a dynamic model): median and 90th percentile over the test samples of
+    #: each sample's latency, in ms; ``latency_ms`` is their mean. None for a static model.
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
     #: Where ``latency_ms`` was measured (:func:`automl._target.provenance`), as JSON text: Ray
     #: Tune flattens nested results, so text keeps one shape in every record.
     latency_target: str | None = None

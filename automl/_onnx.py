@@ -9,9 +9,12 @@ translates that program with onnxscript. Checked on torch 2.14.1 for every regis
   control flow), which becomes ONNX ``If``: ``EarlyExitNet`` switches to its ``torch.cond`` routing
   while ``torch.compiler.is_exporting()``;
 - a model may name buffers that must stay named, editable initializers in the file
-  (``onnx_initializers``, e.g. the exit thresholds). For such a model the onnxscript graph optimiser
-  is not run (it would fold the indexed thresholds into anonymous constants); ONNX Runtime applies
-  its own graph optimisations when it loads the file either way;
+  (``onnx_initializers``, e.g. the exit thresholds). The onnxscript graph optimiser runs with those
+  buffers held as graph inputs (:func:`_optimize_keeping`), so it cannot fold them into anonymous
+  constants, and they are initializers again in the file. The optimiser must run: the exporter's
+  raw graph keeps each BatchNormalization in a form ONNX Runtime does not fuse into the convolution
+  before it, so a dynamic model would pay for a separate BatchNormalization and ReLU per layer that
+  its static base does not;
 - T-Net layers compute their kernel from the shared factors while exporting (their inference cache
   keys on tensor versions, which ``torch.export`` cannot trace);
 - int8 is not exported from a quantised PyTorch module: the float model is exported and ONNX
@@ -109,9 +112,30 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
         optimize=not keep,
         verbose=False,
     )
+    if keep:
+        _optimize_keeping(onnx_program.model, keep)
     _drop_trace_metadata(onnx_program.model)
     onnx_program.save(str(path), external_data=False)
-    return {"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": version, "optimized": not keep, "named_initializers": list(keep)}
+    return {"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": version, "optimized": True, "named_initializers": list(keep)}
+
+
+def _optimize_keeping(model: Any, keep: tuple[str, ...]) -> None:
+    """Run the onnxscript optimiser on ``model`` (an ``onnxscript.ir.Model``, in place) without
+    folding the initializers whose last name part is in ``keep``: they are graph inputs while it
+    runs (values it cannot know), then initializers again under their own names."""
+    import onnxscript.optimizer
+
+    graph = model.graph
+    held = [v for name, v in list(graph.initializers.items()) if name.rsplit(".", 1)[-1] in keep]
+    for value in held:
+        graph.initializers.pop(value.name)
+        graph.inputs.append(value)
+    try:
+        onnxscript.optimizer.optimize(model)
+    finally:
+        for value in held:
+            graph.inputs.remove(value)
+            graph.register_initializer(value)
 
 
 def _drop_trace_metadata(model: Any) -> None:

@@ -63,6 +63,10 @@ class Timing(NamedTuple):
     iqr_ms: float
     #: :func:`provenance` of the process that ran the clock.
     where: dict[str, Any]
+    #: Per-sample timing only (a dynamic model): median and 90th percentile over the samples
+    #: (:class:`automl._latency.PerSample`); None for block timing and a ``latency.runner``.
+    p50_ms: float | None = None
+    p90_ms: float | None = None
 
 
 class TimingRunner(Protocol):
@@ -243,15 +247,20 @@ def _time_with_runner(artifact: Artifact, inputs: torch.Tensor, settings: Latenc
 # --- here ----------------------------------------------------------------------------------
 
 
-def _time_here(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettings, *, per_sample: bool) -> tuple[float, float]:
+def _time_here(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettings, *, per_sample: bool) -> tuple[float, float, tuple[float, float] | None]:
+    """Median (per-sample: mean) and IQR in ms, and per-sample timing's (p50, p90) of the attempt kept."""
     if settings.runner:
-        return _time_with_runner(artifact, inputs, settings)
+        return (*_time_with_runner(artifact, inputs, settings), None)
+    quantiles: dict[float, tuple[float, float]] = {}
     if per_sample:
         runs = [artifact.bind(s) for s in inputs.split(1)]
 
         def once() -> tuple[float, float]:
             with artifact.context():
-                return time_per_sample(runs, settings, sync=artifact.sync)
+                got = time_per_sample(runs, settings, sync=artifact.sync)
+            # stable_latency keeps one attempt by its mean; its quantiles are found by that mean.
+            quantiles[got.mean_ms] = (got.p50_ms, got.p90_ms)
+            return got.mean_ms, got.iqr_ms
 
     else:
         run = artifact.bind(inputs)
@@ -261,7 +270,7 @@ def _time_here(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettin
                 return time_blocks(run, settings, sync=artifact.sync)
 
     median, iqr, _ = stable_latency(once, settings)
-    return median, iqr
+    return median, iqr, quantiles.get(median)
 
 
 # --- on the target node --------------------------------------------------------------------
@@ -292,8 +301,8 @@ def _timing_task(files: dict[str, bytes] | None, module: Any, artifact_runtime: 
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
             artifact = load_artifact(Path(tmp), runtime=artifact_runtime, device=settings.device, threads=settings.threads)
-        median, iqr = _time_here(artifact, inputs, here, per_sample=per_sample)
-    return Timing(median, iqr, {**provenance(here), "resource": settings.node})
+        median, iqr, tail = _time_here(artifact, inputs, here, per_sample=per_sample)
+    return Timing(median, iqr, {**provenance(here), "resource": settings.node}, *(tail or (None, None)))
 
 
 def _nodes_with(resource: str) -> list[str]:
@@ -384,5 +393,5 @@ def time_artifact(artifact: Artifact, inputs: torch.Tensor, settings: LatencySet
     """
     if settings.node:
         return _time_on_node(artifact, inputs, settings, per_sample=per_sample)
-    median, iqr = _time_here(artifact, inputs, settings, per_sample=per_sample)
-    return Timing(median, iqr, provenance(settings))
+    median, iqr, tail = _time_here(artifact, inputs, settings, per_sample=per_sample)
+    return Timing(median, iqr, provenance(settings), *(tail or (None, None)))

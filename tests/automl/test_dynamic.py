@@ -36,6 +36,7 @@ def test_trial_measures_exits_and_variants(small_mnist1d, tmp_path):
     assert m.macs == pytest.approx(expected, abs=1), f"expected MACs {m.macs} != sum(fraction x MACs to exit) = {expected}"
     assert m.exit_macs[0] < m.exit_macs[1], f"the first exit must cost less than the full path: {m.exit_macs}"
     assert m.latency_ms > 0 and m.latency_iqr_ms >= 0, f"latency {m.latency_ms} ms, IQR {m.latency_iqr_ms}"
+    assert 0 < m.latency_p50_ms <= m.latency_p90_ms, f"per-sample p50 {m.latency_p50_ms} and p90 {m.latency_p90_ms} ms must be recorded, p50 <= p90"
     assert len(out.variants) in (N_VARIANTS - 1, N_VARIANTS), f"{len(out.variants)} variants for {N_VARIANTS} values of q"
     early = [v.metrics.exit_fractions[0] for v in out.variants]
     assert early[0] > early[-1], f"small q must send more samples out early than large q: {early}"

@@ -245,3 +245,26 @@ def test_attempts_are_spaced_and_the_node_works_in_the_gaps_never_during_one(ctx
     inside_attempt = [s for s in steps for t0, t1 in intervals if s[0] < t1 and s[1] > t0]
     assert not inside_attempt, f"{len(inside_attempt)} worker steps ran inside an attempt: {inside_attempt[:3]}"
     assert any(s[0] >= intervals[0][1] and s[1] <= intervals[-1][0] for s in steps), "the worker never stepped between attempts"
+
+
+def test_per_sample_quantiles_are_over_each_samples_median(monkeypatch):
+    """Sample k takes k ms on every pass but one, where sample 9 is preempted (1 s): the per-sample
+    median over 3 passes drops the preemption, so the mean is 5.5 ms and the quantiles of 1..10 ms
+    are p50 = 5.5 and p90 = 9.1 (linear interpolation), whatever the real clock does."""
+    from automl import _latency
+    from automl._latency import LatencySettings, time_per_sample
+
+    now = [0.0]
+    monkeypatch.setattr(_latency.time, "perf_counter", lambda: now[0])
+    passes = [0]
+
+    def run(k: int):
+        def once() -> None:
+            now[0] += (1.0 if (k == 9 and passes[0] == 1) else k) / 1e3
+            if k == 10:
+                passes[0] += 1
+
+        return once
+
+    got = time_per_sample([run(k) for k in range(1, 11)], LatencySettings(warmup=0, repeats=3))
+    assert (got.mean_ms, got.p50_ms, got.p90_ms) == pytest.approx((5.5, 5.5, 9.1)), f"per-sample timing {got}"

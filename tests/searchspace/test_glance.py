@@ -1,0 +1,152 @@
+"""Glance and focus: the patch, the budget threshold, real skipping of the focus (eager and ONNX)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+import torch
+
+from searchspace import get_method
+from searchspace.methods.exits import NEVER, VARIANTS
+from searchspace.methods.glance import GlanceFocusNet, patch_origin
+from tests.conftest import make_base, random_context
+
+SHAPE = (1, 8, 8)
+DIRECT = dict(scale=0.5, crop=0.5, thresholds="direct", threshold=0.5)
+
+
+def _glance_net(**overrides) -> GlanceFocusNet:
+    base = make_base("digits_cnn", SHAPE)
+    return get_method("glance")().apply(base, {**DIRECT, **overrides}, context=random_context(SHAPE, base)).eval()
+
+
+def _inputs(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _glance_confidence(net: GlanceFocusNet, x: torch.Tensor) -> torch.Tensor:
+    """Top softmax probability of the glance alone, computed as the glance path defines it."""
+    with torch.no_grad():
+        return torch.softmax(net.exit_paths()[0](x), dim=1).amax(dim=1)
+
+
+def test_patch_origin_closed_form():
+    # 4-long feature axis over 64 pixels: position i spans [16 i, 16 i + 16), centre 16 i + 8.
+    got = patch_origin(torch.tensor([0, 1, 2, 3]), 4, 64, 32).tolist()
+    assert got == [0, 8, 24, 32], f"32-pixel patches centred on 8, 24, 40, 56 and kept inside 64 px: {got}"
+    got = patch_origin(torch.tensor([0, 1, 2]), 3, 10, 5).tolist()
+    assert got == [0, 3, 5], f"3-long axis over 10 px (centres 1, 5, 8), 5-px patch: {got}"
+
+
+def test_patch_is_the_full_resolution_window_at_the_peak():
+    net = _glance_net()
+    x = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    gh, gw = net.grid
+    saliency = torch.zeros(2, gh, gw)
+    saliency[0, 0, gw - 1] = 1.0  # top right
+    saliency[1, gh - 1, 0] = 1.0  # bottom left
+    patch = net._patch(x, saliency)
+    ch, cw = net.crop_size
+    assert torch.equal(patch[0], x[0, :, :ch, 8 - cw :]), f"sample 0: patch {patch[0].tolist()} is not the top-right window"
+    assert torch.equal(patch[1], x[1, :, 8 - ch :, :cw]), f"sample 1: patch {patch[1].tolist()} is not the bottom-left window"
+
+
+def test_budget_threshold_known_answer():
+    """With q, the glance keeps floor(N / (1 + q)) validation samples (MSDNet's plan for 2 exits):
+    its threshold is that many-th highest glance confidence, and exactly those samples stop there."""
+    net = _glance_net(thresholds="budget", q=1.0)
+    assert net.thresholds[0] == NEVER, "before calibration nobody may stop at the glance"
+    x = _inputs(300)
+    conf = _glance_confidence(net, x)
+    settings = net.calibrate(x, torch.zeros(300, dtype=torch.long))
+    for setting in settings:
+        q = setting["params"].get("glance.q", 1.0)
+        keep = math.floor(300 * 1 / (1 + q))
+        want = float(conf.sort(descending=True).values[keep - 1])
+        assert setting["state"]["thresholds"] == [pytest.approx(want)], f"q={q}: threshold {setting['state']['thresholds']} != {keep}-th highest confidence {want}"
+        net.use_setting(setting)
+        stopped = int((net.exit_indices(x) == 0).sum())
+        assert stopped == keep, f"q={q}: {stopped} samples stop at the glance, the plan is floor(300 / (1 + q)) = {keep}"
+        assert setting["state"]["val_exit_fractions"] == [pytest.approx(keep / 300), pytest.approx(1 - keep / 300)]
+    assert settings[0]["params"] == {} and len(settings) in (VARIANTS, VARIANTS + 1), f"{len(settings)} settings: the own one + {VARIANTS} q values"
+
+
+def test_confident_glance_skips_the_focus_and_batches_match_batch1():
+    net = _glance_net()
+    calls: list[tuple[int, ...]] = []
+    net.net.stages[0].register_forward_hook(lambda _m, a, _o: calls.append(tuple(a[0].shape)))
+    x = _inputs(64)
+    with torch.no_grad():
+        for t, runs in ((0.0, [(1, 1, 4, 4)]), (NEVER, [(1, 1, 4, 4), (1, 1, 4, 4)])):
+            calls.clear()
+            net.use_setting({"state": {"thresholds": [t]}})
+            net(x[:1])
+            assert calls == runs, f"threshold {t}: the network ran on {calls}, expected {runs} (glance 4x4, patch 4x4)"
+        conf = _glance_confidence(net, x)
+        net.use_setting({"state": {"thresholds": [float(conf.median())]}})
+        calls.clear()
+        batched = net(x)
+        unsure = int((conf < float(conf.median())).sum())
+        assert [c[0] for c in calls] == [64, unsure], f"the focus must see only the {unsure} unsure samples, saw {calls}"
+        single = torch.cat([net(x[i : i + 1]) for i in range(64)])
+    assert torch.allclose(batched, single, atol=1e-5), f"batched and batch-1 outputs differ by {(batched - single).abs().max():.2e}"
+    fused = net.exit_paths()[1](x)
+    assert torch.allclose(fused.exp().sum(1), torch.ones(64)), "the fused output is the log of a mean of two softmaxes"
+
+
+def _kernel_counts(path, x) -> collections.Counter:
+    """ONNX Runtime's profile of one run: how many times each op type executed (If branches included)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.parent / "profile")
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    events = json.loads(open(session.end_profiling()).read())
+    return collections.Counter(e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+
+
+@pytest.mark.slow
+def test_onnx_skips_the_focus_and_each_setting_exports_its_threshold(tmp_path):
+    """In the ONNX file a confident glance runs the network's convolutions once, an unsure one twice
+    (counted in ONNX Runtime's profile, not timed); each calibrated setting's file holds its own
+    threshold and gives the module's outputs."""
+    import onnx
+    from onnx import numpy_helper
+
+    from automl._artifact import build_artifact
+
+    net = _glance_net(thresholds="budget", q=1.0)
+    x = _inputs(200, seed=1)
+    settings = net.calibrate(x[:100], torch.zeros(100, dtype=torch.long))[:3]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.net.modules())
+    first = None
+    for k, setting in enumerate(settings):
+        net.use_setting(setting)
+        folder = tmp_path / f"s{k}"
+        artifact = build_artifact(net, x[:1], folder, like=first)
+        first = first or folder
+        init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer}
+        assert init["thresholds"][0] == pytest.approx(setting["state"]["thresholds"][0]), f"setting {k}: ONNX threshold {init['thresholds']} != {setting['state']['thresholds']}"
+        with torch.no_grad():
+            want = net(x[100:])
+            got = torch.cat([artifact(x[i : i + 1]) for i in range(100, 200)])
+        assert torch.allclose(got, want, atol=1e-4), f"setting {k}: ONNX and module outputs differ by {(got - want).abs().max():.2e}"
+    conf = _glance_confidence(net, x[100:])
+    t = float(net.thresholds[0])
+    sure, unsure = x[100:][conf >= t][:1], x[100:][conf < t][:1]
+    assert len(sure) and len(unsure), f"fixture: the last setting (threshold {t}) must let some samples stop and some go on"
+    path = tmp_path / f"s{len(settings) - 1}" / "model.onnx"
+    profiles = [_kernel_counts(path, s) for s in (sure, unsure)]
+    counts = [p["Conv"] for p in profiles]
+    assert counts == [convs, 2 * convs], f"Conv kernels run (confident, unsure): {counts}, expected ({convs}, {2 * convs})"
+    # The file is optimised although it keeps a named initializer: ONNX Runtime folds every
+    # BatchNormalization and ReLU into its convolution, in the main graph and in the If's branch.
+    unfused = [{op: p[op] for op in ("BatchNormalization", "Relu") if p[op]} for p in profiles]
+    assert unfused == [{}, {}], f"BatchNormalization / ReLU kernels run beside the convolutions: {unfused}"
