@@ -29,9 +29,11 @@ How many channels each layer loses is the ``allocation`` (the criterion decides 
 - ``global``: the channels of all layers are ranked together by their mean-normalised L1 filter
   norm on the base (Torch-Pruning's ``global_pruning=True``, its own non-uniform baseline) and the
   lowest ``ratio`` of them go, each layer keeping at least 1 - :data:`MAX_GLOBAL_RATIO` of its own;
-- ``sensitivity``: ``ratio`` is the share of the whole model's parameters to remove, and each
-  layer's ratio is chosen from the base's sensitivity profile with the least predicted accuracy
-  loss (:func:`searchspace._profile.allocate`).
+- ``sensitivity``: ``share`` is the share of the whole model's parameters to remove, and each
+  layer's ratio (one of :data:`PROFILE_LEVELS`) is chosen from the base's sensitivity profile with
+  the least predicted accuracy loss (:func:`searchspace._profile.allocate`). It is a setting of its
+  own, not ``ratio``: a share of parameters reaches further than the same share of channels
+  (removing 70 % of every layer's channels removes about 91 % of the parameters).
 
 ``global`` and ``sensitivity`` read the study's profile (``context.profile``), measured on the base
 once, so the per-layer counts follow from (profile, plan) and the dry run and the checkpoint's
@@ -109,7 +111,7 @@ ALLOCATIONS = ("uniform", "global", "sensitivity")
 #: The largest share of one layer's channels the ``global`` ranking may remove.
 MAX_GLOBAL_RATIO = 0.9
 #: Pruning ratios each layer is measured at for the sensitivity profile.
-PROFILE_LEVELS = (0.25, 0.5, 0.75)
+PROFILE_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _CONV_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _OUT = (*_CONV_OUT, tp.prune_batchnorm_out_channels)
@@ -766,8 +768,8 @@ class Prune(CompressionMethod):
     Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), the ``allocation`` (uniform, global,
     sensitivity; default uniform), with ``uniform`` one ``ratio`` of channels removed from every
     prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``); with
-    ``global`` ``ratio`` is the share of all channels removed, with ``sensitivity`` the share of the
-    model's parameters; for gates the gate-optimisation steps per sample batch and the L1 weight,
+    ``global`` ``ratio`` is the share of all channels removed, with ``sensitivity`` ``share`` is the
+    share of the model's parameters removed; for gates the gate-optimisation steps per sample batch and the L1 weight,
     for slimming the gate-training epochs and the L1 weight. The trial fine-tunes (with the searched
     distillation) afterwards. The classifier's output layer is never pruned.
     """
@@ -784,6 +786,7 @@ class Prune(CompressionMethod):
         "criterion": Categorical(sorted(CRITERIA)),
         "allocation": Categorical(list(ALLOCATIONS)),
         "ratio": Float(0.1, 0.7),
+        "share": Float(0.1, 0.98),
         "per_stage": Categorical([False, True]),
         **{f"stage_ratio_{i}": Float(0.0, 0.7) for i in range(MAX_STAGE_RATIOS)},
         "gate_steps": Int(10, 60),
@@ -802,7 +805,7 @@ class Prune(CompressionMethod):
             keys = [f"stage_ratio_{i}" for i in range(MAX_STAGE_RATIOS)] if out["per_stage"] else ["ratio"]
         else:
             out["allocation"] = allocation
-            keys = ["ratio"]
+            keys = ["ratio" if allocation == "global" else "share"]
         if out["criterion"] == "gates":
             keys += ["gate_steps", "gate_l1"]
         elif out["criterion"] == "slimming":
@@ -883,13 +886,13 @@ class Prune(CompressionMethod):
         channels = channel_counts(model)
         known = {n for n in profile.rows(self.name) if n in present}
         notes["prune.unprofiled"] = sorted(present - known)
-        ratio = float(params.get("ratio", 0.0))
         if allocation == "global":
+            ratio = float(params["ratio"])
             scores = {n: v for n, v in profile.extra.get(self.name, {}).get("scores", {}).items() if n in known and len(v) == channels.get(n)}
             counts = global_counts(scores, ratio, max_ratio=MAX_GLOBAL_RATIO)
             return {n: _ratio_for_count(k, channels[n]) for n, k in counts.items() if k > 0}
         rows = {n: entries for n, entries in profile.rows(self.name).items() if n in known}
-        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=ratio * profile.base_params, layers=sorted(known, key=list(profile.rows(self.name)).index))
+        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params, layers=sorted(known, key=list(profile.rows(self.name)).index))
         notes["prune.predicted_saved"] = predicted
         return levels
 

@@ -17,7 +17,7 @@ How the ranks are chosen is the ``allocation``:
 
 - ``uniform`` (the default): one searched fraction per mode (``rank_out``, ``rank_in``) for every
   layer;
-- ``sensitivity``: ``ratio`` is the share of the whole model's parameters to remove, and each
+- ``sensitivity``: ``share`` is the share of the whole model's parameters to remove, and each
   layer's rank fraction (both modes, one of :data:`PROFILE_LEVELS`) is chosen from the base's
   sensitivity profile with the least predicted accuracy loss
   (:func:`searchspace._profile.allocate`); layers it does not pick stay dense. Layers are
@@ -51,7 +51,7 @@ MIN_CHANNELS = 4
 #: How the ranks are spread over the layers (see the module docstring).
 ALLOCATIONS = ("uniform", "sensitivity")
 #: Rank fractions (both modes) each layer is measured at for the sensitivity profile.
-PROFILE_LEVELS = (0.5, 0.35, 0.25, 0.125)
+PROFILE_LEVELS = (0.5, 0.35, 0.25, 0.125, 0.0625)
 
 
 def tucker_ranks(conv: nn.Conv1d | nn.Conv2d, rank_out: float, rank_in: float) -> tuple[int, int]:
@@ -127,7 +127,7 @@ class Tucker(CompressionMethod):
         "allocation": Categorical(list(ALLOCATIONS)),
         "rank_out": Float(0.05, 1.0),
         "rank_in": Float(0.05, 1.0),
-        "ratio": Float(0.1, 0.9),
+        "share": Float(0.1, 0.98),
     }
     default_ranges = {"allocation": Categorical(["uniform"])}
 
@@ -136,7 +136,7 @@ class Tucker(CompressionMethod):
         if allocation == "uniform":
             # Written as it was before allocations existed: equal to the same plan of any study.
             return {"rank_out": self.suggest(trial, "rank_out"), "rank_in": self.suggest(trial, "rank_in")}
-        return {"allocation": allocation, "ratio": self.suggest(trial, "ratio")}
+        return {"allocation": allocation, "share": self.suggest(trial, "share")}
 
     # --- the sensitivity profile (searchspace.Profiled) -------------------------------------
 
@@ -183,7 +183,7 @@ class Tucker(CompressionMethod):
             raise ValueError(f"tucker.allocation={allocation} needs the base's sensitivity profile, but the context has none for {self.name!r}")
         present = [n for n, conv in iter_convs(model) if self._eligible(conv) is None]
         rows = {n: e for n, e in profile.rows(self.name).items() if n in present}
-        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["ratio"]) * profile.base_params, layers=[n for n in profile.rows(self.name) if n in rows])
+        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params, layers=[n for n in profile.rows(self.name) if n in rows])
         context.notes["tucker.levels"] = dict(sorted(levels.items()))
         context.notes["tucker.predicted_saved"] = predicted
         return self._decompose(model, levels, context)

@@ -59,8 +59,8 @@ def test_allocation_defaults_to_uniform_and_a_uniform_plan_is_written_as_before(
     assert prune.space(fixed) == {"criterion": "l1", "per_stage": False, "ratio": 0.3}
     opened_prune = opened()["prune"]
     assert opened_prune.needs_profile()
-    sens = opened_prune.space(optuna_fixed({"prune.criterion": "l1", "prune.allocation": "sensitivity", "prune.ratio": 0.4}))
-    assert sens == {"criterion": "l1", "allocation": "sensitivity", "ratio": 0.4}, sens
+    sens = opened_prune.space(optuna_fixed({"prune.criterion": "l1", "prune.allocation": "sensitivity", "prune.share": 0.8}))
+    assert sens == {"criterion": "l1", "allocation": "sensitivity", "share": 0.8}, sens
 
 
 def optuna_fixed(params):
@@ -156,21 +156,23 @@ def test_sensitivity_removes_the_redundant_layer_first_and_uniform_does_not(digi
     rows = profile.rows("prune")
     assert set(rows) == {"conv1", "conv2"}, rows
     free = [e.level for e in rows["conv1"] if e.accuracy == profile.base_accuracy]
-    assert free == [0.25, 0.5], f"removing up to half of conv1 (the copies) must cost nothing on validation, got {rows['conv1']}"
+    # Torch-Pruning removes 16 - int(16 * (1 - level)) channels: 4 at 0.2, 7 at 0.4 (copies only), 14 at 0.9.
+    assert free[:2] == [0.2, 0.4], f"removing only copies of conv1 must cost nothing on validation, got {rows['conv1']}"
+    assert rows["conv1"][-1].accuracy < profile.base_accuracy, f"removing originals of conv1 must cost accuracy, got {rows['conv1']}"
     assert all(e.accuracy < profile.base_accuracy for e in rows["conv2"]), f"every level of conv2 (the signal) must cost accuracy, got {rows['conv2']}"
 
-    # conv1 at 0.5 removes its 8 copies and conv2's matching inputs: 8*9+8 + 6*8*9 = 512 parameters.
-    ratio = 0.9 * 512 / profile.base_params
+    # conv1 at 0.4 removes 7 copies and conv2's matching inputs: 7*9+7 + 6*7*9 = 448 parameters.
+    share = 0.9 * 448 / profile.base_params
     def pruned(params):
         ctx = ApplyContext(example_input=x[:1], calibration=lambda: iter([(x[:64], y[:64])]), profile=profile)
         return prune.apply(base, params, context=ctx), ctx.notes
 
-    model, notes = pruned({"criterion": "l1", "allocation": "sensitivity", "ratio": ratio})
-    assert notes["prune.levels"] == {"conv1": 0.5} and notes["prune.channels"] == {"conv1": [16, 8]}, notes
+    model, notes = pruned({"criterion": "l1", "allocation": "sensitivity", "share": share})
+    assert notes["prune.levels"] == {"conv1": 0.4} and notes["prune.channels"] == {"conv1": [16, 9]}, notes
     with torch.no_grad():
         assert int((model(x).argmax(1) == y).sum()) == base_correct, "removing the copies must keep every test prediction's correctness"
-    assert param_count(base) - param_count(model) == 512
-    uniform, notes = pruned({"criterion": "l1", "per_stage": False, "ratio": ratio})
+    assert param_count(base) - param_count(model) == 448 == notes["prune.predicted_saved"]
+    uniform, notes = pruned({"criterion": "l1", "per_stage": False, "ratio": share})
     assert "conv2" in notes["prune.channels"], f"uniform cuts the signal layer as much as any: {notes['prune.channels']}"
 
 
@@ -185,7 +187,7 @@ def digits_profile(digits):
 #: layer by layer: thinet), and a chain in which pruning follows a structure stage.
 PLANS = {
     "prune-global-apoz": (("prune", {"criterion": "apoz", "allocation": "global", "ratio": 0.4}),),
-    "tucker-sensitivity+prune-sensitivity-thinet": (("tucker", {"allocation": "sensitivity", "ratio": 0.3}), ("prune", {"criterion": "thinet", "allocation": "sensitivity", "ratio": 0.2})),
+    "tucker-sensitivity+prune-sensitivity-thinet": (("tucker", {"allocation": "sensitivity", "share": 0.3}), ("prune", {"criterion": "thinet", "allocation": "sensitivity", "share": 0.2})),
 }
 
 
@@ -211,7 +213,7 @@ def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
     base = make_base("digits_cnn", (1, 8, 8))
     ctx = ApplyContext(example_input=torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="prune.allocation=sensitivity needs the base's sensitivity profile"):
-        opened()["prune"].apply(base, {"criterion": "l1", "allocation": "sensitivity", "ratio": 0.3}, context=ctx)
+        opened()["prune"].apply(base, {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}, context=ctx)
 
 
 def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path):
