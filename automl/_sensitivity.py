@@ -88,9 +88,9 @@ def compute_profile(
             for level in method.profile_levels():
                 with torch.enable_grad():  # Torch-Pruning traces its dependency graph through autograd
                     model = method.compress_layer(base, layer, level, context=context)
-                saved = base_params - param_count(model)
-                if saved <= 0:
+                if model is None:
                     continue
+                saved = base_params - param_count(model)
                 entries.append(LayerLevel(float(level), _accuracy(model, x_val, y_val, device), saved, base_macs - count_macs(model.cpu(), example)))
             if entries:
                 rows[layer] = tuple(sorted(entries, key=lambda e: e.params_saved))

@@ -48,7 +48,7 @@ class SensitivityProfile:
         base_params: the base's parameter count (the denominator of a plan's target share).
         base_macs: the base's MACs on one sample.
         layers: method name -> layer name -> the levels measured, by increasing saving. A level
-            that saves nothing is not listed.
+            at which the layer would not change is not listed.
         extra: method name -> statistics of the base its allocation reads besides the table
             (pruning: each layer's mean-normalised channel importance, for the global ranking).
         samples: validation samples each accuracy is measured on.

@@ -142,8 +142,9 @@ class Profiled(Protocol):
         """Qualified names of the layers of ``model`` the method can compress one at a time."""
         ...
 
-    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module:
-        """A copy of ``model`` with only ``layer`` compressed at ``level``; ``model`` stays as it is."""
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
+        """A copy of ``model`` with only ``layer`` compressed at ``level`` (``model`` stays as it
+        is), or None where the layer would not change at that level (nothing to measure)."""
         ...
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:

@@ -840,10 +840,12 @@ class Prune(CompressionMethod):
         groups = _group_roots(model, example, prunable_output_layers(model, example))
         return [names[_root(g)] for g in groups if isinstance(_root(g), nn.modules.conv._ConvNd)]
 
-    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module:
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
         # Measured with the l1 criterion whatever a trial's criterion: the profile asks how much a
         # layer's channels matter, which needs no calibration and no training.
-        return self._prune(model, L1Filter(), {layer: level}, None, context)
+        probe = ApplyContext(example_input=context.example_input, calibration=context.calibration, fit=context.fit, base=context.base)
+        out = self._prune(model, L1Filter(), {layer: level}, None, probe)
+        return out if probe.notes["prune.channels"] else None
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         names = _names(model)

@@ -149,8 +149,10 @@ class Tucker(CompressionMethod):
     def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
         return [name for name, conv in iter_convs(model) if self._eligible(conv) is None]
 
-    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module:
-        return self._decompose(model, {layer: level}, context)
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
+        probe = ApplyContext(example_input=context.example_input)
+        out = self._decompose(model, {layer: level}, probe)
+        return out if probe.notes[self.converted_key()] else None
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         return {}

@@ -44,11 +44,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-OPEN = {"prune": {"allocation": ["uniform", "global", "sensitivity"]}, "tucker": {"allocation": ["uniform", "sensitivity"]}}
+OPEN = {"prune": {"allocation": ["uniform", "global", "sensitivity"]}, "tucker": {"allocation": ["uniform", "sensitivity"]}, "int8": {"keep_float": [0, 2]}}
 
 
 def opened() -> dict[str, searchspace.CompressionMethod]:
-    """prune and tucker with every allocation open (the defaults keep them uniform)."""
+    """prune and tucker with every allocation open, int8 with keep_float (the defaults: uniform, 0)."""
     return {n: searchspace.get_method(n)(ranges=searchspace.get_method(n).narrowed(o)) for n, o in OPEN.items()}
 
 
@@ -188,6 +188,9 @@ def digits_profile(digits):
 PLANS = {
     "prune-global-apoz": (("prune", {"criterion": "apoz", "allocation": "global", "ratio": 0.4}),),
     "tucker-sensitivity+prune-sensitivity-thinet": (("tucker", {"allocation": "sensitivity", "share": 0.3}), ("prune", {"criterion": "thinet", "allocation": "sensitivity", "share": 0.2})),
+    # dynamic: static int8's ONNX file stores activation zero points as varints, whose size follows
+    # the calibrated ranges (a byte apart between the dry run and the trained model, keep_float or not).
+    "prune-sensitivity+int8-keep_float": (("prune", {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}), ("int8", {"mode": "dynamic", "keep_float": 2})),
 }
 
 
@@ -202,11 +205,11 @@ def test_dry_run_and_rebuild_equal_the_trained_model_for_every_allocation(plan_i
     assert (costs.params, costs.size_bytes, costs.macs) == (trained.params, trained.size_bytes, trained.macs), (
         f"{plan_id}: dry run (params, size, MACs) {(costs.params, costs.size_bytes, costs.macs)} != trained {(trained.params, trained.size_bytes, trained.macs)}"
     )
-    assert trained.params < param_count(base), f"{plan_id}: nothing was removed"
+    assert trained.params < param_count(base) or "int8" in plan.label, f"{plan_id}: nothing was removed"
     folder = save_checkpoint(outcome, tmp_path / "ckpt", base={"model": "digits_cnn", "options": {}, "input_shape": list(digits.input_shape), "num_classes": 10})
     assert json.loads((folder / "trial.json").read_text())["profile"] == profile.to_dict()
     rebuilt = load_model(folder, methods=methods)
-    assert param_count(rebuilt) == trained.params, f"{plan_id}: the checkpoint rebuilt {param_count(rebuilt)} params, trained {trained.params}"
+    assert param_count(rebuilt) == param_count(outcome.model), f"{plan_id}: the checkpoint rebuilt {param_count(rebuilt)} params, trained {trained.params}"
 
 
 def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
@@ -234,6 +237,43 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     assert len(measured) == 1, f"the profile must be measured once across launch and resume, log: {lines}"
     assert any(ln.startswith("profile: read") for ln in lines), lines
     assert (tmp_path / "profiled" / PROFILE_FILE).read_text() == written
-    assert launched.profile == resumed.profile and set(resumed.profile.layers) == {"prune", "tucker"}
+    assert launched.profile == resumed.profile and set(resumed.profile.layers) == {"prune", "tucker", "int8"}
     study = optuna.load_study(study_name="profiled", storage=cfg.storage_url)
     assert study.user_attrs[PROFILE]["file"] == PROFILE_FILE and study.user_attrs[PROFILE]["layers"]["prune"] > 0
+
+
+def test_int8_keep_float_leaves_the_most_sensitive_layers_float(tmp_path):
+    from automl._onnx import to_onnx
+    from searchspace import SensitivityProfile
+
+    base = make_base("digits_cnn", (1, 8, 8))
+    int8 = opened()["int8"]
+    assert int8.needs_profile() and not searchspace.get_method("int8")().needs_profile()
+    layers = int8.profile_layers(base, torch.empty(0))
+    assert layers == ["stages.0.0.0", "stages.0.1.0", "stages.1.0.0", "stages.1.1.0", "head.fc"], layers
+    # A constructed profile: int8 costs stages.1.0.0 the most, then head.fc.
+    accuracy = {"stages.1.0.0": 0.5, "head.fc": 0.7}
+    profile = SensitivityProfile(base_accuracy=0.9, base_params=param_count(base), base_macs=0, layers={"int8": {n: (LayerLevel(1.0, accuracy.get(n, 0.9), 0, 0),) for n in layers}})
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = ApplyContext(example_input=x[:1], calibration=lambda: iter([(x, torch.zeros(64, dtype=torch.long))]), profile=profile)
+    out = int8.apply(base, {"mode": "static", "keep_float": 1}, context=ctx)
+    recipe = out.artifact_quantization
+    assert recipe.keep_float == ("stages.1.0.0",) and ctx.notes["int8.kept_float"] == ["stages.1.0.0"], recipe.keep_float
+    notes: dict = {}
+    quantised = recipe.quantize_torch(out, notes)
+    kinds = {n: type(quantised.get_submodule(n)).__module__ for n in layers if n.startswith("stages")}
+    assert "quantized" not in kinds["stages.1.0.0"], f"the kept conv must stay a float module (fused with its BN and ReLU): {kinds}"
+    assert all("quantized" in k for n, k in kinds.items() if n != "stages.1.0.0"), f"every other conv must be quantised: {kinds}"
+    float_onnx, int8_onnx = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    to_onnx(out, x[:1], float_onnx)
+    info = recipe.quantize_onnx(float_onnx, int8_onnx)
+    import onnx
+
+    graph = onnx.load(str(int8_onnx)).graph
+    weight_of = {n.name: n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm")}
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    direct = sorted(w for w in weight_of.values() if w in floats)
+    assert direct == ["stages.1.0.0.weight"], f"only the kept conv may read a float weight initializer, got {direct} ({info})"
+    assert len(info["nodes_excluded"]) == 1, info
+    with pytest.raises(ValueError, match="int8.keep_float=1 needs the base's sensitivity profile"):
+        int8.apply(base, {"mode": "static", "keep_float": 1}, context=ApplyContext(example_input=x[:1]))
