@@ -127,9 +127,9 @@ class CompressionMethod(abc.ABC):
     costs_after_training: ClassVar[bool] = False
     #: The settings the search may tune; keys are un-prefixed, Optuna sees ``"<name>.<key>"``.
     hyperparameters: ClassVar[Mapping[str, Domain]] = {}
-    #: Narrower domains used where the config does not name the setting: a setting added to a
-    #: method keeps the studies that do not ask for it searching what they searched before
-    #: (``allocation`` defaults to ``uniform``); naming it in the config opens its full domain.
+    #: Narrower domains used where the config does not name the setting (``allocation``:
+    #: ``uniform``, ``keep_float``: 0), so a config searches a setting that changes what a method
+    #: needs (a profile of the base) only when it names it; naming it opens the full domain.
     default_ranges: ClassVar[Mapping[str, Domain]] = {}
     #: The paper the method follows, cited in reports and cards.
     reference: ClassVar[str] = ""

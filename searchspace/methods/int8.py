@@ -303,7 +303,8 @@ class Int8(CompressionMethod):
         out: dict[str, Any] = {"mode": self.suggest(trial, "mode")}
         keep = self.suggest(trial, "keep_float")
         if keep:
-            # A plan that keeps nothing float is written as it was before the setting existed.
+            # A plan that keeps nothing float does not name the setting: it equals the same plan of
+            # a study whose config does not search it.
             out["keep_float"] = keep
         return out
 

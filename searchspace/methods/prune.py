@@ -799,8 +799,8 @@ class Prune(CompressionMethod):
         out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion")}
         allocation = self.suggest(trial, "allocation")
         if allocation == "uniform":
-            # A uniform plan is written as it was before allocations existed, so it stays equal to
-            # the same plan of a study that never searched the allocation.
+            # A uniform plan holds the uniform settings only: it equals the same plan of a study
+            # whose config does not search the allocation.
             out["per_stage"] = self.suggest(trial, "per_stage")
             keys = [f"stage_ratio_{i}" for i in range(MAX_STAGE_RATIOS)] if out["per_stage"] else ["ratio"]
         else:

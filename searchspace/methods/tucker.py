@@ -134,7 +134,8 @@ class Tucker(CompressionMethod):
     def space(self, trial: Any) -> dict[str, Any]:
         allocation = self.suggest(trial, "allocation")
         if allocation == "uniform":
-            # Written as it was before allocations existed: equal to the same plan of any study.
+            # A uniform plan holds the uniform settings only: it equals the same plan of a study
+            # whose config does not search the allocation.
             return {"rank_out": self.suggest(trial, "rank_out"), "rank_in": self.suggest(trial, "rank_in")}
         return {"allocation": allocation, "share": self.suggest(trial, "share")}
 

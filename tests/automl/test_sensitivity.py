@@ -29,7 +29,7 @@ from automl._rebuild import load_model
 from automl._sensitivity import PROFILE, PROFILE_FILE, compute_profile, profiled_methods
 from automl._train import TrainOptions, fit
 from automl._trial import run_trial
-from searchspace import ApplyContext, Categorical, LayerLevel, Plan
+from searchspace import ApplyContext, LayerLevel, Plan
 from searchspace._profile import allocate, global_counts
 from searchspace.methods.prune import MAX_GLOBAL_RATIO, L1Filter, prunable_output_layers
 from tests.automl.test_prescreen import SETTINGS
