@@ -26,7 +26,7 @@ How many channels each layer loses is the ``allocation`` (the criterion decides 
 
 - ``uniform`` (the default): every prunable layer loses the same fraction of its channels
   (``ratio``), or each stage of the :class:`~automl._models.StagedNet` its own (``per_stage``);
-- ``global``: the channels of all layers are ranked together by their mean-normalised L1 filter
+- ``global``: the channels of all convolutions are ranked together by their mean-normalised L1 filter
   norm on the base (Torch-Pruning's ``global_pruning=True``, its own non-uniform baseline) and the
   lowest ``ratio`` of them go, each layer keeping at least 1 - :data:`MAX_GLOBAL_RATIO` of its own;
 - ``sensitivity``: ``share`` is the share of the whole model's parameters to remove, and each
