@@ -6,8 +6,9 @@ Layout of ``checkpoints/trial_NNNNN/``:
 - ``trial.json``: the plan. ``format`` (:data:`FORMAT`), ``base`` (the base architecture: model
   name, options, input shape, classes), ``plan`` (the chain of methods with their parameters and
   the fine-tuning options), the calibrated state (``notes.calibrated``, e.g. an early-exit model's
-  thresholds), method label, metrics, seconds, input shape, runtime, and whether latency is timed
-  per sample;
+  thresholds), method label, metrics, seconds, input shape, runtime, whether latency is timed
+  per sample, and ``profile`` where the study measured the base's sensitivity profile (a plan
+  whose methods allocate per layer from it replays only with it, :mod:`searchspace._profile`);
 - ``weights.safetensors``: the eager state dict, nothing pickled. Entries safetensors cannot hold
   (quantised tensors, the packed int8 weights of quantised layers, dtypes, tuples) are stored as
   plain tensors and rebuilt from a JSON layout in the file's metadata (:func:`encode_state`);
@@ -209,6 +210,9 @@ def save_checkpoint(outcome: Any, directory: str | Path, *, base: dict[str, Any]
         # Timed per sample (input-dependent work, e.g. early exits) rather than as one batch.
         "per_sample": isinstance(outcome.model, DynamicInference),
     }
+    profile = getattr(outcome, "profile", None)
+    if profile is not None:
+        record["profile"] = profile.to_dict()
     _write(d, weights_only_state(outcome.model), outcome.folder, record)
     float_model = getattr(outcome, "float_model", None)
     if float_model is not None:

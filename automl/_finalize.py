@@ -39,7 +39,7 @@ from searchspace import Plan
 from automl._checkpoint import FLOAT_FOLDER, CheckpointError, load_checkpoint, save_checkpoint
 from automl._config import StudyConfig
 from automl._measure import measure
-from automl._rebuild import load_model
+from automl._rebuild import checkpoint_profile, load_model
 from automl._records import CHECKPOINT, FINALIZED_FROM, METHOD, write_trial
 from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._train import TrainOptions, TrialFailed, fit
@@ -205,6 +205,7 @@ def finalize_trial(
             model, float_macs = apply_chain(
                 tail, float_model, example=data.example(), methods=methods, notes=notes_tail, train=lambda m, **_: m,
                 calibration=lambda: iter(data.batches("train", cfg.budget.batch_size, shuffle=True, seed=cfg.seed)),
+                profile=checkpoint_profile(ckpt.record),
             )
         except (TrialFailed, ValueError, RuntimeError) as exc:
             raise FinalizeError(f"--trial {number}: replaying {tail.label} after the fine-tune failed: {exc}") from exc
@@ -225,6 +226,7 @@ def finalize_trial(
         outcome = TrialOutcome(
             plan=plan, metrics=metrics, model=model, folder=Path(work) / "artifact", input_shape=tuple(data.input_shape), notes=notes,
             seconds=time.perf_counter() - start, float_model=float_model, float_stages=split if float_model is not None else 0,
+            profile=checkpoint_profile(ckpt.record),
         )
         name = f"finalized_{number:05d}"
         k = 1

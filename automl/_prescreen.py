@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import searchspace
-from searchspace import CompressionMethod, Plan, Stage
+from searchspace import CompressionMethod, Plan, SensitivityProfile, Stage
 from automl._constraints import Constraints
 from automl._latency import busy, gated_batches
 from automl._measure import measure
@@ -100,6 +100,7 @@ def dry_run(
     *,
     folder: str | Path | None = None,
     methods: Mapping[str, CompressionMethod] | None = None,
+    profile: SensitivityProfile | None = None,
 ) -> Costs:
     """Build ``plan``'s final structure without training and measure its costs (see the module doc).
 
@@ -138,7 +139,7 @@ def dry_run(
         before = _structure(model)
         model, stage_macs = apply_chain(
             Plan(chain=((name, params),), finetune=plan.finetune), base, start=model,
-            example=example, calibration=calibration, train=untrained, methods=methods, notes=notes, dry_run=True,
+            example=example, calibration=calibration, train=untrained, methods=methods, notes=notes, dry_run=True, profile=profile,
         )
         float_macs = stage_macs if stage_macs is not None else (float_macs if not method.finetune else None)
         if name != "none" and method.converted_nothing(notes) and _structure(model) == before:
@@ -184,6 +185,8 @@ class Screen:
     settings: TrialSettings
     methods: Mapping[str, CompressionMethod]
     constraints: Constraints = Constraints()
+    #: The study's sensitivity profile of the base, as the trials get it.
+    profile: SensitivityProfile | None = None
 
     def check(self, plan: Plan, finished: Mapping[str, int]) -> Verdict:
         """Dry-run ``plan``; ``finished`` maps plan keys of finished trials to their numbers."""
@@ -191,7 +194,7 @@ class Screen:
         data = gated_batches(self.data) if isolate else self.data
         try:
             with busy(isolate):  # the launcher's dry run is work on the node too: not beside a timing
-                costs = dry_run(plan, self.base, data, self.settings, methods=self.methods)
+                costs = dry_run(plan, self.base, data, self.settings, methods=self.methods, profile=self.profile)
         except Exception as exc:  # noqa: BLE001 - the trial itself will fail with the reason
             return Verdict(costs=None, constraints={}, error=f"{type(exc).__name__}: {str(exc)[:200]}")
         duplicate = finished.get(plan_key(costs.plan))

@@ -23,13 +23,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from searchspace import CompressionMethod, Plan
+from searchspace import CompressionMethod, Plan, SensitivityProfile
 from automl._checkpoint import CheckpointError, load_checkpoint
 from automl._models import build_model
 from automl._train import TrialFailed
 from automl._trial import apply_chain
 
-__all__ = ["load_model"]
+__all__ = ["checkpoint_profile", "load_model"]
 
 #: Random calibration batches (and their size) where no data is given.
 _CALIBRATION = (8, 32)
@@ -79,6 +79,12 @@ def _load_strict(model: nn.Module, state: Mapping[str, Any], folder: Path) -> No
         raise CheckpointError(f"checkpoint {folder}: entries not loaded: {left[:3]} missing, {result.unexpected_keys[:3]} unexpected")
 
 
+def checkpoint_profile(record: Mapping[str, Any]) -> SensitivityProfile | None:
+    """The sensitivity profile a checkpoint's plan was applied with (None where the study had none)."""
+    stored = record.get("profile")
+    return SensitivityProfile.from_dict(stored) if stored else None
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -111,6 +117,7 @@ def load_model(
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.folder}: base {ref.get('model')!r} cannot be built: {exc}") from exc
     plan = Plan.from_dict(ckpt.record["plan"])
+    profile = checkpoint_profile(ckpt.record)
     example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
     if data is not None:
         example = data.example()
@@ -122,7 +129,7 @@ def load_model(
             model, _ = apply_chain(
                 plan, base, example=example,
                 calibration=_calibration(data, shape, int(calib.get("batch_size", _CALIBRATION[1])), int(calib.get("seed", seed))),
-                train=lambda module, **_: module, methods=methods, dry_run=True,
+                train=lambda module, **_: module, methods=methods, dry_run=True, profile=profile,
             )
     except (TrialFailed, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.folder}: its plan {plan.label} cannot be replayed: {exc}") from exc

@@ -39,11 +39,14 @@ from automl._target import study_targets
 
 __all__ = [
     "FORMATS",
+    "ProfileHeat",
     "ReportData",
     "ScatterData",
     "TimelineData",
     "build_report",
+    "allocation_table",
     "pair_data",
+    "profile_heat",
     "render_html",
     "scatter3d_data",
     "timeline_data",
@@ -100,6 +103,54 @@ class TimelineData:
 
 
 @dataclass(frozen=True)
+class ProfileHeat:
+    """One method's sensitivity profile as a heatmap: layer x level -> validation accuracy drop."""
+
+    method: str
+    layers: tuple[str, ...]
+    levels: tuple[float, ...]
+    #: Per layer, per level: the drop in points (base minus the layer alone), None where not measured.
+    drops: tuple[tuple[float | None, ...], ...]
+    seconds: float
+
+
+#: The notes keys in which a method records the per-layer levels it used (searchspace._profile).
+LEVEL_NOTES = ("prune.levels", "tucker.levels", "int8.kept_float")
+
+
+def profile_heat(study_dir: str | Path | None) -> tuple[ProfileHeat, ...]:
+    """The study's profile (``profile.json``, :mod:`automl._sensitivity`) as one heatmap per method;
+    empty where the study measured none."""
+    from automl._sensitivity import PROFILE_FILE
+    from searchspace import SensitivityProfile
+
+    path = Path(study_dir) / PROFILE_FILE if study_dir else None
+    if path is None or not path.is_file():
+        return ()
+    profile = SensitivityProfile.from_dict(json.loads(path.read_text()))
+    out = []
+    for method in sorted(profile.layers):
+        drop = profile.drop(method)
+        levels = tuple(sorted({lv for row in drop.values() for lv in row}, reverse=method == "tucker"))
+        layers = tuple(drop)
+        out.append(ProfileHeat(method, layers, levels, tuple(tuple(None if lv not in drop[n] else 100 * drop[n][lv] for lv in levels) for n in layers), profile.seconds))
+    return tuple(out)
+
+
+def allocation_table(view: StudyView) -> pd.DataFrame:
+    """Per trial on the front, the per-layer levels its methods read from the profile (none: uniform)."""
+    rows = []
+    for r in view.front:
+        notes = r.attrs.get("notes") or {}
+        if isinstance(notes, str):
+            notes = json.loads(notes)
+        for key in LEVEL_NOTES:
+            if key in notes:
+                rows.append((r.number, r.method, key, json.dumps(notes[key])))
+    return pd.DataFrame(rows, columns=["trial", "method", "levels", "value"])
+
+
+@dataclass(frozen=True)
 class ReportData:
     view: StudyView
     front: pd.DataFrame
@@ -113,6 +164,10 @@ class ReportData:
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: The accuracy tolerance the knee was taken within (``review.max_drop``; None: the whole front).
     max_drop: float | None = None
+    #: The base's sensitivity profile, one heatmap per method (empty: the study measured none).
+    profile: tuple[ProfileHeat, ...] = ()
+    #: The per-layer levels the front's trials used (empty: all uniform).
+    allocation: pd.DataFrame | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
@@ -267,6 +322,8 @@ def build_report(view: StudyView, *, max_drop: float | None = None) -> ReportDat
         timeline=timeline_data(view),
         notes=tuple(notes),
         max_drop=max_drop,
+        profile=profile_heat(view.study_dir),
+        allocation=allocation_table(view),
     )
 
 
@@ -471,6 +528,38 @@ def _hypervolume_figure(hv: pd.DataFrame):
     return fig
 
 
+def _profile_section(data: ReportData) -> str:
+    if not data.profile:
+        return ""
+    parts = [
+        "<h2>Sensitivity profile of the base</h2>",
+        f"<p>Validation accuracy drop in points with one layer compressed alone at each level, without fine-tuning "
+        f"(measured once, in {data.profile[0].seconds:.1f} s); sensitivity allocations read it.</p>",
+        *(_heat_html(h) for h in data.profile),
+    ]
+    if data.allocation is not None and len(data.allocation):
+        parts.append("<h3>Per-layer levels of the front's trials</h3>")
+        parts.append(_html_table(data.allocation, table_id="allocation-table", columns=list(data.allocation.columns)))
+    return "".join(parts)
+
+
+def _heat_html(h: ProfileHeat) -> str:
+    """A heatmap as a table: each cell's red grows with the accuracy drop (white: none)."""
+    top = max((d for row in h.drops for d in row if d is not None), default=0.0) or 1.0
+    head = "".join(f"<th>{lv:g}</th>" for lv in h.levels)
+    body = []
+    for layer, row in zip(h.layers, h.drops):
+        cells = []
+        for d in row:
+            if d is None:
+                cells.append("<td>-</td>")
+            else:
+                alpha = max(0.0, min(1.0, d / top))
+                cells.append(f'<td style="background: rgba(214, 39, 40, {alpha:.2f})">{d:+.1f}</td>')
+        body.append(f"<tr><th>{html.escape(layer)}</th>{''.join(cells)}</tr>")
+    return f'<table class="sortable"><tr><th>{html.escape(h.method)}: layer / level</th>{head}</tr>{"".join(body)}</table>'
+
+
 def render_html(data: ReportData) -> str:
     """One self-contained HTML page: plotly's JavaScript is inlined once, so it opens offline."""
     import plotly
@@ -510,6 +599,7 @@ def render_html(data: ReportData) -> str:
 <div class="grid">{''.join(divs)}</div>
 <h2>Pareto front ({len(data.front)} trials; click a column to sort)</h2>
 {_html_table(data.front, table_id="front-table", columns=[*table_cols[:1], "count", "same_plan", *table_cols[1:]])}
+{_profile_section(data)}
 <h2>Best trial per method</h2>
 {_html_table(data.best, table_id="best-table", columns=table_cols)}
 <h2>Failed trials ({len(data.failures)})</h2>

@@ -100,7 +100,7 @@ def run_search(
         storage=storage,
         budget=budget,
         screen=NodeScreen(
-            Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints),
+            Screen(base=payload.base, data=payload.data, settings=payload.settings, methods=payload.methods, constraints=cfg.constraints, profile=payload.profile),
             plugins=payload.plugins,
             threads=payload.cpus,
         ),

@@ -9,6 +9,8 @@ Layout of a study folder (``<output_dir>/<name>/``):
 - ``optuna.db``: the Optuna storage when the config names no other;
 - ``base/``: the trained base model (``weights.pt``), its artifact files (``model.pt2``,
   ``model.onnx``; ``model.ts`` only for the torchscript runtime) and its measurements (``base.json``), measured exactly as every trial is;
+- ``profile.json``: the base's sensitivity profile, where a method's ranges read it
+  (:mod:`automl._sensitivity`);
 - ``checkpoints/trial_NNNNN/``: each finished trial's checkpoint (see :mod:`automl._checkpoint`);
 - ``ray/``: Ray Tune's experiment folder (results, errors, persisted checkpoints).
 """
@@ -38,6 +40,7 @@ from automl._data import Splits, dataset_from_config
 from automl._measure import Metrics, measure
 from automl._progress import EpochProgress, drain, sender
 from automl._models import StagedNet, build_model
+from automl._sensitivity import PROFILE, ensure_profile
 from automl._weights import WeightsError, load_start
 from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._trial import TrialSettings
@@ -101,6 +104,8 @@ class Payload:
     report_epochs: bool = False
     #: The base architecture every checkpoint's plan starts from (automl._checkpoint).
     base_ref: dict[str, Any] | None = None
+    #: The base's sensitivity profile, for methods that allocate per layer (automl._sensitivity).
+    profile: searchspace.SensitivityProfile | None = None
 
 
 # --- base model ----------------------------------------------------------------------------
@@ -329,6 +334,9 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         log(f"method {name} left out: {reason}")
     study.set_user_attr(LEFT_OUT, left_out)
     space = build_space(cfg, base, left_out=left_out)
+    profile, profile_record = ensure_profile(cfg, study_dir, base, data, space.methods, log=log)
+    if profile_record is not None:
+        study.set_user_attr(PROFILE, profile_record)
     payload = Payload(
         data=data,
         base=base,
@@ -340,6 +348,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         time_limit_s=cfg.budget.trial_time_limit_s,
         retries=cfg.budget.retries,
         base_ref=base_reference(cfg, data),
+        profile=profile,
     )
     return study_dir, payload, space
 

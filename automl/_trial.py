@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import searchspace
-from searchspace import ApplyContext, Calibrated, CompressionMethod, Plan
+from searchspace import ApplyContext, Calibrated, CompressionMethod, Plan, SensitivityProfile
 from automl._artifact import ArtifactError
 from automl._checkpoint import variant_folder, weights_only_state
 from automl._data import Splits
@@ -87,6 +87,9 @@ class TrialOutcome:
     #: the chain made it: what finalize fine-tunes before it replays the post-training stages.
     float_model: nn.Module | None = None
     float_stages: int = 0
+    #: The base's sensitivity profile the chain's methods read (None: the study has none); the
+    #: checkpoint keeps it so that the plan replays to the same structure.
+    profile: SensitivityProfile | None = None
 
 
 def run_trial(
@@ -99,6 +102,7 @@ def run_trial(
     methods: Mapping[str, CompressionMethod] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[Any], None] | None = None,
+    profile: SensitivityProfile | None = None,
 ) -> TrialOutcome:
     """Apply ``plan`` to a copy of ``base``, fine-tune after each training stage, and measure.
 
@@ -106,6 +110,7 @@ def run_trial(
         folder: where the measured artifact files are written (one sub-folder per extra setting).
         methods: configured method instances by name (defaults: registered classes, full ranges).
         progress: receives each training epoch's :class:`~automl._progress.EpochStats`.
+        profile: the study's sensitivity profile of the base (``ApplyContext.profile``).
 
     Raises:
         TrialFailed: a stage cannot apply, training diverged, or the model cannot become the
@@ -136,7 +141,7 @@ def run_trial(
         return ((x.to(device), y.to(device)) for x, y in data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed))
 
     kept: dict[str, Any] = {}
-    model, float_macs = apply_chain(plan, base, example=example, calibration=calibration, train=train, methods=methods, notes=notes, device=device, keep=kept)
+    model, float_macs = apply_chain(plan, base, example=example, calibration=calibration, train=train, methods=methods, notes=notes, device=device, keep=kept, profile=profile)
     if model is base:
         model = copy.deepcopy(base)
     model.eval()
@@ -164,7 +169,7 @@ def run_trial(
     return TrialOutcome(
         plan=plan, metrics=metrics, model=cpu_model, folder=folder, input_shape=tuple(example.shape[1:]),
         notes=notes, seconds=time.perf_counter() - start, variants=variants,
-        float_model=kept.get("float"), float_stages=kept.get("stages", 0),
+        float_model=kept.get("float"), float_stages=kept.get("stages", 0), profile=profile,
     )
 
 
@@ -181,6 +186,7 @@ def apply_chain(
     start: nn.Module | None = None,
     dry_run: bool = False,
     keep: dict[str, Any] | None = None,
+    profile: SensitivityProfile | None = None,
 ) -> tuple[nn.Module, int | None]:
     """Apply ``plan``'s methods to ``base`` in order, calling ``train(module, seed_offset=i)`` after
     each stage that fine-tunes; returns the final model (``base`` itself for an empty chain) and the
@@ -190,7 +196,8 @@ def apply_chain(
     The trial runs it with its fine-tuning; the dry run (:mod:`automl._prescreen`) with a ``train``
     that returns the module untouched, which gives the same structure without training.
     ``keep`` (a dict) receives a CPU copy of the float model the first post-training stage gets
-    (``"float"``) and the number of stages before it (``"stages"``).
+    (``"float"``) and the number of stages before it (``"stages"``). ``profile`` reaches every
+    method as ``ApplyContext.profile``.
 
     Raises:
         TrialFailed: a stage cannot apply to the model it gets.
@@ -210,7 +217,7 @@ def apply_chain(
             float_macs = count_macs(copy.deepcopy(model).cpu().eval(), example.cpu())
         if not method.finetune and keep is not None and "float" not in keep:
             keep.update(float=copy.deepcopy(model).cpu().eval(), stages=i)
-        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes, dry_run=dry_run)
+        ctx = ApplyContext(example_input=example, calibration=calibration, fit=train, base=base, notes=notes, dry_run=dry_run, profile=profile)
         model = method.apply(model, params, context=ctx)
         if method.finetune:
             model = train(model.to(device), seed_offset=i + 1)

@@ -59,7 +59,8 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
         def attempt() -> Any:
             with busy(isolate):
                 return run_trial(
-                    plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress
+                    plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress,
+                    profile=payload.profile,
                 )
 
         outcome, reason, attempts = guarded(attempt, time_limit_s=payload.time_limit_s, retries=payload.retries)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from searchspace._domains import Domain
+from searchspace._profile import SensitivityProfile
 
 __all__ = ["ApplyContext", "CompressionMethod", "Stage"]
 
@@ -48,6 +49,10 @@ class ApplyContext:
         dry_run: the chain is being built only for its structure (costs before training,
             :mod:`automl._prescreen`): ``fit`` trains nothing, and which channels or ranks are
             picked does not matter, only how many. A method may skip work that only picks them.
+        profile: the base's sensitivity profile (:class:`~searchspace.SensitivityProfile`), for
+            the methods that allocate per layer from it (:class:`~searchspace.Profiled`); None
+            where the study computed none. The same profile reaches the trial, its dry run and
+            the rebuild of its checkpoint, so an allocation read from it is the same in all three.
     """
 
     example_input: torch.Tensor
@@ -56,6 +61,7 @@ class ApplyContext:
     base: nn.Module | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
+    profile: SensitivityProfile | None = None
 
     def batches(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate over at most ``limit`` calibration batches."""
@@ -121,6 +127,10 @@ class CompressionMethod(abc.ABC):
     costs_after_training: ClassVar[bool] = False
     #: The settings the search may tune; keys are un-prefixed, Optuna sees ``"<name>.<key>"``.
     hyperparameters: ClassVar[Mapping[str, Domain]] = {}
+    #: Narrower domains used where the config does not name the setting (``allocation``:
+    #: ``uniform``, ``keep_float``: 0), so a config searches a setting that changes what a method
+    #: needs (a profile of the base) only when it names it; naming it opens the full domain.
+    default_ranges: ClassVar[Mapping[str, Domain]] = {}
     #: The paper the method follows, cited in reports and cards.
     reference: ClassVar[str] = ""
     #: Whether channel pruning may follow this method. False where the method's layers index or
@@ -138,7 +148,7 @@ class CompressionMethod(abc.ABC):
     converted_note: ClassVar[str] = "converted"
 
     def __init__(self, *, ranges: Mapping[str, Domain] | None = None) -> None:
-        self.ranges: dict[str, Domain] = dict(self.hyperparameters)
+        self.ranges: dict[str, Domain] = {**self.hyperparameters, **self.default_ranges}
         self.ranges.update(ranges or {})
 
     @classmethod

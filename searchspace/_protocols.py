@@ -12,6 +12,13 @@ method made the model:
 - :class:`DynamicInference`: work that depends on the input (early exits), so the model is timed
   per sample and its MACs are an expectation over the exits taken.
 
+One protocol is implemented by a method rather than by its model:
+
+- :class:`Profiled`: a method that compresses layer by layer and can allocate its amount across
+  layers from the base's sensitivity profile (:mod:`searchspace._profile`). The study measures the
+  profile through it once (``automl._sensitivity``) and passes the profile to every ``apply``
+  through ``ApplyContext.profile``.
+
 A module (or one of its submodules) may also declare ``onnx_initializers``: a tuple of buffer names
 that must stay named, editable initializers in the ONNX file (the exit thresholds), so that another
 operating point of the same trained model is written by changing those buffers only.
@@ -28,7 +35,9 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["PROTOCOLS", "ArtifactQuantization", "Calibrated", "DynamicInference", "artifact_quantization"]
+from searchspace._base import ApplyContext
+
+__all__ = ["METHOD_PROTOCOLS", "PROTOCOLS", "ArtifactQuantization", "Calibrated", "DynamicInference", "Profiled", "artifact_quantization"]
 
 
 @runtime_checkable
@@ -109,5 +118,41 @@ class DynamicInference(Protocol):
         ...
 
 
+@runtime_checkable
+class Profiled(Protocol):
+    """A method that compresses layer by layer, measured one layer at a time for the profile.
+
+    The profile (``automl._sensitivity``) asks :meth:`needs_profile` whether the method's ranges can
+    sample a setting that reads it, then for each of :meth:`profile_layers` and each of
+    :meth:`profile_levels` measures the model :meth:`compress_layer` returns (validation accuracy
+    without fine-tuning, params and MACs saved), and stores :meth:`profile_extra` beside the table.
+    ``apply`` then reads ``context.profile``; an allocation read from it must depend on the profile
+    and the parameters only (see :mod:`searchspace._profile`).
+    """
+
+    def needs_profile(self) -> bool:
+        """Whether the method's (narrowed) ranges can sample a setting that reads the profile."""
+        ...
+
+    def profile_levels(self) -> tuple[float, ...]:
+        """The levels each layer is measured at (the method's own unit: a pruning ratio, a rank fraction)."""
+        ...
+
+    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        """Qualified names of the layers of ``model`` the method can compress one at a time."""
+        ...
+
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
+        """A copy of ``model`` with only ``layer`` compressed at ``level`` (``model`` stays as it
+        is), or None where the layer would not change at that level (nothing to measure)."""
+        ...
+
+    def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+        """JSON-able statistics of ``model`` the allocation reads besides the table (may be empty)."""
+        ...
+
+
 #: Every protocol a compressed model may implement (the conformance test walks this tuple).
 PROTOCOLS: tuple[type, ...] = (ArtifactQuantization, Calibrated, DynamicInference)
+#: Every protocol a method may implement (the conformance test walks this tuple too).
+METHOD_PROTOCOLS: tuple[type, ...] = (Profiled,)

@@ -29,6 +29,15 @@ is quantised on its own, recursively; a part that cannot be traced at all stays 
 name it. Layers whose weight is computed from shared factors (e.g. T-Net) are first frozen into
 plain layers with their current weight: int8 is post-training, nothing trains the factors any more.
 
+Mixed precision (``keep_float: K``): the K layers the base's sensitivity profile finds most
+sensitive to int8 stay float, as HAQ (Wang et al., CVPR 2019) and AIMET keep the layers that lose
+most: ONNX Runtime's quantiser is given their nodes in ``nodes_to_exclude`` (found by their weight
+initializer, ``<layer>.weight``), PyTorch's their module names with qconfig None. The profile
+measures each conv and linear layer alone with simulated int8 (per-channel symmetric int8 weights,
+per-tensor uint8 input with MinMax ranges on training batches: what the static recipes do), without
+fine-tuning, on the validation split; a layer the profile does not know (one an earlier stage put
+in) is never kept float.
+
 Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
 Inference", CVPR 2018.
 
@@ -53,7 +62,7 @@ from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from searchspace._base import ApplyContext, CompressionMethod, Stage
-from searchspace._domains import Categorical
+from searchspace._domains import Categorical, Int
 from searchspace._registry import register_method
 from searchspace._surgery import clone
 
@@ -61,6 +70,8 @@ __all__ = ["Int8", "Int8Recipe", "freeze_computed_weights"]
 
 ENGINE = "x86"
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: The most layers ``keep_float`` may leave float.
+MAX_KEEP_FLOAT = 8
 
 
 def freeze_computed_weights(model: nn.Module) -> list[str]:
@@ -108,9 +119,21 @@ def _first_inputs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, tu
     return seen
 
 
-def _prepare(module: nn.Module, name: str, inputs: dict[nn.Module, tuple[Any, ...]], notes: dict[str, Any]) -> nn.Module:
-    """FX-prepare ``module`` whole, else each child; returns the (possibly replaced) module."""
+def _relative(layer: str, scope: str) -> str | None:
+    """``layer``'s name inside the submodule named ``scope`` (None where it lies outside it)."""
+    if not scope:
+        return layer
+    return layer[len(scope) + 1 :] if layer.startswith(scope + ".") else None
+
+
+def _prepare(module: nn.Module, name: str, inputs: dict[nn.Module, tuple[Any, ...]], notes: dict[str, Any], keep: tuple[str, ...] = ()) -> nn.Module:
+    """FX-prepare ``module`` whole, else each child; returns the (possibly replaced) module.
+    The layers named in ``keep`` (full names) get qconfig None: they stay float."""
     mapping = get_default_qconfig_mapping(ENGINE)
+    for layer in keep:
+        rel = _relative(layer, name)
+        if rel:
+            mapping.set_module_name(rel, None)
     if module in inputs and next(module.parameters(), None) is not None:
         try:
             prepared = prepare_fx(copy.deepcopy(module), mapping, example_inputs=inputs[module])
@@ -123,11 +146,11 @@ def _prepare(module: nn.Module, name: str, inputs: dict[nn.Module, tuple[Any, ..
     children = list(module.named_children())
     if not children:
         if next(module.parameters(), None) is not None:
-            notes["float"][name] = reason
+            notes["float"][name] = "kept float (keep_float)" if name in keep else reason
         return module
     for child_name, child in children:
         full = f"{name}.{child_name}" if name else child_name
-        new = _prepare(child, full, inputs, notes)
+        new = _prepare(child, full, inputs, notes, keep)
         if new is not child:
             setattr(module, child_name, new)
     return module
@@ -144,11 +167,25 @@ class Int8Recipe:
 
     mode: str
     calibration: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: Layers (module names) left float.
+    keep_float: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        """The mode and the number of calibration samples, recorded with the artifact."""
+        """The mode, the number of calibration samples and the layers kept float, recorded with the artifact."""
         out: dict[str, Any] = {"mode": self.mode, "calibration_samples": sum(len(x) for x in self.calibration)}
+        if self.keep_float:
+            out["keep_float"] = list(self.keep_float)
         return out
+
+    def _excluded_nodes(self, float_onnx: Path) -> list[str]:
+        """The ONNX nodes computing the layers kept float: those reading ``<layer>.weight``."""
+        if not self.keep_float:
+            return []
+        import onnx
+
+        weights = {f"{layer}.weight" for layer in self.keep_float}
+        graph = onnx.load(str(float_onnx), load_external_data=False).graph
+        return [n.name for n in graph.node if any(i in weights for i in n.input)]
 
     # --- ONNX Runtime ------------------------------------------------------------------------
 
@@ -156,9 +193,11 @@ class Int8Recipe:
         """ONNX Runtime's quantisation of ``float_onnx`` written to ``out`` (see the module docstring)."""
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+        excluded = self._excluded_nodes(float_onnx)
+        kept = {"nodes_excluded": excluded} if self.keep_float else {}
         if self.mode == "dynamic":
-            quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8)
-            return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "weights": "int8"}
+            quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+            return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", **kept}
         if not self.calibration:
             raise ValueError("int8 static needs calibration inputs, but the recipe holds none (no training batches)")
         batches = self.calibration
@@ -178,9 +217,9 @@ class Int8Recipe:
             str(float_onnx), str(out), Reader(),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
         )
-        return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8 (MinMax calibration)", **self.describe()}
+        return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8 (MinMax calibration)", **self.describe(), **kept}
 
     # --- PyTorch -----------------------------------------------------------------------------
 
@@ -191,12 +230,14 @@ class Int8Recipe:
         out = copy.deepcopy(model).cpu().eval()
         out.__dict__.pop("artifact_quantization", None)
         if self.mode == "dynamic":
-            out = quantize_dynamic(out, {nn.Linear}, dtype=torch.qint8)
+            linears = {n for n, m in out.named_modules() if isinstance(m, nn.Linear) and n not in self.keep_float}
+            out = quantize_dynamic(out, linears, dtype=torch.qint8)
             notes["int8.float"] = {n: "x86 dynamic int8 has no convolution kernel" for n, m in out.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+            notes["int8.float"].update({n: "kept float (keep_float)" for n in self.keep_float if n not in notes["int8.float"]})
             return out
         found: dict[str, Any] = {"prepared": [], "float": {}}
         example = self.calibration[0][:1].cpu()
-        out = _prepare(out, "", _first_inputs(out, example), found)
+        out = _prepare(out, "", _first_inputs(out, example), found, tuple(self.keep_float))
         with torch.no_grad():
             for x in self.calibration:
                 out(x.cpu())
@@ -216,6 +257,29 @@ def _convert(module: nn.Module) -> nn.Module:
     return module
 
 
+def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 rounding of a weight (what the static recipes store)."""
+    scale = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12) / 127.0
+    shape = (-1, *([1] * (w.dim() - 1)))
+    return torch.round(w / scale.view(shape)).clamp(-128, 127) * scale.view(shape)
+
+
+class _SimulatedInt8(nn.Module):
+    """One layer with int8-rounded weights and a uint8-rounded input (per-tensor MinMax range)."""
+
+    def __init__(self, layer: nn.Module, low: float, high: float) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(layer)
+        with torch.no_grad():
+            self.layer.weight.copy_(_fake_quant_weight(self.layer.weight))
+        low, high = min(low, 0.0), max(high, 0.0)
+        self.scale = max(high - low, 1e-12) / 255.0
+        self.zero = int(round(-low / self.scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, 0, 255))
+
+
 @register_method
 class Int8(CompressionMethod):
     """int8 weights (dynamic) or weights and activations (static), by the runtime's quantiser.
@@ -230,9 +294,61 @@ class Int8(CompressionMethod):
     finetune = False
     quantizes_artifact = True
     reference = "Jacob et al., CVPR 2018, arXiv:1712.05877 (integer-arithmetic-only inference); ONNX Runtime quantization; PyTorch torch.ao.quantization"
-    hyperparameters = {"mode": Categorical(["dynamic", "static"])}
+    hyperparameters = {"mode": Categorical(["dynamic", "static"]), "keep_float": Int(0, MAX_KEEP_FLOAT)}
+    default_ranges = {"keep_float": Int(0, 0)}
     #: Calibration batches for static mode (training data only).
     calibration_batches = 8
+
+    def space(self, trial: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.suggest(trial, "mode")}
+        keep = self.suggest(trial, "keep_float")
+        if keep:
+            # A plan that keeps nothing float does not name the setting: it equals the same plan of
+            # a study whose config does not search it.
+            out["keep_float"] = keep
+        return out
+
+    # --- the sensitivity profile (searchspace.Profiled) -------------------------------------
+
+    def needs_profile(self) -> bool:
+        return getattr(self.ranges["keep_float"], "high", 0) > 0
+
+    def profile_levels(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        return [n for n, m in model.named_modules() if isinstance(m, _PLAIN) and isinstance(m._parameters.get("weight"), nn.Parameter)]
+
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
+        out = clone(model).eval()
+        target = out.get_submodule(layer)
+        seen: list[torch.Tensor] = []
+        handle = target.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().aminmax()))
+        try:
+            with torch.no_grad():
+                for x, _ in context.batches(self.calibration_batches):
+                    out(x)
+        finally:
+            handle.remove()
+        if not seen:
+            return None
+        low = min(float(lo) for lo, _ in seen)
+        high = max(float(hi) for _, hi in seen)
+        out.set_submodule(layer, _SimulatedInt8(target, low, high))
+        return out
+
+    def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def kept_float(self, model: nn.Module, k: int, profile: Any) -> list[str]:
+        """The ``k`` layers of ``model`` whose int8 rounding cost the most validation accuracy in
+        ``profile`` (ties: the earlier layer), in the profile's order."""
+        present = set(self.profile_layers(model, torch.empty(0)))
+        rows = {n: e for n, e in profile.rows(self.name).items() if n in present and e}
+        order = list(rows)
+        ranked = sorted(order, key=lambda n: (rows[n][0].accuracy, order.index(n)))
+        chosen = set(ranked[:k])
+        return [n for n in order if n in chosen]
 
     def supports(self, model: nn.Module) -> str | None:
         if ENGINE not in torch.backends.quantized.supported_engines:
@@ -251,6 +367,13 @@ class Int8(CompressionMethod):
         if mode == "static" and not calibration:
             calibration = [context.example_input.detach().cpu().clone()]
             context.notes["int8.calibration"] = "no training batches: calibrated on the example input only"
-        out.artifact_quantization = Int8Recipe(mode=mode, calibration=calibration)
+        keep: list[str] = []
+        k = int(params.get("keep_float", 0))
+        if k:
+            if context.profile is None or self.name not in context.profile.layers:
+                raise ValueError(f"int8.keep_float={k} needs the base's sensitivity profile, but the context has none for {self.name!r}")
+            keep = self.kept_float(out, k, context.profile)
+            context.notes["int8.kept_float"] = keep
+        out.artifact_quantization = Int8Recipe(mode=mode, calibration=calibration, keep_float=tuple(keep))
         context.notes["int8.recipe"] = out.artifact_quantization.describe()
         return out

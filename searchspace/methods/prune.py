@@ -22,8 +22,24 @@ criterion is one new subclass of :class:`ChannelCriterion`:
   ICCV 2017 -- one non-negative scaling factor per channel for the whole data set, under an L1
   penalty; small factors are removed.
 
-Every prunable layer loses the same fraction of its channels (``ratio``), or each stage of the
-:class:`~automl._models.StagedNet` its own (``per_stage``); the trial fine-tunes afterwards.
+How many channels each layer loses is the ``allocation`` (the criterion decides which):
+
+- ``uniform`` (the default): every prunable layer loses the same fraction of its channels
+  (``ratio``), or each stage of the :class:`~automl._models.StagedNet` its own (``per_stage``);
+- ``global``: the channels of all convolutions are ranked together by their mean-normalised L1 filter
+  norm on the base (Torch-Pruning's ``global_pruning=True``, its own non-uniform baseline) and the
+  lowest ``ratio`` of them go, each layer keeping at least 1 - :data:`MAX_GLOBAL_RATIO` of its own;
+- ``sensitivity``: ``share`` is the share of the whole model's parameters to remove, and each
+  layer's ratio (one of :data:`PROFILE_LEVELS`) is chosen from the base's sensitivity profile with
+  the least predicted accuracy loss (:func:`searchspace._profile.allocate`). It is a setting of its
+  own, not ``ratio``: a share of parameters reaches further than the same share of channels
+  (removing 70 % of every layer's channels removes about 91 % of the parameters).
+
+``global`` and ``sensitivity`` read the study's profile (``context.profile``), measured on the base
+once, so the per-layer counts follow from (profile, plan) and the dry run and the checkpoint's
+rebuild give the trial's structure. They act on the base's layers: a layer the profile does not
+know (one an earlier structure stage put in) keeps its channels, listed in ``prune.unprofiled``.
+The trial fine-tunes afterwards.
 
 Changes from the papers, and why (one place):
 
@@ -47,6 +63,12 @@ Changes from the papers, and why (one place):
   ``>= 0`` after each step. Gates sit on BatchNorm outputs (or conv outputs with no BN after them),
   before the ReLU: for a gate ``g >= 0``, ``relu(g x) = g relu(x)``, so this is the paper's gate on
   the layer's output. The classifier's output layer carries no gate (it is never pruned).
+- ``global``: Torch-Pruning ranks each group by the trial's criterion on the model it prunes;
+  here the per-layer counts come from the L1 norms of the base (in the profile) and the criterion
+  then picks which channels within each layer. Ranking on the trial's model would make the
+  structure depend on trained values (a fine-tuned earlier stage, learned gates), which the dry
+  run cannot know and a rebuild cannot replay. Torch-Pruning's global ranking may empty a layer;
+  here each keeps at least 1 - :data:`MAX_GLOBAL_RATIO` of its channels.
 - ``slimming``: the paper trains the weights and BN scales together from the start with the L1
   penalty; here the trained weights stay frozen and a separate gate per channel is trained with
   the task loss, the L1 penalty and a KL term to the unpruned model for ``gate_epochs`` epochs,
@@ -67,6 +89,7 @@ from torch import nn
 import searchspace
 from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical, Float, Int
+from searchspace._profile import SensitivityProfile, allocate, global_counts
 from searchspace._registry import register_method
 from searchspace._surgery import clone
 
@@ -83,6 +106,12 @@ __all__ = [
 
 #: Stages that get their own ratio when ``per_stage`` is on; deeper stages share the last one.
 MAX_STAGE_RATIOS = 4
+#: How a pruning amount is spread over the layers (see the module docstring).
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+#: The largest share of one layer's channels the ``global`` ranking may remove.
+MAX_GLOBAL_RATIO = 0.9
+#: Pruning ratios each layer is measured at for the sensitivity profile.
+PROFILE_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _CONV_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _OUT = (*_CONV_OUT, tp.prune_batchnorm_out_channels)
@@ -719,15 +748,30 @@ def _forward_order(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, i
     return order
 
 
+def _group_roots(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[Any]:
+    """Torch-Pruning's pruning groups of ``model`` (each rooted at the conv or linear layer whose
+    output channels it slices), the never-pruned output layers left out."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+
+
+def _ratio_for_count(removed: int, channels: int) -> float:
+    """The ratio for which Torch-Pruning removes exactly ``removed`` of ``channels`` channels
+    (it removes ``channels - int(channels * (1 - ratio))``)."""
+    return 0.0 if removed <= 0 else (removed - 0.5) / channels
+
+
 @register_method
 class Prune(CompressionMethod):
     """Filter pruning with Torch-Pruning's dependency graph and a searched importance criterion.
 
-    Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), one ``ratio`` of channels removed
-    from every prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``);
-    for gates the gate-optimisation steps per sample batch and the L1 weight, for slimming the
-    gate-training epochs and the L1 weight. The trial fine-tunes (with the searched distillation)
-    afterwards. The classifier's output layer is never pruned.
+    Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), the ``allocation`` (uniform, global,
+    sensitivity; default uniform), with ``uniform`` one ``ratio`` of channels removed from every
+    prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``); with
+    ``global`` ``ratio`` is the share of all channels removed, with ``sensitivity`` ``share`` is the
+    share of the model's parameters removed; for gates the gate-optimisation steps per sample batch and the L1 weight,
+    for slimming the gate-training epochs and the L1 weight. The trial fine-tunes (with the searched
+    distillation) afterwards. The classifier's output layer is never pruned.
     """
 
     name = "prune"
@@ -740,17 +784,28 @@ class Prune(CompressionMethod):
     )
     hyperparameters = {
         "criterion": Categorical(sorted(CRITERIA)),
+        "allocation": Categorical(list(ALLOCATIONS)),
         "ratio": Float(0.1, 0.7),
+        "share": Float(0.1, 0.98),
         "per_stage": Categorical([False, True]),
         **{f"stage_ratio_{i}": Float(0.0, 0.7) for i in range(MAX_STAGE_RATIOS)},
         "gate_steps": Int(10, 60),
         "gate_epochs": Int(1, 3),
         "gate_l1": Float(1e-3, 1e-1, log=True),
     }
+    default_ranges = {"allocation": Categorical(["uniform"])}
 
     def space(self, trial: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion"), "per_stage": self.suggest(trial, "per_stage")}
-        keys = [f"stage_ratio_{i}" for i in range(MAX_STAGE_RATIOS)] if out["per_stage"] else ["ratio"]
+        out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion")}
+        allocation = self.suggest(trial, "allocation")
+        if allocation == "uniform":
+            # A uniform plan holds the uniform settings only: it equals the same plan of a study
+            # whose config does not search the allocation.
+            out["per_stage"] = self.suggest(trial, "per_stage")
+            keys = [f"stage_ratio_{i}" for i in range(MAX_STAGE_RATIOS)] if out["per_stage"] else ["ratio"]
+        else:
+            out["allocation"] = allocation
+            keys = ["ratio" if allocation == "global" else "share"]
         if out["criterion"] == "gates":
             keys += ["gate_steps", "gate_l1"]
         elif out["criterion"] == "slimming":
@@ -771,34 +826,96 @@ class Prune(CompressionMethod):
             return "no convolution to prune"
         return None
 
+    # --- the sensitivity profile (searchspace.Profiled) -------------------------------------
+
+    def needs_profile(self) -> bool:
+        domain = self.ranges["allocation"]
+        return any(a != "uniform" for a in getattr(domain, "choices", ()))
+
+    def profile_levels(self) -> tuple[float, ...]:
+        return PROFILE_LEVELS
+
+    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        names = _names(model)
+        groups = _group_roots(model, example, prunable_output_layers(model, example))
+        return [names[_root(g)] for g in groups if isinstance(_root(g), nn.modules.conv._ConvNd)]
+
+    def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
+        # Measured with the l1 criterion whatever a trial's criterion: the profile asks how much a
+        # layer's channels matter, which needs no calibration and no training.
+        probe = ApplyContext(example_input=context.example_input, calibration=context.calibration, fit=context.fit, base=context.base)
+        out = self._prune(model, L1Filter(), {layer: level}, None, probe)
+        return out if probe.notes["prune.channels"] else None
+
+    def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+        names = _names(model)
+        groups = _group_roots(model, example, prunable_output_layers(model, example))
+        scores: dict[str, list[float]] = {}
+        for g in groups:
+            if not isinstance(_root(g), nn.modules.conv._ConvNd):
+                continue
+            imp = L1Filter()(g)
+            if imp is not None:
+                # Torch-Pruning's "mean" normaliser: comparable across layers of different scale.
+                scores[names[_root(g)]] = (imp / imp.mean().clamp(min=1e-12)).tolist()
+        return {"scores": scores}
+
+    # --- apply -------------------------------------------------------------------------------
+
     @staticmethod
-    def _ratio_of(model: nn.Module, params: Mapping[str, Any]) -> Any:
-        """A function layer -> pruning ratio, and the Torch-Pruning ``pruning_ratio_dict`` (or None)."""
+    def _uniform(model: nn.Module, params: Mapping[str, Any]) -> tuple[Any, dict[nn.Module, float] | None, float]:
+        """A function layer -> pruning ratio, the Torch-Pruning ``pruning_ratio_dict`` (or None) and its default ratio."""
         if not params.get("per_stage"):
             ratio = float(params.get("ratio", 0.0))
-            return (lambda layer: ratio), None
+            return (lambda layer: ratio), None, ratio
         stages = list(getattr(model, "stages", []))
         if not stages:
             raise ValueError("prune.per_stage needs a StagedNet (a model with `stages`)")
         ratios = {s: float(params[f"stage_ratio_{min(i, MAX_STAGE_RATIOS - 1)}"]) for i, s in enumerate(stages)}
         owner = {m: r for s, r in ratios.items() for m in s.modules()}
-        return (lambda layer: owner.get(layer, 0.0)), ratios
+        return (lambda layer: owner.get(layer, 0.0)), ratios, float(params.get("ratio", 0.0))
 
-    def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
-        name = params["criterion"]
-        if name not in CRITERIA:
-            raise ValueError(f"prune.criterion must be one of {sorted(CRITERIA)}, got {name!r}")
+    def allocated(self, model: nn.Module, params: Mapping[str, Any], profile: SensitivityProfile | None, example: torch.Tensor, notes: dict[str, Any]) -> dict[str, float]:
+        """Per-layer pruning ratios of a ``global`` or ``sensitivity`` plan, read from ``profile``.
+
+        Raises:
+            ValueError: no profile was given.
+        """
+        allocation = params.get("allocation", "uniform")
+        if profile is None or self.name not in profile.layers:
+            raise ValueError(f"prune.allocation={allocation} needs the base's sensitivity profile, but the context has none for {self.name!r}")
+        present = set(self.profile_layers(model, example))
+        channels = channel_counts(model)
+        known = {n for n in profile.rows(self.name) if n in present}
+        notes["prune.unprofiled"] = sorted(present - known)
+        if allocation == "global":
+            ratio = float(params["ratio"])
+            scores = {n: v for n, v in profile.extra.get(self.name, {}).get("scores", {}).items() if n in known and len(v) == channels.get(n)}
+            counts = global_counts(scores, ratio, max_ratio=MAX_GLOBAL_RATIO)
+            return {n: _ratio_for_count(k, channels[n]) for n, k in counts.items() if k > 0}
+        rows = {n: entries for n, entries in profile.rows(self.name).items() if n in known}
+        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params, layers=sorted(known, key=list(profile.rows(self.name)).index))
+        notes["prune.predicted_saved"] = predicted
+        return levels
+
+    def _prune(self, model: nn.Module, criterion: ChannelCriterion, levels: Mapping[str, float] | None, params: Mapping[str, Any] | None, context: ApplyContext) -> nn.Module:
+        """Prune a copy of ``model``: per-layer ratios ``levels`` (layer name -> ratio, others kept),
+        or the uniform / per-stage ratios of ``params``."""
         out = clone(model).eval()
         example = context.example_input
-        criterion = CRITERIA[name]()
-        criterion.prepare(out, context, params)
-        ratio_of, ratio_dict = self._ratio_of(out, params)
+        criterion.prepare(out, context, params or {})
+        if levels is None:
+            ratio_of, ratio_dict, default = self._uniform(out, params or {})
+        else:
+            modules = dict(out.named_modules())
+            ratio_dict = {modules[n]: float(r) for n, r in levels.items() if n in modules and r > 0}
+            default = 0.0
+            ratio_of = lambda layer: ratio_dict.get(layer, 0.0)  # noqa: E731
         ignored = prunable_output_layers(out, example)
         before = channel_counts(out)
         if criterion.layerwise:
             # One group at a time in forward order, each scored on the network pruned so far.
-            graph = tp.DependencyGraph().build_dependency(out, example_inputs=example)
-            roots = [_root(g) for g in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear))]
+            roots = [_root(g) for g in _group_roots(out, example, ignored)]
             order = _forward_order(out, example)
             for root in sorted(roots, key=lambda m: order.get(m, len(order))):
                 ratio = ratio_of(root)
@@ -813,8 +930,8 @@ class Prune(CompressionMethod):
                 out,
                 example,
                 importance=criterion,
-                pruning_ratio=float(params.get("ratio", 0.0)),
-                pruning_ratio_dict=ratio_dict,
+                pruning_ratio=default,
+                pruning_ratio_dict=ratio_dict or None,
                 global_pruning=False,
                 ignored_layers=ignored,
             )
@@ -822,6 +939,20 @@ class Prune(CompressionMethod):
                 criterion.before_prune(group)
                 group.prune()
         after = channel_counts(out)
-        context.notes["prune.criterion"] = name
         context.notes["prune.channels"] = {n: [before[n], after[n]] for n in after if after[n] != before.get(n)}
+        return out
+
+    def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
+        name = params["criterion"]
+        if name not in CRITERIA:
+            raise ValueError(f"prune.criterion must be one of {sorted(CRITERIA)}, got {name!r}")
+        allocation = params.get("allocation", "uniform")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"prune.allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+        levels = None
+        if allocation != "uniform":
+            levels = self.allocated(model, params, context.profile, context.example_input, context.notes)
+            context.notes["prune.levels"] = {n: round(r, 4) for n, r in sorted(levels.items())}
+        out = self._prune(model, CRITERIA[name](), levels, params, context)
+        context.notes["prune.criterion"] = name
         return out

@@ -16,7 +16,7 @@ import pytest
 from torch import nn
 
 import searchspace
-from searchspace import PROTOCOLS, ArtifactQuantization, Calibrated, DynamicInference, artifact_quantization
+from searchspace import METHOD_PROTOCOLS, PROTOCOLS, ArtifactQuantization, Calibrated, DynamicInference, Profiled, artifact_quantization
 from tests.conftest import make_base, random_context, sample_params
 
 METHODS = searchspace.list_methods()
@@ -60,6 +60,7 @@ def test_protocol_members_are_listed():
     assert protocol_members(ArtifactQuantization) == ["describe", "quantize_onnx", "quantize_torch"]
     assert protocol_members(Calibrated) == ["calibrate", "use_setting"]
     assert protocol_members(DynamicInference) == ["exit_indices", "exit_paths"]
+    assert protocol_members(Profiled) == ["compress_layer", "needs_profile", "profile_extra", "profile_layers", "profile_levels"]
 
 
 def test_a_wrong_signature_is_caught():
@@ -93,3 +94,16 @@ def test_every_protocol_has_a_registered_implementation():
     """The checks above are not vacuous: each protocol is implemented by some registered method."""
     found = {p: [n for n in METHODS if p in implementations(n)] for p in PROTOCOLS}
     assert all(found.values()), f"protocols no registered method implements: {[p.__name__ for p, v in found.items() if not v]}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_methods_implement_their_protocols_with_its_signatures(name):
+    """A method-level protocol (:data:`searchspace.METHOD_PROTOCOLS`: ``Profiled``) is a promise too."""
+    method = searchspace.get_method(name)()
+    problems = [m for p in METHOD_PROTOCOLS if isinstance(method, p) for m in mismatches(p, method)]
+    assert not problems, f"{name}: {problems}"
+
+
+def test_every_method_protocol_has_a_registered_implementation():
+    found = {p: [n for n in METHODS if isinstance(searchspace.get_method(n)(), p)] for p in METHOD_PROTOCOLS}
+    assert found == {Profiled: ["int8", "prune", "tucker"]}, found
