@@ -38,6 +38,7 @@ from automl._layout import LayoutError, find_layout
 __all__ = [
     "ClassifierHead",
     "DigitsCNN",
+    "LibraryNet",
     "MNIST1DCNN",
     "StagedNet",
     "TorchvisionNet",
@@ -215,11 +216,18 @@ def _repeats(n: int, depth: float) -> int:
 def _scaled_resnet(name: str, num_classes: int, width: float, depth: float) -> nn.Module:
     """A torchvision ResNet with ``width`` x the planes of each stage and ``depth`` x its blocks,
     built by torchvision's own ``_make_layer`` and initialised as torchvision initialises it."""
+    block_name, layers = _RESNETS[name]
+    return _resnet_at(block_name, layers, num_classes, width, depth)
+
+
+def _resnet_at(block_name: str, layers: Sequence[int], num_classes: int, width: float, depth: float, **kwargs: Any) -> nn.Module:
+    """torchvision's ``ResNet(block, layers, **kwargs)`` (any of its builders: ResNet, ResNeXt,
+    Wide ResNet, through ``groups`` / ``width_per_group``) with ``depth`` x the blocks of each stage
+    (rounded up) and ``width`` x the planes of the stem and of every stage (rounded, at least 8)."""
     from torchvision.models import resnet
 
-    block_name, layers = _RESNETS[name]
     block = getattr(resnet, block_name)
-    net = resnet.ResNet(block, [_repeats(n, depth) for n in layers], num_classes=num_classes)
+    net = resnet.ResNet(block, [_repeats(n, depth) for n in layers], num_classes=num_classes, **kwargs)
     if width == 1.0:
         return net
     planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
@@ -357,8 +365,12 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown torchvision classification model {arch!r}; allowed: {', '.join(allowed)}")
 
 
-def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any]) -> nn.Module:
-    """The library's own model, freshly initialised, at ``num_classes`` and the input's channels."""
+def _library_module(
+    library: str, arch: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any], recipe: dict[str, Any] | None = None,
+    width: float = 1.0, depth: float = 1.0,
+) -> nn.Module:
+    """The library's own model, freshly initialised, at ``num_classes`` and the input's channels;
+    with a scaling ``recipe`` (:func:`_scale_recipe`), at ``width`` and ``depth`` times its own."""
     check_model_name(f"{library}:{arch}")
     if len(input_shape) != 3:
         raise ValueError(f"{library}:{arch} takes images (channels, height, width), but the data's samples have shape {tuple(input_shape)}")
@@ -366,13 +378,22 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     if library == "timm":
         import timm
 
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **options)
+        extra: dict[str, Any] = {}
+        if recipe is not None and (width, depth) != (1.0, 1.0):
+            extra = {"layers": [_repeats(n, depth) for n in recipe["layers"]], "channels": [max(8, round(c * width)) for c in recipe["channels"]]}
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **{**options, **extra})
     import torchvision
 
     if arch in _AUX_LOGITS:
         # init_weights=True is what torchvision does when it is left unset, minus its warning.
         options = {"aux_logits": False, "init_weights": True, **options}
-    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+    if recipe is None or (width, depth) == (1.0, 1.0):
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+    elif recipe["family"] == "resnet":
+        net = _resnet_at(recipe["block"], recipe["layers"], num_classes, width, depth, groups=recipe["groups"], width_per_group=recipe["width_per_group"], **options)
+    else:  # mobilenet_v2
+        setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
+        net = torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting, **options)
     if channels != 3:
         first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
         net.set_submodule(
@@ -383,19 +404,79 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     return net
 
 
-def _as_staged(net: nn.Module, input_shape: Sequence[int]) -> StagedNet:
+def _scale_recipe(library: str, arch: str, net: nn.Module) -> dict[str, Any] | str:
+    """How ``net`` (the library's ``arch``) is rebuilt at another width and depth, or why it cannot be.
+
+    Declared for the families whose builders take a width and a depth: torchvision's ResNets
+    (ResNet, ResNeXt, Wide ResNet: blocks per stage, and the planes of the stem and every stage),
+    its MobileNetV2 (``width_mult`` and the repeats of its inverted-residual setting), and timm's
+    ResNets (its ``layers`` and ``channels`` arguments: blocks and planes per stage).
+    """
+    if library == "torchvision":
+        from torchvision.models import MobileNetV2, ResNet
+
+        if isinstance(net, ResNet):
+            return {
+                "family": "resnet", "block": type(net.layer1[0]).__name__,
+                "layers": [len(getattr(net, f"layer{i}")) for i in range(1, 5)], "groups": net.groups, "width_per_group": net.base_width,
+            }
+        if isinstance(net, MobileNetV2) and arch == "mobilenet_v2":
+            return {"family": "mobilenet_v2"}
+        return f"torchvision:{arch} is not declared to scale (the ResNet family and mobilenet_v2 are)"
+    from timm.models.resnet import ResNet as TimmResNet
+
+    if isinstance(net, TimmResNet):
+        stages = [getattr(net, f"layer{i}") for i in range(1, 5)]
+        planes = [info["num_chs"] // type(stage[0]).expansion for info, stage in zip(net.feature_info[-4:], stages)]
+        return {"family": "timm_resnet", "layers": [len(stage) for stage in stages], "channels": planes}
+    return f"timm:{arch} is not declared to scale (timm's ResNets, through their `layers` and `channels` arguments, are)"
+
+
+class LibraryNet(StagedNet):
+    """A torchvision or timm model brought by name, in the layout found in its traced graph
+    (:func:`_as_staged`), which knows how to rebuild itself at another width and depth where its
+    family declares it (:func:`_scale_recipe`).
+
+    Args:
+        stages, head: as :class:`StagedNet`.
+        config: ``library``, ``arch``, ``input_shape``, ``num_classes``, ``options`` (the builder's
+            arguments), ``width`` and ``depth`` (multipliers on the library's architecture) and
+            ``recipe`` (a dict, or a str saying why the model does not scale).
+    """
+
+    def __init__(self, *, stages: Sequence[nn.Module], head: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__(stages=stages, head=head)
+        self.config = config
+
+    def scaled(self, *, width: float, depth: float) -> LibraryNet:
+        c = self.config
+        if isinstance(c["recipe"], str):
+            raise NotImplementedError(c["recipe"])
+        width, depth = c["width"] * width, c["depth"] * depth
+        net = _library_module(c["library"], c["arch"], c["input_shape"], c["num_classes"], c["options"], c["recipe"], width=width, depth=depth)
+        out = _as_staged(net, c["input_shape"], config={**c, "width": width, "depth": depth})
+        assert isinstance(out, LibraryNet)
+        return out
+
+
+def _as_staged(net: nn.Module, input_shape: Sequence[int], config: dict[str, Any] | None = None) -> StagedNet:
     """A module brought whole, split into the stages and head found in its traced graph
     (:func:`automl._layout.find_layout`); where none is found, one stage with an identity head and
     the reason in :attr:`StagedNet.layout_reason`. Either way its keys keep the module's names as
-    library keys (each part holds the module's own submodules under their qualified names)."""
+    library keys (each part holds the module's own submodules under their qualified names). With a
+    library model's ``config``, a :class:`LibraryNet`."""
+
+    def staged_net(stages: Sequence[nn.Module], head: nn.Module) -> StagedNet:
+        return StagedNet(stages=stages, head=head) if config is None else LibraryNet(stages=stages, head=head, config=config)
+
     try:
         layout = find_layout(net, input_shape)
     except LayoutError as exc:
-        staged = StagedNet(stages=[net], head=nn.Identity())
+        staged = staged_net([net], nn.Identity())
         staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
         staged.layout_reason = f"no layout found in the traced graph: {exc}"
         return staged
-    staged = StagedNet(stages=layout.stages, head=layout.head)
+    staged = staged_net(layout.stages, layout.head)
     staged.train(net.training)
     staged.library_keys = {f"stages.{i}.{k}": k for i, stage in enumerate(layout.stages) for k in stage.state_dict()}
     staged.library_keys.update({f"head.{k}": k for k in layout.head.state_dict()})
@@ -438,7 +519,12 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
-        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options), tuple(input_shape))
+        net = _library_module(library, arch, tuple(input_shape), num_classes, options)
+        config = {
+            "library": library, "arch": arch, "input_shape": tuple(input_shape), "num_classes": num_classes, "options": options,
+            "width": 1.0, "depth": 1.0, "recipe": _scale_recipe(library, arch, net),
+        }
+        return _as_staged(net, tuple(input_shape), config)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
