@@ -31,6 +31,7 @@ from torch import nn
 import searchspace
 
 __all__ = [
+    "CONSTANT",
     "ORT_FACTOR",
     "ORT_RTOL",
     "SPREAD",
@@ -57,6 +58,9 @@ ORT_FACTOR = 10.0
 #: Smallest spread of the logits across inputs, relative to the largest logit, for a base whose
 #: logits depend on the input: below it an ONNX check of 1e-4 relative would compare near-constants.
 SPREAD = 1e-2
+#: Spread below which a compressed model's logits count as constant (no longer depending on the
+#: input): a method that does this computes nothing, whatever ONNX Runtime says about it.
+CONSTANT = 1e-6
 
 
 @dataclass
@@ -259,6 +263,9 @@ def check_cell(
         return done("fails", "shape", f"output shape {tuple(ref.shape)} differs from the base's {tuple(want.shape)}")
     if not bool(torch.isfinite(ref).all()):
         return done("fails", "forward", "non-finite logits")
+    spread = float(ref.float().std(dim=0).max() / ref.float().abs().max().clamp_min(1e-12)) if len(ref) > 1 else math.inf
+    if spread < CONSTANT <= _logit_spread(base, x):
+        return done("fails", "forward", f"the logits no longer depend on the input (spread {spread:.2g} of the largest logit, the base's is not)")
     if base_diff is None:
         try:
             base_diff = ort_rel_diff(base, x, None if folder is None else folder / "base")[2]

@@ -86,6 +86,9 @@ class StagedNet(nn.Module):
         #: Why the layout is not known beyond what ``stages`` and ``head`` show (a module brought
         #: whole that could not be traced or split), for methods to say why they cannot apply.
         self.layout_reason: str | None = None
+        #: Shape (no batch axis) of the last feature map, the head's input, where the layout was
+        #: found in the traced graph at the data's input shape; None where not measured.
+        self.feature_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -477,6 +480,7 @@ def _as_staged(net: nn.Module, input_shape: Sequence[int], config: dict[str, Any
         staged.layout_reason = f"no layout found in the traced graph: {exc}"
         return staged
     staged = staged_net(layout.stages, layout.head)
+    staged.feature_shape = tuple(int(d) for d in layout.ends[-1][1])
     staged.train(net.training)
     staged.library_keys = {f"stages.{i}.{k}": k for i, stage in enumerate(layout.stages) for k in stage.state_dict()}
     staged.library_keys.update({f"head.{k}": k for k in layout.head.state_dict()})
