@@ -25,6 +25,12 @@ criterion is one new subclass of :class:`ChannelCriterion`:
 Every prunable layer loses the same fraction of its channels (``ratio``), or each stage of the
 :class:`~automl._models.StagedNet` its own (``per_stage``); the trial fine-tunes afterwards.
 
+Where the dependency graph cannot follow the model (a channel shuffle or another reshape that
+regroups channels, which Torch-Pruning would map as a flatten; or a graph that does not build),
+the model is pruned run by run instead: each run of layers that feed only each other is pruned on
+its own with its interface kept, so only channels internal to a run go (:func:`prunable_parts`,
+noted as ``prune.split``).
+
 Changes from the papers, and why (one place):
 
 - ``l1``: only the producing filters are summed (Torch-Pruning's ``MagnitudeImportance`` also adds
@@ -62,7 +68,7 @@ from typing import Any, ClassVar, Iterator, Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch import nn
+from torch import fx, nn
 
 import searchspace
 from searchspace._base import ApplyContext, CompressionMethod, Stage
@@ -725,12 +731,12 @@ def _module_chains(model: nn.Module) -> list[list[str]]:
     its only input and nothing else reads it, so ``nn.Sequential(m1, m2, ...)`` computes what the run
     computes in the model.
     """
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = fx.symbolic_trace(model).graph
     calls = [n for n in graph.nodes if n.op == "call_module"]
 
-    def follows(node: torch.fx.Node) -> torch.fx.Node | None:
+    def follows(node: fx.Node) -> fx.Node | None:
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        ok = isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+        ok = isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
         return src if ok else None
 
     chains: list[list[str]] = []
