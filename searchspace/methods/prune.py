@@ -802,7 +802,7 @@ def channel_moves(model: nn.Module, example: torch.Tensor) -> list[str]:
     return probe.found
 
 
-def prunable_parts(model: nn.Module, example: torch.Tensor) -> tuple[list[_Part], dict[str, Any]]:
+def prunable_parts(model: nn.Module, example: torch.Tensor, whole_failed: str | None = None) -> tuple[list[_Part], dict[str, Any]]:
     """The parts of ``model`` that Torch-Pruning prunes, each in its own pass, and what was left out.
 
     The whole model is one part when its dependency graph builds, with its output layers kept
@@ -817,6 +817,9 @@ def prunable_parts(model: nn.Module, example: torch.Tensor) -> tuple[list[_Part]
     operation Torch-Pruning cannot read sees the same channels as before. Only channels internal
     to a run go (in ShuffleNetV2: inside each block's branches).
 
+    ``whole_failed``: why pruning the model as one part already failed (the caller tried it): the
+    runs are used, with that reason.
+
     Returns:
         The parts, and notes: empty when the model is one part, else ``reason`` (why the whole
         graph is not used) and ``parts`` (each part's first and last layer).
@@ -825,8 +828,10 @@ def prunable_parts(model: nn.Module, example: torch.Tensor) -> tuple[list[_Part]
         ValueError: the whole graph does not build and the model cannot be traced by ``torch.fx``
             either (both reasons given).
     """
-    moves = channel_moves(model, example)
-    if moves:
+    moves = [] if whole_failed else channel_moves(model, example)
+    if whole_failed:
+        reason = whole_failed
+    elif moves:
         reason = f"Torch-Pruning cannot map channels through {'; '.join(moves)}"
     else:
         try:
@@ -880,6 +885,16 @@ def prunable_parts(model: nn.Module, example: torch.Tensor) -> tuple[list[_Part]
         parts.append(_Part(wrapped, x, [probe, *keep]))
         notes["parts"].append(f"{run[0]}..{run[-1]}")
     return parts, notes
+
+
+def _runs_as_before(model: nn.Module, example: torch.Tensor, shape: tuple[int, ...]) -> str | None:
+    """None when ``model`` runs on ``example`` and gives an output of ``shape``; else why not."""
+    try:
+        with torch.no_grad():
+            got = tuple(model.eval()(example).shape)
+    except Exception as exc:  # noqa: BLE001 - the reason is the caller's note
+        return f"the model pruned as a whole does not run: {_first_line(exc)}"
+    return None if got == shape else f"the model pruned as a whole outputs {got}, not {shape}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -990,18 +1005,32 @@ class Prune(CompressionMethod):
         name = params["criterion"]
         if name not in CRITERIA:
             raise ValueError(f"prune.criterion must be one of {sorted(CRITERIA)}, got {name!r}")
-        out = clone(model).eval()
         example = context.example_input
-        criterion = CRITERIA[name]()
-        criterion.prepare(out, context, params)
-        ratio_of, ratio_dict = self._ratio_of(out, params)
-        parts, split = prunable_parts(out, example)
+        want: tuple[int, ...] | None = None
+        whole_failed = None
+        while True:
+            out = clone(model).eval()
+            if want is None:
+                with torch.no_grad():
+                    want = tuple(out(example).shape)
+            criterion = CRITERIA[name]()
+            criterion.prepare(out, context, params)
+            ratio_of, ratio_dict = self._ratio_of(out, params)
+            parts, split = prunable_parts(out, example, whole_failed)
+            before = channel_counts(out)
+            order = _forward_order(out, example) if criterion.layerwise else {}
+            for part in parts:
+                self._prune_part(part, criterion, params, ratio_of, ratio_dict, order)
+            if split or whole_failed:
+                break
+            # The dependency graph can map an operation it does not know wrongly (channels removed
+            # on one side only): a pruned model that no longer runs, or outputs another shape, is
+            # pruned again run by run.
+            whole_failed = _runs_as_before(out, example, want)
+            if whole_failed is None:
+                break
         if split:
             context.notes["prune.split"] = split
-        before = channel_counts(out)
-        order = _forward_order(out, example) if criterion.layerwise else {}
-        for part in parts:
-            self._prune_part(part, criterion, params, ratio_of, ratio_dict, order)
         after = channel_counts(out)
         context.notes["prune.criterion"] = name
         context.notes["prune.channels"] = {n: [before[n], after[n]] for n in after if after[n] != before.get(n)}

@@ -356,3 +356,21 @@ def test_a_channel_shuffle_keeps_its_channels_and_the_branches_inside_are_pruned
     with torch.no_grad():
         want, got = base(x), out.eval()(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
+
+def test_a_whole_model_pruning_that_breaks_the_forward_is_redone_run_by_run(monkeypatch):
+    """Where a regrouping goes unseen (here: its detection switched off), Torch-Pruning's graph maps
+    the shuffle as a flatten and the net pruned as a whole no longer runs: it is pruned again run
+    by run, with the same known answer as when the regrouping is seen (the zero channels go)."""
+    from searchspace.methods import prune
+
+    monkeypatch.setattr(prune, "channel_moves", lambda model, example: [])
+    base = _shuffle_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": "l1", "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert ctx.notes["prune.split"]["reason"].startswith("the model pruned as a whole does not run"), ctx.notes["prune.split"]
+    assert out[4].branch2[0].out_channels == 4 and out[4].branch2[5].out_channels == 8
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
