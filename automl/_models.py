@@ -205,6 +205,12 @@ def _from_features_classifier(net: nn.Module, n_stages: int = 4) -> StagedNet:
 
 #: torchvision ResNets by name: (block, blocks per stage).
 _RESNETS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet34": ("BasicBlock", (3, 4, 6, 3)), "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+#: torchvision's EfficientNet B0-B7: the (width, depth) multipliers their builders pass to
+#: ``_efficientnet_conf`` (the paper's compound scaling of B0, Table 7 of arXiv 1905.11946).
+_EFFICIENTNETS = {
+    "efficientnet_b0": (1.0, 1.0), "efficientnet_b1": (1.0, 1.1), "efficientnet_b2": (1.1, 1.2), "efficientnet_b3": (1.2, 1.4),
+    "efficientnet_b4": (1.4, 1.8), "efficientnet_b5": (1.6, 2.2), "efficientnet_b6": (1.8, 2.6), "efficientnet_b7": (2.0, 3.1),
+}
 #: MobileNetV2's inverted residual setting (t, c, n, s) from torchvision / the paper's Table 2.
 _MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
@@ -394,6 +400,14 @@ def _library_module(
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     elif recipe["family"] == "resnet":
         net = _resnet_at(recipe["block"], recipe["layers"], num_classes, width, depth, groups=recipe["groups"], width_per_group=recipe["width_per_group"], **options)
+    elif recipe["family"] == "efficientnet":
+        from functools import partial
+
+        from torchvision.models import efficientnet
+
+        setting, last = efficientnet._efficientnet_conf(arch, width_mult=recipe["width_mult"] * width, depth_mult=recipe["depth_mult"] * depth)
+        norm = partial(nn.BatchNorm2d, eps=recipe["bn_eps"], momentum=recipe["bn_momentum"])
+        net = efficientnet.EfficientNet(setting, recipe["dropout"], last_channel=last, num_classes=num_classes, norm_layer=norm, **options)
     else:  # mobilenet_v2
         setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
         net = torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting, **options)
@@ -412,7 +426,8 @@ def _scale_recipe(library: str, arch: str, net: nn.Module) -> dict[str, Any] | s
 
     Declared for the families whose builders take a width and a depth: torchvision's ResNets
     (ResNet, ResNeXt, Wide ResNet: blocks per stage, and the planes of the stem and every stage),
-    its MobileNetV2 (``width_mult`` and the repeats of its inverted-residual setting), and timm's
+    its MobileNetV2 (``width_mult`` and the repeats of its inverted-residual setting), its
+    EfficientNet B0-B7 (their own width and depth multipliers, times the scaling's), and timm's
     ResNets (its ``layers`` and ``channels`` arguments: blocks and planes per stage).
     """
     if library == "torchvision":
@@ -425,7 +440,12 @@ def _scale_recipe(library: str, arch: str, net: nn.Module) -> dict[str, Any] | s
             }
         if isinstance(net, MobileNetV2) and arch == "mobilenet_v2":
             return {"family": "mobilenet_v2"}
-        return f"torchvision:{arch} is not declared to scale (the ResNet family and mobilenet_v2 are)"
+        if arch in _EFFICIENTNETS:
+            bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+            drop = next(m for m in net.classifier if isinstance(m, nn.Dropout))
+            width_mult, depth_mult = _EFFICIENTNETS[arch]
+            return {"family": "efficientnet", "width_mult": width_mult, "depth_mult": depth_mult, "dropout": drop.p, "bn_eps": bn.eps, "bn_momentum": bn.momentum}
+        return f"torchvision:{arch} is not declared to scale (the ResNet family, mobilenet_v2 and efficientnet_b0..b7 are)"
     from timm.models.resnet import ResNet as TimmResNet
 
     if isinstance(net, TimmResNet):

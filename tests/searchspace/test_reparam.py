@@ -364,13 +364,14 @@ def test_scale_flops_deviation_on_mnist1d_is_the_depth_rounding(phi):
 
 @pytest.mark.slow
 def test_scale_rebuilds_library_models_by_name_at_another_width_and_depth():
-    """Models brought by library name whose family declares how it scales (torchvision's ResNets and
-    MobileNetV2, timm's ResNets): at width and depth 1 the rebuilt net has the base's parameters and,
+    """Models brought by library name whose family declares how it scales (torchvision's ResNets,
+    MobileNetV2 and EfficientNets, timm's ResNets): at width and depth 1 the rebuilt net has the base's parameters and,
     with the base's weights inherited, its outputs; at width and depth 0.5 its parameter count is
     the closed form of a BasicBlock ResNet with ceil(2 * 0.5) = 1 block per stage and half the planes
     (timm keeps its 64-channel stem: its ``channels`` argument is the stages'), or torchvision's own
     MobileNetV2 built at that setting; the narrower net starts from the base's leading channels.
-    A library model of another family is refused with the reason."""
+    EfficientNet-B0 at 0.5 is torchvision's own ``_efficientnet_conf`` at width and depth 0.5. A
+    library model of another family is refused with the reason."""
     import math
 
     import torchvision
@@ -378,8 +379,13 @@ def test_scale_rebuilds_library_models_by_name_at_another_width_and_depth():
     from automl._models import build_model
     from searchspace.methods._reparam import try_scaled
 
+    from torchvision.models import efficientnet
+
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     expected = {
+        "torchvision:efficientnet_b0": param_count(efficientnet.EfficientNet(
+            efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)[0], 0.2, num_classes=10,
+        )),
         "torchvision:resnet18": _basic_resnet_params([32, 64, 128, 256], [1, 1, 1, 1], 10),
         "timm:resnet18": _basic_resnet_params([32, 64, 128, 256], [1, 1, 1, 1], 10, stem=64),
         "torchvision:mobilenet_v2": param_count(torchvision.models.MobileNetV2(
