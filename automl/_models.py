@@ -389,7 +389,8 @@ def _library_module(
 
         extra: dict[str, Any] = {}
         if recipe is not None and (width, depth) != (1.0, 1.0):
-            extra = {"layers": [_repeats(n, depth) for n in recipe["layers"]], "channels": [max(8, round(c * width)) for c in recipe["channels"]]}
+            # Multiples of 8, as timm rounds its own widths: some blocks split channels into paths or groups.
+            extra = {"layers": [_repeats(n, depth) for n in recipe["layers"]], "channels": [max(8, 8 * round(c * width / 8)) for c in recipe["channels"]]}
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **{**options, **extra})
     import torchvision
 
@@ -428,7 +429,8 @@ def _scale_recipe(library: str, arch: str, net: nn.Module) -> dict[str, Any] | s
     (ResNet, ResNeXt, Wide ResNet: blocks per stage, and the planes of the stem and every stage),
     its MobileNetV2 (``width_mult`` and the repeats of its inverted-residual setting), its
     EfficientNet B0-B7 (their own width and depth multipliers, times the scaling's), and timm's
-    ResNets (its ``layers`` and ``channels`` arguments: blocks and planes per stage).
+    ResNets (its ``layers`` and ``channels`` arguments: blocks and planes per stage, the planes
+    rounded to multiples of 8).
     """
     if library == "torchvision":
         from torchvision.models import MobileNetV2, ResNet
