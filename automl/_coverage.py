@@ -222,8 +222,9 @@ def check_cell(
     """Judge ``method_name`` (at its middle settings, ``fixed`` pinned) on ``base`` with inputs ``x``
     (a small batch whose logits depend on the input, see :func:`input_dependent`).
 
-    ONNX Runtime must reproduce the compressed model within :func:`ort_tolerance` of the base's own
-    difference ``base_diff`` (:func:`ort_rel_diff` of the base on ``x``; measured here when not
+    The compressed model's logits must still depend on the input (spread at least
+    :data:`CONSTANT` where the base's is). ONNX Runtime must reproduce the compressed model within
+    :func:`ort_tolerance` of the base's own difference ``base_diff`` (:func:`ort_rel_diff` of the base on ``x``; measured here when not
     given, which exports the base once more). Never raises for what the method does: every failure
     is the cell's reason.
     """
