@@ -546,9 +546,13 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
         net = _library_module(library, arch, tuple(input_shape), num_classes, options)
+        try:
+            recipe = _scale_recipe(library, arch, net)
+        except Exception as exc:  # noqa: BLE001 - a family member built unlike the rest: it does not scale, and says why
+            recipe = f"{library}:{arch} does not have the layout its family's scaling reads ({type(exc).__name__}: {exc})"
         config = {
             "library": library, "arch": arch, "input_shape": tuple(input_shape), "num_classes": num_classes, "options": options,
-            "width": 1.0, "depth": 1.0, "recipe": _scale_recipe(library, arch, net),
+            "width": 1.0, "depth": 1.0, "recipe": recipe,
         }
         return _as_staged(net, tuple(input_shape), config)
     if ":" in name:
