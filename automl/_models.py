@@ -38,6 +38,7 @@ from automl._layout import LayoutError, find_layout
 __all__ = [
     "ClassifierHead",
     "DigitsCNN",
+    "LibraryNet",
     "MNIST1DCNN",
     "StagedNet",
     "TorchvisionNet",
@@ -85,6 +86,9 @@ class StagedNet(nn.Module):
         #: Why the layout is not known beyond what ``stages`` and ``head`` show (a module brought
         #: whole that could not be traced or split), for methods to say why they cannot apply.
         self.layout_reason: str | None = None
+        #: Shape (no batch axis) of the last feature map, the head's input, where the layout was
+        #: found in the traced graph at the data's input shape; None where not measured.
+        self.feature_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -201,6 +205,12 @@ def _from_features_classifier(net: nn.Module, n_stages: int = 4) -> StagedNet:
 
 #: torchvision ResNets by name: (block, blocks per stage).
 _RESNETS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet34": ("BasicBlock", (3, 4, 6, 3)), "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+#: torchvision's EfficientNet B0-B7: the (width, depth) multipliers their builders pass to
+#: ``_efficientnet_conf`` (the paper's compound scaling of B0, Table 7 of arXiv 1905.11946).
+_EFFICIENTNETS = {
+    "efficientnet_b0": (1.0, 1.0), "efficientnet_b1": (1.0, 1.1), "efficientnet_b2": (1.1, 1.2), "efficientnet_b3": (1.2, 1.4),
+    "efficientnet_b4": (1.4, 1.8), "efficientnet_b5": (1.6, 2.2), "efficientnet_b6": (1.8, 2.6), "efficientnet_b7": (2.0, 3.1),
+}
 #: MobileNetV2's inverted residual setting (t, c, n, s) from torchvision / the paper's Table 2.
 _MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
@@ -215,11 +225,18 @@ def _repeats(n: int, depth: float) -> int:
 def _scaled_resnet(name: str, num_classes: int, width: float, depth: float) -> nn.Module:
     """A torchvision ResNet with ``width`` x the planes of each stage and ``depth`` x its blocks,
     built by torchvision's own ``_make_layer`` and initialised as torchvision initialises it."""
+    block_name, layers = _RESNETS[name]
+    return _resnet_at(block_name, layers, num_classes, width, depth)
+
+
+def _resnet_at(block_name: str, layers: Sequence[int], num_classes: int, width: float, depth: float, **kwargs: Any) -> nn.Module:
+    """torchvision's ``ResNet(block, layers, **kwargs)`` (any of its builders: ResNet, ResNeXt,
+    Wide ResNet, through ``groups`` / ``width_per_group``) with ``depth`` x the blocks of each stage
+    (rounded up) and ``width`` x the planes of the stem and of every stage (rounded, at least 8)."""
     from torchvision.models import resnet
 
-    block_name, layers = _RESNETS[name]
     block = getattr(resnet, block_name)
-    net = resnet.ResNet(block, [_repeats(n, depth) for n in layers], num_classes=num_classes)
+    net = resnet.ResNet(block, [_repeats(n, depth) for n in layers], num_classes=num_classes, **kwargs)
     if width == 1.0:
         return net
     planes = [max(8, round(c * width)) for c in (64, 128, 256, 512)]
@@ -357,8 +374,12 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown torchvision classification model {arch!r}; allowed: {', '.join(allowed)}")
 
 
-def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any]) -> nn.Module:
-    """The library's own model, freshly initialised, at ``num_classes`` and the input's channels."""
+def _library_module(
+    library: str, arch: str, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any], recipe: dict[str, Any] | None = None,
+    width: float = 1.0, depth: float = 1.0,
+) -> nn.Module:
+    """The library's own model, freshly initialised, at ``num_classes`` and the input's channels;
+    with a scaling ``recipe`` (:func:`_scale_recipe`), at ``width`` and ``depth`` times its own."""
     check_model_name(f"{library}:{arch}")
     if len(input_shape) != 3:
         raise ValueError(f"{library}:{arch} takes images (channels, height, width), but the data's samples have shape {tuple(input_shape)}")
@@ -366,13 +387,31 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     if library == "timm":
         import timm
 
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **options)
+        extra: dict[str, Any] = {}
+        if recipe is not None and (width, depth) != (1.0, 1.0):
+            # Multiples of 8, as timm rounds its own widths: some blocks split channels into paths or groups.
+            extra = {"layers": [_repeats(n, depth) for n in recipe["layers"]], "channels": [max(8, 8 * round(c * width / 8)) for c in recipe["channels"]]}
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=channels, **{**options, **extra})
     import torchvision
 
     if arch in _AUX_LOGITS:
         # init_weights=True is what torchvision does when it is left unset, minus its warning.
         options = {"aux_logits": False, "init_weights": True, **options}
-    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+    if recipe is None or (width, depth) == (1.0, 1.0):
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+    elif recipe["family"] == "resnet":
+        net = _resnet_at(recipe["block"], recipe["layers"], num_classes, width, depth, groups=recipe["groups"], width_per_group=recipe["width_per_group"], **options)
+    elif recipe["family"] == "efficientnet":
+        from functools import partial
+
+        from torchvision.models import efficientnet
+
+        setting, last = efficientnet._efficientnet_conf(arch, width_mult=recipe["width_mult"] * width, depth_mult=recipe["depth_mult"] * depth)
+        norm = partial(nn.BatchNorm2d, eps=recipe["bn_eps"], momentum=recipe["bn_momentum"])
+        net = efficientnet.EfficientNet(setting, recipe["dropout"], last_channel=last, num_classes=num_classes, norm_layer=norm, **options)
+    else:  # mobilenet_v2
+        setting = [[t, c, _repeats(n, depth), s] for t, c, n, s in _MOBILENET_V2]
+        net = torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting, **options)
     if channels != 3:
         first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
         net.set_submodule(
@@ -383,19 +422,87 @@ def _library_module(library: str, arch: str, input_shape: tuple[int, ...], num_c
     return net
 
 
-def _as_staged(net: nn.Module, input_shape: Sequence[int]) -> StagedNet:
+def _scale_recipe(library: str, arch: str, net: nn.Module) -> dict[str, Any] | str:
+    """How ``net`` (the library's ``arch``) is rebuilt at another width and depth, or why it cannot be.
+
+    Declared for the families whose builders take a width and a depth: torchvision's ResNets
+    (ResNet, ResNeXt, Wide ResNet: blocks per stage, and the planes of the stem and every stage),
+    its MobileNetV2 (``width_mult`` and the repeats of its inverted-residual setting), its
+    EfficientNet B0-B7 (their own width and depth multipliers, times the scaling's), and timm's
+    ResNets (its ``layers`` and ``channels`` arguments: blocks and planes per stage, the planes
+    rounded to multiples of 8).
+    """
+    if library == "torchvision":
+        from torchvision.models import MobileNetV2, ResNet
+
+        if isinstance(net, ResNet):
+            return {
+                "family": "resnet", "block": type(net.layer1[0]).__name__,
+                "layers": [len(getattr(net, f"layer{i}")) for i in range(1, 5)], "groups": net.groups, "width_per_group": net.base_width,
+            }
+        if isinstance(net, MobileNetV2) and arch == "mobilenet_v2":
+            return {"family": "mobilenet_v2"}
+        if arch in _EFFICIENTNETS:
+            bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+            drop = next(m for m in net.classifier if isinstance(m, nn.Dropout))
+            width_mult, depth_mult = _EFFICIENTNETS[arch]
+            return {"family": "efficientnet", "width_mult": width_mult, "depth_mult": depth_mult, "dropout": drop.p, "bn_eps": bn.eps, "bn_momentum": bn.momentum}
+        return f"torchvision:{arch} is not declared to scale (the ResNet family, mobilenet_v2 and efficientnet_b0..b7 are)"
+    from timm.models.resnet import ResNet as TimmResNet
+
+    if isinstance(net, TimmResNet):
+        stages = [getattr(net, f"layer{i}") for i in range(1, 5)]
+        planes = [info["num_chs"] // type(stage[0]).expansion for info, stage in zip(net.feature_info[-4:], stages)]
+        return {"family": "timm_resnet", "layers": [len(stage) for stage in stages], "channels": planes}
+    return f"timm:{arch} is not declared to scale (timm's ResNets, through their `layers` and `channels` arguments, are)"
+
+
+class LibraryNet(StagedNet):
+    """A torchvision or timm model brought by name, in the layout found in its traced graph
+    (:func:`_as_staged`), which knows how to rebuild itself at another width and depth where its
+    family declares it (:func:`_scale_recipe`).
+
+    Args:
+        stages, head: as :class:`StagedNet`.
+        config: ``library``, ``arch``, ``input_shape``, ``num_classes``, ``options`` (the builder's
+            arguments), ``width`` and ``depth`` (multipliers on the library's architecture) and
+            ``recipe`` (a dict, or a str saying why the model does not scale).
+    """
+
+    def __init__(self, *, stages: Sequence[nn.Module], head: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__(stages=stages, head=head)
+        self.config = config
+
+    def scaled(self, *, width: float, depth: float) -> LibraryNet:
+        c = self.config
+        if isinstance(c["recipe"], str):
+            raise NotImplementedError(c["recipe"])
+        width, depth = c["width"] * width, c["depth"] * depth
+        net = _library_module(c["library"], c["arch"], c["input_shape"], c["num_classes"], c["options"], c["recipe"], width=width, depth=depth)
+        out = _as_staged(net, c["input_shape"], config={**c, "width": width, "depth": depth})
+        assert isinstance(out, LibraryNet)
+        return out
+
+
+def _as_staged(net: nn.Module, input_shape: Sequence[int], config: dict[str, Any] | None = None) -> StagedNet:
     """A module brought whole, split into the stages and head found in its traced graph
     (:func:`automl._layout.find_layout`); where none is found, one stage with an identity head and
     the reason in :attr:`StagedNet.layout_reason`. Either way its keys keep the module's names as
-    library keys (each part holds the module's own submodules under their qualified names)."""
+    library keys (each part holds the module's own submodules under their qualified names). With a
+    library model's ``config``, a :class:`LibraryNet`."""
+
+    def staged_net(stages: Sequence[nn.Module], head: nn.Module) -> StagedNet:
+        return StagedNet(stages=stages, head=head) if config is None else LibraryNet(stages=stages, head=head, config=config)
+
     try:
         layout = find_layout(net, input_shape)
     except LayoutError as exc:
-        staged = StagedNet(stages=[net], head=nn.Identity())
+        staged = staged_net([net], nn.Identity())
         staged.library_keys = {f"stages.0.{k}": k for k in net.state_dict()}
         staged.layout_reason = f"no layout found in the traced graph: {exc}"
         return staged
-    staged = StagedNet(stages=layout.stages, head=layout.head)
+    staged = staged_net(layout.stages, layout.head)
+    staged.feature_shape = tuple(int(d) for d in layout.ends[-1][1])
     staged.train(net.training)
     staged.library_keys = {f"stages.{i}.{k}": k for i, stage in enumerate(layout.stages) for k in stage.state_dict()}
     staged.library_keys.update({f"head.{k}": k for k in layout.head.state_dict()})
@@ -438,7 +545,16 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
         return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
-        return _as_staged(_library_module(library, arch, tuple(input_shape), num_classes, options), tuple(input_shape))
+        net = _library_module(library, arch, tuple(input_shape), num_classes, options)
+        try:
+            recipe = _scale_recipe(library, arch, net)
+        except Exception as exc:  # noqa: BLE001 - a family member built unlike the rest: it does not scale, and says why
+            recipe = f"{library}:{arch} does not have the layout its family's scaling reads ({type(exc).__name__}: {exc})"
+        config = {
+            "library": library, "arch": arch, "input_shape": tuple(input_shape), "num_classes": num_classes, "options": options,
+            "width": 1.0, "depth": 1.0, "recipe": recipe,
+        }
+        return _as_staged(net, tuple(input_shape), config)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

@@ -3,7 +3,8 @@
 Each cell is one method (each pruning criterion its own) at its middle settings on one base model
 at a small input size, judged by :func:`automl._coverage.check_cell`: supports / dry-run apply /
 forward / output shape / ONNX export through the trial's artifact path / ONNX Runtime against
-PyTorch (relative to the largest logit) / parameters before and after, with each failure's reason.
+PyTorch (relative to the largest logit, within :func:`automl._coverage.ort_tolerance` of the base's
+own difference) / parameters before and after, with each failure's reason.
 The base is made input dependent first (BatchNorm statistics from the inputs, see
 :func:`automl._coverage.input_dependent`).
 
@@ -71,7 +72,7 @@ def worker(model_name: str, labels: list[str], size: int) -> None:
     """Build the base once, then print one marked JSON line per cell (parent reads them as they come)."""
     import torch
 
-    from automl._coverage import Cell, check_cell, input_dependent, variants
+    from automl._coverage import Cell, check_cell, input_dependent, ort_rel_diff, variants
     from automl._models import build_model
 
     torch.set_num_threads(1)
@@ -84,15 +85,16 @@ def worker(model_name: str, labels: list[str], size: int) -> None:
         base = build_model(model_name, input_shape=shape, num_classes=10, options=options)
         x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
         spread = input_dependent(base, x)
-    except Exception as exc:  # noqa: BLE001 - the model itself does not build at this size
+        base_diff = ort_rel_diff(base, x)[2]  # sets every cell's ONNX Runtime tolerance
+    except Exception as exc:  # noqa: BLE001 - the model itself does not build (or export) at this size
         reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:250]}"
         print(MARK + json.dumps({"base": "fails", "reason": reason, "seconds": time.perf_counter() - start}), flush=True)
         return
-    print(MARK + json.dumps({"base": "ok", "spread": spread, "seconds": time.perf_counter() - start}), flush=True)
+    print(MARK + json.dumps({"base": "ok", "spread": spread, "ort_rel_diff": base_diff, "seconds": time.perf_counter() - start}), flush=True)
     for label in labels:
         _, method, fixed = wanted[label]
         try:
-            cell = check_cell(model_name, base, x, label, method, fixed)
+            cell = check_cell(model_name, base, x, label, method, fixed, base_diff=base_diff)
         except BaseException as exc:  # noqa: BLE001 - check_cell catches the method's errors; this is the harness's
             cell = Cell(model=model_name, method=label, status="fails", step="harness", reason=f"{type(exc).__name__}: {exc}"[:300])
         print(MARK + json.dumps(cell.as_dict()), flush=True)

@@ -107,12 +107,17 @@ def inherit_weights(dst: nn.Module, src: nn.Module) -> list[str]:
 
     Used where an architecture is rebuilt narrower or shallower (width multiplier, compound
     scaling): a layer keeps the base's first channels and blocks instead of starting from noise.
+    Where the models name their tensors after a library (``library_keys``: a model brought by name
+    is split into stages where its traced graph says, and a shallower copy may be split elsewhere),
+    tensors are matched by those names.
     """
-    src_state = src.state_dict()
+    own_src = getattr(src, "library_keys", None) or {}
+    own_dst = getattr(dst, "library_keys", None) or {}
+    src_state = {own_src.get(k, k): v for k, v in src.state_dict().items()}
     copied = []
     with torch.no_grad():
         for name, t in dst.state_dict().items():
-            s = src_state.get(name)
+            s = src_state.get(own_dst.get(name, name))
             if s is None or s.dim() != t.dim():
                 continue
             if t.dim() == 0:

@@ -169,12 +169,18 @@ class ISqrtCov(CompressionMethod):
             # that ends in logits: there is no feature map between the stages and the head to pool.
             why = getattr(model, "layout_reason", None)
             return "the head is an identity (the stages end in logits): no feature map to pool" + (f" ({why})" if why else "")
+        shape = getattr(model, "feature_shape", None)
+        if shape is not None and len(shape) >= 2 and math.prod(shape[1:]) < 2:
+            # One position: the covariance is zero for every input, so the head's logits would be constant.
+            return f"the last feature map {list(shape)} has a single position at this input size: its covariance is zero for every input"
         return None
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
         shape = feature_shape(model, context.example_input)
         if len(shape) < 2:
             raise ValueError(f"iSQRT-COV needs a feature map (channels, positions...), but the head gets {shape}")
+        if math.prod(shape[1:]) < 2:
+            raise ValueError(f"iSQRT-COV needs a feature map of at least 2 positions (its covariance is zero at 1), but the head gets {list(shape)}")
         out = clone(model)
         num_classes = _num_classes(model, context.example_input)
         out.head = ISqrtCovHead(in_channels=shape[0], num_classes=num_classes, dim=int(params["dim"]), iterations=int(params["iterations"]))

@@ -41,6 +41,12 @@ rebuild give the trial's structure. They act on the base's layers: a layer the p
 know (one an earlier structure stage put in) keeps its channels, listed in ``prune.unprofiled``.
 The trial fine-tunes afterwards.
 
+Where the dependency graph cannot follow the model (a channel shuffle or another reshape that
+regroups channels, which Torch-Pruning would map as a flatten; or a graph that does not build),
+the model is pruned run by run instead: each run of layers that feed only each other is pruned on
+its own with its interface kept, so only channels internal to a run go (:func:`prunable_parts`,
+noted as ``prune.split``).
+
 Changes from the papers, and why (one place):
 
 - ``l1``: only the producing filters are summed (Torch-Pruning's ``MagnitudeImportance`` also adds
@@ -79,12 +85,12 @@ Changes from the papers, and why (one place):
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch import nn
+from torch import fx, nn
 
 import searchspace
 from searchspace._base import ApplyContext, CompressionMethod, Stage
@@ -682,13 +688,14 @@ class NetworkSlimming(ChannelCriterion):
 CRITERIA: dict[str, type[ChannelCriterion]] = {c.name: c for c in (L1Filter, APoZ, ThiNet, CriticalPathGates, NetworkSlimming)}
 
 
-def prunable_output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+def prunable_output_layers(model: nn.Module, example: torch.Tensor, graph: Any = None) -> list[nn.Module]:
     """The layers whose output channels are the model's outputs (the classes): never pruned.
 
     Found on Torch-Pruning's dependency graph: the layers of every group whose out-channels reach the
     model's output (through the graph's output node, or by being the layer that returns it), so a
     convolutional classifier (SqueezeNet's 1x1 conv, then ReLU and global pooling), a linear one, or
-    several layers summed into the logits all keep their width and the output its shape.
+    several layers summed into the logits all keep their width and the output its shape. ``graph``:
+    the model's dependency graph where the caller has built it already.
     """
     produced: list[nn.Module] = []
 
@@ -707,13 +714,221 @@ def prunable_output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.M
             h.remove()
     # The layer that returns the output itself (a final Linear): the graph has no output node after it.
     last = {m for m in layers if seen.get(m) is output}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    if graph is None:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
     out: list[nn.Module] = []
     for group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         sliced = [dep.target.module for dep, _ in group if dep.pruning_fn in _CONV_OUT]
         if any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group) or last & set(sliced):
             out += [m for m in sliced if m not in out]
     return out
+
+
+class _Part(NamedTuple):
+    """What one Torch-Pruning pass prunes: ``module`` traced on ``example``, ``ignored`` never cut."""
+
+    module: nn.Module
+    example: torch.Tensor
+    ignored: list[nn.Module]
+
+
+def _input_probe(x: torch.Tensor) -> nn.Module | None:
+    """An identity layer that produces ``x``'s channels, put in front of a part so that the groups
+    reaching the part's input show up in its dependency graph (and are kept: the probe is ignored)."""
+    c = x.shape[1]
+    layer: nn.Module
+    if x.dim() == 4:
+        layer = nn.Conv2d(c, c, 1, bias=False)
+    elif x.dim() == 3:
+        layer = nn.Conv1d(c, c, 1, bias=False)
+    elif x.dim() == 2:
+        layer = nn.Linear(c, c, bias=False)
+    else:
+        return None
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(c).view(layer.weight.shape))
+    return layer.to(x.device)
+
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _module_chains(model: nn.Module) -> list[list[str]]:
+    """Maximal runs of leaf modules in ``model``'s traced graph that feed only each other.
+
+    Each run is a list of module names ``m1, m2, ...`` where ``m2`` takes exactly ``m1``'s output as
+    its only input and nothing else reads it, so ``nn.Sequential(m1, m2, ...)`` computes what the run
+    computes in the model.
+    """
+    graph = fx.symbolic_trace(model).graph
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+
+    def follows(node: fx.Node) -> fx.Node | None:
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        ok = isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+        return src if ok else None
+
+    chains: list[list[str]] = []
+    linked = {follows(n): n for n in calls if follows(n) is not None}
+    for node in calls:
+        if follows(node) is not None:
+            continue
+        chain = [str(node.target)]
+        while node in linked:
+            node = linked[node]
+            chain.append(str(node.target))
+        chains.append(chain)
+    return chains
+
+
+class _ChannelMoves(torch.overrides.TorchFunctionMode):
+    """Records the operations of a forward pass that regroup the channels of a feature map, which
+    Torch-Pruning's dependency graph does not follow.
+
+    Torch-Pruning maps channel indices through a reshape as a flatten of ``(N, C, H, W)`` into
+    ``(N, C*H*W)`` (or back). A reshape that splits the channel axis into groups, or merges groups
+    back, with the spatial axes unchanged (ShuffleNet's channel shuffle: ``(N, C, H, W) -> (N, 2,
+    C/2, H, W)``, transpose, back to ``(N, C, H, W)``; split attention) is mapped as if it were such
+    a flatten, and a channel or pixel shuffle as if it kept every channel in place: pruning across
+    it removes the wrong channels, sometimes with shapes that still fit. Reshapes of token
+    sequences (``(N, L, C) -> (N, L, heads, C/heads)``) or of channels-last maps are not of this
+    kind and are not recorded.
+    """
+
+    RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+    SHUFFLES = frozenset({"channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    @staticmethod
+    def regroups(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+        """``a`` ``(N, C, *S)`` reshaped to ``b`` ``(N, G, C/G, *S)`` with 1 < G < C."""
+        return len(a) >= 3 and len(b) == len(a) + 1 and b[0] == a[0] and b[1] * b[2] == a[1] and b[3:] == a[2:] and 1 < b[1] < a[1]
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in self.RESHAPES | self.SHUFFLES and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            a = args[0]
+            moved = name in self.SHUFFLES or self.regroups(tuple(a.shape), tuple(out.shape)) or self.regroups(tuple(out.shape), tuple(a.shape))
+            if moved and len(self.found) < 3:
+                self.found.append(f"{name} {tuple(a.shape)} -> {tuple(out.shape)}")
+        return out
+
+
+def channel_moves(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The operations of ``model``'s forward on ``example`` that move values between channels in a
+    way Torch-Pruning does not map (:class:`_ChannelMoves`), the first three, as text."""
+    probe = _ChannelMoves()
+    was_training = model.training
+    try:
+        with torch.no_grad(), probe:
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+    return probe.found
+
+
+def prunable_parts(model: nn.Module, example: torch.Tensor, whole_failed: str | None = None) -> tuple[list[_Part], dict[str, Any]]:
+    """The parts of ``model`` that Torch-Pruning prunes, each in its own pass, and what was left out.
+
+    The whole model is one part when its dependency graph builds, with its output layers kept
+    (:func:`prunable_output_layers`). Where it does not, or where the forward moves values between
+    channels in a way the graph does not follow (:func:`channel_moves`: ShuffleNet's channel
+    shuffle, a reshape that interleaves two branches; the graph would build and map it wrongly),
+    the parts are the runs of layers in the model's traced (``torch.fx``) graph that feed only each
+    other (:func:`_module_chains`), from the first to the last convolution or linear layer of the
+    run, each traced on the input it receives in the model's forward. A part keeps its interface:
+    the layers whose output channels reach its output, and those whose channels are tied to its
+    input (found through an identity probe layer put in front of it), are not pruned; so whatever
+    operation Torch-Pruning cannot read sees the same channels as before. Only channels internal
+    to a run go (in ShuffleNetV2: inside each block's branches).
+
+    ``whole_failed``: why pruning the model as one part already failed (the caller tried it): the
+    runs are used, with that reason.
+
+    Returns:
+        The parts, and notes: empty when the model is one part, else ``reason`` (why the whole
+        graph is not used) and ``parts`` (each part's first and last layer).
+
+    Raises:
+        ValueError: the whole graph does not build and the model cannot be traced by ``torch.fx``
+            either (both reasons given).
+    """
+    moves = [] if whole_failed else channel_moves(model, example)
+    if whole_failed:
+        reason = whole_failed
+    elif moves:
+        reason = f"Torch-Pruning cannot map channels through {'; '.join(moves)}"
+    else:
+        try:
+            return [_Part(model, example, prunable_output_layers(model, example))], {}
+        except Exception as exc:  # noqa: BLE001 - any tracing failure of the whole: prune its runs, and say why
+            reason = _first_line(exc)
+    try:
+        chains = _module_chains(model)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(
+            f"prune needs Torch-Pruning's dependency graph of the model ({reason}) or, failing that, a torch.fx "
+            f"trace to prune its runs of layers, which fails too ({_first_line(exc)})"
+        ) from exc
+    modules = dict(model.named_modules())
+    runs = []
+    for chain in chains:
+        idx = [i for i, name in enumerate(chain) if isinstance(modules[name], _LAYERS)]
+        if len(idx) >= 2:  # one layer alone has no internal channel
+            runs.append(chain[idx[0] : idx[-1] + 1])
+    calls: dict[nn.Module, list[tuple[Any, ...]]] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        calls.setdefault(module, []).append(args)
+
+    used = {modules[name] for run in runs for name in run}
+    handles = [m.register_forward_pre_hook(record) for m in used]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    parts: list[_Part] = []
+    notes: dict[str, Any] = {"reason": reason, "parts": []}
+    for run in runs:
+        layers = [modules[name] for name in run]
+        # A layer called more than once (shared) has its channels tied to every place that calls it.
+        if any(len(calls.get(m, [])) != 1 for m in layers if any(True for _ in m.parameters())):
+            continue
+        x = calls[layers[0]][0][0].detach()
+        probe = _input_probe(x)
+        if probe is None:
+            continue
+        wrapped = nn.Sequential(probe, *layers)
+        try:
+            keep = prunable_output_layers(wrapped, x)
+        except Exception:  # noqa: BLE001 - a run Torch-Pruning cannot read either: left as it is
+            continue
+        parts.append(_Part(wrapped, x, [probe, *keep]))
+        notes["parts"].append(f"{run[0]}..{run[-1]}")
+    return parts, notes
+
+
+def _runs_as_before(model: nn.Module, example: torch.Tensor, shape: tuple[int, ...]) -> str | None:
+    """None when ``model`` runs on ``example`` and gives an output of ``shape``; else why not."""
+    try:
+        with torch.no_grad():
+            got = tuple(model.eval()(example).shape)
+    except Exception as exc:  # noqa: BLE001 - the reason is the caller's note
+        return f"the model pruned as a whole does not run: {_first_line(exc)}"
+    return None if got == shape else f"the model pruned as a whole outputs {got}, not {shape}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
@@ -727,7 +942,9 @@ class _OneGroup(tp.importance.Importance):
         self.criterion, self.root = criterion, root
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        if any(dep.layer is self.root and dep.pruning_fn in _CONV_OUT for dep, _ in group):
+        # The root may be a depthwise convolution (its own pruning function, not in _CONV_OUT):
+        # Torch-Pruning roots a group at whichever of its layers it meets first.
+        if _root(group) is self.root or any(dep.layer is self.root and dep.pruning_fn in _CONV_OUT for dep, _ in group):
             return self.criterion(group)
         return None
 
@@ -898,46 +1115,42 @@ class Prune(CompressionMethod):
         notes["prune.predicted_saved"] = predicted
         return levels
 
-    def _prune(self, model: nn.Module, criterion: ChannelCriterion, levels: Mapping[str, float] | None, params: Mapping[str, Any] | None, context: ApplyContext) -> nn.Module:
-        """Prune a copy of ``model``: per-layer ratios ``levels`` (layer name -> ratio, others kept),
-        or the uniform / per-stage ratios of ``params``."""
-        out = clone(model).eval()
+    def _prune(self, model: nn.Module, name: str, levels: Mapping[str, float] | None, params: Mapping[str, Any], context: ApplyContext) -> nn.Module:
+        """Prune a copy of ``model`` with criterion ``name``: per-layer ratios ``levels`` (layer name
+        -> ratio, others kept), or the uniform / per-stage ratios of ``params``; run by run where
+        the dependency graph cannot follow the model (:func:`prunable_parts`)."""
         example = context.example_input
-        criterion.prepare(out, context, params or {})
-        if levels is None:
-            ratio_of, ratio_dict, default = self._uniform(out, params or {})
-        else:
-            modules = dict(out.named_modules())
-            ratio_dict = {modules[n]: float(r) for n, r in levels.items() if n in modules and r > 0}
-            default = 0.0
-            ratio_of = lambda layer: ratio_dict.get(layer, 0.0)  # noqa: E731
-        ignored = prunable_output_layers(out, example)
-        before = channel_counts(out)
-        if criterion.layerwise:
-            # One group at a time in forward order, each scored on the network pruned so far.
-            roots = [_root(g) for g in _group_roots(out, example, ignored)]
-            order = _forward_order(out, example)
-            for root in sorted(roots, key=lambda m: order.get(m, len(order))):
-                ratio = ratio_of(root)
-                if ratio <= 0:
-                    continue
-                pruner = tp.pruner.MetaPruner(out, example, importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
-                for group in pruner.step(interactive=True):
-                    criterion.before_prune(group)
-                    group.prune()
-        else:
-            pruner = tp.pruner.MetaPruner(
-                out,
-                example,
-                importance=criterion,
-                pruning_ratio=default,
-                pruning_ratio_dict=ratio_dict or None,
-                global_pruning=False,
-                ignored_layers=ignored,
-            )
-            for group in pruner.step(interactive=True):
-                criterion.before_prune(group)
-                group.prune()
+        want: tuple[int, ...] | None = None
+        whole_failed = None
+        while True:
+            out = clone(model).eval()
+            if want is None:
+                with torch.no_grad():
+                    want = tuple(out(example).shape)
+            criterion = CRITERIA[name]()
+            criterion.prepare(out, context, params)
+            if levels is None:
+                ratio_of, ratio_dict, default = self._uniform(out, params)
+            else:
+                modules = dict(out.named_modules())
+                ratio_dict = {modules[n]: float(r) for n, r in levels.items() if n in modules and r > 0}
+                default = 0.0
+                ratio_of = lambda layer, d=ratio_dict: d.get(layer, 0.0)  # noqa: E731
+            parts, split = prunable_parts(out, example, whole_failed)
+            before = channel_counts(out)
+            order = _forward_order(out, example) if criterion.layerwise else {}
+            for part in parts:
+                self._prune_part(part, criterion, default, ratio_of, ratio_dict or None, order)
+            if split or whole_failed:
+                break
+            # The dependency graph can map an operation it does not know wrongly (channels removed
+            # on one side only): a pruned model that no longer runs, or outputs another shape, is
+            # pruned again run by run.
+            whole_failed = _runs_as_before(out, example, want)
+            if whole_failed is None:
+                break
+        if split:
+            context.notes["prune.split"] = split
         after = channel_counts(out)
         context.notes["prune.channels"] = {n: [before[n], after[n]] for n in after if after[n] != before.get(n)}
         return out
@@ -953,6 +1166,35 @@ class Prune(CompressionMethod):
         if allocation != "uniform":
             levels = self.allocated(model, params, context.profile, context.example_input, context.notes)
             context.notes["prune.levels"] = {n: round(r, 4) for n, r in sorted(levels.items())}
-        out = self._prune(model, CRITERIA[name](), levels, params, context)
+        out = self._prune(model, name, levels, params, context)
         context.notes["prune.criterion"] = name
         return out
+
+    @staticmethod
+    def _prune_part(part: _Part, criterion: ChannelCriterion, default: float, ratio_of: Any, ratio_dict: Any, order: dict[nn.Module, int]) -> None:
+        """One Torch-Pruning pass over ``part`` (the model, or one part of it: :func:`prunable_parts`)."""
+        model, example, ignored = part
+        if criterion.layerwise:
+            # One group at a time in forward order, each scored on the network pruned so far.
+            roots = [_root(g) for g in _group_roots(model, example, ignored)]
+            for root in sorted(roots, key=lambda m: order.get(m, len(order))):
+                ratio = ratio_of(root)
+                if ratio <= 0:
+                    continue
+                pruner = tp.pruner.MetaPruner(model, (example,), importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
+                for group in pruner.step(interactive=True):
+                    criterion.before_prune(group)
+                    group.prune()
+            return
+        pruner = tp.pruner.MetaPruner(
+            model,
+            (example,),
+            importance=criterion,
+            pruning_ratio=default,
+            pruning_ratio_dict=ratio_dict,
+            global_pruning=False,
+            ignored_layers=ignored,
+        )
+        for group in pruner.step(interactive=True):
+            criterion.before_prune(group)
+            group.prune()

@@ -14,7 +14,9 @@ size is fixed (no resolution scaling, see below) FLOPs scale by (alpha * beta^2)
 
 Width and depth go through ``StagedNet.scaled(width=, depth=)``: only the architecture knows how it
 scales (the built-in CNNs declare it, and so do torchvision's ResNets and MobileNetV2 through
-``TorchvisionNet``; for other nets ``supports`` says why not). The
+``TorchvisionNet``; models brought by library name through ``LibraryNet`` where their family's builder
+takes a width and a depth: torchvision's ResNet family, MobileNetV2 and EfficientNet B0-B7, timm's
+ResNets; for other nets ``supports`` says why not). The
 scaled net inherits the base's leading channels and same-named blocks (``inherit_weights``) rather
 than starting from noise.
 

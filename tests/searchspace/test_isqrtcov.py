@@ -71,11 +71,25 @@ def test_isqrtcov_method_replaces_final_head():
 def test_isqrtcov_is_left_out_of_a_model_whose_stages_end_in_logits():
     """A module brought whole whose graph cannot be traced stays one stage ending in logits:
     supports() says so and why, instead of apply() raising. A library model gets its head from its
-    traced graph (automl._layout) and is supported, as the built-in layouts are."""
+    traced graph (automl._layout) and is supported, as the built-in layouts are, where its last
+    feature map has more than one position: ResNet-18 reduces 32 px to 1 x 1 (a zero covariance
+    for every input, refused) and 64 px to 2 x 2."""
     from automl import build_model
 
     untraceable = build_model("tests.fixtures.models:export_fixture", input_shape=(1, 8, 8), num_classes=10, options={"kind": "early_exit"})
     why = get_method("isqrtcov")().supports(untraceable)
     assert why is not None and "identity" in why and "torch.fx cannot trace" in why, why
-    assert get_method("isqrtcov")().supports(build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10)) is None
+    assert get_method("isqrtcov")().supports(build_model("torchvision:resnet18", input_shape=(3, 64, 64), num_classes=10)) is None
+    why = get_method("isqrtcov")().supports(build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10))
+    assert why is not None and "[512, 1, 1] has a single position" in why, why
     assert get_method("isqrtcov")().supports(build_model("resnet18", input_shape=(3, 32, 32), num_classes=10)) is None
+
+
+def test_isqrtcov_refuses_a_single_position_feature_map_in_apply():
+    """Where the layout does not record the feature map's shape (a declared StagedNet), apply()
+    finds it on the example and refuses one position rather than return constant logits."""
+    from automl import build_model
+
+    base = build_model("resnet18", input_shape=(3, 32, 32), num_classes=10)
+    with pytest.raises(ValueError, match=r"at least 2 positions .* \[512, 1, 1\]"):
+        get_method("isqrtcov")().apply(base, {"dim": 8, "iterations": 3}, context=ApplyContext(example_input=torch.randn(1, 3, 32, 32)))

@@ -308,3 +308,69 @@ def test_pruning_never_changes_the_output_of_a_convolutional_classifier(criterio
     assert "classifier.1" not in ctx.notes["prune.channels"], f"{criterion}: the classifier conv was pruned: {ctx.notes['prune.channels']['classifier.1']}"
     with torch.no_grad():
         assert out.eval()(x).shape == (8, 10), f"{criterion}: the pruned SqueezeNet predicts {out(x).shape[-1]} classes"
+
+
+def _shuffle_net() -> nn.Module:
+    """Two ShuffleNetV2 blocks (torchvision's): each ends in a channel shuffle of its two branches,
+    through which Torch-Pruning cannot map channels. In every ``branch2``, the first convolution's
+    filters of the first half of its channels are zero, and the BatchNorms after it and after the
+    depthwise convolution map 0 to 0 there (mean and shift 0), so those channels carry exactly 0 to
+    the branch's last convolution: removing them leaves the function as it is."""
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        InvertedResidual(8, 8, 1), InvertedResidual(8, 16, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 2), m.bias.normal_(0, 0.5)
+        for block in (net[3], net[4]):
+            half = block.branch2[0].out_channels // 2
+            block.branch2[0].weight[:half] = 0
+            for bn in (block.branch2[1], block.branch2[4]):
+                bn.running_mean[:half], bn.bias[:half] = 0, 0
+    return net.eval()
+
+
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])
+def test_a_channel_shuffle_keeps_its_channels_and_the_branches_inside_are_pruned(criterion):
+    """Torch-Pruning's graph of the whole net would map the shuffle as a flatten (and break the
+    net); instead the runs of layers inside each branch are pruned on their own, their interface
+    kept: the zero channels go, the blocks' output channels stay, and the function is unchanged."""
+    base = _shuffle_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": criterion, "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert "(1, 8, 8, 8) -> (1, 2, 4, 8, 8)" in ctx.notes["prune.split"]["reason"], ctx.notes
+    assert ctx.notes["prune.split"]["parts"] == ["3.branch2.0..3.branch2.5", "4.branch1.0..4.branch1.2", "4.branch2.0..4.branch2.5"], ctx.notes
+    for i, width in ((3, 4), (4, 8)):
+        assert out[i].branch2[0].out_channels == width // 2, f"block {i}: branch2's inner channels {out[i].branch2[0].out_channels} != {width // 2}"
+        assert out[i].branch2[5].out_channels == width, f"block {i}: the branch's output (shuffled) must keep {width} channels"
+    assert torch.equal(out[4].branch2[0].weight, base[4].branch2[0].weight[4:]), "the zero filters (channels 0-3) are the ones removed"
+    assert out[0].out_channels == 8 and out[-1].out_features == 10, "layers outside the branches keep their channels"
+    assert param_count(out) < param_count(base)
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
+
+def test_a_whole_model_pruning_that_breaks_the_forward_is_redone_run_by_run(monkeypatch):
+    """Where a regrouping goes unseen (here: its detection switched off), Torch-Pruning's graph maps
+    the shuffle as a flatten and the net pruned as a whole no longer runs: it is pruned again run
+    by run, with the same known answer as when the regrouping is seen (the zero channels go)."""
+    from searchspace.methods import prune
+
+    monkeypatch.setattr(prune, "channel_moves", lambda model, example: [])
+    base = _shuffle_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": "l1", "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert ctx.notes["prune.split"]["reason"].startswith("the model pruned as a whole does not run"), ctx.notes["prune.split"]
+    assert out[4].branch2[0].out_channels == 4 and out[4].branch2[5].out_channels == 8
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"

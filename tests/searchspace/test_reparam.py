@@ -286,11 +286,13 @@ def test_scale_torchvision_matches_torchvision_built_at_the_scaled_width_and_dep
         assert param_count(out) < param_count(base), f"{name}: phi < 0 must shrink it"
 
 
-def _basic_resnet_params(planes: list[int], blocks: list[int], classes: int) -> int:
-    """Parameters of a BasicBlock ResNet: 7x7 stem + BN, per block two 3x3 conv-BN (+ a 1x1
-    conv-BN shortcut where the shape changes), then the linear classifier."""
-    total = 3 * planes[0] * 49 + 2 * planes[0]
-    c_in = planes[0]
+def _basic_resnet_params(planes: list[int], blocks: list[int], classes: int, stem: int | None = None) -> int:
+    """Parameters of a BasicBlock ResNet: 7x7 stem (``stem`` channels, default the first planes)
+    + BN, per block two 3x3 conv-BN (+ a 1x1 conv-BN shortcut where the shape changes), then the
+    linear classifier."""
+    stem = planes[0] if stem is None else stem
+    total = 3 * stem * 49 + 2 * stem
+    c_in = stem
     for i, (c, n) in enumerate(zip(planes, blocks)):
         for j in range(n):
             src = c_in if j == 0 else c
@@ -358,3 +360,55 @@ def test_scale_flops_deviation_on_mnist1d_is_the_depth_rounding(phi):
     print(f"phi={phi}: MACs ratio {ratio:.3f}, formula {formula:.3f}, with realised depth {blocks}/2 and width {realised:.3f}")
     assert abs(ratio / formula - 1) > 0.10, f"phi={phi}: expected the depth rounding to show, ratio {ratio:.3f} vs formula {formula:.3f}"
     assert abs(ratio / realised - 1) <= 0.10, f"phi={phi}: MACs ratio {ratio:.3f} not explained by realised depth and width ({realised:.3f})"
+
+
+@pytest.mark.slow
+def test_scale_rebuilds_library_models_by_name_at_another_width_and_depth():
+    """Models brought by library name whose family declares how it scales (torchvision's ResNets,
+    MobileNetV2 and EfficientNets, timm's ResNets): at width and depth 1 the rebuilt net has the base's parameters and,
+    with the base's weights inherited, its outputs; at width and depth 0.5 its parameter count is
+    the closed form of a BasicBlock ResNet with ceil(2 * 0.5) = 1 block per stage and half the planes
+    (timm keeps its 64-channel stem: its ``channels`` argument is the stages'), or torchvision's own
+    MobileNetV2 built at that setting; the narrower net starts from the base's leading channels.
+    EfficientNet-B0 at 0.5 is torchvision's own ``_efficientnet_conf`` at width and depth 0.5. A
+    library model of another family is refused with the reason."""
+    import math
+
+    import torchvision
+
+    from automl._models import build_model
+    from searchspace.methods._reparam import try_scaled
+
+    from torchvision.models import efficientnet
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = {
+        "torchvision:efficientnet_b0": param_count(efficientnet.EfficientNet(
+            efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)[0], 0.2, num_classes=10,
+        )),
+        "torchvision:resnet18": _basic_resnet_params([32, 64, 128, 256], [1, 1, 1, 1], 10),
+        "timm:resnet18": _basic_resnet_params([32, 64, 128, 256], [1, 1, 1, 1], 10, stem=64),
+        "torchvision:mobilenet_v2": param_count(torchvision.models.MobileNetV2(
+            num_classes=10, width_mult=0.5,
+            inverted_residual_setting=[[t, c, math.ceil(n * 0.5), s] for t, c, n, s in [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]],
+        )),
+    }
+    for name, count in expected.items():
+        torch.manual_seed(0)
+        base = build_model(name, input_shape=(3, 32, 32), num_classes=10).eval()
+        assert CompoundScaling().supports(base) is None, name
+        same, reason = try_scaled(base, width=1.0, depth=1.0)
+        assert same is not None, reason
+        assert param_count(same) == param_count(base), f"{name}: width = depth = 1 gives {param_count(same)} params, the base has {param_count(base)}"
+        with torch.no_grad():
+            assert torch.equal(same.eval()(x), base(x)), f"{name}: width = depth = 1 with the base's weights must compute the base"
+        small, reason = try_scaled(base, width=0.5, depth=0.5)
+        assert small is not None, reason
+        assert param_count(small) == count, f"{name} at width = depth = 0.5: {param_count(small)} params != {count}"
+        first = next(m for m in small.modules() if isinstance(m, nn.Conv2d))
+        base_first = next(m for m in base.modules() if isinstance(m, nn.Conv2d))
+        assert torch.equal(first.weight, base_first.weight[: first.out_channels]), f"{name}: the narrower stem keeps the base's first filters"
+        with torch.no_grad():
+            assert small.eval()(x).shape == (2, 10)
+    other = build_model("torchvision:squeezenet1_1", input_shape=(3, 32, 32), num_classes=10)
+    assert "torchvision:squeezenet1_1 is not declared to scale" in CompoundScaling().supports(other)

@@ -2,8 +2,9 @@
 
 Where a method's ``supports()`` is None, the method at its middle settings must apply (no training),
 keep the base's output shape, export through the trial's artifact path and run in ONNX Runtime
-within :data:`automl._coverage.ORT_RTOL` of the eager model relative to its largest logit (int8's
-quantised artifact: exported and finite; its quantisation error is recorded, not judged),
+within :func:`automl._coverage.ort_tolerance` of the eager model relative to its largest logit
+(1e-4, or 10 times the base's own difference at the same inputs where that is larger; int8's
+quantised artifact: exported and finite, its quantisation error recorded, not judged),
 on inputs whose logits really depend on the input. Where it is not None, the reason is a sentence:
 the study leaves the method out with it (automl._study.left_out_methods). Cells are judged by
 :func:`automl._coverage.check_cell`, the function the coverage benchmark uses.
@@ -17,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from automl._coverage import SPREAD, check_cell, input_dependent, variants
+from automl._coverage import SPREAD, check_cell, input_dependent, ort_rel_diff, variants
 from automl._models import build_model
 
 IMAGE = (3, 32, 32)
@@ -34,18 +35,20 @@ VARIANTS = variants()
 
 
 @functools.lru_cache(maxsize=2)
-def _base(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor, float]:
+def _base(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor, float, float]:
+    """The base, its inputs, the spread of its logits and its own ONNX Runtime difference."""
     torch.manual_seed(0)
     model = build_model(name, input_shape=shape, num_classes=10)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
-    return model, x, input_dependent(model, x)
+    spread = input_dependent(model, x)
+    return model, x, spread, ort_rel_diff(model, x)[2]
 
 
 def _check(model_name: str, shape: tuple[int, ...], label: str, method: str, fixed: dict) -> None:
-    base, x, spread = _base(model_name, shape)
+    base, x, spread, base_diff = _base(model_name, shape)
     assert spread >= SPREAD, f"{model_name}: the logits barely depend on the input (spread {spread:.2g} < {SPREAD})"
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    cell = check_cell(model_name, base, x, label, method, fixed)
+    cell = check_cell(model_name, base, x, label, method, fixed, base_diff=base_diff)
     if cell.status == "n/a":
         reason = cell.reason.strip()
         assert len(reason.split()) >= 3, f"{label} on {model_name}: supports() must say why in a sentence, got {cell.reason!r}"
@@ -81,3 +84,12 @@ def test_mid_settings_are_the_middle_of_each_domain():
     assert prune["stage_ratio_0"] == pytest.approx(0.35), prune
     assert mid_params(searchspace.get_method("wsnet")())["stride"] == 2
     assert [v[0] for v in variants(["prune"])] == [f"prune:{c}" for c in ("apoz", "gates", "l1", "slimming", "thinet")]
+
+
+def test_ort_tolerance_is_the_floor_or_k_times_the_base_difference():
+    """1e-4 of the largest logit, unless the base itself differs by more than a tenth of that."""
+    from automl._coverage import ORT_FACTOR, ORT_RTOL, ort_tolerance
+
+    assert (ORT_RTOL, ORT_FACTOR) == (1e-4, 10.0)
+    assert ort_tolerance(0.0) == 1e-4 and ort_tolerance(5e-6) == 1e-4
+    assert ort_tolerance(1.8e-4) == pytest.approx(1.8e-3), "MobileNetV2's own float reordering at 32 px"
