@@ -85,7 +85,7 @@ Changes from the papers, and why (one place):
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -1061,7 +1061,7 @@ class Prune(CompressionMethod):
         # Measured with the l1 criterion whatever a trial's criterion: the profile asks how much a
         # layer's channels matter, which needs no calibration and no training.
         probe = ApplyContext(example_input=context.example_input, calibration=context.calibration, fit=context.fit, base=context.base)
-        out = self._prune(model, L1Filter(), {layer: level}, None, probe)
+        out = self._prune(model, L1Filter, {layer: level}, None, probe)
         return out if probe.notes["prune.channels"] else None
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
@@ -1115,8 +1115,8 @@ class Prune(CompressionMethod):
         notes["prune.predicted_saved"] = predicted
         return levels
 
-    def _prune(self, model: nn.Module, name: str, levels: Mapping[str, float] | None, params: Mapping[str, Any], context: ApplyContext) -> nn.Module:
-        """Prune a copy of ``model`` with criterion ``name``: per-layer ratios ``levels`` (layer name
+    def _prune(self, model: nn.Module, make: Callable[[], ChannelCriterion], levels: Mapping[str, float] | None, params: Mapping[str, Any] | None, context: ApplyContext) -> nn.Module:
+        """Prune a copy of ``model`` with a fresh criterion ``make()`` (one per attempt): per-layer ratios ``levels`` (layer name
         -> ratio, others kept), or the uniform / per-stage ratios of ``params``; run by run where
         the dependency graph cannot follow the model (:func:`prunable_parts`)."""
         example = context.example_input
@@ -1127,10 +1127,10 @@ class Prune(CompressionMethod):
             if want is None:
                 with torch.no_grad():
                     want = tuple(out(example).shape)
-            criterion = CRITERIA[name]()
-            criterion.prepare(out, context, params)
+            criterion = make()
+            criterion.prepare(out, context, params or {})
             if levels is None:
-                ratio_of, ratio_dict, default = self._uniform(out, params)
+                ratio_of, ratio_dict, default = self._uniform(out, params or {})
             else:
                 modules = dict(out.named_modules())
                 ratio_dict = {modules[n]: float(r) for n, r in levels.items() if n in modules and r > 0}
@@ -1166,7 +1166,7 @@ class Prune(CompressionMethod):
         if allocation != "uniform":
             levels = self.allocated(model, params, context.profile, context.example_input, context.notes)
             context.notes["prune.levels"] = {n: round(r, 4) for n, r in sorted(levels.items())}
-        out = self._prune(model, name, levels, params, context)
+        out = self._prune(model, CRITERIA[name], levels, params, context)
         context.notes["prune.criterion"] = name
         return out
 
