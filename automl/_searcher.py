@@ -483,6 +483,9 @@ class StudyCallback(Callback):
         if result.get(PARTIAL):
             self._progress(trial, f"{result.get('method')} stopped after {result.get(EPOCH)} training epochs (validation accuracy {result.get(VAL_ACCURACY, math.nan):.4f})")
             return
+        if result.get(DISK_FULL):
+            self._progress(trial, f"interrupted (re-queued): {result.get(FAIL_REASON, '')[:160]}")
+            return
         if result.get(FAIL_REASON):
             self.failed += 1
             self._progress(trial, f"FAILED: {result[FAIL_REASON][:160]}")

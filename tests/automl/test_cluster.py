@@ -153,8 +153,17 @@ class RayNodes:
             self.worker = None
 
     def on_worker(self, pid: int) -> bool:
-        """Whether process ``pid`` belongs to the second node."""
-        return self.worker is not None and pid in _group_alive(self.worker.pid)
+        """Whether process ``pid`` belongs to the second node: it or an ancestor (its raylet) is in
+        the process group of that node's ``ray start`` (Ray puts its workers in groups of their own)."""
+        while self.worker is not None and pid > 1:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                return False
+            if int(fields[2]) == self.worker.pid:
+                return True
+            pid = int(fields[1])
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +307,10 @@ def test_two_launchers_on_a_two_node_cluster_and_postgresql(tmp_path, postgres, 
         assert abs(record["metrics"]["accuracy"] - t.values[0]) < 1e-9, f"trial {t.number}: checkpoint {record['metrics']['accuracy']} != {t.values[0]}"
 
 
+#: The fault tests check records, not latencies: no re-timing of the front at the end.
+NO_DRIFT = {"latency": {"warmup": 2, "repeats": 5, "min_attempts": 1, "max_attempts": 1, "drift_check": False}}
+
+
 def _held_two(gate: Gate, proc: subprocess.Popen, log: Path) -> list[str]:
     return wait_until("the launcher holds two trials at the gate, one per node", lambda: h if len(h := gate.held()) == 2 else None, proc=proc, log=log)
 
@@ -324,7 +337,7 @@ def test_database_outages_lose_no_finished_trial(tmp_path, pg_server, ray_cluste
     out = tmp_path / "runs"
     study_dir = out / "outage"
     log1 = tmp_path / "1.log"
-    cfg1 = _config(tmp_path / "1.yaml", trials=3, output_dir=out, name="outage")
+    cfg1 = _config(tmp_path / "1.yaml", trials=2, output_dir=out, name="outage", **NO_DRIFT)
     first = _launcher(["launch", str(cfg1), "--address", ray_cluster, "--storage", url], tmp_path, log1)
     procs = [first]
     try:
@@ -338,7 +351,7 @@ def test_database_outages_lose_no_finished_trial(tmp_path, pg_server, ray_cluste
         rc = _exit_code(first, "first", log1)
         assert rc == 0, f"the launcher exited {rc} after a database restart:\n{log1.read_text()[-3000:]}"
         assert "the database answers again" in log1.read_text(), log1.read_text()[-2000:]
-        complete = _complete_once(url, "outage", 3)
+        complete = _complete_once(url, "outage", 2)
         failed = [t.number for t in optuna.load_study(study_name="outage", storage=url).trials if t.state != TrialState.COMPLETE]
         assert not failed, f"no trial may fail or be interrupted by a restart that ends within storage_retry_s, got {failed}"
         assert {p.name for p in (study_dir / "checkpoints").iterdir()} == {f"trial_{t.number:05d}" for t in complete}
@@ -346,7 +359,7 @@ def test_database_outages_lose_no_finished_trial(tmp_path, pg_server, ray_cluste
         # An outage longer than the window: the finished record goes to the journal.
         (gate.folder / "open").unlink()
         log2 = tmp_path / "2.log"
-        cfg2 = _config(tmp_path / "2.yaml", trials=5, output_dir=out, name="outage", storage_retry_s=2)
+        cfg2 = _config(tmp_path / "2.yaml", trials=4, output_dir=out, name="outage", storage_retry_s=2, **NO_DRIFT)
         second = _launcher(["launch", str(cfg2), "--address", ray_cluster, "--storage", url], tmp_path, log2)
         procs.append(second)
         _held_two(gate, second, log2)
@@ -374,7 +387,7 @@ def test_database_outages_lose_no_finished_trial(tmp_path, pg_server, ray_cluste
                 os.killpg(p.pid, signal.SIGKILL)
         if not _pg_up(pg_server):
             pg_server.start()
-    complete = _complete_once(url, "outage", 5)
+    complete = _complete_once(url, "outage", 4)
     by_number = {t.number: t for t in complete}
     assert all(n in by_number for n in journaled), f"journaled trials {journaled} must be COMPLETE, complete {sorted(by_number)}"
     requeued = [t.user_attrs.get("requeue_of") for t in optuna.load_study(study_name="outage", storage=url).trials]
@@ -416,7 +429,7 @@ def test_a_full_disk_stops_the_study_and_resume_completes_it(tmp_path, pg_server
     checkpoints.parent.mkdir(parents=True)
     checkpoints.symlink_to(full_folder, target_is_directory=True)
     log1 = tmp_path / "1.log"
-    cfg = _config(tmp_path / "1.yaml", trials=2, output_dir=out, name="full")
+    cfg = _config(tmp_path / "1.yaml", trials=2, output_dir=out, name="full", **NO_DRIFT)
     first = _launcher(["launch", str(cfg), "--address", ray_cluster, "--storage", pg_server.url], tmp_path, log1)
     rc = _exit_code(first, "first", log1)
     text = log1.read_text()
@@ -449,7 +462,7 @@ def test_a_lost_node_requeues_its_trial_once_and_the_study_ends_at_its_budget(tm
     gate = cluster_gate
     (gate.folder / "open").unlink(missing_ok=True)
     log = tmp_path / "launch.log"
-    cfg = _config(tmp_path / "c.yaml", trials=3, output_dir=tmp_path / "runs", name="nodeloss")
+    cfg = _config(tmp_path / "c.yaml", trials=3, output_dir=tmp_path / "runs", name="nodeloss", **NO_DRIFT)
     proc = _launcher(["launch", str(cfg), "--address", ray_nodes.address, "--storage", pg_server.url], tmp_path, log)
     try:
         _held_two(gate, proc, log)
