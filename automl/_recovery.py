@@ -249,7 +249,8 @@ def replay_journal(
     An entry's trial still RUNNING is finished with the entry's record; one finished with this
     record already (its write reached the database after all) is left as it is; one another
     launcher closed as interrupted meanwhile gets its record as a new trial (same parameters,
-    :data:`JOURNAL_OF` = its number), unless a trial holds that already. A line cut short (a kill
+    :data:`JOURNAL_OF` = its number), unless a trial holds that already; an interrupted record is
+    re-queued unless its re-queue exists. A line cut short (a kill
     while writing it) is skipped: its trial stays RUNNING and is closed and re-queued as any
     interrupted trial. ``variants(parent, variants)`` records a parent's extra operating points
     where none is recorded yet.
@@ -286,6 +287,9 @@ def replay_journal(
             )
         else:
             parent = trial  # the record reached the storage before the connection broke
+        if (record["attrs"] or {}).get(INTERRUPTED) and trial.params and not any(t.user_attrs.get("requeue_of") == number for t in study.get_trials(deepcopy=False)):
+            # An interrupted trial (its node died, a disk filled) journaled before it was re-queued.
+            study.enqueue_trial(dict(trial.params), user_attrs={"requeue_of": number}, skip_if_exists=False)
         if entry.get("variants") and variants is not None and parent.state == TrialState.COMPLETE:
             if not any(t.user_attrs.get(DERIVED_FROM) == parent.number for t in study.get_trials(deepcopy=False)):
                 variants(parent, entry["variants"])

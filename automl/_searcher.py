@@ -60,8 +60,9 @@ __all__ = ["DiskFull", "HaltStopper", "Screened", "StudyCallback", "StudySearche
 
 #: Seconds between two budget checks while the budget is covered by running trials.
 WAIT_S = 1.0
-#: Ray's words for a task or actor lost with its node (the trial did nothing wrong).
-NODE_DIED = ("node has died", "nodediederror", "node died", "its node", "raylet died", "the node running")
+#: Ray's words for a task or actor lost with its node (the trial did nothing wrong). Not "the node
+#: running low on memory" of Ray's out-of-memory killer: that trial's own memory is the cause.
+NODE_DIED = ("node has died", "nodediederror", "node was terminated", "raylet died")
 
 #: Result keys recorded as user attributes of a trained trial, beside its measured numbers.
 _RUN_KEYS = ("seconds", "attempts", "notes", "node")
@@ -351,7 +352,7 @@ class StudySearcher(OptunaSearch):
         ot = self._ot_trials[trial_id]
         reason = f"{result.get(FAIL_REASON) or 'no space left on device'}; its parameters were re-queued"
         self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: reason, INTERRUPTED: True})
-        if ot.params and not isinstance(self.halt, StorageUnavailable):
+        if ot.params and not isinstance(self.halt, StorageUnavailable):  # else the journal's replay re-queues it
             self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
         self.halt = self.halt or DiskFull(str(result[DISK_FULL]), ot.number)
 
@@ -385,7 +386,7 @@ class StudySearcher(OptunaSearch):
             return
         why = f"interrupted: the node running this trial died; its parameters were re-queued ({reason})"[:2000]
         self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: why, INTERRUPTED: True})
-        if ot.params:
+        if ot.params and not isinstance(self.halt, StorageUnavailable):  # else the journal's replay re-queues it
             self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
 
     def close_running(self, reason: str) -> list[int]:

@@ -429,7 +429,7 @@ def test_a_full_disk_stops_the_study_and_resume_completes_it(tmp_path, pg_server
     checkpoints.parent.mkdir(parents=True)
     checkpoints.symlink_to(full_folder, target_is_directory=True)
     log1 = tmp_path / "1.log"
-    cfg = _config(tmp_path / "1.yaml", trials=2, output_dir=out, name="full", **NO_DRIFT)
+    cfg = _config(tmp_path / "1.yaml", trials=1, output_dir=out, name="full", **NO_DRIFT)
     first = _launcher(["launch", str(cfg), "--address", ray_cluster, "--storage", pg_server.url], tmp_path, log1)
     rc = _exit_code(first, "first", log1)
     text = log1.read_text()
@@ -446,7 +446,7 @@ def test_a_full_disk_stops_the_study_and_resume_completes_it(tmp_path, pg_server
     second = _launcher(["resume", str(out / "full")], tmp_path, log2)
     rc = _exit_code(second, "resume", log2)
     assert rc == 0, f"resume exited {rc}:\n{log2.read_text()[-3000:]}"
-    complete = _complete_once(pg_server.url, "full", 2)
+    complete = _complete_once(pg_server.url, "full", 1)
     params = {json.dumps(t.params, sort_keys=True) for t in complete}
     assert json.dumps(failed[0].params, sort_keys=True) in params, "the plan the full disk stopped is run again by resume"
     for t in complete:
