@@ -159,6 +159,15 @@ def run_search(
             log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
         raise
     except Exception as exc:
+        if _ray_oom(exc):
+            # Ray's out-of-memory killer stopped a trial's actor task in a way Ray Tune does not
+            # survive: the running trials are closed and re-queued, as after Ctrl-C.
+            closed = searcher.close_running("interrupted: Ray's out-of-memory killer stopped the search; its parameters were re-queued")
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise StudyHalted(
+                f"the search stopped: {first}; trials {closed} were closed and re-queued; with memory free on the node, "
+                f"continue with `automl resume {study_dir}`"
+            ) from exc
         folder = full_folder(exc)  # Ray Tune's own files (results, experiment state) found no room
         if folder is None:
             raise
@@ -174,6 +183,20 @@ def run_search(
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)
     return study
+
+
+def _ray_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised from, or reports) Ray's out-of-memory killer ending a task."""
+    import ray
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.OutOfMemoryError) or "killed due to the node running low on memory" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _halt(searcher: Any, study_dir: Path, log: Callable[[str], None]) -> None:
