@@ -12,7 +12,7 @@ It then reports, from the database and the study folder: trials COMPLETE, lost (
 reached, or a COMPLETE trial without its checkpoint), duplicated (one Ray run recorded on more than
 one trial), interrupted and re-queued, and the wall time. A launcher that exits on its own with an
 error (not one of the faults: say Ray's out-of-memory killer on a crowded machine) is resumed, as a
-user would, and listed among the events. ``--baseline`` first runs the same study
+user would, and listed among the events. ``--baseline`` then runs the same study
 without faults (another study name) for the wall-time cost of the faults.
 
     PYTHONPATH=. python benchmarks/fault_injection.py --trials 20 --baseline
@@ -168,7 +168,7 @@ def main() -> None:
     try:
         base = yaml.safe_load(args.config.read_text())
         base["budget"]["trials"] = args.trials
-        for name, faults in ([("baseline", False)] if args.baseline else []) + [("faults", True)]:
+        for name, faults in [("faults", True)] + ([("baseline", False)] if args.baseline else []):
             cfg = {**base, "name": name}
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(cfg))
@@ -184,7 +184,8 @@ def main() -> None:
     for r in results:
         print(f"| {r['name']} | {'; '.join(r['events']) or 'none'} | {r['rc']} | {r['complete']} | {r['counted']}/{args.trials} | {r['lost']} | {r['duplicated']} | {r['interrupted']} | {r['requeued']} | {r['failed']} | {r['wall_s']:.0f} |")
     if len(results) == 2:
-        print(f"\nwall-time cost of the faults: {results[1]['wall_s'] - results[0]['wall_s']:+.0f}s ({results[1]['wall_s'] / results[0]['wall_s'] - 1:+.0%})")
+        faulted, baseline = results
+        print(f"\nwall-time cost of the faults: {faulted['wall_s'] - baseline['wall_s']:+.0f}s ({faulted['wall_s'] / baseline['wall_s'] - 1:+.0%})")
     print(f"work folder: {work}")
 
 
