@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +414,10 @@ def _error_text(trial: Any) -> str:
     try:
         if path and Path(path).is_file() and not str(path).endswith(".pkl"):
             lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-            text = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+            # The exception's own line ("ray.exceptions.OutOfMemoryError: ...") before any other
+            # line that merely says "error" (Ray's memory report ends with "bytes errored: 0").
+            raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+            text = raised[-1] if raised else next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
     except OSError:
         pass
     return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
