@@ -92,7 +92,7 @@ def _launch(cfg: StudyConfig, trials: int | None) -> None:
     except StudyError as exc:
         if created and not started:
             shutil.rmtree(cfg.study_dir, ignore_errors=True)
-        fail(str(exc))
+        fail(str(exc), exc.code)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished trials are saved; continue with `automl resume {cfg.study_dir}`", markup=False, soft_wrap=True)
         _exit_now(130)

@@ -25,6 +25,7 @@ project installed) and, for datasets read from disk, the data at the same ``data
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -32,7 +33,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointSink", "assigned_device", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
+__all__ = ["FULL_ERRNOS", "CheckpointSink", "assigned_device", "full_folder", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
 
 
 def user_modules(cfg: Any) -> list[str]:
@@ -100,14 +101,43 @@ def pack_folder(folder: str | os.PathLike[str]) -> bytes:
     return buf.getvalue()
 
 
+#: ``OSError.errno`` of a write that found no room: the device is full, or the user's quota is.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def full_folder(exc: BaseException) -> str | None:
+    """The folder a failed write found full, when ``exc`` (or what it was raised from, or a Ray
+    task error's ``cause``) is an ``OSError`` with a :data:`FULL_ERRNOS` errno; else None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            return str(e.filename) if e.filename else "(folder not named by the system)"
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
 def unpack_to(blob: bytes, dest: str | os.PathLike[str]) -> Path:
-    """Write ``blob`` (from :func:`pack_folder`) to ``dest`` atomically: all files or none."""
+    """Write ``blob`` (from :func:`pack_folder`) to ``dest`` atomically: all files or none.
+
+    Raises:
+        OSError: no room (``ENOSPC``/``EDQUOT``): nothing is left behind and the error names
+            ``dest``'s folder, the one that is full.
+    """
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
-        tar.extractall(tmp, filter="data")
+    try:
+        tmp.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+            tar.extractall(tmp, filter="data")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in FULL_ERRNOS:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(dest.parent)) from exc
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest

@@ -326,6 +326,10 @@ class StudyConfig(_Frozen):
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()
     storage: str | None = None
+    #: Seconds each storage call waits for a database that stopped answering (a restart, a
+    #: failover), retrying with backoff; a finished trial whose record still cannot be written goes
+    #: to the study folder's journal, replayed by ``resume``. 0: no waiting.
+    storage_retry_s: float = Field(default=120.0, ge=0, le=86400)
     ray_address: str | None = None
     latency: LatencyConfig = LatencyConfig()
     #: Bounds on the final model (automl._constraints): a trial whose costs, known before training,

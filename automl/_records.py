@@ -109,7 +109,9 @@ def write_trial(
 
     The attributes and constraint values are written first and the state last, so a trial another
     process finished meanwhile (a second launcher closing the same interrupted trial) is left as
-    that process wrote it: the storage refuses the writes.
+    that process wrote it: the storage refuses the writes. Writing the same record again (a write
+    retried after a dropped connection, a journal replayed twice) returns the stored trial: a
+    record is identified by its trial and stored once.
 
     Args:
         trial: the RUNNING trial to finish (``optuna.Trial`` from ``ask`` or a ``FrozenTrial``), or
@@ -160,12 +162,28 @@ def write_trial(
         # Study.add_trial does exactly this but does not say which trial it added.
         trial_id = storage.create_new_trial(study._study_id, template_trial=frozen)
         return storage.get_trial(trial_id)
-    for key, value in user_attrs.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    for name, value in bounds.items():
-        # What Trial.set_constraint stores; a FrozenTrial's own set_constraint would not reach the storage.
-        storage.set_trial_system_attr(trial._trial_id, f"{_CONSTRAINTS_KEY}:{name}", value)
-    return study.tell(trial if isinstance(trial, optuna.Trial) else trial.number, values, state=state)
+    try:
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        for name, value in bounds.items():
+            # What Trial.set_constraint stores; a FrozenTrial's own set_constraint would not reach the storage.
+            storage.set_trial_system_attr(trial._trial_id, f"{_CONSTRAINTS_KEY}:{name}", value)
+        return study.tell(trial if isinstance(trial, optuna.Trial) else trial.number, values, state=state)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        # Finished already: by this very record when a write committed but its answer was lost
+        # to a dropped connection (the storage retried it), or when a journal entry is replayed
+        # twice; then it is stored once and returned. Finished by anyone else, the error stands.
+        stored = storage.get_trial(trial._trial_id)
+        if not _same_record(stored, state, values, user_attrs):
+            raise
+        return stored
+
+
+def _same_record(stored: FrozenTrial, state: TrialState, values: list[float] | None, user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a finished ``stored`` trial is the record ``state``/``values``/``user_attrs`` describe."""
+    if stored.state != state or (stored.values or None) != (values or None):
+        return False
+    return all(stored.user_attrs.get(k) == user_attrs.get(k) for k in (CHECKPOINT, INTERRUPTED, FAIL_REASON, *MEASURED_KEYS))
 
 
 def measured(trial: FrozenTrial) -> dict[str, Any]:

@@ -27,11 +27,19 @@ What happens to a trial left RUNNING by a launcher that was killed (SIGKILL, pow
 A checkpoint folder is written *before* the trial's result reaches Optuna (see
 ``automl._study``'s checkpoint sink), so a COMPLETE trial always has its checkpoint; a checkpoint of a
 trial that was then interrupted is an orphan and is removed here (:func:`remove_orphan_checkpoints`).
+
+A finished trial whose record the storage did not take within ``storage_retry_s`` (the database
+down longer than that, :mod:`automl._storage`) is appended to the study folder's journal
+(:data:`JOURNAL`, one JSON line per record) and the launcher stops. The next launcher replays the
+journal first (:func:`replay_journal`), before it closes interrupted trials, so the trial is recorded
+as it finished and is not re-queued. A record is identified by its trial's number: replaying an
+entry whose trial holds it already writes nothing, so a journal replayed twice records nothing twice.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import shutil
@@ -45,20 +53,30 @@ from typing import Any, Callable, Iterable
 import optuna
 from optuna.trial import TrialState
 
-from automl._records import DERIVED_FROM, FAIL_REASON, FINALIZED_FROM, INTERRUPTED, write_trial
+from automl._records import CHECKPOINT, DERIVED_FROM, FAIL_REASON, FINALIZED_FROM, INTERRUPTED, write_trial
 
 __all__ = [
     "GRACE_S",
     "HEARTBEAT_S",
+    "JOURNAL",
+    "JOURNAL_OF",
     "LAUNCHER",
     "Heartbeat",
     "TrialTimeLimit",
     "close_interrupted",
     "finished_count",
     "guarded",
+    "journal_record",
     "register_launcher",
     "remove_orphan_checkpoints",
+    "replay_journal",
 ]
+
+#: The study folder's journal of finished trials the storage did not take (JSON lines).
+JOURNAL = "journal.jsonl"
+#: A journaled trial recorded as a new trial because another launcher had closed its own as
+#: interrupted meanwhile: the number of that trial (so a second replay finds it recorded).
+JOURNAL_OF = "journal_of"
 
 #: Seconds between two heartbeats of a launcher's running trials.
 HEARTBEAT_S = 10.0
@@ -183,11 +201,14 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def remove_orphan_checkpoints(study: optuna.Study, study_dir: Path) -> list[str]:
-    """Delete checkpoint folders of trials that did not COMPLETE (and half-written ``.partial`` ones)."""
+    """Delete checkpoint folders of trials that did not COMPLETE (and half-written ``.partial`` ones);
+    a folder a COMPLETE trial points at (``checkpoint``) is kept whatever its name."""
     folder = study_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    trials = study.get_trials(deepcopy=False)
+    states = {t.number: t.state for t in trials}
+    kept = {str(t.user_attrs.get(CHECKPOINT)).split("/")[1] for t in trials if t.state == TrialState.COMPLETE and str(t.user_attrs.get(CHECKPOINT)).count("/") >= 1}
     removed = []
     for d in folder.iterdir():
         name = d.name
@@ -197,11 +218,86 @@ def remove_orphan_checkpoints(study: optuna.Study, study_dir: Path) -> list[str]
                 number = int(name.removeprefix("trial_"))
             except ValueError:
                 continue
-            orphan = states.get(number) in (TrialState.FAIL,)
+            orphan = states.get(number) in (TrialState.FAIL,) and name not in kept
         if orphan:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(name)
     return removed
+
+
+def journal_record(study_dir: Path, entry: dict[str, Any]) -> Path:
+    """Append one finished trial's record (``number`` plus :func:`write_trial`'s keywords, ``state``
+    by name) to the study's journal, flushed to disk before this returns."""
+    path = Path(study_dir) / JOURNAL
+    line = json.dumps(entry, default=str, allow_nan=True)
+    with path.open("a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def replay_journal(
+    study: optuna.Study,
+    study_dir: Path,
+    *,
+    variants: Callable[[optuna.trial.FrozenTrial, list[Any]], Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """Record the journal's trials in the storage, each once, then remove the journal.
+
+    An entry's trial still RUNNING is finished with the entry's record; one finished with this
+    record already (its write reached the database after all) is left as it is; one another
+    launcher closed as interrupted meanwhile gets its record as a new trial (same parameters,
+    :data:`JOURNAL_OF` = its number), unless a trial holds that already; an interrupted record is
+    re-queued unless its re-queue exists. A line cut short (a kill
+    while writing it) is skipped: its trial stays RUNNING and is closed and re-queued as any
+    interrupted trial. ``variants(parent, variants)`` records a parent's extra operating points
+    where none is recorded yet.
+
+    Returns:
+        The numbers of the trials this call recorded.
+    """
+    path = Path(study_dir) / JOURNAL
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            log(f"recovered: skipped a journal line cut short in {path}")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done: list[int] = []
+    for entry in entries:
+        number = int(entry["number"])
+        trial = trials.get(number)
+        if trial is None:
+            continue
+        record = {
+            "state": TrialState[entry["state"]], "objectives": entry.get("objectives") or (), "metrics": entry.get("metrics"),
+            "constraints": entry.get("constraints"), "checkpoint": entry.get("checkpoint"), "attrs": entry.get("attrs"),
+        }
+        if trial.state == TrialState.RUNNING:
+            parent = write_trial(study, trial, **record)
+        elif trial.state.is_finished() and trial.user_attrs.get(INTERRUPTED) and record["attrs"] and not record["attrs"].get(INTERRUPTED):
+            again = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(JOURNAL_OF) == number]
+            parent = again[0] if again else write_trial(
+                study, None, **{**record, "attrs": {**record["attrs"], JOURNAL_OF: number}}, params=trial.params, distributions=trial.distributions
+            )
+        else:
+            parent = trial  # the record reached the storage before the connection broke
+        if (record["attrs"] or {}).get(INTERRUPTED) and trial.params and not any(t.user_attrs.get("requeue_of") == number for t in study.get_trials(deepcopy=False)):
+            # An interrupted trial (its node died, a disk filled) journaled before it was re-queued.
+            study.enqueue_trial(dict(trial.params), user_attrs={"requeue_of": number}, skip_if_exists=False)
+        if entry.get("variants") and variants is not None and parent.state == TrialState.COMPLETE:
+            if not any(t.user_attrs.get(DERIVED_FROM) == parent.number for t in study.get_trials(deepcopy=False)):
+                variants(parent, entry["variants"])
+        done.append(number)
+    path.unlink()
+    if done:
+        log(f"recovered: trials {done} finished while the database was unreachable; recorded from the journal {path.name}")
+    return done
 
 
 class Heartbeat:

@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 import optuna
 
-from automl._cluster import start_sink
+from automl._cluster import full_folder, start_sink
 from automl._config import StudyConfig
 from automl._plugins import import_plugins
 from automl._prescreen import Screen
 from automl._records import CHECKPOINT, EPOCH, VAL_ACCURACY
-from automl._recovery import Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints
-from automl._study import Payload, StudyError, init_ray, make_sampler, open_storage, prepare_study
+from automl._recovery import JOURNAL, Heartbeat, close_interrupted, finished_count, register_launcher, remove_orphan_checkpoints, replay_journal
+from automl._storage import StorageUnavailable
+from automl._study import Payload, StudyError, StudyHalted, init_ray, make_sampler, open_storage, prepare_study
 from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._tune import trial_function
 
@@ -60,12 +61,18 @@ def run_search(
         except TargetError as exc:
             raise StudyError(str(exc)) from exc
 
-    from automl._searcher import StudySearcher, make_callback
+    from automl._searcher import DiskFull, HaltStopper, StudySearcher, make_callback, record_variants
 
     study_dir, payload, space = prepare_study(cfg, log=log)
-    storage = open_storage(cfg.storage_url)
+    storage = open_storage(cfg.storage_url, retry_s=cfg.storage_retry_s, log=log)
     study = optuna.load_study(study_name=cfg.name, storage=storage)
     register_launcher(study)
+    objectives = [o.metric for o in cfg.objectives]
+    # Before closing interrupted trials: a journaled trial finished, it must not be re-queued.
+    replay_journal(
+        study, study_dir, log=log,
+        variants=lambda parent, points: record_variants(study, parent, points, space=space, objectives=objectives, bounds=cfg.constraints),
+    )
     close_interrupted(study, log=log)
     removed = remove_orphan_checkpoints(study, study_dir)
     if removed:
@@ -107,6 +114,7 @@ def run_search(
     )
     scheduler = make_scheduler(cfg)
     searcher.scheduler = scheduler
+    searcher.journal = study_dir
     payload.report_epochs = scheduler is not None
     payload.sink = start_sink(study_dir)
     from ray.util.queue import Queue
@@ -123,7 +131,9 @@ def run_search(
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=remaining,
+            # As many as the searcher gives: it stops at the budget, and a trial whose node died
+            # is re-queued and takes one more sample.
+            num_samples=-1,
             max_concurrent_trials=concurrent,
             time_budget_s=cfg.budget.time_limit_s,
             reuse_actors=True,
@@ -134,6 +144,7 @@ def run_search(
             storage_path=str((study_dir / "ray").resolve()),
             callbacks=[make_callback(cfg, remaining, log, searcher, payload.progress)],
             verbose=0,
+            stop=HaltStopper(searcher),
             # A trial whose worker died is started again (same config, same Optuna trial) this often.
             failure_config=tune.FailureConfig(max_failures=cfg.budget.retries),
         ),
@@ -147,6 +158,21 @@ def run_search(
         if closed:
             log(f"interrupted: trials {closed} closed as FAIL (interrupted) and re-queued")
         raise
+    except Exception as exc:
+        if _ray_oom(exc):
+            # Ray's out-of-memory killer stopped a trial's actor task in a way Ray Tune does not
+            # survive: the running trials are closed and re-queued, as after Ctrl-C.
+            closed = searcher.close_running("interrupted: Ray's out-of-memory killer stopped the search; its parameters were re-queued")
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise StudyHalted(
+                f"the search stopped: {first}; trials {closed} were closed and re-queued; with memory free on the node, "
+                f"continue with `automl resume {study_dir}`"
+            ) from exc
+        folder = full_folder(exc)  # Ray Tune's own files (results, experiment state) found no room
+        if folder is None:
+            raise
+        searcher.halt = DiskFull(folder, None)
+    _halt(searcher, study_dir, log)
     # Tune ends at budget.time_limit_s by stopping the running trials without telling the searcher:
     # close them as interrupted (not counted) and re-queue them, as after Ctrl-C, so none stays
     # RUNNING and `automl resume` runs them.
@@ -157,6 +183,39 @@ def run_search(
     if cfg.latency.drift_check and "latency_ms" in [o.metric for o in cfg.objectives]:
         check_drift(study, study_dir, payload, log=log)
     return study
+
+
+def _ray_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised from, or reports) Ray's out-of-memory killer ending a task."""
+    import ray
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.OutOfMemoryError) or "killed due to the node running low on memory" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _halt(searcher: Any, study_dir: Path, log: Callable[[str], None]) -> None:
+    """Raise :class:`StudyHalted` with one line when the searcher halted the search (a full disk,
+    a database that did not come back within ``storage_retry_s``); the running trials are closed
+    as interrupted and re-queued where the database answers."""
+    from automl._searcher import DiskFull
+
+    halt = searcher.halt
+    if halt is None:
+        return
+    if isinstance(halt, DiskFull):
+        closed = searcher.close_running("interrupted: the study stopped, a disk is full; its parameters were re-queued")
+        if closed:
+            log(f"disk full: trials {closed} were still running, closed as FAIL (interrupted) and re-queued")
+        raise StudyHalted(f"disk full: {halt}; free space there, then continue with `automl resume {study_dir}`")
+    journal = study_dir / JOURNAL
+    kept = f"; the finished trials it did not take are kept in {journal}" if journal.is_file() else ""
+    raise StudyHalted(f"{halt}{kept}; once the database is back, continue with `automl resume {study_dir}`")
 
 
 class _ScreenWorker:
@@ -188,23 +247,38 @@ class NodeScreen:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.constraints = screen.constraints
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        # No restarts: Ray warns on the console about restarting an actor whose arguments live in
-        # the object store, and a dead screen only costs the dry runs (see check).
-        actor = ray.remote(num_cpus=0)(_ScreenWorker)
-        self._actor = actor.options(scheduling_strategy=here).remote(screen, tuple(plugins), threads)
+        self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # The screen goes to the object store once; a new actor (after the old one died) reads it there.
+        self._args = (ray.put(screen), tuple(plugins), threads)
+        self._actor = self._start()
+
+    def _start(self) -> Any:
+        import ray
+
+        # Not Ray's own restarts (it warns on the console about restarting an actor whose
+        # arguments live in the object store): check starts a new actor itself.
+        return ray.remote(num_cpus=0)(_ScreenWorker).options(scheduling_strategy=self._here).remote(*self._args)
 
     def check(self, plan: Any, finished: dict[str, int]) -> Any:
-        """:meth:`Screen.check` in the actor; a dead actor gives a verdict without costs (the trial
+        """:meth:`Screen.check` in the actor. A dead actor (killed, its worker lost) is replaced by
+        a new one and asked again, once; if that fails too, the verdict has no costs (the trial
         then trains and is measured as always, and fails with the reason if it cannot)."""
         import ray
 
         from automl._prescreen import Verdict
 
-        try:
-            return ray.get(self._actor.check.remote(plan, dict(finished)))
-        except ray.exceptions.RayError as exc:
-            return Verdict(costs=None, constraints={}, error=f"the screen's worker failed: {type(exc).__name__}: {str(exc)[:200]}")
+        for attempt in (1, 2):
+            try:
+                return ray.get(self._actor.check.remote(plan, dict(finished)))
+            except ray.exceptions.RayActorError as exc:
+                if attempt == 2:
+                    error = exc
+                    break
+                self._actor = self._start()
+            except ray.exceptions.RayError as exc:
+                error = exc
+                break
+        return Verdict(costs=None, constraints={}, error=f"the screen's worker failed: {type(error).__name__}: {str(error)[:200]}")
 
 
 def make_scheduler(cfg: StudyConfig) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -51,14 +52,50 @@ from automl._records import (
     write_duplicate,
     write_trial,
 )
-from automl._recovery import LAUNCHER, finished_count
+from automl._recovery import LAUNCHER, finished_count, journal_record
+from automl._storage import StorageUnavailable
 from automl._study import open_storage
-from automl._tune import COSTS, PARTIAL, VARIANTS
+from automl._tune import COSTS, DISK_FULL, PARTIAL, VARIANTS
 
-__all__ = ["Screened", "StudyCallback", "StudySearcher", "make_callback", "record_variants", "screen_trial"]
+__all__ = ["DiskFull", "HaltStopper", "Screened", "StudyCallback", "StudySearcher", "make_callback", "record_variants", "screen_trial"]
+
+#: Seconds between two budget checks while the budget is covered by running trials.
+WAIT_S = 1.0
+#: Ray's words for a task or actor lost with its node (the trial did nothing wrong). Not "the node
+#: running low on memory" of Ray's out-of-memory killer: that trial's own memory is the cause.
+NODE_DIED = ("node has died", "nodediederror", "node was terminated", "raylet died")
 
 #: Result keys recorded as user attributes of a trained trial, beside its measured numbers.
 _RUN_KEYS = ("seconds", "attempts", "notes", "node")
+
+
+class DiskFull(Exception):
+    """A write found no room in ``folder``; the search stops (trial ``number``, if one, is re-queued)."""
+
+    def __init__(self, folder: str, number: int | None) -> None:
+        trial = f" (trial {number} failed writing there and was re-queued)" if number is not None else ""
+        super().__init__(f"no space left on device in {folder}{trial}")
+        self.folder, self.number = folder, number
+
+
+class HaltStopper(Stopper):
+    """Ends the Ray Tune run as soon as the searcher halts on a full disk (:attr:`StudySearcher.halt`);
+    Tune stops the running trials as it does at ``budget.time_limit_s``, without telling the
+    searcher. A database that did not come back stops nothing here: no new trial starts, and the
+    running ones finish into the journal, so no finished work is thrown away. Tune pickles it with
+    the run config; the pickled copy is never run."""
+
+    def __init__(self, searcher: Any) -> None:
+        self.searcher = searcher
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.searcher is not None and isinstance(self.searcher.halt, DiskFull)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"searcher": None}
 
 
 @dataclass(frozen=True)
@@ -165,6 +202,13 @@ class StudySearcher(OptunaSearch):
         self._screen = screen
         self._bounds: Constraints = screen.constraints if screen is not None else Constraints()
         self._errored: dict[str, Any] = {}
+        self._wait_until = 0.0
+        #: Why the search must stop now (:class:`DiskFull`, :class:`~automl._storage.StorageUnavailable`):
+        #: no new trial starts, the run loop's stopper ends the Tune run, the launcher says why.
+        self.halt: Exception | None = None
+        #: The study folder's journal: where a finished trial's record goes when the storage
+        #: does not take it within ``storage_retry_s`` (None: the error stands).
+        self.journal: Path | None = None
         #: Ray trial id -> what the screen found (part of the trial's record when it ends).
         self._screened: dict[str, Screened] = {}
         #: Told of each trial recorded before launch (``screened(number, status)``), if set.
@@ -175,7 +219,7 @@ class StudySearcher(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         # Tune checkpoints its searcher now and then (never restored: Optuna is the record);
         # the screen holds the dataset and the base model, and the progress callback a console.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress", "scheduler")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_screen", "progress", "scheduler", "halt")}
         with open(checkpoint_path, "wb") as f:
             pickle.dump(state, f)
 
@@ -201,12 +245,23 @@ class StudySearcher(OptunaSearch):
                 self.progress.screened(ot.number, screened.status)
 
     def _suggest_one(self, trial_id: str) -> dict | None:
+        if self.halt is not None:
+            return Searcher.FINISHED
         if self._budget is not None and self._ot_study is not None:
             # Several launchers may share one study (PostgreSQL): stop once the budget is
-            # covered by finished trials plus those running anywhere.
+            # covered by finished trials plus those running anywhere. While trials of this
+            # launcher still run, wait rather than stop: one whose node dies is re-queued and
+            # must still run here (Ray Tune asks again; the check is made at most every
+            # WAIT_S seconds).
+            if time.monotonic() < self._wait_until:
+                return None
+            finished = finished_count(self._ot_study)
             running = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if finished_count(self._ot_study) + running >= self._budget:
+            if finished >= self._budget or (finished + running >= self._budget and not self.running_trial_ids()):
                 return Searcher.FINISHED
+            if finished + running >= self._budget:
+                self._wait_until = time.monotonic() + WAIT_S
+                return None
         config = super().suggest(trial_id)
         if config is None:
             return None
@@ -220,12 +275,38 @@ class StudySearcher(OptunaSearch):
         config["optuna_trial_number"] = ot.number
         return config
 
-    def _record(self, trial_id: str, *, state: TrialState, attrs: Mapping[str, Any], **record: Any) -> FrozenTrial:
-        """End Ray trial ``trial_id``: its record, with what its screen found."""
+    def _record(self, trial_id: str, *, state: TrialState, attrs: Mapping[str, Any], variants: list[Any] | None = None, **record: Any) -> None:
+        """End Ray trial ``trial_id``: its record, with what its screen found.
+
+        When the storage does not answer within ``storage_retry_s`` the record (and the trial's
+        extra operating points, ``variants``) goes to the study's journal and the search halts
+        (:attr:`halt`); once halted for that reason, every later record goes to the journal at once.
+        The next launcher replays it.
+        """
         screened = self._screened.pop(trial_id, Screened())
-        out = write_trial(self._ot_study, self._ot_trials[trial_id], state=state, objectives=self.metric, attrs={**attrs, **screened.attrs}, **record)
+        ot = self._ot_trials[trial_id]
+        full = {**attrs, **screened.attrs}
+        try:
+            if isinstance(self.halt, StorageUnavailable):
+                raise self.halt
+            out = write_trial(self._ot_study, ot, state=state, objectives=self.metric, attrs=full, **record)
+        except StorageUnavailable as exc:
+            if self.journal is None:
+                raise
+            self._completed_trials.add(trial_id)
+            entry = {"number": ot.number, "state": state.name, "objectives": list(self.metric), "attrs": full, **record}
+            if variants:
+                entry["variants"] = variants
+            journal_record(self.journal, entry)
+            if self.halt is None:
+                self.halt = exc
+                running = len(self.running_trial_ids())
+                if self.progress is not None:
+                    self.progress.log(f"storage: {exc}; trial {ot.number} is kept in the journal, no new trial starts, the {running} running finish into it")
+            return
         self._completed_trials.add(trial_id)
-        return out
+        if variants:
+            record_variants(self._ot_study, out, variants, space=self._space, objectives=self.metric, bounds=self._bounds)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot = self._ot_trials.get(trial_id)
@@ -237,6 +318,8 @@ class StudySearcher(OptunaSearch):
             return None
         if result and result.get(PARTIAL):
             return self._close_partial(trial_id, result)
+        if result and result.get(DISK_FULL):
+            return self._stop_disk_full(trial_id, result)
         reason = None
         if not result or result.get(FAIL_REASON):
             reason = (result or {}).get(FAIL_REASON) or "the trial reported no result"
@@ -251,7 +334,7 @@ class StudySearcher(OptunaSearch):
         run = {k: result[k] for k in _RUN_KEYS if result.get(k) is not None}
         if isinstance(run.get("notes"), str):
             run["notes"] = json.loads(run["notes"])  # a string in the result: Ray flattens nested dicts
-        parent = self._record(
+        self._record(
             trial_id, state=TrialState.COMPLETE,
             metrics={k: result[k] for k in MEASURED_KEYS if result.get(k) is not None},
             # All bounds on the trained numbers (min_accuracy too): what the sampler learns from
@@ -259,10 +342,20 @@ class StudySearcher(OptunaSearch):
             constraints=None if self._bounds.empty else self._bounds.violations(result),
             checkpoint=trial_checkpoint(ot.number),
             attrs={METHOD: result.get("method"), **run},
+            variants=json.loads(result[VARIANTS]) if result.get(VARIANTS) else None,
         )
-        if result.get(VARIANTS):
-            record_variants(self._ot_study, parent, json.loads(result[VARIANTS]), space=self._space, objectives=self.metric, bounds=self._bounds)
         return None
+
+    def _stop_disk_full(self, trial_id: str, result: dict) -> None:
+        """A trial whose write found no room: FAIL with the reason, interrupted (not the user's
+        failure, not counted) and re-queued, then the study stops (:class:`DiskFull`): the next
+        trials would meet the same full folder."""
+        ot = self._ot_trials[trial_id]
+        reason = f"{result.get(FAIL_REASON) or 'no space left on device'}; its parameters were re-queued"
+        self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: reason, INTERRUPTED: True})
+        if ot.params and not isinstance(self.halt, StorageUnavailable):  # else the journal's replay re-queues it
+            self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
+        self.halt = self.halt or DiskFull(str(result[DISK_FULL]), ot.number)
 
     def _close_partial(self, trial_id: str, result: dict) -> None:
         """A trial that ended on an intermediate result: stopped by the scheduler (PRUNED, with
@@ -278,12 +371,24 @@ class StudySearcher(OptunaSearch):
             reason = f"stopped before it finished (the study's time limit), after {result.get(EPOCH)} training epochs"
             self._record(trial_id, state=TrialState.FAIL, attrs={**attrs, FAIL_REASON: reason})
 
-    def close_errored(self, trial_id: str, reason: str) -> None:
-        """Record a trial whose Ray worker died (OOM kill, segfault...) as FAIL with Ray's reason."""
+    def close_errored(self, trial_id: str, reason: str, *, node_lost: bool = False) -> None:
+        """Record a trial whose Ray worker died (OOM kill, segfault...) as FAIL with Ray's reason.
+
+        A trial whose *node* died (a reclaimed spot instance, a stopped raylet) did nothing wrong:
+        it is recorded FAIL ``interrupted`` (not the user's failure, not counted toward the
+        budget) and its parameters are re-queued, once, as after a killed launcher; the search
+        goes on until the budget is met (see :meth:`_suggest_one`).
+        """
         ot = self._errored.pop(trial_id, None)
         if ot is None or trial_id in self._completed_trials:
             return
-        self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: reason})
+        if not node_lost:
+            self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: reason})
+            return
+        why = f"interrupted: the node running this trial died; its parameters were re-queued ({reason})"[:2000]
+        self._record(trial_id, state=TrialState.FAIL, attrs={FAIL_REASON: why, INTERRUPTED: True})
+        if ot.params and not isinstance(self.halt, StorageUnavailable):  # else the journal's replay re-queues it
+            self._ot_study.enqueue_trial(dict(ot.params), user_attrs={"requeue_of": ot.number})
 
     def close_running(self, reason: str) -> list[int]:
         """Ctrl-C or the search's time limit: close this launcher's running trials as interrupted
@@ -309,10 +414,26 @@ def _error_text(trial: Any) -> str:
     try:
         if path and Path(path).is_file() and not str(path).endswith(".pkl"):
             lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-            text = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+            # The exception's own line ("ray.exceptions.OutOfMemoryError: ...") before any other
+            # line that merely says "error" (Ray's memory report ends with "bytes errored: 0").
+            raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+            text = raised[-1] if raised else next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
     except OSError:
         pass
     return f"the Ray worker running this trial failed: {text or 'no error text (killed, e.g. by the OS when out of memory)'}"[:2000]
+
+
+def _node_lost(trial: Any, reason: str) -> bool:
+    """Whether a trial errored because its node died, as Ray's error says (:data:`NODE_DIED`,
+    anywhere in its error file: the cause sits a few lines below the error's first line)."""
+    text = reason
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            text += Path(path).read_text(errors="replace")
+    except OSError:
+        pass
+    return any(m in text.lower() for m in NODE_DIED)
 
 
 class StudyCallback(Callback):
@@ -353,8 +474,12 @@ class StudyCallback(Callback):
         self._line(number, status)
 
     def _line(self, number: Any, status: str) -> None:
-        study = optuna.load_study(study_name=self.name, storage=self.storage)
-        front = len(study.best_trials) if any(t.state == TrialState.COMPLETE for t in study.trials) else 0
+        try:
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
+            front: Any = len(study.best_trials) if any(t.state == TrialState.COMPLETE for t in study.trials) else 0
+        except Exception:  # noqa: BLE001 - the database is away (the searcher waits for it); the line still shows
+            self._storage = None
+            front = "?"
         self.log(f"[{self.done}/{self.total}] trial {number} {status} | failed {self.failed} | front {front}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -362,6 +487,9 @@ class StudyCallback(Callback):
         result = trial.last_result or {}
         if result.get(PARTIAL):
             self._progress(trial, f"{result.get('method')} stopped after {result.get(EPOCH)} training epochs (validation accuracy {result.get(VAL_ACCURACY, math.nan):.4f})")
+            return
+        if result.get(DISK_FULL):
+            self._progress(trial, f"interrupted (re-queued): {result.get(FAIL_REASON, '')[:160]}")
             return
         if result.get(FAIL_REASON):
             self.failed += 1
@@ -383,10 +511,15 @@ class StudyCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1
-        self.failed += 1
         reason = _error_text(trial)
+        lost = _node_lost(trial, reason)
         if self.searcher is not None:
-            self.searcher.close_errored(trial.trial_id, reason)
+            self.searcher.close_errored(trial.trial_id, reason, node_lost=lost)
+        if lost:
+            self.done -= 1  # its re-queued parameters run again and count then
+            self._progress(trial, "interrupted: its node died; re-queued")
+            return
+        self.failed += 1
         self._progress(trial, f"FAILED: {reason[:160]}")
 
 

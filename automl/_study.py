@@ -39,6 +39,7 @@ from automl._config import StudyConfig, load_config
 from automl._data import Splits, dataset_from_config
 from automl._measure import Metrics, measure
 from automl._progress import EpochProgress, drain, sender
+from automl._storage import RetryingRDBStorage
 from automl._models import StagedNet, build_model
 from automl._sensitivity import PROFILE, ensure_profile
 from automl._weights import WeightsError, load_start
@@ -46,15 +47,30 @@ from automl._threads import ThreadPlan, set_threads, training_threads
 from automl._trial import TrialSettings
 from automl._train import TrainOptions, fit
 
-__all__ = ["Payload", "StudyError", "base_train_options", "init_ray", "load_study_config", "objective_values", "open_storage", "prepare_study"]
+__all__ = ["Payload", "StudyError", "StudyHalted", "base_train_options", "init_ray", "load_study_config", "objective_values", "open_storage", "prepare_study"]
 
 
 class StudyError(RuntimeError):
     """A study cannot start or go on; the message is one line for the user."""
 
+    #: The launcher's exit code: 2, bad input (a config, a name, a URL).
+    code = 2
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+
+class StudyHalted(StudyError):
+    """The study stopped on a fault of its surroundings (the database did not come back, the disk
+    is full); what finished is kept and ``automl resume`` continues once the fault is fixed."""
+
+    code = 1
+
+
+def open_storage(url: str, *, retry_s: float = 0.0, log: Callable[[str], None] | None = None) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage; SQLite gets a long lock timeout so concurrent writers wait, not fail.
+
+    Args:
+        retry_s: how long each storage call waits for a database that stopped answering (a
+            restart, a failover), retrying with backoff (:mod:`automl._storage`); 0 raises at once.
+        log: where the launcher says it is waiting for the database.
 
     Raises:
         StudyError: the database cannot be reached (one line, no SQLAlchemy stack).
@@ -66,7 +82,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+        return RetryingRDBStorage(url, retry_s=retry_s, log=log, shown=shown, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
     except Exception as exc:  # noqa: BLE001 - surface a one-line cause for any driver error
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         if isinstance(exc, ImportError) and exc.__cause__ is not None:
@@ -298,7 +314,7 @@ def prepare_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> tu
         except Exception:  # noqa: BLE001 - an unreadable old config is compared as written
             pass
         # Budget, cluster address and storage may change between runs; what defines the search may not.
-        ignored = ("budget", "ray_address", "storage", "output_dir", "python_path", "review")
+        ignored = ("budget", "ray_address", "storage", "storage_retry_s", "output_dir", "python_path", "review")
         changed = sorted(k for k in saved if k not in ignored and before.get(k) != saved[k])
         if changed:
             raise StudyError(

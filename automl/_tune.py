@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from searchspace import Plan
 from automl._checkpoint import save_checkpoint
-from automl._cluster import assigned_device, pack_folder
+from automl._cluster import assigned_device, full_folder, pack_folder
 from automl._latency import busy, gated_batches, idle
 from automl._metrics import METRIC_KEYS
 from automl._progress import LONG_TRIAL_S, sender
@@ -25,7 +25,7 @@ from automl._study import Payload
 from automl._threads import set_threads, training_threads
 from automl._trial import run_trial
 
-__all__ = ["COSTS", "EPOCH", "FAIL_REASON", "PARTIAL", "VAL_ACCURACY", "VARIANTS", "trial_function"]
+__all__ = ["COSTS", "DISK_FULL", "EPOCH", "FAIL_REASON", "PARTIAL", "VAL_ACCURACY", "VARIANTS", "trial_function"]
 
 #: Result key of a trial's extra operating points (see ``automl._trial.Calibrated``).
 VARIANTS = "variants"
@@ -33,6 +33,9 @@ VARIANTS = "variants"
 PARTIAL = "partial"
 #: Config key the searcher adds to a trial's Ray config: its dry-run costs (automl._prescreen).
 COSTS = "costs"
+#: Result key of a trial that failed because a write found no room: the folder that is full. The
+#: searcher then stops the study (the trial is re-queued for ``resume``) instead of going on.
+DISK_FULL = "disk_full"
 # Result keys shared with the record: FAIL_REASON (why the trial failed), EPOCH (Ray Tune's time
 # attribute for the scheduler: training epochs so far), VAL_ACCURACY (after the last epoch, never test).
 
@@ -56,21 +59,48 @@ def trial_function(config: dict[str, Any], payload: Payload) -> dict[str, Any]:
     data = gated_batches(payload.data) if isolate else payload.data
     with tempfile.TemporaryDirectory() as work:
 
+        full: list[str] = []
+
         def attempt() -> Any:
-            with busy(isolate):
-                return run_trial(
-                    plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress,
-                    profile=payload.profile,
-                )
+            try:
+                with busy(isolate):
+                    return run_trial(
+                        plan, payload.base, data, payload.settings, folder=Path(work) / "artifact", methods=payload.methods, device=device, progress=progress,
+                        profile=payload.profile,
+                    )
+            except OSError as exc:
+                if full_folder(exc) is not None:
+                    full.append(tempfile.gettempdir())  # the artifact files go to this node's temp folder
+                raise
 
         outcome, reason, attempts = guarded(attempt, time_limit_s=payload.time_limit_s, retries=payload.retries)
         if outcome is None:
-            # Every metric present (NaN): Tune rejects a result without the searched metrics and
-            # would end the whole study; the searcher records the trial as FAIL by its fail_reason.
-            result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts, PARTIAL: False}
-            tune.report(result)
-            return result
-        return _report_outcome(config, payload, plan, outcome, attempts, where, Path(work) / "checkpoint")
+            return _report_failure(plan, reason or "", attempts, full[-1] if full else None)
+        try:
+            return _report_outcome(config, payload, plan, outcome, attempts, where, Path(work) / "checkpoint")
+        except _CheckpointNotWritten as exc:
+            return _report_failure(plan, exc.reason, attempts, exc.folder)
+
+
+class _CheckpointNotWritten(Exception):
+    """A trained trial's checkpoint found no room (in the node's temp folder or the study folder)."""
+
+    def __init__(self, reason: str, folder: str) -> None:
+        super().__init__(reason)
+        self.reason, self.folder = reason, folder
+
+
+def _report_failure(plan: Plan, reason: str, attempts: int, full: str | None) -> dict[str, Any]:
+    """Report a trial that failed with ``reason``; ``full``: the folder a write found full."""
+    from ray import tune
+
+    # Every metric present (NaN): Tune rejects a result without the searched metrics and
+    # would end the whole study; the searcher records the trial as FAIL by its fail_reason.
+    result = {**{m: math.nan for m in METRIC_KEYS}, FAIL_REASON: reason, "method": plan.label, "attempts": attempts, PARTIAL: False}
+    if full is not None:
+        result[DISK_FULL] = full
+    tune.report(result)
+    return result
 
 
 class _EpochReporter:
@@ -145,8 +175,16 @@ def _report_outcome(config: dict[str, Any], payload: Payload, plan: Plan, outcom
         # COMPLETE trial always has its checkpoint, whichever node ran it (automl._cluster).
         import ray
 
-        save_checkpoint(outcome, folder, base=payload.base_ref)
-        ray.get(payload.sink.write.remote(int(number), pack_folder(folder)))
+        try:
+            save_checkpoint(outcome, folder, base=payload.base_ref)
+            ray.get(payload.sink.write.remote(int(number), pack_folder(folder)))
+        except Exception as exc:
+            full = full_folder(exc)
+            if full is None:
+                raise
+            # The sink names the study's checkpoints folder; a local write failed in this node's temp folder.
+            where_full = full if isinstance(exc, ray.exceptions.RayError) else tempfile.gettempdir()
+            raise _CheckpointNotWritten(f"OSError: no space left on device: the checkpoint could not be written to {where_full}", where_full) from exc
     tune.report(result)
     return result
 

@@ -60,6 +60,7 @@ MALFORMED = [
     pytest.param(_with("base.checkpoint", "/nonexistent/base.pt"), "base.checkpoint: checkpoint file must exist", id="missing-checkpoint"),
     pytest.param(_with("methods", {"none": []}), "methods.none", id="method-overrides-not-mapping"),
     pytest.param(_with("name", "../escape"), "name", id="bad-study-name"),
+    pytest.param(_with("storage_retry_s", -1), "storage_retry_s: Input should be greater than or equal to 0, got -1", id="negative-storage-retry"),
     pytest.param(["not", "a", "mapping"], "the config must be a mapping", id="not-a-mapping"),
 ]
 

@@ -24,7 +24,7 @@ from automl._config import ConfigError, parse_config
 from automl._latency import LatencySettings
 from automl._measure import measure
 from automl._target import TARGET_KEYS, provenance, target_of, target_summary
-from tests.automl.test_cluster import ROOT, _exit_code, _launcher, cluster_gate, ray_cluster  # noqa: F401 - fixtures reused
+from tests.automl.test_cluster import ROOT, _exit_code, _launcher, cluster_gate, ray_cluster, ray_nodes  # noqa: F401 - fixtures reused
 from tests.conftest import make_base
 from tests.fixtures import runner as fixed_runner
 from tests.fixtures.gate import wait_until
