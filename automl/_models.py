@@ -89,6 +89,8 @@ class StagedNet(nn.Module):
         #: Shape (no batch axis) of the last feature map, the head's input, where the layout was
         #: found in the traced graph at the data's input shape; None where not measured.
         self.feature_shape: tuple[int, ...] | None = None
+        #: One input sample's shape the model was built for (None where unknown).
+        self.sample_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -520,6 +522,29 @@ def library_keys(model: nn.Module) -> dict[str, str]:
     return {k: own.get(k, k) for k in model.state_dict()}
 
 
+def _with_feature_shape(net: StagedNet, input_shape: Sequence[int]) -> StagedNet:
+    """``net`` with ``sample_shape`` and ``feature_shape`` (one sample's last feature map, what the
+    head reads; from one forward pass at ``input_shape`` where not yet known) recorded: methods that
+    depend on the input size (``isqrtcov``, ``glance``) then say in ``supports()`` whether it suits
+    them at the data's size."""
+    net.sample_shape = tuple(int(d) for d in input_shape)
+    if net.feature_shape is not None or isinstance(net.head, nn.Identity):
+        return net
+    seen: list[tuple[int, ...]] = []
+    hook = net.head.register_forward_pre_hook(lambda _m, args: seen.append(tuple(int(d) for d in args[0].shape[1:])))
+    training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *input_shape))
+    except Exception:  # noqa: BLE001 - a base that does not run at this size fails where it is trained, with that reason
+        return net
+    finally:
+        hook.remove()
+        net.train(training)
+    net.feature_shape = seen[0] if seen else None
+    return net
+
+
 def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, options: dict[str, Any] | None = None) -> StagedNet:
     """Build a freshly initialised base model.
 
@@ -540,9 +565,10 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
     """
     options = dict(options or {})
     if name in _BUILTIN:
-        return _BUILTIN[name](input_shape=tuple(input_shape), num_classes=num_classes, **options)
+        return _with_feature_shape(_BUILTIN[name](input_shape=tuple(input_shape), num_classes=num_classes, **options), input_shape)
     if name in _TORCHVISION:
-        return TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
+        net = TorchvisionNet(arch=name, num_classes=num_classes, in_channels=input_shape[0] if len(input_shape) == 3 else 1)
+        return _with_feature_shape(net, input_shape)
     library, _, arch = name.partition(":")
     if library in LIBRARIES:
         net = _library_module(library, arch, tuple(input_shape), num_classes, options)
@@ -566,5 +592,5 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
             raise ValueError(f"base model factory {name!r} must return a torch.nn.Module, got {type(net).__name__}")
         if not isinstance(net, StagedNet):
             net = _as_staged(net, tuple(input_shape))
-        return net
+        return _with_feature_shape(net, input_shape)
     raise ValueError(f"unknown base model {name!r}; allowed: {', '.join(list_models())}, 'torchvision:NAME', 'timm:NAME' or 'module:function'")

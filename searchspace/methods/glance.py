@@ -318,6 +318,25 @@ class Glance(CompressionMethod):
             return "the model is not a StagedNet (no `stages` whose output locates the patch)"
         if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
             return "no 2D convolution: glance and focus resize and crop images"
+        shape = getattr(model, "sample_shape", None)
+        if shape is not None and len(shape) == 3:
+            return self._runs_at_reduced_sizes(model, tuple(shape))
+        return None
+
+    def _runs_at_reduced_sizes(self, model: nn.Module, shape: tuple[int, ...]) -> str | None:
+        """Why ``model`` cannot run on a glance or a patch of the searched sizes, or None."""
+        for field in ("scale", "crop"):
+            dom = self.ranges[field]
+            for value in getattr(dom, "choices", None) or (dom.low, dom.high):
+                size = [max(1, round(float(value) * shape[1])), max(1, round(float(value) * shape[2]))]
+                training = model.training
+                try:
+                    with torch.no_grad():
+                        model.eval()(torch.zeros(1, shape[0], *size))
+                except RuntimeError as exc:
+                    return f"the model does not run on a {size[0]}x{size[1]} input (glance.{field}={value}): {str(exc).splitlines()[0][:160]}"
+                finally:
+                    model.train(training)
         return None
 
     def q_grid(self) -> list[float]:

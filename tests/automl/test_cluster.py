@@ -109,9 +109,14 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop a ``ray start`` and every process it started (its own session), and wait until they are gone."""
-    for sig, grace in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 600.0)):
+def _stop_group(proc: subprocess.Popen, *, graceful: bool = True) -> None:
+    """Stop a ``ray start`` and every process it started (its own session), and wait until they are gone.
+
+    ``graceful``: SIGTERM first, so the node tells the cluster it leaves (its raylet takes about 30 s
+    to shut down); otherwise SIGKILL at once, for a cluster the tests are done with.
+    """
+    steps = ((signal.SIGTERM, 60.0), (signal.SIGKILL, 600.0)) if graceful else ((signal.SIGKILL, 600.0),)
+    for sig, grace in steps:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -146,10 +151,10 @@ class RayNodes:
         )
         _wait_nodes(self.address, 2, self.env, self.tmp / "worker.log")
 
-    def stop_worker(self) -> None:
+    def stop_worker(self, *, graceful: bool = True) -> None:
         """Stop the second node and every process it started (its raylet and its trials' workers)."""
         if self.worker is not None:
-            _stop_group(self.worker)
+            _stop_group(self.worker, graceful=graceful)
             self.worker = None
 
     def on_worker(self, pid: int) -> bool:
@@ -184,8 +189,8 @@ def ray_nodes(cluster_gate):
         nodes.start_worker()
         yield nodes
     finally:
-        nodes.stop_worker()
-        _stop_group(head)
+        nodes.stop_worker(graceful=False)
+        _stop_group(head, graceful=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

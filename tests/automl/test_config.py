@@ -47,7 +47,7 @@ MALFORMED = [
     pytest.param(_with("dataset.name", "imagenet"), "dataset.name: unknown dataset 'imagenet'; allowed:", id="unknown-dataset"),
     pytest.param(_with("base.model", "vgg99"), "base.model: unknown base model 'vgg99'", id="unknown-model"),
     pytest.param(_with("methods", {"tucker": {"rank_in": [0.0, 2.0]}}), "methods: tucker.rank_in: `0.05 <= low <= high <= 1.0` must hold", id="range-outside-domain"),
-    pytest.param(_with("methods", {"tucker": {"rank": 0.5}}), "unknown hyperparameter 'rank' of method 'tucker'; allowed: rank_in, rank_out", id="unknown-hyperparameter"),
+    pytest.param(_with("methods", {"tucker": {"rank": 0.5}}), "unknown hyperparameter 'rank' of method 'tucker'; allowed: allocation, rank_in, rank_out, share", id="unknown-hyperparameter"),
     pytest.param(_with("dataset", _DELETE), "dataset: required field is missing", id="missing-section"),
     pytest.param(_with("objectives", ["accuracy", "speed"]), "objectives.1.metric", id="unknown-objective"),
     pytest.param(_with("objectives", ["accuracy", "accuracy"]), "objectives: objectives must be a non-empty list of distinct", id="duplicate-objective"),
