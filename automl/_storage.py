@@ -6,7 +6,7 @@ server answers again. :class:`RetryingRDBStorage` is Optuna's ``RDBStorage`` who
 because the connection failed is retried with exponential backoff (0.5 s doubling to 10 s) for up to
 ``retry_s`` seconds, then raises :class:`StorageUnavailable`. The launcher says once that it is
 waiting, and again when the database is back. Any other error (a constraint, a finished trial)
-raises at once, as before.
+raises at once, as in Optuna's own storage.
 
 A retried write can have committed before its connection broke (the answer, not the write, was
 lost). Attribute writes are idempotent; a trial's final state write then meets a trial that is
