@@ -54,6 +54,19 @@ __all__ = ["EarlyExitNet", "Exits", "PoolHead", "adaptive_pool_matrix", "budget_
 MAX_EXITS = 4
 #: Operating points (values of q) each trained exit model is also measured at.
 VARIANTS = 8
+
+
+def budget_q_grid(ranges: Mapping[str, Any]) -> list[float]:
+    """The :data:`VARIANTS` values of MSDNet's budget ``q`` a calibrated model is also measured at,
+    within the (narrowed) ``q`` range; none when the ``thresholds`` choice excludes ``budget``.
+    Geometric spacing: the exit fractions 1 / (1 + q + ...) move fastest for small q."""
+    if "budget" not in getattr(ranges["thresholds"], "choices", ["budget"]):
+        return []
+    dom = ranges["q"]
+    lo, hi = float(dom.low), float(dom.high)
+    if lo == hi:
+        return [lo]
+    return [lo * (hi / lo) ** (i / (VARIANTS - 1)) for i in range(VARIANTS)]
 #: Placeholder threshold before calibration: above any softmax probability, so nobody exits early.
 NEVER = 2.0
 #: Layers that belong to the block before them: no exit between them and what they follow.
@@ -471,14 +484,7 @@ class Exits(CompressionMethod):
 
     def q_grid(self) -> list[float]:
         """The values of q every trained exit model is also measured at (within the narrowed range)."""
-        if "budget" not in getattr(self.ranges["thresholds"], "choices", ["budget"]):
-            return []
-        dom = self.ranges["q"]
-        lo, hi = float(dom.low), float(dom.high)
-        if lo == hi:
-            return [lo]
-        # Geometric spacing: the exit fractions 1 / (1 + q + ...) move fastest for small q.
-        return [lo * (hi / lo) ** (i / (VARIANTS - 1)) for i in range(VARIANTS)]
+        return budget_q_grid(self.ranges)
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
         base = clone(model).eval()

@@ -43,7 +43,7 @@ from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical, Float
 from searchspace._registry import register_method
 from searchspace._surgery import clone
-from searchspace.methods.exits import NEVER, VARIANTS, budget_thresholds, exit_fractions
+from searchspace.methods.exits import NEVER, budget_q_grid, budget_thresholds, exit_fractions
 
 __all__ = ["Glance", "GlanceFocusNet", "patch_origin"]
 
@@ -341,13 +341,7 @@ class Glance(CompressionMethod):
 
     def q_grid(self) -> list[float]:
         """The values of q every trained model is also measured at (within the narrowed range)."""
-        if "budget" not in getattr(self.ranges["thresholds"], "choices", ["budget"]):
-            return []
-        dom = self.ranges["q"]
-        lo, hi = float(dom.low), float(dom.high)
-        if lo == hi:
-            return [lo]
-        return [lo * (hi / lo) ** (i / (VARIANTS - 1)) for i in range(VARIANTS)]
+        return budget_q_grid(self.ranges)
 
     def apply(self, model: nn.Module, params: Mapping[str, Any], *, context: ApplyContext) -> nn.Module:
         net = clone(model).eval()

@@ -843,7 +843,7 @@ def prunable_parts(model: nn.Module, example: torch.Tensor, whole_failed: str | 
     run, each traced on the input it receives in the model's forward. A part keeps its interface:
     the layers whose output channels reach its output, and those whose channels are tied to its
     input (found through an identity probe layer put in front of it), are not pruned; so whatever
-    operation Torch-Pruning cannot read sees the same channels as before. Only channels internal
+    operation Torch-Pruning cannot read sees the channels of the unpruned model. Only channels internal
     to a run go (in ShuffleNetV2: inside each block's branches).
 
     ``whole_failed``: why pruning the model as one part already failed (the caller tried it): the
