@@ -26,10 +26,17 @@ case only: a model that exists only as TorchScript, which ``torch.export`` canno
 scripted because ``torch.export`` could not capture it, and the ``torch.ao`` int8 modules of the
 PyTorch runtimes, whose quantised packed weights ``torch.export`` cannot capture).
 :data:`LEGACY_REASON` is what the artifact's metadata records.
+
+Every dynamo export builds its translation table from onnxscript's torchlib, and onnxscript 0.7
+rebuilds the list of its ~500 functions (parsing each one's source to read its domain) on every
+call: about 1.2 s of each export of a small model. The list depends only on the installed
+onnxscript, so :func:`_cache_torchlib_ops` keeps it for the process (trial workers and the screen
+export many models each); the exported files are byte-identical (``tests/automl/test_onnx.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,21 @@ LEGACY_REASON = (
     "torch.export cannot capture a TorchScript module or a torch.ao quantised module (packed int8 "
     f"weights are TorchScript objects); checked on torch {torch.__version__.split('+')[0]}"
 )
+
+
+def _cache_torchlib_ops() -> None:
+    """Keep onnxscript's torchlib function list for the process instead of rebuilding it per export.
+
+    The exporter calls it through the module attribute on every export; an onnxscript without the
+    function (another layout) is left alone: exports are then only slower.
+    """
+    try:
+        from onnxscript._framework_apis import torch_2_5 as apis
+    except ImportError:
+        return
+    ops = getattr(apis, "get_torchlib_ops", None)
+    if ops is not None and not hasattr(ops, "cache_info"):
+        apis.get_torchlib_ops = functools.cache(ops)
 
 
 def onnx_initializers(model: nn.Module) -> tuple[str, ...]:
@@ -101,6 +123,7 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
     if keep is None:
         keep = onnx_initializers(model) if isinstance(model, nn.Module) else ()
     program = model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example)
+    _cache_torchlib_ops()
     onnx_program = torch.onnx.export(
         program,
         (),
