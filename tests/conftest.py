@@ -10,6 +10,13 @@ import torch
 
 from automl import build_model, load_dataset
 
+# The suite runs two workers on two cores (README's test command), beside the Ray workers and
+# launchers its tests start. At PyTorch's default (one thread per core) every worker's operations
+# wait for a core another process holds: the resnet18 cases of tests/searchspace/test_methods.py
+# took 6-8 minutes instead of 1 on a busy machine. Each test process computes on one thread, as
+# the thread plan has a study's processes do (automl/_threads.py); tests of the plan set their own.
+torch.set_num_threads(1)
+
 #: (model name, one sample's input shape). Every registered method is applied to each of these.
 BASE_MODELS = [
     ("digits_cnn", (1, 8, 8)),
