@@ -39,7 +39,7 @@ from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical
 from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
-from searchspace.methods._reparam import Permute
+from searchspace.methods._reparam import Permute, match_row_norms, rank1
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -96,6 +96,81 @@ class IGCV2Conv(nn.Sequential):
             if not last:
                 self.add_module(f"unpermute{i + 1}", Permute(torch.argsort(perm)))
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, *, factors: list[int]) -> IGCV2Conv:
+        """The IGCV2 chain closest to ``conv``: sequential rank-1 fits of its kernel, each output
+        channel's kernel at the base's norm (module docstring, "Initialisation")."""
+        layer = cls(conv=conv, factors=factors).to(conv.weight.device, conv.weight.dtype)
+        m_out, m_in = conv.out_channels, conv.in_channels
+        with torch.no_grad():
+            w = conv.weight.detach().to(torch.float64)
+            # W[o, i, :] = M[o, i] * depthwise[i, :]: a rank-1 fit per input channel (as dwsep's).
+            mix, taps = rank1(w.reshape(m_out, m_in, -1).transpose(0, 1))  # (in, out), (in, k)
+            group_weights = _butterfly_fit(mix.t(), factors)
+            last = group_weights[-1]  # (out, K_L): all the scale is here, earlier factors have unit rows
+            target = w.reshape(m_out, -1).norm(dim=-1)
+            fitted = _chain_matrix(group_weights, layer).norm(dim=-1)  # rows of M: |W_fit[o]| (unit taps)
+            group_weights[-1] = last * match_row_norms(fitted, target)[:, None]
+            dtype = conv.weight.dtype
+            layer.depthwise.weight.copy_(taps.to(dtype).reshape(layer.depthwise.weight.shape))
+            for i, g in enumerate(group_weights):
+                module = getattr(layer, f"group{i + 1}")
+                module.weight.copy_(g.to(dtype).reshape(module.weight.shape))
+            if conv.bias is not None:
+                layer.get_submodule(f"group{len(factors)}").bias.copy_(conv.bias.detach())
+        return layer
+
+
+def _butterfly_fit(mix: torch.Tensor, factors: list[int]) -> list[torch.Tensor]:
+    """Group 1x1 weights (one ``(channels, K_l)`` matrix per group conv, in the layout
+    :class:`IGCV2Conv` gives them) whose product fits ``mix`` (out x in) in least squares, one digit
+    at a time.
+
+    With input channel i = (d_1, ..., d_L) and output o = (e_1, ..., e_{L-1}, r) in mixed radix, the
+    chain's matrix is ``B_L[o, d_L] * B_{L-1}[(e_1..e_{L-1}, d_L), d_{L-1}] * ... * B_1[(e_1, d_2..d_L), d_1]``.
+    For fixed (e_1, d_2..d_L), the entries over (e_2..e_{L-1}, r) x d_1 are an outer product, and
+    ``B_1[(e_1, d_2..d_L), :]`` appears in no other: its rank-1 fit gives B_1 (unit rows) and a
+    remainder over (e_2.., r) to fit by the next digit, as TT-SVD peels one core at a time. Exact
+    when ``mix`` has the structure; otherwise a sequence of optimal rank-1 steps.
+    """
+    n = len(factors)
+    m_out, m_in = mix.shape
+    per = m_out // (m_in // factors[-1])
+    size = {f"e{l}": factors[l] for l in range(n - 1)} | {f"d{l}": factors[l] for l in range(n)} | {"r": per}
+    names = [f"e{l}" for l in range(n - 1)] + ["r"] + [f"d{l}" for l in range(n)]
+    cur = mix.reshape([size[a] for a in names])
+
+    def arrange(t: torch.Tensor, have: list[str], want: list[str]) -> torch.Tensor:
+        return t.permute([have.index(a) for a in want])
+
+    out = []
+    for l in range(n - 1):
+        batch = [f"e{j}" for j in range(l + 1)] + [f"d{j}" for j in range(l + 1, n)]
+        rows = [f"e{j}" for j in range(l + 1, n - 1)] + ["r"]
+        mats = arrange(cur, names, [*batch, *rows, f"d{l}"])
+        left, right = rank1(mats.reshape(math.prod(size[a] for a in batch), -1, factors[l]))
+        # group conv l: output channel (others, e_l) row-major, with the digits other than l in order
+        have = [*batch, f"d{l}"]
+        want = [f"e{j}" for j in range(l)] + [f"d{j}" for j in range(l + 1, n)] + [f"e{l}", f"d{l}"]
+        out.append(arrange(right.reshape([size[a] for a in have]), have, want).reshape(m_in, factors[l]))
+        cur, names = left.reshape([size[a] for a in batch + rows]), batch + rows
+    want = [f"e{j}" for j in range(n - 1)] + ["r", f"d{n - 1}"]
+    out.append(arrange(cur, names, want).reshape(m_out, factors[-1]))
+    return out
+
+
+def _chain_matrix(group_weights: list[torch.Tensor], layer: IGCV2Conv) -> torch.Tensor:
+    """The (out x in) matrix of the group 1x1 convs and permutations of ``layer`` with these weights."""
+    x = torch.eye(layer.depthwise.in_channels, dtype=group_weights[0].dtype, device=group_weights[0].device)[:, :, None]
+    convs = iter(group_weights)
+    for name, module in layer.named_children():
+        if isinstance(module, Permute):
+            x = x.index_select(1, module.index)
+        elif name.startswith("group"):
+            w = next(convs)
+            x = nn.functional.conv1d(x, w[:, :, None], groups=module.groups)
+    return x[:, :, 0].t()
+
 
 @register_method
 class IGCV2(CompressionMethod):
@@ -143,7 +218,7 @@ class IGCV2(CompressionMethod):
             elif igcv2_param_count(conv, factors) >= sum(p.numel() for p in conv.parameters()):
                 skipped[name] = f"no saving at factors {factors}"
             else:
-                replace(out, name, IGCV2Conv(conv=conv, factors=factors).to(conv.weight.device, conv.weight.dtype))
+                replace(out, name, IGCV2Conv.from_conv(conv, factors=factors))
                 converted[name] = factors
         context.notes[self.converted_key()] = converted
         context.notes["igcv2.skipped"] = skipped
