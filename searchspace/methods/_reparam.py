@@ -19,7 +19,6 @@ __all__ = [
     "divisor_at_most",
     "inherit_weights",
     "interleave",
-    "match_row_norms",
     "param_count",
     "rank1",
 ]
@@ -48,13 +47,6 @@ def rank1(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     left, right = u[..., :, 0] * s[..., :1], vh[..., 0, :]
     sign = torch.where(right.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(right)
     return left * sign, right * sign
-
-
-def match_row_norms(fit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row factors that bring the row norms ``fit`` (of a fitted kernel) to ``target`` (the
-    kernel it replaces); 1 where the fit has (numerically) nothing left to scale."""
-    ok = fit > 1e-6 * target
-    return torch.where(ok, target / torch.where(ok, fit, torch.ones_like(fit)), torch.ones_like(fit))
 
 
 def conv_like(conv: nn.Conv1d | nn.Conv2d) -> type[nn.Module]:

@@ -17,14 +17,24 @@ are dealt into ``convs`` bins as evenly as possible. ``convs`` (L - 1, the numbe
 is searched; ``convs = 1`` would be Xception / depthwise-separable, which is the ``dwsep`` method.
 
 Parameters: M_in*k + sum_{l<L} M_in*K_l + K_L*M_out (+ M_out bias).
-The chain is linear (no BN/ReLU inside), as the paper's IGCV2 block; initialisation is a fresh
-conv's (the structured kernel has no closed-form fit to a dense one).
+The chain is linear (no BN/ReLU inside), as the paper's IGCV2 block.
+
+Initialisation (the paper trains from scratch; a trial only fine-tunes, so the chain starts as close
+to the base conv as its structure allows): the chain's kernel is W[o, i, :] = M[o, i] * D[i, :], D the
+depthwise taps and M the product of the group convs and permutations. Least squares one factor at a
+time: a rank-1 SVD per input channel gives D and M's target (as dwsep's fit), then M is peeled one
+digit at a time (:func:`_butterfly_fit`, rank-1 SVDs as TT-SVD peels tensor-train cores); the base's
+bias goes to the last group conv. Exact when the kernel has the IGCV2 structure; with two group convs
+on a 1x1 conv it is the least-squares optimum (the blocks share no parameter). A fresh initialisation
+instead, with a fresh bias on the last group conv, left the logits of SqueezeNet, MNASNet and
+MobileNetV3 constant (the signal shrinks by about 3x per fresh conv and the random biases take over).
 
 Changes from the paper, and why (one place): each eligible conv of the given base is replaced instead
 of building the paper's IGCV2 networks; the balance condition is met exactly only where M_in is a
 perfect power (else the prime factors are dealt as evenly as possible); only 2 or 3 group 1x1 convs
 are searched (``convs``: the small channel counts here have few prime factors to deal); the
-chain starts from a fresh initialisation and is fine-tuned, not trained from scratch.
+chain starts from the least-squares fit of the trained conv (above) and is fine-tuned, not trained
+from scratch.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical
 from searchspace._registry import register_method
 from searchspace._surgery import clone, iter_convs, replace
-from searchspace.methods._reparam import Permute, match_row_norms, rank1
+from searchspace.methods._reparam import Permute, rank1
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -98,19 +108,15 @@ class IGCV2Conv(nn.Sequential):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, *, factors: list[int]) -> IGCV2Conv:
-        """The IGCV2 chain closest to ``conv``: sequential rank-1 fits of its kernel, each output
-        channel's kernel at the base's norm (module docstring, "Initialisation")."""
+        """The IGCV2 chain fitted to ``conv`` by sequential rank-1 least-squares fits (module docstring,
+        "Initialisation")."""
         layer = cls(conv=conv, factors=factors).to(conv.weight.device, conv.weight.dtype)
         m_out, m_in = conv.out_channels, conv.in_channels
         with torch.no_grad():
             w = conv.weight.detach().to(torch.float64)
             # W[o, i, :] = M[o, i] * depthwise[i, :]: a rank-1 fit per input channel (as dwsep's).
             mix, taps = rank1(w.reshape(m_out, m_in, -1).transpose(0, 1))  # (in, out), (in, k)
-            group_weights = _butterfly_fit(mix.t(), factors)
-            last = group_weights[-1]  # (out, K_L): all the scale is here, earlier factors have unit rows
-            target = w.reshape(m_out, -1).norm(dim=-1)
-            fitted = _chain_matrix(group_weights, layer).norm(dim=-1)  # rows of M: |W_fit[o]| (unit taps)
-            group_weights[-1] = last * match_row_norms(fitted, target)[:, None]
+            group_weights = _butterfly_fit(mix.t(), factors)  # unit rows except the last factor's
             dtype = conv.weight.dtype
             layer.depthwise.weight.copy_(taps.to(dtype).reshape(layer.depthwise.weight.shape))
             for i, g in enumerate(group_weights):
@@ -126,12 +132,14 @@ def _butterfly_fit(mix: torch.Tensor, factors: list[int]) -> list[torch.Tensor]:
     :class:`IGCV2Conv` gives them) whose product fits ``mix`` (out x in) in least squares, one digit
     at a time.
 
-    With input channel i = (d_1, ..., d_L) and output o = (e_1, ..., e_{L-1}, r) in mixed radix, the
-    chain's matrix is ``B_L[o, d_L] * B_{L-1}[(e_1..e_{L-1}, d_L), d_{L-1}] * ... * B_1[(e_1, d_2..d_L), d_1]``.
-    For fixed (e_1, d_2..d_L), the entries over (e_2..e_{L-1}, r) x d_1 are an outer product, and
-    ``B_1[(e_1, d_2..d_L), :]`` appears in no other: its rank-1 fit gives B_1 (unit rows) and a
+    With n group convs, input channel i = (d_1, ..., d_n) and output o = (e_1, ..., e_{n-1}, r) in
+    mixed radix (the module docstring's digits d_2..d_L, renumbered from 1), the chain's matrix is
+    ``B_n[o, d_n] * B_{n-1}[(e_1..e_{n-1}, d_n), d_{n-1}] * ... * B_1[(e_1, d_2..d_n), d_1]``.
+    For fixed (e_1, d_2..d_n), the entries over (e_2..e_{n-1}, r) x d_1 are an outer product, and
+    ``B_1[(e_1, d_2..d_n), :]`` appears in no other: its rank-1 fit gives B_1 (unit rows) and a
     remainder over (e_2.., r) to fit by the next digit, as TT-SVD peels one core at a time. Exact
-    when ``mix`` has the structure; otherwise a sequence of optimal rank-1 steps.
+    when ``mix`` has the structure, the least-squares optimum for n = 2; otherwise a sequence of
+    optimal rank-1 steps.
     """
     n = len(factors)
     m_out, m_in = mix.shape
@@ -157,19 +165,6 @@ def _butterfly_fit(mix: torch.Tensor, factors: list[int]) -> list[torch.Tensor]:
     want = [f"e{j}" for j in range(n - 1)] + ["r", f"d{n - 1}"]
     out.append(arrange(cur, names, want).reshape(m_out, factors[-1]))
     return out
-
-
-def _chain_matrix(group_weights: list[torch.Tensor], layer: IGCV2Conv) -> torch.Tensor:
-    """The (out x in) matrix of the group 1x1 convs and permutations of ``layer`` with these weights."""
-    x = torch.eye(layer.depthwise.in_channels, dtype=group_weights[0].dtype, device=group_weights[0].device)[:, :, None]
-    convs = iter(group_weights)
-    for name, module in layer.named_children():
-        if isinstance(module, Permute):
-            x = x.index_select(1, module.index)
-        elif name.startswith("group"):
-            w = next(convs)
-            x = nn.functional.conv1d(x, w[:, :, None], groups=module.groups)
-    return x[:, :, 0].t()
 
 
 @register_method
