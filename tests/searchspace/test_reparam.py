@@ -526,8 +526,8 @@ def _squeezenet() -> tuple[nn.Module, torch.Tensor, float]:
 
 @pytest.mark.parametrize("method", ["igc", "igcv2"])
 def test_igc_methods_keep_squeezenets_logits_input_dependent(method):
-    # SqueezeNet has no BatchNorm to re-centre a shrunken signal: with a fresh chain per conv its
-    # logits came out constant. With the fitted, norm-matched start they vary as much as the base's.
+    # A freshly initialised chain per conv (fresh biases, the variance shrinking ~3x per conv) makes
+    # SqueezeNet's logits constant; from the least-squares fit they vary about as much as the base's.
     from automl._coverage import CONSTANT, mid_params
     from searchspace import get_method
 
