@@ -20,6 +20,7 @@ __all__ = [
     "inherit_weights",
     "interleave",
     "param_count",
+    "rank1",
 ]
 
 
@@ -33,6 +34,19 @@ def divisor_at_most(n: int, cap: int) -> int:
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def rank1(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-1 fit (Frobenius norm) of each matrix of a batch ``(..., R, C)``: ``left[..., :, None] *
+    right[..., None, :]``, ``right`` of unit norm and summing to >= 0 (so the split is unique).
+
+    The Eckart-Young theorem makes the leading singular pair the least-squares optimum; a matrix that
+    is rank 1 is reproduced exactly.
+    """
+    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    left, right = u[..., :, 0] * s[..., :1], vh[..., 0, :]
+    sign = torch.where(right.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(right)
+    return left * sign, right * sign
 
 
 def conv_like(conv: nn.Conv1d | nn.Conv2d) -> type[nn.Module]:

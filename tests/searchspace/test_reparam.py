@@ -3,6 +3,9 @@ convolutions (wsnet, igc, igcv2, igcv3, dwsep, scale)."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +181,101 @@ def test_igc_init_keeps_block_diagonal_part():
     layer = IGCConv.from_conv(conv, partitions=parts)
     x = _x(conv)
     _close(layer(x), conv(x), "IGC init on a block-diagonal kernel")
+
+
+def _dense_kernel(layer: nn.Module, conv: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
+    """The dense kernel ``layer`` computes (a linear chain built on ``conv``, stride 1, no padding,
+    no bias): its response to each one-hot input of the kernel's size."""
+    taps = math.prod(conv.kernel_size)
+    basis = torch.eye(conv.in_channels * taps).reshape(-1, conv.in_channels, *conv.kernel_size)
+    with torch.no_grad():
+        out = layer(basis).reshape(conv.in_channels * taps, conv.out_channels)
+    return out.t().reshape(conv.weight.shape)
+
+
+def _structured_conv(make_layer, conv: nn.Conv1d | nn.Conv2d) -> nn.Module:
+    """``conv`` with its kernel replaced by that of a randomly initialised structured layer."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        conv.weight.copy_(_dense_kernel(make_layer(conv), conv))
+    return conv
+
+
+STRUCTURED = [
+    pytest.param(lambda: nn.Conv1d(16, 32, 3, bias=False), id="1d-16-32"),
+    pytest.param(lambda: nn.Conv2d(24, 48, 3, bias=False), id="2d-24-48"),
+    pytest.param(lambda: nn.Conv2d(12, 24, 1, bias=False), id="2d-1x1-12-24"),
+]
+
+
+@pytest.mark.parametrize("make", STRUCTURED)
+@pytest.mark.parametrize("parts", [2, 4])
+def test_igc_init_reproduces_a_kernel_with_the_igc_structure(make, parts):
+    # Known answer: a kernel the IGC chain can hold exactly; the least-squares fit must give it back.
+    conv = _structured_conv(lambda c: IGCConv(conv=c, partitions=parts), make())
+    layer = IGCConv.from_conv(conv, partitions=parts)
+    x = _x(conv)
+    _close(layer(x), conv(x), f"IGC(L={parts}) fitted to a kernel with its own structure")
+
+
+@pytest.mark.parametrize("make", STRUCTURED)
+@pytest.mark.parametrize("convs", [2, 3])
+def test_igcv2_init_reproduces_a_kernel_with_the_igcv2_structure(make, convs):
+    conv = make()
+    factors = IGCV2.layer_factors(conv, convs)
+    assert factors is not None and len(factors) == convs, f"{conv} should split into {convs} factors, got {factors}"
+    conv = _structured_conv(lambda c: IGCV2Conv(conv=c, factors=factors), conv)
+    layer = IGCV2Conv.from_conv(conv, factors=factors)
+    x = _x(conv)
+    _close(layer(x), conv(x), f"IGCV2{factors} fitted to a kernel with its own structure")
+
+
+def _fit_error(layer: nn.Module, conv: nn.Conv1d | nn.Conv2d) -> float:
+    return float((_dense_kernel(layer, conv) - conv.weight.detach()).norm() / conv.weight.detach().norm())
+
+
+def _brute_force_error(make_layer, conv: nn.Conv1d | nn.Conv2d, starts: int = 3) -> float:
+    """Smallest relative kernel error L-BFGS finds for the structure from random starts (a reference
+    the closed-form fit must match)."""
+    taps = math.prod(conv.kernel_size)
+    basis = torch.eye(conv.in_channels * taps).reshape(-1, conv.in_channels, *conv.kernel_size)
+    want = conv.weight.detach()
+    best, threads = math.inf, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only adds overhead
+    try:
+        for seed in range(starts):
+            torch.manual_seed(seed)
+            layer = make_layer(conv)
+            opt = torch.optim.LBFGS(layer.parameters(), max_iter=100, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-12)
+
+            def loss() -> torch.Tensor:
+                opt.zero_grad()
+                err = (layer(basis).reshape(-1, conv.out_channels).t().reshape(want.shape) - want).square().sum()
+                err.backward()
+                return err
+
+            opt.step(loss)
+            best = min(best, _fit_error(layer, conv))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+@pytest.mark.parametrize("structure", ["igc", "igcv2"])
+def test_igc_inits_are_the_least_squares_fit_of_an_unstructured_kernel(structure):
+    # Known answer: where the blocks of the structure share no parameter (IGC; IGCV2 with two group
+    # convs on a 1x1 conv) the rank-1 fits are the least-squares optimum: no optimiser does better.
+    torch.manual_seed(4)
+    if structure == "igc":
+        conv = nn.Conv1d(8, 8, 3, bias=False)
+        make = lambda c: IGCConv(conv=c, partitions=2)  # noqa: E731
+        fitted = IGCConv.from_conv(conv, partitions=2)
+    else:
+        conv = nn.Conv1d(16, 16, 1, bias=False)
+        make = lambda c: IGCV2Conv(conv=c, factors=[4, 4])  # noqa: E731
+        fitted = IGCV2Conv.from_conv(conv, factors=[4, 4])
+    ours, reference = _fit_error(fitted, conv), _brute_force_error(make, conv)
+    assert 0 < ours <= reference + 1e-5, f"{structure}: closed-form fit error {ours:.6f} > L-BFGS's best {reference:.6f}"
 
 
 @pytest.mark.parametrize("cin,cout,convs", [(16, 16, 2), (64, 128, 2), (128, 128, 3), (24, 48, 3), (25, 25, 2)])
@@ -412,3 +510,33 @@ def test_scale_rebuilds_library_models_by_name_at_another_width_and_depth():
             assert small.eval()(x).shape == (2, 10)
     other = build_model("torchvision:squeezenet1_1", input_shape=(3, 32, 32), num_classes=10)
     assert "torchvision:squeezenet1_1 is not declared to scale" in CompoundScaling().supports(other)
+
+
+@functools.lru_cache(maxsize=1)
+def _squeezenet() -> tuple[nn.Module, torch.Tensor, float]:
+    """torchvision's squeezenet1_1 at 32 px, its logits made input dependent, with its inputs and spread."""
+    from automl._coverage import input_dependent
+    from automl._models import build_model
+
+    torch.manual_seed(0)
+    base = build_model("torchvision:squeezenet1_1", input_shape=(3, 32, 32), num_classes=10)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return base, x, input_dependent(base, x)
+
+
+@pytest.mark.parametrize("method", ["igc", "igcv2"])
+def test_igc_methods_keep_squeezenets_logits_input_dependent(method):
+    # A freshly initialised chain per conv (fresh biases, the variance shrinking ~3x per conv) makes
+    # SqueezeNet's logits constant; from the least-squares fit they vary about as much as the base's.
+    from automl._coverage import CONSTANT, mid_params
+    from searchspace import get_method
+
+    base, x, base_spread = _squeezenet()
+    m = get_method(method)()
+    ctx = ApplyContext(example_input=x[:1])
+    model = m.apply(base, mid_params(m), context=ctx).eval()
+    assert len(ctx.notes[m.converted_key()]) > 20, f"{method} converted only {ctx.notes[m.converted_key()]}"
+    with torch.no_grad():
+        y = model(x)
+    spread = float(y.std(dim=0).max() / y.abs().max())
+    assert spread > 0.1 * base_spread > CONSTANT, f"{method}: logit spread {spread:.2g}, the base's {base_spread:.2g}"
