@@ -15,7 +15,10 @@ images (``dynamic_images.py``), per sample by the study's own function.
    A dynamic model pays off only where the samples that leave early skip stages that cost much
    more than the heads and decisions they run.
 
-Timings are medians over ``--rounds`` rounds, the artifacts interleaved within each round.
+Timings are medians over ``--rounds`` rounds, the artifacts interleaved within each round. On a
+shared machine the load moves between artifacts even so; the first table therefore also gives the
+paired ratio: each image run by every artifact in turn (the order rotated), and the median over
+images and rounds of each run's time over the base's on the same image.
 
     python benchmarks/exit_costs.py --model resnet18 --size 64 --samples 40
 """
@@ -92,6 +95,35 @@ def hoist(src: Path, dst: Path) -> int:
     return moved
 
 
+def paired_ratios(paths: dict[str, Path], inputs, rounds: int) -> dict[str, float]:
+    """Median over images and rounds of an artifact's time on an image over the base's on it, the
+    artifacts run one after another on each image (order rotated), so slow load changes cancel."""
+    import statistics
+    import time
+
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = list(paths)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):  # the first round warms up
+        for i in range(len(inputs)):
+            feed = inputs[i : i + 1].numpy()
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                s = sessions[n]
+                t0 = time.perf_counter()
+                s.run(None, {s.get_inputs()[0].name: feed})
+                if r:
+                    times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(a / b for a, b in zip(times[n], times["base"])) for n in names}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
@@ -166,16 +198,17 @@ def main() -> None:
                 times[name].append(time_artifact(arts[name], inputs, settings, per_sample=True).median_ms)
         ms = {name: statistics.median(v) for name, v in times.items()}
         profiles = {name: kernel_us(path, inputs, tmp / f"profile-{i}") for i, (name, path) in enumerate(paths.items())}
+        paired = paired_ratios(paths, inputs, 2 * a.rounds)
 
     b = ms["base"]
     print(f"{a.model} at {a.size} px, ONNX Runtime 1 thread, batch 1, {a.samples} generated images, "
           f"per-sample mean latency, median of {a.rounds} rounds; exits after {a.exits} stages, glance scale {a.scale}, crop {a.crop}\n")
     print("Every sample runs everything (kernel sums from ONNX Runtime's profile, us per sample):\n")
-    print("| artifact | backbone us | exit heads us | decision us | other us | per-sample latency ms | ratio to base |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| artifact | backbone us | exit heads us | decision us | other us | per-sample latency ms | ratio to base | paired ratio to base |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, us in profiles.items():
         g = grouped(us)
-        print(f"| {name} | {g['backbone']:.0f} | {g['head']:.0f} | {g['decision']:.0f} | {g['other']:.0f} | {ms[name]:.3f} | {ms[name] / b:.2f} |")
+        print(f"| {name} | {g['backbone']:.0f} | {g['head']:.0f} | {g['decision']:.0f} | {g['other']:.0f} | {ms[name]:.3f} | {ms[name] / b:.2f} | {paired[name]:.3f} |")
     print("\n(" + "; ".join(f"{label}: {n} initializers moved back to the main graph" for label, n in moved.items()) + ")")
     print("\nEvery sample leaves at one exit (as shipped):\n")
     print("| path | per-sample latency ms | latency / base | MACs | MACs / base |")
