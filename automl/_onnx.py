@@ -15,6 +15,9 @@ translates that program with onnxscript. Checked on torch 2.14.1 for every regis
   raw graph keeps each BatchNormalization in a form ONNX Runtime does not fuse into the convolution
   before it, so a dynamic model would pay for a separate BatchNormalization and ReLU per layer that
   its static base does not;
+- initializers read only inside an ``If`` branch are moved into that branch
+  (:func:`_scope_initializers`): ONNX Runtime applies its blocked layout and convolution fusions
+  only to convolutions whose weights are initializers of their own graph;
 - T-Net layers compute their kernel from the shared factors while exporting (their inference cache
   keys on tensor versions, which ``torch.export`` cannot trace);
 - int8 is not exported from a quantised PyTorch module: the float model is exported and ONNX
@@ -137,6 +140,7 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
     )
     if keep:
         _optimize_keeping(onnx_program.model, keep)
+    _scope_initializers(onnx_program.model, keep)
     _drop_trace_metadata(onnx_program.model)
     onnx_program.save(str(path), external_data=False)
     return {"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": version, "optimized": True, "named_initializers": list(keep)}
@@ -159,6 +163,58 @@ def _optimize_keeping(model: Any, keep: tuple[str, ...]) -> None:
         for value in held:
             graph.inputs.remove(value)
             graph.register_initializer(value)
+
+
+def _scope_initializers(model: Any, keep: tuple[str, ...] = ()) -> int:
+    """Move every initializer that only nodes inside one subgraph (an ``If`` branch) read into that
+    subgraph, the innermost one holding all its uses; return how many moved.
+
+    ONNX Runtime's layout and fusion transformers take a convolution's weights as constant only when
+    they are initializers of the graph the convolution is in: weights read from an outer scope leave
+    the convolution in the plain NCHW kernel, unfused with the residual Add, without the blocked
+    (NCHWc) layout the same layer gets in a static graph. The exporter puts every initializer in the
+    main graph, so without this move the stages after an early exit would run slower than the same
+    stages in the base. Initializers named in ``keep`` stay in the main graph, where the artifact's
+    settings are written (:func:`automl._artifact._rebind`).
+    """
+    import onnx_ir as ir
+
+    parent: dict[Any, Any] = {}
+
+    def index(graph: Any) -> None:
+        for node in graph:
+            for attr in node.attributes.values():
+                subs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+                for sub in subs:
+                    parent[sub] = graph
+                    index(sub)
+
+    index(model.graph)
+    if not parent:
+        return 0
+
+    def lineage(graph: Any) -> list[Any]:
+        out = [graph]
+        while out[-1] in parent:
+            out.append(parent[out[-1]])
+        return out[::-1]  # main graph first
+
+    moved = 0
+    main = model.graph
+    for value in list(main.initializers.values()):
+        if value.name.rsplit(".", 1)[-1] in keep or value in main.outputs or not value.uses():
+            continue
+        chains = [lineage(node.graph) for node, _ in value.uses()]
+        home = main
+        for depth in range(1, min(len(c) for c in chains)):
+            if any(c[depth] is not chains[0][depth] for c in chains):
+                break
+            home = chains[0][depth]
+        if home is not main:
+            main.initializers.pop(value.name)
+            home.register_initializer(value)
+            moved += 1
+    return moved
 
 
 def _drop_trace_metadata(model: Any) -> None:

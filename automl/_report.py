@@ -41,10 +41,12 @@ __all__ = [
     "FORMATS",
     "ProfileHeat",
     "ReportData",
+    "LatencySpread",
     "ScatterData",
     "TimelineData",
     "build_report",
     "allocation_table",
+    "latency_spread",
     "pair_data",
     "profile_heat",
     "render_html",
@@ -103,6 +105,17 @@ class TimelineData:
 
 
 @dataclass(frozen=True)
+class LatencySpread:
+    """Per-sample latency of the dynamic trials (early exits, glance): each sample is timed alone, so
+    a trial has a distribution, summarised by its mean (``latency_ms``), median and 90th percentile;
+    a user with a latency budget reads the tail. Trials sorted by mean; the base's latency beside."""
+
+    #: (number, method, mean ms, p50 ms, p90 ms, on the front)
+    trials: tuple[tuple[int, str, float, float, float, bool], ...]
+    base_ms: float | None
+
+
+@dataclass(frozen=True)
 class ProfileHeat:
     """One method's sensitivity profile as a heatmap: layer x level -> validation accuracy drop."""
 
@@ -137,6 +150,20 @@ def profile_heat(study_dir: str | Path | None) -> tuple[ProfileHeat, ...]:
     return tuple(out)
 
 
+def latency_spread(view: StudyView) -> LatencySpread | None:
+    """The per-sample latency record of the finished trials timed per sample (None: the study has none)."""
+    front = {r.number for r in view.front}
+    rows = []
+    for r in view.trials:
+        mean, p50, p90 = r.metrics.get("latency_ms"), r.attrs.get("latency_p50_ms"), r.attrs.get("latency_p90_ms")
+        if mean is not None and p50 is not None and p90 is not None:
+            rows.append((r.number, r.method, float(mean), float(p50), float(p90), r.number in front))
+    if not rows:
+        return None
+    base = view.base.get("latency_ms")
+    return LatencySpread(tuple(sorted(rows, key=lambda t: (t[2], t[0]))), None if base is None else float(base))
+
+
 def allocation_table(view: StudyView) -> pd.DataFrame:
     """Per trial on the front, the per-layer levels its methods read from the profile (none: uniform)."""
     rows = []
@@ -168,6 +195,8 @@ class ReportData:
     profile: tuple[ProfileHeat, ...] = ()
     #: The per-layer levels the front's trials used (empty: all uniform).
     allocation: pd.DataFrame | None = None
+    #: Per-sample latency of the dynamic trials (None: no trial was timed per sample).
+    spread: LatencySpread | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
@@ -183,7 +212,7 @@ class ReportData:
 
 _COLUMNS = [
     "trial", "state", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression",
-    "latency_ms", "latency_iqr_ms", "speedup", "macs", "macs_reduction", "n_params", "on_front", "knee",
+    "latency_ms", "latency_iqr_ms", "latency_p50_ms", "latency_p90_ms", "speedup", "macs", "macs_reduction", "n_params", "on_front", "knee",
     "count", "same_plan", "within_max_drop", "finalized_from", "checkpoint", "fail_reason",
 ]
 
@@ -219,6 +248,9 @@ def trial_table(rows: Sequence[FrontRow | PlanGroup], view: StudyView, *, knee: 
                 "compression": r.compression,
                 "latency_ms": m.get("latency_ms"),
                 "latency_iqr_ms": m.get("latency_iqr_ms"),
+                # Recorded beside the metrics (user attributes) for a model timed per sample.
+                "latency_p50_ms": r.attrs.get("latency_p50_ms"),
+                "latency_p90_ms": r.attrs.get("latency_p90_ms"),
                 "speedup": r.speedup,
                 "macs": m.get("macs"),
                 "macs_reduction": float(base_macs) / float(m["macs"]) if base_macs and m.get("macs") else None,
@@ -236,7 +268,7 @@ def trial_table(rows: Sequence[FrontRow | PlanGroup], view: StudyView, *, knee: 
         values = pd.to_numeric(df[col], errors="coerce").astype("Float64")
         integral = bool(((values.round() == values) | values.isna()).all())
         df[col] = values.astype("Int64") if integral else values
-    for col in ("accuracy", "accuracy_delta_pt", "compression", "latency_ms", "latency_iqr_ms", "speedup", "macs_reduction"):
+    for col in ("accuracy", "accuracy_delta_pt", "compression", "latency_ms", "latency_iqr_ms", "latency_p50_ms", "latency_p90_ms", "speedup", "macs_reduction"):
         df[col] = df[col].astype("Float64")
     return df
 
@@ -324,6 +356,7 @@ def build_report(view: StudyView, *, max_drop: float | None = None) -> ReportDat
         max_drop=max_drop,
         profile=profile_heat(view.study_dir),
         allocation=allocation_table(view),
+        spread=latency_spread(view),
     )
 
 
@@ -519,6 +552,33 @@ def _timeline_figure(t: TimelineData, colors: dict[str, str]):
     return fig
 
 
+def _spread_figure(d: LatencySpread, colors: dict[str, str]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    labels = [f"trial {n}" + (" *" if front else "") for n, *_, front in d.trials]
+    for method in sorted({m for _, m, *_ in d.trials}):
+        rows = [(label, t) for label, t in zip(labels, d.trials) if t[1] == method]
+        color = colors.get(method, "#888")
+        for label, (n, _, mean, p50, p90, _) in rows:
+            fig.add_trace(go.Scatter(x=[p50, p90], y=[label, label], mode="lines", line={"color": color, "width": 6}, showlegend=False, hoverinfo="text", text=[f"trial {n}: p50 {p50:.3f} ms", f"trial {n}: p90 {p90:.3f} ms"]))
+        fig.add_trace(
+            go.Scatter(
+                x=[t[2] for _, t in rows], y=[label for label, _ in rows], mode="markers", name=method,
+                marker={"color": "white", "size": 9, "line": {"color": color, "width": 2}},
+                text=[f"trial {t[0]}: mean {t[2]:.3f} ms, p50 {t[3]:.3f}, p90 {t[4]:.3f}" for _, t in rows], hoverinfo="text",
+            )
+        )
+    if d.base_ms is not None:
+        fig.add_vline(x=d.base_ms, line_dash="dash", line_color="black", annotation_text="base")
+    fig.update_layout(
+        title="Per-sample latency of the dynamic trials: bar from p50 to p90, circle at the mean (* on the front)",
+        xaxis_title="latency (ms)", yaxis={"categoryorder": "array", "categoryarray": labels[::-1]},
+        height=max(300, 26 * len(d.trials) + 120), width=900,
+    )
+    return fig
+
+
 def _hypervolume_figure(hv: pd.DataFrame):
     import plotly.graph_objects as go
 
@@ -572,12 +632,14 @@ def render_html(data: ReportData) -> str:
         figures += [(f"pair-{i}", _scatter_figure(s, colors)) for i, s in enumerate(data.scatters) if len(s.axes) == 2]
         figures += [("pareto-3d", _scatter_figure(s, colors)) for s in data.scatters if len(s.axes) == 3]
         figures.append(("hypervolume", _hypervolume_figure(data.hypervolume)))
+    if data.spread is not None:
+        figures.append(("latency-spread", _spread_figure(data.spread, colors)))
     if data.timeline is not None and (data.timeline.finished or data.timeline.failed):
         figures.append(("timeline", _timeline_figure(data.timeline, colors)))
     divs = []
     for i, (div_id, fig) in enumerate(figures):
         divs.append(pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=div_id, config={"displaylogo": False}))
-    table_cols = ["trial", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression", "latency_ms", "speedup", "macs", "macs_reduction", "within_max_drop", "knee"]
+    table_cols = ["trial", "method", "params", "accuracy", "accuracy_delta_pt", "size_bytes", "compression", "latency_ms", "latency_p90_ms", "speedup", "macs", "macs_reduction", "within_max_drop", "knee"]
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in data.notes)
     summary = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _summary_lines(data) if not any(line.endswith(n) for n in data.notes))
     explain = (

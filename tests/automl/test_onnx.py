@@ -114,6 +114,51 @@ def test_thresholds_edited_in_the_onnx_file_move_the_exits(tmp_path):
     assert np.abs(full - first).max() > 1e-3, "the case must distinguish the exits (threshold 1.0: the final exit)"
 
 
+def test_convolutions_after_an_exit_get_the_kernels_the_static_base_gets(tmp_path):
+    """ONNX Runtime gives a convolution its blocked layout and fusions only when the weights are
+    initializers of the convolution's own graph: the weights the stages after an exit read are
+    initializers of the If branch holding them, so ONNX Runtime's optimised exits model runs
+    exactly the convolution kernels of the optimised base; the thresholds stay in the main graph."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    base = make_base("digits_cnn", (1, 8, 8))
+    ctx = random_context((1, 8, 8), base, seed=3)
+    params = {"points": "stages", "count": 1, "head": "avgpool", "pool": 1, "training": "frozen", "thresholds": "direct", "threshold_0": 1.0}
+    model = searchspace.get_method("exits")().apply(base, params, context=ctx).eval()
+    x = torch.cat([b for b, _ in ctx.calibration()])[:1]
+
+    def graphs(g):
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(a.g)
+
+    convs = {}
+    for label, m in (("base", base), ("exits", model)):
+        to_onnx(m, x, tmp_path / f"{label}.onnx")
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{label}.opt.onnx")
+        ort.InferenceSession(str(tmp_path / f"{label}.onnx"), opts, providers=["CPUExecutionProvider"])
+        optimised = onnx.load(str(tmp_path / f"{label}.opt.onnx")).graph
+        convs[label] = collections.Counter(f"{n.domain}:{n.op_type}" for g in graphs(optimised) for n in g.node if "Conv" in n.op_type)
+    assert convs["exits"] == convs["base"], f"the exits model's convolutions must run the base's kernels: {dict(convs['exits'])} vs {dict(convs['base'])}"
+
+    main = onnx.load(str(tmp_path / "exits.onnx")).graph
+    branch_inits = {i.name for g in list(graphs(main))[1:] for i in g.initializer}
+    main_inits = {i.name for i in main.initializer}
+    read_in_main = {i for n in main.node for i in n.input}
+    branches = [a.g for n in main.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    read_by = {name: sum(any(name in n.input for g in graphs(b) for n in g.node) for b in branches) for name in main_inits - read_in_main}
+    later_weights = {f"exits.1.segment.{name}.weight" for name, m in model.exits[1].segment.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert later_weights and later_weights <= branch_inits, f"the later stages' weights must live in the If branch: {sorted(later_weights - branch_inits)}"
+    assert all(n != 1 for n in read_by.values()), f"main-graph initializers that one branch alone reads: {sorted(k for k, n in read_by.items() if n == 1)}"
+    assert any(n.rsplit(".", 1)[-1] == "thresholds" for n in main_inits), "the thresholds stay a main-graph initializer"
+
+
 def test_dynamic_int8_linear_is_integer_arithmetic_and_exact(tmp_path):
     """The legacy exporter (a TorchScript torch.ao int8 model, the one case kept on it): dynamic int8
     Linear becomes QuantizeLinear + MatMulInteger with PyTorch's own arithmetic (reduce_range

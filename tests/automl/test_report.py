@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from automl._cli import app
 from automl._pareto import load_view
 from automl._records import write_trial
-from automl._report import build_report, pair_data, render_html, timeline_data, write_tables
+from automl._report import build_report, latency_spread, pair_data, render_html, timeline_data, write_tables
 from tests.automl.test_pareto import make_study, pt
 from tests.conftest import skip_unless_ci
 
@@ -58,6 +58,24 @@ def test_tables_ratios_and_formats(tmp_path):
         assert sorted(p.name for p in files) == sorted(f"{n}.{fmt}" for n in data.tables()), f"{fmt} files differ: {files}"
         back = pd.read_csv(files[0]) if fmt == "csv" else pd.read_parquet(files[0])
         assert list(back["trial"]) == list(data.front["trial"]), f"{fmt} front round trip differs"
+
+
+def test_per_sample_latency_spread_of_dynamic_trials():
+    """Trials timed per sample (p50/p90 stored, as dynamic models are) get the spread record, sorted by mean, beside the
+    base's latency; a block-timed trial has none; the tables carry p50/p90 and the page draws it."""
+    dynamic = [
+        ("tucker", {**pt(0.89, 900, 0.6), "latency_p50_ms": 0.3, "latency_p90_ms": 1.1}),
+        ("wsnet", {**pt(0.90, 950, 0.4), "latency_p50_ms": 0.2, "latency_p90_ms": 0.9}),
+    ]
+    view = load_view(make_study([POINTS[0], *dynamic]))
+    spread = latency_spread(view)
+    assert spread is not None and spread.base_ms == 1.0, f"the base's latency is drawn beside: {spread}"
+    assert [(n, m, mean, p50, p90) for n, m, mean, p50, p90, _ in spread.trials] == [(2, "wsnet", 0.4, 0.2, 0.9), (1, "tucker", 0.6, 0.3, 1.1)], f"spread differs: {spread.trials}"
+    assert latency_spread(load_view(make_study(POINTS))) is None, "block-timed trials have no per-sample spread"
+    data = build_report(view)
+    trials = data.trials.set_index("trial")
+    assert trials.loc[1, "latency_p90_ms"] == pytest.approx(1.1) and pd.isna(trials.loc[0, "latency_p90_ms"]), "p90 in the table, empty for a static trial"
+    assert 'id="latency-spread"' in render_html(data), "the page draws the per-sample latency"
 
 
 def test_timeline_shows_failed_trials():
