@@ -2,9 +2,11 @@
 
 Ten classes, one shape each (disk, square, triangle, ring, plus, diamond, bar, two dots, L, frame),
 drawn on a smooth random background. Each image draws its difficulty independently, as real
-photographs vary: the object's size (log-uniform, 10-55 % of the side), position (anywhere: a
-region worth focusing on), small rotation, colour contrast against the background, pixel noise,
-and 0-5 clutter strokes and blobs. Many images are easy (a large, contrasted object a glance at
+photographs vary: the object's size (log-uniform, 24-70 % of the side), position (anywhere: a
+region worth focusing on), small rotation, colour contrast against the background (0.3-0.8),
+pixel noise (sigma up to 0.12), and 0-3 clutter strokes and blobs. Smaller, fainter objects in
+more noise (down to 10 % of the side, contrast 0.18, sigma 0.2, 5 strokes) left a 4-layer CNN and
+resnet18 trained from scratch on 3,000 images at chance. Many images are easy (a large, contrasted object a glance at
 low resolution or an early exit classifies) and some are hard (a small, faint object in noise and
 clutter, which needs the whole network at full resolution): the spread a dynamic model exploits.
 The seed fixes everything, so a study that generates the data itself always gets the same images.
@@ -66,7 +68,7 @@ def render(k: int, size: int, rng: np.random.Generator) -> np.ndarray:
     c0, c1 = rng.uniform(0.2, 0.8, 3), rng.uniform(0.2, 0.8, 3)
     img = c0 + (c1 - c0) * ramp[..., None] * rng.uniform(0.2, 1.0)
     # Clutter: strokes and blobs that are none of the classes' shapes, faint to strong.
-    for _ in range(rng.integers(0, 6)):
+    for _ in range(rng.integers(0, 4)):
         colour = rng.uniform(0, 1, 3)
         alpha = rng.uniform(0.15, 0.6)
         cx, cy = rng.uniform(0, size, 2)
@@ -79,19 +81,19 @@ def render(k: int, size: int, rng: np.random.Generator) -> np.ndarray:
             mask = np.hypot((xs - cx) / rng.uniform(1, 0.12 * size), (ys - cy) / rng.uniform(1, 0.12 * size)) <= 1
         img = np.where(mask[..., None], (1 - alpha) * img + alpha * colour, img)
     # The object: size, position, rotation and contrast each drawn per image.
-    radius = size * np.exp(rng.uniform(np.log(0.05), np.log(0.275)))
+    radius = size * np.exp(rng.uniform(np.log(0.12), np.log(0.35)))
     cx, cy = rng.uniform(radius, size - radius, 2)
     theta = rng.uniform(-0.3, 0.3)
     u = ((xs - cx) * np.cos(theta) + (ys - cy) * np.sin(theta)) / radius
     v = (-(xs - cx) * np.sin(theta) + (ys - cy) * np.cos(theta)) / radius
     mask = _shape_mask(k, u, v)
-    contrast = rng.uniform(0.18, 0.8)
+    contrast = rng.uniform(0.3, 0.8)
     local = img[mask].mean(axis=0) if mask.any() else img.mean(axis=(0, 1))
     direction = rng.uniform(-1, 1, 3)
     direction /= max(np.abs(direction).max(), 1e-6)
     colour = np.clip(local + contrast * direction, 0, 1)
     img = np.where(mask[..., None], colour, img)
-    img = img + rng.normal(0, rng.uniform(0.01, 0.2), img.shape)
+    img = img + rng.normal(0, rng.uniform(0.01, 0.12), img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
