@@ -972,6 +972,10 @@ def _group_roots(model: nn.Module, example: torch.Tensor, ignored: list[nn.Modul
     return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
 
 
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _ratio_for_count(removed: int, channels: int) -> float:
     """The ratio for which Torch-Pruning removes exactly ``removed`` of ``channels`` channels
     (it removes ``channels - int(channels * (1 - ratio))``)."""
@@ -1002,7 +1006,7 @@ class Prune(CompressionMethod):
     hyperparameters = {
         "criterion": Categorical(sorted(CRITERIA)),
         "allocation": Categorical(list(ALLOCATIONS)),
-        "ratio": Float(0.1, 0.7),
+        "ratio": Float(0.1, 0.9),
         "share": Float(0.1, 0.98),
         "per_stage": Categorical([False, True]),
         **{f"stage_ratio_{i}": Float(0.0, 0.7) for i in range(MAX_STAGE_RATIOS)},
@@ -1010,7 +1014,10 @@ class Prune(CompressionMethod):
         "gate_epochs": Int(1, 3),
         "gate_l1": Float(1e-3, 1e-1, log=True),
     }
-    default_ranges = {"allocation": Categorical(["uniform"])}
+    # A config may open ``ratio`` up to 0.9 (the deepest level the profile measures and the
+    # ``global`` cap), to reach as far as a ``share`` near 1 does; by default a ratio above 0.7
+    # (91 % of a plain CNN's parameters) is not sampled.
+    default_ranges = {"allocation": Categorical(["uniform"]), "ratio": Float(0.1, 0.7)}
 
     def space(self, trial: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion")}
@@ -1111,8 +1118,19 @@ class Prune(CompressionMethod):
             counts = global_counts(scores, ratio, max_ratio=MAX_GLOBAL_RATIO)
             return {n: _ratio_for_count(k, channels[n]) for n, k in counts.items() if k > 0}
         rows = {n: entries for n, entries in profile.rows(self.name).items() if n in known}
-        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params, layers=sorted(known, key=list(profile.rows(self.name)).index))
-        notes["prune.predicted_saved"] = predicted
+        before = _params(model)
+
+        def saved_by(levels: Mapping[str, float]) -> int:
+            # Pruned layers share the convolutions between them, so their own savings do not add
+            # up: the plan is pruned (l1; the criterion picks which channels, not how many) and counted.
+            probe = ApplyContext(example_input=example)
+            return before - _params(self._prune(model, L1Filter, levels, None, probe))
+
+        levels, saved = allocate(
+            rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params,
+            layers=sorted(known, key=list(profile.rows(self.name)).index), saved_by=saved_by,
+        )
+        notes["prune.allocated_saved"] = saved
         return levels
 
     def _prune(self, model: nn.Module, make: Callable[[], ChannelCriterion], levels: Mapping[str, float] | None, params: Mapping[str, Any] | None, context: ApplyContext) -> nn.Module:

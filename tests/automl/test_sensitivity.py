@@ -57,6 +57,9 @@ def test_allocation_defaults_to_uniform_and_a_uniform_plan_is_written_as_before(
     assert not prune.needs_profile() and not tucker.needs_profile(), "a config that does not name allocation must not need a profile"
     fixed = optuna_fixed({"prune.criterion": "l1", "prune.per_stage": False, "prune.ratio": 0.3})
     assert prune.space(fixed) == {"criterion": "l1", "per_stage": False, "ratio": 0.3}
+    assert prune.ranges["ratio"].high == 0.7, "a config that does not name prune.ratio samples it up to 0.7"
+    wide = searchspace.get_method("prune").narrowed({"ratio": [0.1, 0.9]})["ratio"]
+    assert wide.high == 0.9, "a config may open prune.ratio to 0.9, as deep as the profile's levels and a share near 1 reach"
     opened_prune = opened()["prune"]
     assert opened_prune.needs_profile()
     sens = opened_prune.space(optuna_fixed({"prune.criterion": "l1", "prune.allocation": "sensitivity", "prune.share": 0.8}))
@@ -85,6 +88,21 @@ def test_allocate_picks_the_least_loss_per_parameter_one_level_at_a_time():
     levels, saved = allocate(rows, base_accuracy=0.90, target_saved=10_000)
     assert levels == {"a": 0.5, "b": 0.5, "c": 0.5} and saved == 800, "an unreachable target compresses everything to its last level"
     assert allocate(rows, base_accuracy=0.90, target_saved=0) == ({}, 0)
+
+    # Layers that share parameters (a pruned layer and the next one both shrink the weights
+    # between them): the exact saving is less than the sum, so more moves are taken. Moves in
+    # order: a0.25, a0.5, c0.25, c0.5, b0.25, b0.5; a and c share level_a * level_c * 160
+    # parameters, so the exact savings are 100, 200, 230, 560, 660, 760 (the sums: ..., 600, 700, 800).
+    def shared(levels):
+        own = sum(next(e.params_saved for e in rows[n] if e.level == lv) for n, lv in levels.items())
+        return own - int(levels.get("a", 0) * levels.get("c", 0) * 160)
+
+    calls = []
+    levels, saved = allocate(rows, base_accuracy=0.90, target_saved=600, saved_by=lambda lv: calls.append(dict(lv)) or shared(lv))
+    assert levels == {"a": 0.5, "b": 0.25, "c": 0.5} and saved == 660, (levels, saved, "c at 0.5 saves 560 < 600 exactly: b at 0.25 must be taken too")
+    assert len(calls) <= 4, f"the count is found by bisection over 6 moves, not move by move: {calls}"
+    levels, saved = allocate(rows, base_accuracy=0.90, target_saved=10_000, saved_by=shared)
+    assert levels == {"a": 0.5, "b": 0.5, "c": 0.5} and saved == 760, (levels, saved)
 
 
 def test_global_counts_equal_torch_prunings_global_ranking():
@@ -171,7 +189,7 @@ def test_sensitivity_removes_the_redundant_layer_first_and_uniform_does_not(digi
     assert notes["prune.levels"] == {"conv1": 0.4} and notes["prune.channels"] == {"conv1": [16, 9]}, notes
     with torch.no_grad():
         assert int((model(x).argmax(1) == y).sum()) == base_correct, "removing the copies must keep every test prediction's correctness"
-    assert param_count(base) - param_count(model) == 448 == notes["prune.predicted_saved"]
+    assert param_count(base) - param_count(model) == 448 == notes["prune.allocated_saved"]
     uniform, notes = pruned({"criterion": "l1", "per_stage": False, "ratio": share})
     assert "conv2" in notes["prune.channels"], f"uniform cuts the signal layer as much as any: {notes['prune.channels']}"
 
