@@ -8,7 +8,8 @@
   what the base computed), ``uniform`` cuts the signal layer too;
 - the dry run's params, size and MACs equal the trained model's for every allocation, and the
   checkpoint (which keeps the profile) rebuilds the trained structure;
-- the profile is measured once per study: preparing it again (what ``resume`` does) reads it back.
+- the profile is measured once per study, in a Ray task with the trial resources: preparing it
+  again (what ``resume`` does) reads it back.
 """
 
 from __future__ import annotations
@@ -237,7 +238,10 @@ def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
         opened()["prune"].apply(base, {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}, context=ctx)
 
 
-def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path):
+@pytest.mark.slow  # starts a local Ray for the profile's task
+def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path, ray_session):
+    import os
+
     import optuna
 
     from automl._study import prepare_study
@@ -249,6 +253,8 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     })
     lines: list[str] = []
     _, launched, _ = prepare_study(cfg, log=lines.append)  # what `automl launch` prepares
+    where = optuna.load_study(study_name="profiled", storage=cfg.storage_url).user_attrs[PROFILE]["where"]
+    assert where["pid"] != os.getpid() and where["device"] == "cpu" and where["torch_threads"] == 1, f"the profile must be measured in a Ray task with the trial resources (1 cpu), got {where}"
     written = (tmp_path / "profiled" / PROFILE_FILE).read_text()
     _, resumed, _ = prepare_study(cfg, log=lines.append)  # what `automl resume` prepares
     measured = [ln for ln in lines if ln.startswith("profile: measuring")]
@@ -258,6 +264,7 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     assert launched.profile == resumed.profile and set(resumed.profile.layers) == {"prune", "tucker", "int8"}
     study = optuna.load_study(study_name="profiled", storage=cfg.storage_url)
     assert study.user_attrs[PROFILE]["file"] == PROFILE_FILE and study.user_attrs[PROFILE]["layers"]["prune"] > 0
+    assert study.user_attrs[PROFILE]["where"] == where, "resume keeps the record of where the profile was measured"
 
 
 def test_int8_keep_float_leaves_the_most_sensitive_layers_float(tmp_path):
