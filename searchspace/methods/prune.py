@@ -1059,10 +1059,23 @@ class Prune(CompressionMethod):
     def profile_levels(self) -> tuple[float, ...]:
         return PROFILE_LEVELS
 
-    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+    @staticmethod
+    def _conv_groups(model: nn.Module, example: torch.Tensor) -> list[tuple[str, Any]]:
+        """(layer name, pruning group) of every convolution a pass can prune, part by part as
+        :meth:`_prune` prunes it: the whole model, or its runs where the graph cannot follow it
+        (ShuffleNetV2's channel shuffle), so the profile and the allocations see those runs' layers."""
         names = _names(model)
-        groups = _group_roots(model, example, prunable_output_layers(model, example))
-        return [names[_root(g)] for g in groups if isinstance(_root(g), nn.modules.conv._ConvNd)]
+        parts, _ = prunable_parts(model, example)
+        out = []
+        for part in parts:
+            for g in _group_roots(part.module, part.example, part.ignored):
+                root = _root(g)
+                if isinstance(root, nn.modules.conv._ConvNd) and root in names:
+                    out.append((names[root], g))
+        return out
+
+    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        return [name for name, _ in self._conv_groups(model, example)]
 
     def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
         # Measured with the l1 criterion whatever a trial's criterion: the profile asks how much a
@@ -1072,16 +1085,12 @@ class Prune(CompressionMethod):
         return out if probe.notes["prune.channels"] else None
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-        names = _names(model)
-        groups = _group_roots(model, example, prunable_output_layers(model, example))
         scores: dict[str, list[float]] = {}
-        for g in groups:
-            if not isinstance(_root(g), nn.modules.conv._ConvNd):
-                continue
+        for name, g in self._conv_groups(model, example):
             imp = L1Filter()(g)
             if imp is not None:
                 # Torch-Pruning's "mean" normaliser: comparable across layers of different scale.
-                scores[names[_root(g)]] = (imp / imp.mean().clamp(min=1e-12)).tolist()
+                scores[name] = (imp / imp.mean().clamp(min=1e-12)).tolist()
         return {"scores": scores}
 
     # --- apply -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from automl._rebuild import load_model
 from automl._sensitivity import PROFILE, PROFILE_FILE, compute_profile, profiled_methods
 from automl._train import TrainOptions, fit
 from automl._trial import run_trial
-from searchspace import ApplyContext, LayerLevel, Plan
+from searchspace import ApplyContext, LayerLevel, Plan, SensitivityProfile
 from searchspace._profile import allocate, global_counts
 from searchspace.methods.prune import MAX_GLOBAL_RATIO, L1Filter, prunable_output_layers
 from tests.automl.test_prescreen import SETTINGS
@@ -302,3 +302,36 @@ def test_int8_keep_float_leaves_the_most_sensitive_layers_float(tmp_path):
     assert len(info["nodes_excluded"]) == 1, info
     with pytest.raises(ValueError, match="int8.keep_float=1 needs the base's sensitivity profile"):
         int8.apply(base, {"mode": "static", "keep_float": 1}, context=ApplyContext(example_input=x[:1]))
+
+
+def test_global_and_sensitivity_prune_a_shufflenet_run_by_run():
+    """ShuffleNetV2's channel shuffle keeps the whole dependency graph out: the profile's layers,
+    the global scores and both allocations follow the runs that pruning uses (``prune.split``)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    prune = opened()["prune"]
+    layers = prune.profile_layers(base, example)
+    assert layers and all(".branch" in n for n in layers), f"only convolutions inside a block's branches can be cut, got {layers}"
+    scores = prune.profile_extra(base, example)["scores"]
+    assert set(scores) == set(layers), (sorted(scores), layers)
+    # A constructed table: one layer is free to halve, every other costs accuracy.
+    free = layers[len(layers) // 2]
+    rows = {n: (LayerLevel(0.5, 0.9 if n == free else 0.5, 1, 0),) for n in layers}
+    profile = SensitivityProfile(base_accuracy=0.9, base_params=param_count(base), base_macs=0, layers={"prune": rows}, extra={"prune": {"scores": scores}})
+    want = tuple(base(example).shape)
+    for params in ({"criterion": "l1", "allocation": "global", "ratio": 0.5}, {"criterion": "l1", "allocation": "sensitivity", "share": 0.001}):
+        ctx = ApplyContext(example_input=example, profile=profile)
+        out = prune.apply(base, params, context=ctx)
+        assert "prune.split" in ctx.notes and ctx.notes["prune.unprofiled"] == [], ctx.notes
+        with torch.no_grad():
+            assert tuple(out(example).shape) == want
+        cut = {n.rsplit(".", 1)[0] for n in ctx.notes["prune.channels"]}
+        if params["allocation"] == "global":
+            assert len(ctx.notes["prune.levels"]) > 1 and param_count(out) < param_count(base), ctx.notes["prune.levels"]
+        else:
+            assert ctx.notes["prune.levels"] == {free: 0.5}, ctx.notes["prune.levels"]
+            assert cut == {free.rsplit(".", 1)[0]}, f"only the free layer's branch may lose channels, got {ctx.notes['prune.channels']}"
+            assert param_count(base) - param_count(out) == ctx.notes["prune.allocated_saved"] >= 0.001 * param_count(base)
