@@ -209,6 +209,7 @@ PLANS = {
     "tucker-sensitivity+prune-sensitivity-thinet": (("tucker", {"allocation": "sensitivity", "share": 0.3}), ("prune", {"criterion": "thinet", "allocation": "sensitivity", "share": 0.2})),
     # dynamic: static int8's ONNX file stores activation zero points as varints, whose size follows
     # the calibrated ranges (a byte apart between the dry run and the trained model, keep_float or not).
+    "tucker+prune-global-l1": (("tucker", {"rank_out": 0.5, "rank_in": 0.5}), ("prune", {"criterion": "l1", "allocation": "global", "ratio": 0.4})),
     "prune-sensitivity+int8-keep_float": (("prune", {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}), ("int8", {"mode": "dynamic", "keep_float": 2})),
 }
 
@@ -229,6 +230,27 @@ def test_dry_run_and_rebuild_equal_the_trained_model_for_every_allocation(plan_i
     assert json.loads((folder / "trial.json").read_text())["profile"] == profile.to_dict()
     rebuilt = load_model(folder, methods=methods)
     assert param_count(rebuilt) == param_count(outcome.model), f"{plan_id}: the checkpoint rebuilt {param_count(rebuilt)} params, trained {trained.params}"
+
+
+def test_pruning_after_tucker_cuts_the_replaced_layers_outputs_as_the_base_ranking_says():
+    """Tucker replaces a profiled conv by first/core/last convs; its ``last`` keeps the conv's
+    output channels and stands in for it, so ``global`` removes from it what it removes from the
+    base's conv (the counts of :func:`global_counts` on the base's scores)."""
+    base = make_base("digits_cnn", (1, 8, 8))
+    example = torch.randn(1, 1, 8, 8)
+    prune = opened()["prune"]
+    scores = prune.profile_extra(base, example)["scores"]
+    decomposed = searchspace.get_method("tucker")().apply(base, {"rank_out": 0.5, "rank_in": 0.5}, context=ApplyContext(example_input=example))
+    profile = SensitivityProfile(base_accuracy=0.0, base_params=param_count(base), base_macs=0, layers={"prune": {n: () for n in scores}}, extra={"prune": {"scores": scores}})
+    ctx = ApplyContext(example_input=example, profile=profile)
+    prune.apply(decomposed, {"criterion": "l1", "allocation": "global", "ratio": 0.4}, context=ctx)
+    stand_ins = ctx.notes.get("prune.stand_ins", {})
+    assert stand_ins and all(s == f"{n}.last" for n, s in stand_ins.items()), ctx.notes
+    counts = global_counts(scores, 0.4, max_ratio=MAX_GLOBAL_RATIO)
+    for n, s in stand_ins.items():
+        width = len(scores[n])
+        assert ctx.notes["prune.channels"].get(s, [width, width]) == [width, width - counts[n]], (n, s, counts, ctx.notes["prune.channels"])
+    assert any(counts[n] for n in stand_ins), f"the case must prune a stood-in layer: {counts}"
 
 
 def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
