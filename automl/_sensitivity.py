@@ -8,8 +8,11 @@ exact parameters and MACs saved against the base. The table and its wall time go
 ``<study>/profile.json``; a resumed study reads it back instead of measuring again, and the study
 records where it is and what it cost (study user attribute :data:`PROFILE`).
 
-Where the study's trials run on GPUs, the profile is measured where they run (a Ray task with the
-trial resources), as the base is trained; otherwise in the launcher with the trials' thread count.
+The profile is measured where trials run: a Ray task with the trial resources (``resources.cpus``
+and ``resources.gpus``), computing with a trial's thread count on its device. The study starts Ray
+for its trials anyway, and the trials' payload ships the same base and data, so the task costs a
+worker start; on a cluster it keeps the launcher's machine, which may be small, out of the work.
+The record says where it ran (device, node, process).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ __all__ = ["PROFILE", "PROFILE_FILE", "PROFILE_SAMPLES", "compute_profile", "ens
 
 #: The cache file in the study folder.
 PROFILE_FILE = "profile.json"
-#: Study user attribute: ``{"file", "seconds", "samples", "layers": {method: layer count}}``.
+#: Study user attribute: ``{"file", "seconds", "samples", "layers": {method: layer count}, "where"}``,
+#: ``where`` the Ray task that measured it (device, torch_threads, node_id, pid; also in the file).
 PROFILE = "profile"
 #: Validation samples each profile accuracy is measured on (the first this many).
 PROFILE_SAMPLES = 2000
@@ -103,14 +107,19 @@ def compute_profile(
     )
 
 
-def _profile_task(base: nn.Module, data: Any, methods: Mapping[str, CompressionMethod], batch_size: int, seed: int, gpus: float, cpus: float) -> dict[str, Any]:
-    """Ray task: the profile measured on the task's device (the trials' resources)."""
+def _profile_task(
+    base: nn.Module, data: Any, methods: Mapping[str, CompressionMethod], batch_size: int, seed: int, gpus: float, cpus: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ray task: the profile measured on the task's device (the trials' resources), and where it ran."""
+    import ray
+
     from automl._cluster import assigned_device
     from automl._threads import set_threads, training_threads
 
-    set_threads(training_threads(cpus))
-    device, _ = assigned_device(gpus)
-    return compute_profile(base, data, methods, batch_size=batch_size, seed=seed, device=device).to_dict()
+    threads = set_threads(training_threads(cpus))
+    device, where = assigned_device(gpus)
+    profile = compute_profile(base, data, methods, batch_size=batch_size, seed=seed, device=device)
+    return profile.to_dict(), {**where, "torch_threads": threads, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 def ensure_profile(
@@ -127,27 +136,26 @@ def ensure_profile(
         return None, None
     path = study_dir / PROFILE_FILE
     if path.is_file():
-        profile = SensitivityProfile.from_dict(json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        profile = SensitivityProfile.from_dict(stored)
         if set(wanted) <= set(profile.layers):
             log(f"profile: read {PROFILE_FILE} ({_describe(profile)}, measured in {profile.seconds:.1f} s)")
-            return profile, _record(profile)
+            return profile, {**_record(profile), **({"where": stored["where"]} if "where" in stored else {})}
     log(f"profile: measuring each layer alone for {', '.join(wanted)} on {PROFILE_SAMPLES} validation samples at most")
-    if cfg.resources.gpus > 0:
-        import ray
+    import ray
 
-        from automl._study import init_ray
+    from automl._study import init_ray
 
-        init_ray(cfg)
-        task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_profile_task)
-        profile = SensitivityProfile.from_dict(ray.get(task.remote(base, data, wanted, cfg.budget.batch_size, cfg.seed, cfg.resources.gpus, cfg.resources.cpus)))
-    else:
-        profile = compute_profile(base, data, wanted, batch_size=cfg.budget.batch_size, seed=cfg.seed)
+    init_ray(cfg)
+    task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_profile_task)
+    measured, where = ray.get(task.remote(base, data, wanted, cfg.budget.batch_size, cfg.seed, cfg.resources.gpus, cfg.resources.cpus))
+    profile = SensitivityProfile.from_dict(measured)
     # Written whole or not at all: a crash mid-write must not leave a profile resume would trust.
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(profile.to_dict(), indent=1))
+    partial.write_text(json.dumps({**profile.to_dict(), "where": where}, indent=1))
     os.replace(partial, path)
-    log(f"profile: {_describe(profile)} in {profile.seconds:.1f} s, written to {PROFILE_FILE}")
-    return profile, _record(profile)
+    log(f"profile: {_describe(profile)} in {profile.seconds:.1f} s on {where['device']}, written to {PROFILE_FILE}")
+    return profile, {**_record(profile), "where": where}
 
 
 def _describe(profile: SensitivityProfile) -> str:

@@ -19,7 +19,9 @@ base alone = 1). The table gives each run and the median over seeds per arm.
 
     PYTHONPATH=. python benchmarks/allocation.py --seeds 2 --out runs/allocation
 
-``--trials``, ``--epochs`` and ``--base-epochs`` shorten a run (the config's are 44, 30 and 100).
+``--trials``, ``--epochs`` and ``--base-epochs`` shorten a run (the config's are 44, 30 and 100);
+``--time-limit-s`` caps each run's search (the table's ``complete`` column says how many trials
+finished).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int, *, name: str | Non
     data.update(name=name or f"allocation_{arm}_s{seed}", output_dir=str(Path(args.out).resolve()), sampler={"name": "tpe", "seed": seed})
     data["resources"] = {"cpus": 1, "max_concurrent": args.concurrent}
     data["latency"] = {**data["latency"], "drift_check": False}
-    data["budget"] = {**data["budget"], "trials": args.trials, "time_limit_s": None, **({"epochs": args.epochs} if args.epochs else {})}
+    data["budget"] = {**data["budget"], "trials": args.trials, "time_limit_s": args.time_limit_s, **({"epochs": args.epochs} if args.epochs else {})}
     if args.base_epochs:
         data["base"] = {**data["base"], "epochs": args.base_epochs}
     for method, allowed in ARMS.get(arm, ARMS["searched"]).items():
@@ -138,6 +140,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=44, help="trial budget of every run (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per stage (default: the config's)")
     ap.add_argument("--base-epochs", type=int, default=None, help="base training epochs (default: the config's)")
+    ap.add_argument("--time-limit-s", type=float, default=None, help="search wall-time cap of every run, a safety net on a busy machine (default: none)")
     ap.add_argument("--concurrent", type=int, default=2, help="concurrent Ray trials (default: %(default)s)")
     ap.add_argument("--max-drop", type=float, default=0.01, help="largest accuracy drop counted, a fraction (default: %(default)s)")
     ap.add_argument("--out", default=None, help="folder for the studies and results.json (default: a temporary folder)")
@@ -169,6 +172,7 @@ def main() -> None:
                    "--concurrent", str(args.concurrent), "--max-drop", str(args.max_drop), "--out", args.out]
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []
             cmd += ["--base-epochs", str(args.base_epochs)] if args.base_epochs else []
+            cmd += ["--time-limit-s", str(args.time_limit_s)] if args.time_limit_s else []
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if proc.returncode != 0 or not result.is_file():

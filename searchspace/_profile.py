@@ -21,7 +21,7 @@ checkpoint keeps the profile beside the plan).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["LayerLevel", "SensitivityProfile", "allocate", "global_counts"]
 
@@ -99,30 +99,44 @@ class SensitivityProfile:
 
 
 def allocate(
-    rows: Mapping[str, Sequence[LayerLevel]], *, base_accuracy: float, target_saved: float, layers: Sequence[str] | None = None
+    rows: Mapping[str, Sequence[LayerLevel]],
+    *,
+    base_accuracy: float,
+    target_saved: float,
+    layers: Sequence[str] | None = None,
+    saved_by: Callable[[Mapping[str, float]], int] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Per-layer levels saving at least ``target_saved`` parameters with the least predicted loss.
 
     Every layer starts uncompressed. Each step moves one layer from its current level to its next
     one (by saving), choosing the move with the smallest predicted accuracy loss per parameter
     saved (loss: the profile's drop, base minus the layer alone); ties go to the larger saving, then
-    to the layer listed first. Steps stop once the predicted saving, the sum of the layers' own
-    savings, reaches the target, or nothing is left to compress. The result depends on the table
-    and the target only.
+    to the layer listed first. The order of the moves depends on the table only; the target decides
+    how many of them are taken: the fewest whose saving reaches it (all of them when none does).
+
+    The saving of a set of levels is ``saved_by(levels)`` where given, else the sum of the layers'
+    own savings. The sum is exact only where layers share no parameters: two pruned layers both
+    shrink the convolution between them, so the sum counts its removed weights twice and stops
+    early (three layers of a 128-channel CNN at a 91 % target stopped at 83 %). ``saved_by`` must
+    not decrease along the moves (a layer compressed further never gains parameters); the number
+    of moves taken is found by bisection, so it is called about log2(moves) times.
 
     Args:
         rows: layer -> its measured levels (see :class:`SensitivityProfile`).
         base_accuracy: the accuracy the drops are taken from.
         target_saved: parameters to remove.
         layers: the layers that may be compressed, in tie-break order (default: ``rows``' order).
+        saved_by: the exact parameters a set of levels saves (layer -> level).
 
     Returns:
-        ``({layer: level} of the compressed layers, predicted parameters saved)``.
+        ``({layer: level} of the compressed layers, parameters saved)``: the saving is
+        ``saved_by``'s where given, else the predicted sum.
     """
     order = [n for n in (rows if layers is None else layers) if n in rows]
     current: dict[str, LayerLevel | None] = {n: None for n in order}
-    saved = 0
-    while saved < target_saved:
+    # Every move in greedy order, with the plan and the summed saving after it.
+    plans: list[tuple[dict[str, float], int]] = [({}, 0)]
+    while True:
         best_key: tuple[float, int, int] | None = None
         move: tuple[str, LayerLevel, int] | None = None
         for index, layer in enumerate(order):
@@ -143,8 +157,24 @@ def allocate(
             break
         layer, entry, gain = move
         current[layer] = entry
-        saved += gain
-    return {n: e.level for n, e in current.items() if e is not None}, saved
+        plans.append(({**plans[-1][0], layer: entry.level}, plans[-1][1] + gain))
+    if saved_by is None:
+        return next((p for p in plans if p[1] >= target_saved), plans[-1])
+    if target_saved <= 0:
+        return {}, 0
+    # The fewest moves whose exact saving reaches the target (bisection on a non-decreasing saving).
+    lo, hi = 1, len(plans) - 1
+    known: dict[int, int] = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        known[mid] = int(saved_by(plans[mid][0]))
+        if known[mid] >= target_saved:
+            hi = mid
+        else:
+            lo = mid + 1
+    if hi < 1:
+        return {}, 0
+    return dict(plans[hi][0]), known[hi] if hi in known else int(saved_by(plans[hi][0]))
 
 
 def global_counts(scores: Mapping[str, Sequence[float]], ratio: float, *, max_ratio: float) -> dict[str, int]:

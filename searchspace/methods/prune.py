@@ -29,7 +29,8 @@ How many channels each layer loses is the ``allocation`` (the criterion decides 
 - ``global``: the channels of all convolutions are ranked together by their mean-normalised L1 filter
   norm on the base (Torch-Pruning's ``global_pruning=True``, its own non-uniform baseline) and the
   lowest ``ratio`` of them go, each layer keeping at least 1 - :data:`MAX_GLOBAL_RATIO` of its own;
-- ``sensitivity``: ``share`` is the share of the whole model's parameters to remove, and each
+- ``sensitivity``: ``share`` is the share of the parameters of the model it gets (the base's, unless
+  an earlier stage changed it) to remove, and each
   layer's ratio (one of :data:`PROFILE_LEVELS`) is chosen from the base's sensitivity profile with
   the least predicted accuracy loss (:func:`searchspace._profile.allocate`). It is a setting of its
   own, not ``ratio``: a share of parameters reaches further than the same share of channels
@@ -37,8 +38,10 @@ How many channels each layer loses is the ``allocation`` (the criterion decides 
 
 ``global`` and ``sensitivity`` read the study's profile (``context.profile``), measured on the base
 once, so the per-layer counts follow from (profile, plan) and the dry run and the checkpoint's
-rebuild give the trial's structure. They act on the base's layers: a layer the profile does not
-know (one an earlier structure stage put in) keeps its channels, listed in ``prune.unprofiled``.
+rebuild give the trial's structure. They act on the base's layers: a layer an earlier structure
+stage replaced is stood in for by the replacement's last convolution with the same output channels
+(Tucker's ``last``; ``prune.stand_ins``), whose channels are the replaced layer's; any other layer
+the profile does not know keeps its channels, listed in ``prune.unprofiled``.
 The trial fine-tunes afterwards.
 
 Where the dependency graph cannot follow the model (a channel shuffle or another reshape that
@@ -972,6 +975,26 @@ def _group_roots(model: nn.Module, example: torch.Tensor, ignored: list[nn.Modul
     return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
 
 
+def _stand_ins(
+    profiled: Mapping[str, int], present: list[str], channels: Mapping[str, int], order: Mapping[nn.Module, int], modules: Mapping[str, nn.Module]
+) -> dict[str, str]:
+    """Profiled layer -> the prunable layer that stands in for it where an earlier stage replaced
+    it: the last (in forward order) prunable convolution inside the replacement (names under the
+    profiled name) with the profiled layer's ``profiled[name]`` output channels."""
+    out = {}
+    for name, width in profiled.items():
+        if name in present or not width:
+            continue
+        inside = [p for p in present if p.startswith(name + ".") and channels.get(p) == width]
+        if inside:
+            out[name] = max(inside, key=lambda p: order.get(modules[p], -1))
+    return out
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _ratio_for_count(removed: int, channels: int) -> float:
     """The ratio for which Torch-Pruning removes exactly ``removed`` of ``channels`` channels
     (it removes ``channels - int(channels * (1 - ratio))``)."""
@@ -1002,7 +1025,7 @@ class Prune(CompressionMethod):
     hyperparameters = {
         "criterion": Categorical(sorted(CRITERIA)),
         "allocation": Categorical(list(ALLOCATIONS)),
-        "ratio": Float(0.1, 0.7),
+        "ratio": Float(0.1, 0.9),
         "share": Float(0.1, 0.98),
         "per_stage": Categorical([False, True]),
         **{f"stage_ratio_{i}": Float(0.0, 0.7) for i in range(MAX_STAGE_RATIOS)},
@@ -1010,7 +1033,10 @@ class Prune(CompressionMethod):
         "gate_epochs": Int(1, 3),
         "gate_l1": Float(1e-3, 1e-1, log=True),
     }
-    default_ranges = {"allocation": Categorical(["uniform"])}
+    # A config may open ``ratio`` up to 0.9 (the deepest level the profile measures and the
+    # ``global`` cap), to reach as far as a ``share`` near 1 does; by default a ratio above 0.7
+    # (91 % of a plain CNN's parameters) is not sampled.
+    default_ranges = {"allocation": Categorical(["uniform"]), "ratio": Float(0.1, 0.7)}
 
     def space(self, trial: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion")}
@@ -1052,10 +1078,23 @@ class Prune(CompressionMethod):
     def profile_levels(self) -> tuple[float, ...]:
         return PROFILE_LEVELS
 
-    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+    @staticmethod
+    def _conv_groups(model: nn.Module, example: torch.Tensor) -> list[tuple[str, Any]]:
+        """(layer name, pruning group) of every convolution a pass can prune, part by part as
+        :meth:`_prune` prunes it: the whole model, or its runs where the graph cannot follow it
+        (ShuffleNetV2's channel shuffle), so the profile and the allocations see those runs' layers."""
         names = _names(model)
-        groups = _group_roots(model, example, prunable_output_layers(model, example))
-        return [names[_root(g)] for g in groups if isinstance(_root(g), nn.modules.conv._ConvNd)]
+        parts, _ = prunable_parts(model, example)
+        out = []
+        for part in parts:
+            for g in _group_roots(part.module, part.example, part.ignored):
+                root = _root(g)
+                if isinstance(root, nn.modules.conv._ConvNd) and root in names:
+                    out.append((names[root], g))
+        return out
+
+    def profile_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        return [name for name, _ in self._conv_groups(model, example)]
 
     def compress_layer(self, model: nn.Module, layer: str, level: float, *, context: ApplyContext) -> nn.Module | None:
         # Measured with the l1 criterion whatever a trial's criterion: the profile asks how much a
@@ -1065,16 +1104,12 @@ class Prune(CompressionMethod):
         return out if probe.notes["prune.channels"] else None
 
     def profile_extra(self, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-        names = _names(model)
-        groups = _group_roots(model, example, prunable_output_layers(model, example))
         scores: dict[str, list[float]] = {}
-        for g in groups:
-            if not isinstance(_root(g), nn.modules.conv._ConvNd):
-                continue
+        for name, g in self._conv_groups(model, example):
             imp = L1Filter()(g)
             if imp is not None:
                 # Torch-Pruning's "mean" normaliser: comparable across layers of different scale.
-                scores[names[_root(g)]] = (imp / imp.mean().clamp(min=1e-12)).tolist()
+                scores[name] = (imp / imp.mean().clamp(min=1e-12)).tolist()
         return {"scores": scores}
 
     # --- apply -------------------------------------------------------------------------------
@@ -1101,18 +1136,36 @@ class Prune(CompressionMethod):
         allocation = params.get("allocation", "uniform")
         if profile is None or self.name not in profile.layers:
             raise ValueError(f"prune.allocation={allocation} needs the base's sensitivity profile, but the context has none for {self.name!r}")
-        present = set(self.profile_layers(model, example))
+        present = self.profile_layers(model, example)
         channels = channel_counts(model)
-        known = {n for n in profile.rows(self.name) if n in present}
-        notes["prune.unprofiled"] = sorted(present - known)
+        base_scores = profile.extra.get(self.name, {}).get("scores", {})
+        # A profiled layer an earlier stage replaced (Tucker's first/core/last convolutions in
+        # place of one) is stood in for by the replacement's last convolution with the same
+        # output channels: pruning those channels is pruning the profiled layer's outputs.
+        stand_in = _stand_ins({n: len(base_scores.get(n, ())) for n in profile.rows(self.name)}, present, channels, _forward_order(model, example), dict(model.named_modules()))
+        if stand_in:
+            notes["prune.stand_ins"] = dict(sorted(stand_in.items()))
+        known = {stand_in.get(n, n): n for n in profile.rows(self.name) if stand_in.get(n, n) in present}
+        notes["prune.unprofiled"] = sorted(set(present) - set(known))
         if allocation == "global":
             ratio = float(params["ratio"])
-            scores = {n: v for n, v in profile.extra.get(self.name, {}).get("scores", {}).items() if n in known and len(v) == channels.get(n)}
+            scores = {layer: base_scores[n] for layer, n in known.items() if len(base_scores.get(n, ())) == channels.get(layer)}
             counts = global_counts(scores, ratio, max_ratio=MAX_GLOBAL_RATIO)
             return {n: _ratio_for_count(k, channels[n]) for n, k in counts.items() if k > 0}
-        rows = {n: entries for n, entries in profile.rows(self.name).items() if n in known}
-        levels, predicted = allocate(rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * profile.base_params, layers=sorted(known, key=list(profile.rows(self.name)).index))
-        notes["prune.predicted_saved"] = predicted
+        rows = {layer: profile.rows(self.name)[n] for layer, n in known.items()}
+        before = _params(model)
+
+        def saved_by(levels: Mapping[str, float]) -> int:
+            # Pruned layers share the convolutions between them, so their own savings do not add
+            # up: the plan is pruned (l1; the criterion picks which channels, not how many) and counted.
+            probe = ApplyContext(example_input=example)
+            return before - _params(self._prune(model, L1Filter, levels, None, probe))
+
+        levels, saved = allocate(
+            rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * before,
+            layers=sorted(known, key=lambda layer: list(profile.rows(self.name)).index(known[layer])), saved_by=saved_by,
+        )
+        notes["prune.allocated_saved"] = saved
         return levels
 
     def _prune(self, model: nn.Module, make: Callable[[], ChannelCriterion], levels: Mapping[str, float] | None, params: Mapping[str, Any] | None, context: ApplyContext) -> nn.Module:

@@ -8,7 +8,8 @@
   what the base computed), ``uniform`` cuts the signal layer too;
 - the dry run's params, size and MACs equal the trained model's for every allocation, and the
   checkpoint (which keeps the profile) rebuilds the trained structure;
-- the profile is measured once per study: preparing it again (what ``resume`` does) reads it back.
+- the profile is measured once per study, in a Ray task with the trial resources: preparing it
+  again (what ``resume`` does) reads it back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from automl._rebuild import load_model
 from automl._sensitivity import PROFILE, PROFILE_FILE, compute_profile, profiled_methods
 from automl._train import TrainOptions, fit
 from automl._trial import run_trial
-from searchspace import ApplyContext, LayerLevel, Plan
+from searchspace import ApplyContext, LayerLevel, Plan, SensitivityProfile
 from searchspace._profile import allocate, global_counts
 from searchspace.methods.prune import MAX_GLOBAL_RATIO, L1Filter, prunable_output_layers
 from tests.automl.test_prescreen import SETTINGS
@@ -57,6 +58,9 @@ def test_allocation_defaults_to_uniform_and_a_uniform_plan_is_written_as_before(
     assert not prune.needs_profile() and not tucker.needs_profile(), "a config that does not name allocation must not need a profile"
     fixed = optuna_fixed({"prune.criterion": "l1", "prune.per_stage": False, "prune.ratio": 0.3})
     assert prune.space(fixed) == {"criterion": "l1", "per_stage": False, "ratio": 0.3}
+    assert prune.ranges["ratio"].high == 0.7, "a config that does not name prune.ratio samples it up to 0.7"
+    wide = searchspace.get_method("prune").narrowed({"ratio": [0.1, 0.9]})["ratio"]
+    assert wide.high == 0.9, "a config may open prune.ratio to 0.9, as deep as the profile's levels and a share near 1 reach"
     opened_prune = opened()["prune"]
     assert opened_prune.needs_profile()
     sens = opened_prune.space(optuna_fixed({"prune.criterion": "l1", "prune.allocation": "sensitivity", "prune.share": 0.8}))
@@ -85,6 +89,21 @@ def test_allocate_picks_the_least_loss_per_parameter_one_level_at_a_time():
     levels, saved = allocate(rows, base_accuracy=0.90, target_saved=10_000)
     assert levels == {"a": 0.5, "b": 0.5, "c": 0.5} and saved == 800, "an unreachable target compresses everything to its last level"
     assert allocate(rows, base_accuracy=0.90, target_saved=0) == ({}, 0)
+
+    # Layers that share parameters (a pruned layer and the next one both shrink the weights
+    # between them): the exact saving is less than the sum, so more moves are taken. Moves in
+    # order: a0.25, a0.5, c0.25, c0.5, b0.25, b0.5; a and c share level_a * level_c * 160
+    # parameters, so the exact savings are 100, 200, 230, 560, 660, 760 (the sums: ..., 600, 700, 800).
+    def shared(levels):
+        own = sum(next(e.params_saved for e in rows[n] if e.level == lv) for n, lv in levels.items())
+        return own - int(levels.get("a", 0) * levels.get("c", 0) * 160)
+
+    calls = []
+    levels, saved = allocate(rows, base_accuracy=0.90, target_saved=600, saved_by=lambda lv: calls.append(dict(lv)) or shared(lv))
+    assert levels == {"a": 0.5, "b": 0.25, "c": 0.5} and saved == 660, (levels, saved, "c at 0.5 saves 560 < 600 exactly: b at 0.25 must be taken too")
+    assert len(calls) <= 4, f"the count is found by bisection over 6 moves, not move by move: {calls}"
+    levels, saved = allocate(rows, base_accuracy=0.90, target_saved=10_000, saved_by=shared)
+    assert levels == {"a": 0.5, "b": 0.5, "c": 0.5} and saved == 760, (levels, saved)
 
 
 def test_global_counts_equal_torch_prunings_global_ranking():
@@ -171,7 +190,7 @@ def test_sensitivity_removes_the_redundant_layer_first_and_uniform_does_not(digi
     assert notes["prune.levels"] == {"conv1": 0.4} and notes["prune.channels"] == {"conv1": [16, 9]}, notes
     with torch.no_grad():
         assert int((model(x).argmax(1) == y).sum()) == base_correct, "removing the copies must keep every test prediction's correctness"
-    assert param_count(base) - param_count(model) == 448 == notes["prune.predicted_saved"]
+    assert param_count(base) - param_count(model) == 448 == notes["prune.allocated_saved"]
     uniform, notes = pruned({"criterion": "l1", "per_stage": False, "ratio": share})
     assert "conv2" in notes["prune.channels"], f"uniform cuts the signal layer as much as any: {notes['prune.channels']}"
 
@@ -190,6 +209,7 @@ PLANS = {
     "tucker-sensitivity+prune-sensitivity-thinet": (("tucker", {"allocation": "sensitivity", "share": 0.3}), ("prune", {"criterion": "thinet", "allocation": "sensitivity", "share": 0.2})),
     # dynamic: static int8's ONNX file stores activation zero points as varints, whose size follows
     # the calibrated ranges (a byte apart between the dry run and the trained model, keep_float or not).
+    "tucker+prune-global-l1": (("tucker", {"rank_out": 0.5, "rank_in": 0.5}), ("prune", {"criterion": "l1", "allocation": "global", "ratio": 0.4})),
     "prune-sensitivity+int8-keep_float": (("prune", {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}), ("int8", {"mode": "dynamic", "keep_float": 2})),
 }
 
@@ -212,6 +232,27 @@ def test_dry_run_and_rebuild_equal_the_trained_model_for_every_allocation(plan_i
     assert param_count(rebuilt) == param_count(outcome.model), f"{plan_id}: the checkpoint rebuilt {param_count(rebuilt)} params, trained {trained.params}"
 
 
+def test_pruning_after_tucker_cuts_the_replaced_layers_outputs_as_the_base_ranking_says():
+    """Tucker replaces a profiled conv by first/core/last convs; its ``last`` keeps the conv's
+    output channels and stands in for it, so ``global`` removes from it what it removes from the
+    base's conv (the counts of :func:`global_counts` on the base's scores)."""
+    base = make_base("digits_cnn", (1, 8, 8))
+    example = torch.randn(1, 1, 8, 8)
+    prune = opened()["prune"]
+    scores = prune.profile_extra(base, example)["scores"]
+    decomposed = searchspace.get_method("tucker")().apply(base, {"rank_out": 0.5, "rank_in": 0.5}, context=ApplyContext(example_input=example))
+    profile = SensitivityProfile(base_accuracy=0.0, base_params=param_count(base), base_macs=0, layers={"prune": {n: () for n in scores}}, extra={"prune": {"scores": scores}})
+    ctx = ApplyContext(example_input=example, profile=profile)
+    prune.apply(decomposed, {"criterion": "l1", "allocation": "global", "ratio": 0.4}, context=ctx)
+    stand_ins = ctx.notes.get("prune.stand_ins", {})
+    assert stand_ins and all(s == f"{n}.last" for n, s in stand_ins.items()), ctx.notes
+    counts = global_counts(scores, 0.4, max_ratio=MAX_GLOBAL_RATIO)
+    for n, s in stand_ins.items():
+        width = len(scores[n])
+        assert ctx.notes["prune.channels"].get(s, [width, width]) == [width, width - counts[n]], (n, s, counts, ctx.notes["prune.channels"])
+    assert any(counts[n] for n in stand_ins), f"the case must prune a stood-in layer: {counts}"
+
+
 def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
     base = make_base("digits_cnn", (1, 8, 8))
     ctx = ApplyContext(example_input=torch.randn(1, 1, 8, 8))
@@ -219,7 +260,10 @@ def test_a_sensitivity_plan_without_a_profile_fails_with_the_rule():
         opened()["prune"].apply(base, {"criterion": "l1", "allocation": "sensitivity", "share": 0.3}, context=ctx)
 
 
-def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path):
+@pytest.mark.slow  # starts a local Ray for the profile's task
+def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path, ray_session):
+    import os
+
     import optuna
 
     from automl._study import prepare_study
@@ -231,6 +275,8 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     })
     lines: list[str] = []
     _, launched, _ = prepare_study(cfg, log=lines.append)  # what `automl launch` prepares
+    where = optuna.load_study(study_name="profiled", storage=cfg.storage_url).user_attrs[PROFILE]["where"]
+    assert where["pid"] != os.getpid() and where["device"] == "cpu" and where["torch_threads"] == 1, f"the profile must be measured in a Ray task with the trial resources (1 cpu), got {where}"
     written = (tmp_path / "profiled" / PROFILE_FILE).read_text()
     _, resumed, _ = prepare_study(cfg, log=lines.append)  # what `automl resume` prepares
     measured = [ln for ln in lines if ln.startswith("profile: measuring")]
@@ -240,6 +286,7 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     assert launched.profile == resumed.profile and set(resumed.profile.layers) == {"prune", "tucker", "int8"}
     study = optuna.load_study(study_name="profiled", storage=cfg.storage_url)
     assert study.user_attrs[PROFILE]["file"] == PROFILE_FILE and study.user_attrs[PROFILE]["layers"]["prune"] > 0
+    assert study.user_attrs[PROFILE]["where"] == where, "resume keeps the record of where the profile was measured"
 
 
 def test_int8_keep_float_leaves_the_most_sensitive_layers_float(tmp_path):
@@ -277,3 +324,36 @@ def test_int8_keep_float_leaves_the_most_sensitive_layers_float(tmp_path):
     assert len(info["nodes_excluded"]) == 1, info
     with pytest.raises(ValueError, match="int8.keep_float=1 needs the base's sensitivity profile"):
         int8.apply(base, {"mode": "static", "keep_float": 1}, context=ApplyContext(example_input=x[:1]))
+
+
+def test_global_and_sensitivity_prune_a_shufflenet_run_by_run():
+    """ShuffleNetV2's channel shuffle keeps the whole dependency graph out: the profile's layers,
+    the global scores and both allocations follow the runs that pruning uses (``prune.split``)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    prune = opened()["prune"]
+    layers = prune.profile_layers(base, example)
+    assert layers and all(".branch" in n for n in layers), f"only convolutions inside a block's branches can be cut, got {layers}"
+    scores = prune.profile_extra(base, example)["scores"]
+    assert set(scores) == set(layers), (sorted(scores), layers)
+    # A constructed table: one layer is free to halve, every other costs accuracy.
+    free = layers[len(layers) // 2]
+    rows = {n: (LayerLevel(0.5, 0.9 if n == free else 0.5, 1, 0),) for n in layers}
+    profile = SensitivityProfile(base_accuracy=0.9, base_params=param_count(base), base_macs=0, layers={"prune": rows}, extra={"prune": {"scores": scores}})
+    want = tuple(base(example).shape)
+    for params in ({"criterion": "l1", "allocation": "global", "ratio": 0.5}, {"criterion": "l1", "allocation": "sensitivity", "share": 0.001}):
+        ctx = ApplyContext(example_input=example, profile=profile)
+        out = prune.apply(base, params, context=ctx)
+        assert "prune.split" in ctx.notes and ctx.notes["prune.unprofiled"] == [], ctx.notes
+        with torch.no_grad():
+            assert tuple(out(example).shape) == want
+        cut = {n.rsplit(".", 1)[0] for n in ctx.notes["prune.channels"]}
+        if params["allocation"] == "global":
+            assert len(ctx.notes["prune.levels"]) > 1 and param_count(out) < param_count(base), ctx.notes["prune.levels"]
+        else:
+            assert ctx.notes["prune.levels"] == {free: 0.5}, ctx.notes["prune.levels"]
+            assert cut == {free.rsplit(".", 1)[0]}, f"only the free layer's branch may lose channels, got {ctx.notes['prune.channels']}"
+            assert param_count(base) - param_count(out) == ctx.notes["prune.allocated_saved"] >= 0.001 * param_count(base)
