@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("study_dir", help="a finished study's folder, e.g. runs/dynamic_images")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians are reported)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-exit cost breakdown")
+    ap.add_argument("--max-drop", type=float, default=None, help="accuracy margin below the base (a fraction; default the study's review.max_drop)")
     args = ap.parse_args()
 
     import torch
@@ -77,7 +78,8 @@ def main() -> None:
     view = load_view(optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.storage_url)))
     base = view.base
     base_acc = float(base["accuracy"])
-    chosen = {m: _best(view, m, base_acc, cfg.review.max_drop) for m in METHODS}
+    max_drop = cfg.review.max_drop if args.max_drop is None else args.max_drop
+    chosen = {m: _best(view, m, base_acc, max_drop) for m in METHODS}
     lat = cfg.latency
     settings = LatencySettings(batch_size=1, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats, isolate=False, min_attempts=1, max_attempts=1)
     data = dataset_from_config(cfg.dataset, download=False)
@@ -115,7 +117,7 @@ def main() -> None:
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---|---|---|")
     for method, row in chosen.items():
         if row is None:
-            print(f"| {method} | - | no trial within {100 * cfg.review.max_drop:g} points of the base | | | | | | | | | |")
+            print(f"| {method} | - | no trial within {100 * max_drop:g} points of the base | | | | | | | | | |")
             continue
         m = row.metrics
         mean, _, p90 = med[method]
