@@ -76,7 +76,8 @@ def main() -> None:
                     ready.wait(timeout=120)  # imports done, training in full swing
                 time.sleep(0.5)
             start = time.perf_counter()
-            med, iqr, _ = time_artifact(model, x, isolated if mode == "c" else plain, per_sample=False)
+            timing = time_artifact(model, x, isolated if mode == "c" else plain, per_sample=False)
+            med, iqr = timing.median_ms, timing.iqr_ms
             took = time.perf_counter() - start
             stop.set()
             for p in procs:

@@ -68,7 +68,8 @@ def main() -> None:
     for label, m in models.items():
         m.eval()
         acc = evaluate(m, data)
-        med, iqr, _ = time_artifact(eager_artifact(m), example, lat, per_sample=False)
+        timing = time_artifact(eager_artifact(m), example, lat, per_sample=False)
+        med, iqr = timing.median_ms, timing.iqr_ms
         print(f"| {label} | {acc:.4f} | {param_count(m)} | {state_dict_bytes(m)} | {med:.4f} ({iqr:.4f}) |")
 
 
