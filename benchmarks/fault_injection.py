@@ -37,7 +37,11 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from tests.automl.test_cluster import RAY, PgServer, RayNodes, _free_port, _pg_bin, _stop_group, _wait_nodes
+# The cluster and PostgreSQL helpers are the fault tests' own (tests/automl/test_cluster.py): the
+# checkout's root is put on the path so the script runs from any folder, installed or not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.automl.test_cluster import RAY, PgServer, RayNodes, _free_port, _pg_bin, _stop_group, _wait_nodes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Resumes after a launcher exit the benchmark did not cause, before it gives up.
