@@ -8,12 +8,15 @@ own difference) / parameters before and after, with each failure's reason.
 The base is made input dependent first (BatchNorm statistics from the inputs, see
 :func:`automl._coverage.input_dependent`).
 
-Each model runs in its own subprocess; a cell that exceeds ``--cell-timeout`` is recorded as
-``timeout`` and the model's remaining cells go on in a fresh subprocess. Writes ``cells.csv``,
-``cells.json`` and ``coverage.md`` (per-method counts: works / n/a / fails / timeout, then every
-failure and every n/a reason) into ``--out``.
+Models run smallest first (parameter count, both libraries merged), so a sweep cut short has
+covered the most models. Each model runs in its own subprocess (``--jobs`` of them at once); a cell
+that exceeds ``--cell-timeout`` is recorded as ``timeout`` and the model's remaining cells go on in
+a fresh subprocess. Writes ``cells.csv``, ``cells.json`` and ``coverage.md`` (per-method counts:
+works / n/a / fails / timeout, then every failure and every n/a reason) into ``--out``;
+``cells.json`` is rewritten after every model, and ``--resume`` skips the models it already holds,
+so a long sweep can be stopped and continued.
 
-    python benchmarks/method_coverage.py --models all --out coverage
+    python benchmarks/method_coverage.py --models all --jobs 2 --out coverage
     python benchmarks/method_coverage.py --models torchvision --limit 15 --methods prune,tucker
 """
 
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import csv
 import json
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,23 +54,29 @@ TIMM_MODELS = [
 MARK = "@@CELL "
 
 
-def torchvision_models() -> list[str]:
-    """Every torchvision classifier, smallest first (parameter count from its weights' metadata),
-    so a run cut short by ``--limit`` or a deadline has covered the most models."""
+def torchvision_models() -> dict[str, int]:
+    """Every torchvision classifier with its parameter count (from its weights' metadata), smallest first."""
     import torchvision
 
     def params(name: str) -> int:
         return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
 
     names = sorted(torchvision.models.list_models(module=torchvision.models), key=params)
-    return [f"torchvision:{n}" for n in names]
+    return {f"torchvision:{n}": params(n) for n in names}
 
 
-def timm_models() -> list[str]:
+def timm_models() -> dict[str, int]:
+    """:data:`TIMM_MODELS` that this timm has, with parameter counts (built on the meta device), smallest first."""
     import timm
+    import torch
 
     known = set(timm.list_models())
-    return [f"timm:{n}" for n in TIMM_MODELS if n in known]
+    counts = {}
+    for name in TIMM_MODELS:
+        if name in known:
+            with torch.device("meta"):
+                counts[f"timm:{name}"] = sum(p.numel() for p in timm.create_model(name).parameters())
+    return dict(sorted(counts.items(), key=lambda kv: kv[1]))
 
 
 def worker(model_name: str, labels: list[str], size: int) -> None:
@@ -184,13 +195,16 @@ def table(cells: list[dict], labels: list[str], bases: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", choices=("torchvision", "timm", "all"), default="all")
-    ap.add_argument("--limit", type=int, default=None, help="at most N models of each library (in list order)")
+    ap.add_argument("--limit", type=int, default=None, help="the N smallest models of each library")
     ap.add_argument("--only", default=None, help="comma-separated model names (e.g. torchvision:resnet18), instead of --models")
     ap.add_argument("--methods", default=None, help="comma-separated methods or variants (prune:l1); default every registered method, prune per criterion")
     ap.add_argument("--size", type=int, default=64, help="input side in pixels (3 x size x size)")
     ap.add_argument("--cell-timeout", type=float, default=120.0, help="seconds a cell may take before it is recorded as timeout")
     ap.add_argument("--base-timeout", type=float, default=120.0, help="seconds to build a base and set its BatchNorm statistics")
     ap.add_argument("--out", type=Path, default=Path("method_coverage"))
+    ap.add_argument("--jobs", type=int, default=1, help="models swept at once, each in its own processes (at most the cores)")
+    ap.add_argument("--stop-after", type=float, default=None, help="minutes after which no further model starts (the table lists those not swept)")
+    ap.add_argument("--resume", action="store_true", help="keep the models already in OUT/cells.json and sweep the rest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -212,28 +226,58 @@ def main() -> None:
     if args.only:
         models = [m.strip() for m in args.only.split(",") if m.strip()]
     else:
-        models = []
+        sizes: dict[str, int] = {}
         if args.models in ("torchvision", "all"):
-            models += torchvision_models()[: args.limit]
+            sizes.update(list(torchvision_models().items())[: args.limit])
         if args.models in ("timm", "all"):
-            models += timm_models()[: args.limit]
+            sizes.update(list(timm_models().items())[: args.limit])
+        models = sorted(sizes, key=sizes.get)
     args.out.mkdir(parents=True, exist_ok=True)
     cells: list[dict] = []
     bases: dict[str, dict] = {}
-    for i, model in enumerate(models, 1):
+    done_file = args.out / "cells.json"
+    if args.resume and done_file.exists():
+        done = json.loads(done_file.read_text())
+        if done.get("size") != args.size:
+            ap.error(f"--resume: {done_file} was swept at --size {done.get('size')}, not {args.size}")
+        bases, cells = done["bases"], done["cells"]
+        print(f"resuming: {len(bases)} models already in {done_file}", flush=True)
+    todo = [m for m in models if m not in bases]
+    lock = threading.Lock()
+
+    began = time.monotonic()
+    skipped: list[str] = []
+
+    def one(model: str) -> None:
+        if args.stop_after is not None and time.monotonic() - began > 60 * args.stop_after:
+            with lock:
+                skipped.append(model)
+            return
         start = time.perf_counter()
         base, got = run_model(model, labels, args.size, args.cell_timeout, args.base_timeout)
-        bases[model] = base
-        cells += got
         summary = collections.Counter(c["status"] for c in got)
-        print(f"[{i}/{len(models)}] {model}: base {base.get('base')} {dict(summary)} ({time.perf_counter() - start:.0f} s)", flush=True)
-        (args.out / "cells.json").write_text(json.dumps({"size": args.size, "bases": bases, "cells": cells}, indent=1))
+        with lock:
+            bases[model] = base
+            cells.extend(got)
+            print(f"[{len(bases)}/{len(models)}] {model}: base {base.get('base')} {dict(summary)} ({time.perf_counter() - start:.0f} s)", flush=True)
+            tmp = done_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"size": args.size, "bases": bases, "cells": cells}, indent=1))
+            tmp.replace(done_file)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(one, m) for m in todo]:
+            future.result()
+    order = {m: i for i, m in enumerate(models)}
+    cells.sort(key=lambda c: (order.get(c["model"], len(order)), labels.index(c["method"]) if c["method"] in labels else len(labels)))
     fields = ["model", "method", "status", "step", "reason", "params_base", "params_after", "rel_diff", "seconds"]
     with open(args.out / "cells.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(cells)
     md = table(cells, labels, bases)
+    if skipped:
+        skipped.sort(key=order.get)
+        md += f"\n**Not swept** (no model starts after --stop-after {args.stop_after:g} min): {len(skipped)}: {', '.join(skipped)}\n"
     (args.out / "coverage.md").write_text(md)
     print(md)
 
