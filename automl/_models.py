@@ -580,7 +580,7 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, opti
             "library": library, "arch": arch, "input_shape": tuple(input_shape), "num_classes": num_classes, "options": options,
             "width": 1.0, "depth": 1.0, "recipe": recipe,
         }
-        return _as_staged(net, tuple(input_shape), config)
+        return _with_feature_shape(_as_staged(net, tuple(input_shape), config), input_shape)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

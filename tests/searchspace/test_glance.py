@@ -150,3 +150,20 @@ def test_onnx_skips_the_focus_and_each_setting_exports_its_threshold(tmp_path):
     # BatchNormalization and ReLU into its convolution, in the main graph and in the If's branch.
     unfused = [{op: p[op] for op in ("BatchNormalization", "Relu") if p[op]} for p in profiles]
     assert unfused == [{}, {}], f"BatchNormalization / ReLU kernels run beside the convolutions: {unfused}"
+
+
+def test_a_library_model_that_cannot_run_on_a_searched_glance_size_is_left_out_with_the_size():
+    """timm's DLA-46-C runs at 32 px but not at 40 or 48 (its tree joins maps of sizes that differ by
+    one): at 64 px, glance.scale 0.625 is 40 px, so ``supports`` must refuse it by that size (a
+    library model, like a factory's, knows the input size it was built for); searched sizes of 32 px
+    only are accepted."""
+    pytest.importorskip("timm")
+    from automl._models import build_model
+
+    base = build_model("timm:dla46_c", input_shape=(3, 64, 64), num_classes=4)
+    assert base.sample_shape == (3, 64, 64)
+    method = get_method("glance")
+    reason = method().supports(base)
+    assert reason is not None and "40x40" in reason and "glance.scale=0.625" in reason, reason
+    even = method(ranges=method.narrowed({"scale": [0.5], "crop": [0.5]}))
+    assert even.supports(base) is None
