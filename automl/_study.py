@@ -43,7 +43,7 @@ from automl._storage import RetryingRDBStorage
 from automl._models import StagedNet, build_model
 from automl._sensitivity import PROFILE, ensure_profile
 from automl._weights import WeightsError, load_start
-from automl._threads import ThreadPlan, set_threads, training_threads
+from automl._threads import ThreadPlan, ray_system_config, set_threads, training_threads
 from automl._trial import TrialSettings
 from automl._train import TrainOptions, fit
 
@@ -151,8 +151,8 @@ def base_train_options(cfg: StudyConfig) -> TrainOptions:
 def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callable[[str], None] = print) -> tuple[nn.Module, Metrics]:
     """Train the base once (or load the user's checkpoint), cache it in the study folder, measure it.
 
-    ``base.json`` records where it trained and ``torch_threads``, PyTorch's thread count in the
-    process that trained it (:mod:`automl._threads`).
+    ``base.json`` records where it trained, ``torch_threads`` (PyTorch's thread count in the process
+    that trained it) and ``nice`` (that process's niceness; :mod:`automl._threads`).
     """
     folder = study_dir / "base"
     weights = folder / "weights.pt"
@@ -196,7 +196,7 @@ def prepare_base(cfg: StudyConfig, data: Splits, study_dir: Path, *, log: Callab
             model.load_state_dict(state)
             log(f"base: trained on {where['device']}" + (f" ({where['gpu_fallback']})" if "gpu_fallback" in where else ""))
         else:
-            where = {"device": "cpu", "torch_threads": torch.get_num_threads()}
+            where = {"device": "cpu", "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
             start = time.perf_counter()
             try:
                 fit(model, data, options, progress=lambda s: show("base", s))
@@ -228,7 +228,7 @@ def _train_base(
     device, where = assigned_device(gpus)
     start = time.perf_counter()
     fit(model, data, options, device=device, progress=sender(queue, "base"))
-    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, {**where, "torch_threads": threads}
+    return {k: v.cpu() for k, v in model.state_dict().items()}, time.perf_counter() - start, {**where, "torch_threads": threads, "nice": os.nice(0)}
 
 
 def init_ray(cfg: StudyConfig) -> None:
@@ -236,13 +236,16 @@ def init_ray(cfg: StudyConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(
-            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            address=address,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
             logging_level="ERROR",
             runtime_env=runtime_env(cfg),
+            # A Ray started here runs its workers at the launcher's priority (the thread plan).
+            **({} if address else {"_system_config": ray_system_config()}),
         )
 
 

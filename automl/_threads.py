@@ -15,7 +15,13 @@ count comes from the config:
   every ``DataLoader`` worker);
 - timing: ``latency.threads``, set by the artifact itself around each timed call
   (:meth:`automl._artifact.Artifact.context` for the PyTorch runtimes, the ONNX Runtime session's
-  intra-op threads), whatever the process's training count.
+  intra-op threads), whatever the process's training count;
+- priority: Ray starts its workers at niceness 15 (its ``worker_niceness``), so beside as many
+  busy processes as cores a trial got about 3 % of a core instead of its share. A Ray the launcher
+  starts gives its workers the launcher's own niceness (:func:`ray_system_config`): trials, the
+  base and the profile compete for cores as the launcher would (``nice automl launch`` still
+  yields). Nodes a user starts with ``ray start`` take ``RAY_worker_niceness=0`` from their
+  environment. Every trial and the base record the niceness they ran at (``nice``).
 
 :meth:`ThreadPlan.apply` (or :func:`set_threads` where only ``resources.cpus`` travels, as in Ray
 workers) sets it in one process and in the environment its child processes inherit.
@@ -30,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ThreadPlan", "set_threads", "training_threads"]
+__all__ = ["ThreadPlan", "ray_system_config", "set_threads", "training_threads"]
 
 #: Environment variables the OpenMP and MKL runtimes of child processes read at start-up.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -42,6 +48,11 @@ def training_threads(cpus: float) -> int:
     if not cpus > 0:
         raise ValueError(f"resources.cpus must be > 0, got {cpus}")
     return max(1, math.floor(cpus))
+
+
+def ray_system_config() -> dict[str, Any]:
+    """Settings for a Ray the launcher starts: its workers run at this process's niceness."""
+    return {"worker_niceness": os.nice(0)}
 
 
 def set_threads(threads: int) -> int:

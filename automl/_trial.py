@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def run_trial(
     example = data.example().to(device)
     teacher = copy.deepcopy(base).to(device) if plan.finetune.get("distill") else None
     # What this process trains with (the study's thread plan, automl._threads), for the record.
-    notes: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    notes: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
 
     def train(module: nn.Module, *, epochs: int | None = None, extra_loss: Any = None, seed_offset: int = 0) -> nn.Module:
         opts = TrainOptions(

@@ -104,6 +104,7 @@ def test_base_and_trials_train_with_the_configured_threads(tmp_path, ray_session
     cfg = _config(tmp_path, cpus=1, threads=timing)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what PyTorch's default gives on two cores: the plan must replace it
+    ray.shutdown()  # the study starts its own Ray, whose workers run at the launcher's niceness (Ray's default is 15)
     lines: list[str] = []
     try:
         study = run_search(cfg, log=lines.append)
@@ -113,11 +114,13 @@ def test_base_and_trials_train_with_the_configured_threads(tmp_path, ray_session
     assert plan_lines == [ThreadPlan(training=1, data_workers=0, timing=timing).describe()], f"the plan must be printed once: {lines}"
     base = json.loads((cfg.study_dir / "base" / "base.json").read_text())
     assert base.get("torch_threads") == 1, f"the base trained with {base.get('torch_threads')} threads, resources.cpus is 1: {base}"
+    assert base.get("nice") == os.nice(0), f"the base trained at niceness {base.get('nice')}, the launcher runs at {os.nice(0)}"
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == cfg.budget.trials, [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials]
     for t in complete:
         notes = t.user_attrs["notes"]
         assert notes.get("torch_threads") == 1, f"trial {t.number} trained with {notes.get('torch_threads')} threads, resources.cpus is 1: {notes}"
+        assert notes.get("nice") == os.nice(0), f"trial {t.number} ran at niceness {notes.get('nice')}, the launcher at {os.nice(0)}: {notes}"
     ray_cores = ray.cluster_resources().get("CPU", 0)
     warned = [ln for ln in lines if ln.startswith("warning:") and "latency.threads" in ln]
     assert bool(warned) == (timing > ray_cores), f"latency.threads {timing} against {ray_cores} cores Ray sees; warnings: {warned}"
