@@ -18,6 +18,10 @@ the base-relative units of ``automl report`` / ``compare`` (:func:`automl._paret
 base alone = 1). The table gives each run and the median over seeds per arm.
 
     PYTHONPATH=. python benchmarks/allocation.py --seeds 2 --out runs/allocation
+    PYTHONPATH=. python benchmarks/allocation.py --config studies/resnet18_allocation.yaml --seeds 2 --out runs/allocation_r18
+
+``--config`` names another study config with ``tucker`` and ``prune`` methods (the second line: ResNet-18
+at 32 px on generated images).
 
 ``--trials``, ``--epochs`` and ``--base-epochs`` shorten a run (the config's are 44, 30 and 100);
 ``--time-limit-s`` caps each run's search (the table's ``complete`` column says how many trials
@@ -55,7 +59,7 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int, *, name: str | Non
     """The study config of one run: the shipped config, changed only where the arm and the flags say."""
     from automl._config import load_config, parse_config
 
-    data = load_config(CONFIG).model_dump(mode="json")
+    data = load_config(Path(args.config)).model_dump(mode="json")
     data.update(name=name or f"allocation_{arm}_s{seed}", output_dir=str(Path(args.out).resolve()), sampler={"name": "tpe", "seed": seed})
     data["resources"] = {"cpus": 1, "max_concurrent": args.concurrent}
     data["latency"] = {**data["latency"], "drift_check": False}
@@ -135,6 +139,7 @@ def table(runs: list[dict[str, Any]], max_drop: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--config", default=str(CONFIG), help="the study config every arm changes (default: %(default)s)")
     ap.add_argument("--seeds", type=int, default=2, help="sampler seeds per arm (default: %(default)s)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: %(default)s)")
     ap.add_argument("--trials", type=int, default=44, help="trial budget of every run (default: %(default)s)")
@@ -168,7 +173,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for arm in arms:
             result = Path(args.out) / f"run_{arm}_s{seed}.json"
-            cmd = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--result", str(result), "--trials", str(args.trials),
+            cmd = [sys.executable, __file__, "--config", args.config, "--arm", arm, "--seed", str(seed), "--result", str(result), "--trials", str(args.trials),
                    "--concurrent", str(args.concurrent), "--max-drop", str(args.max_drop), "--out", args.out]
             cmd += ["--epochs", str(args.epochs)] if args.epochs else []
             cmd += ["--base-epochs", str(args.base_epochs)] if args.base_epochs else []
