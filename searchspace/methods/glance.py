@@ -318,6 +318,11 @@ class Glance(CompressionMethod):
             return "the model is not a StagedNet (no `stages` whose output locates the patch)"
         if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
             return "no 2D convolution: glance and focus resize and crop images"
+        if isinstance(model.head, nn.Identity):
+            # A module brought whole whose traced graph gave no layout is one stage ending in logits:
+            # no stage output is a feature map to read the patch location from.
+            why = getattr(model, "layout_reason", None)
+            return "the head is an identity (the stages end in logits): no feature map locates the patch" + (f" ({why})" if why else "")
         shape = getattr(model, "sample_shape", None)
         if shape is not None and len(shape) == 3:
             return self._runs_at_reduced_sizes(model, tuple(shape))

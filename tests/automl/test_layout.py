@@ -163,7 +163,7 @@ def test_an_untraceable_module_stays_one_stage_and_the_methods_say_why():
     model = build_model("tests.automl.test_layout:branching", input_shape=SHAPE, num_classes=4)
     assert len(model.stages) == 1 and isinstance(model.head, nn.Identity)
     assert "torch.fx cannot trace" in model.layout_reason
-    for name in ("exits", "isqrtcov"):
+    for name in ("exits", "isqrtcov", "glance"):
         why = searchspace.get_method(name)().supports(model)
         assert why is not None and "torch.fx cannot trace" in why, f"{name}: {why}"
     with pytest.raises(LayoutError, match="torch.fx cannot trace"):
