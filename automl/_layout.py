@@ -6,8 +6,10 @@ the model's ``torch.fx`` graph (:func:`find_layout`):
 
 1. The forward pass is traced (``torch.fx``; a module without submodules, and timm's own leaf
    modules and wrapped functions where timm is loaded, stay whole), in eval and in training mode. A
-   traced graph freezes every ``self.training`` it reads, so a module whose forward reads it
-   (stochastic depth) is kept whole as well; a model whose own forward reads it is refused.
+   traced graph freezes every ``self.training`` it reads: a functional dropout given
+   ``training=self.training`` (timm's classifier dropout) becomes the matching ``nn.Dropout``
+   module, which reads the mode when it runs; any other module whose forward reads it (stochastic
+   depth) is kept whole; a model whose own forward reads it otherwise is refused.
 2. Shapes are propagated through the graph (on fake tensors: no arithmetic) for one example of the
    input shape, and again at twice its size: a channels-first tensor whose positions grow with the
    input is a *feature map* (for a model of one fixed input size, every tensor of rank >= 3 is).
@@ -37,6 +39,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
+import torch.nn.functional as F
 
 __all__ = ["Layout", "LayoutError", "find_layout"]
 
@@ -89,6 +92,37 @@ def _trace(net: nn.Module, leaves: tuple[type, ...] = ()) -> fx.GraphModule:
 
 #: Most module types kept whole because their forward reads ``self.training``.
 MAX_MODE_LEAVES = 8
+#: Functional dropouts and the module that computes each with the mode it runs in.
+MODE_DROPOUTS: dict[Any, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
+    F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+
+
+def _mode_dropouts(evaluated: fx.GraphModule, trained: fx.GraphModule) -> None:
+    """Replace, in both graphs, each functional dropout whose ``training`` argument is all that
+    differs between the modes by a dropout module (added to each graph module) at the same place."""
+    a, b = list(evaluated.graph.nodes), list(trained.graph.nodes)
+    if len(a) != len(b):
+        return
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.op != "call_function" or y.op != "call_function" or x.target is not y.target or x.target not in MODE_DROPOUTS:
+            continue
+        nx, ny = x.normalized_arguments(evaluated, normalize_to_only_use_kwargs=True), y.normalized_arguments(trained, normalize_to_only_use_kwargs=True)
+        if nx is None or ny is None:
+            continue
+        kx, ky = dict(nx.kwargs), dict(ny.kwargs)
+        if kx.pop("training", True) == ky.pop("training", True) or str(kx) != str(ky) or not isinstance(kx.get("p", 0.5), float):
+            continue
+        for gm, n, kw in ((evaluated, x, kx), (trained, y, ky)):
+            name = f"mode_dropout_{i}"
+            gm.add_submodule(name, MODE_DROPOUTS[n.target](p=kw.get("p", 0.5), inplace=bool(kw.get("inplace", False))))
+            with gm.graph.inserting_before(n):
+                module = gm.graph.call_module(name, (kw["input"],))
+            n.replace_all_uses_with(module)
+            gm.graph.erase_node(n)
+    evaluated.recompile()
+    trained.recompile()
 
 
 def _trace_both_modes(net: nn.Module) -> fx.GraphModule:
@@ -112,6 +146,8 @@ def _trace_both_modes(net: nn.Module) -> fx.GraphModule:
             raise LayoutError(f"torch.fx cannot trace its forward ({_first_line(exc)})") from exc
         finally:
             net.eval()
+        if evaluated.code != trained.code:
+            _mode_dropouts(evaluated, trained)
         if evaluated.code == trained.code:
             return evaluated
         a, b = list(evaluated.graph.nodes), list(trained.graph.nodes)

@@ -187,6 +187,41 @@ def test_a_forward_that_branches_on_training_mode_is_refused():
         find_layout(Drop(), SHAPE)
 
 
+class HeadDropout(nn.Module):
+    """timm's classifier dropout: the model's own forward passes ``training=self.training``."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.b(F.relu(self.a(x)))).mean(dim=(2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+def test_a_functional_dropout_given_the_mode_becomes_a_module_that_reads_it():
+    """The layout is found, and the staged model computes the module's function in both modes:
+    the same logits in eval mode, and in training mode the same dropout mask from the same seed
+    (a frozen trace would give eval's logits, or drop in eval too)."""
+    net = HeadDropout(num_classes=4)
+    layout = find_layout(net, SHAPE)
+    staged = nn.Sequential(*layout.stages, layout.head)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    net.eval(), staged.eval()
+    with torch.no_grad():
+        assert torch.equal(staged(x), net(x))
+        net.train(), staged.train()
+        torch.manual_seed(1)
+        want = net(x)
+        torch.manual_seed(1)
+        got = staged(x)
+        assert torch.equal(got, want)
+        net.eval()
+        assert not torch.allclose(want, net(x)), "dropout at p=0.5 must change the training-mode logits"
+
+
 class Halve(nn.Module):
     """Reads the training mode in its forward, as stochastic depth does."""
 
