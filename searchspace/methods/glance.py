@@ -22,7 +22,8 @@ patch policy trained with PPO in a three-stage schedule. Here the user's trained
 encoders (the same weights see the glance and the patch, fine-tuned on both: the loss is the
 glance's plus the fused prediction's), there is one focus step, and the patch is centred on the
 peak of the glance's activation map (the channel mean of the deepest stage output that still has
-at least :data:`MIN_GRID` positions per side on the glance input) instead of a learned policy: it
+at least :data:`MIN_GRID` positions per side on the glance input, read in steps of
+:data:`SALIENCY_STEP` of that output's magnitude, ties to the first position) instead of a learned policy: it
 needs no extra training stage and no extra parameters, and it is an argmax the ONNX file can
 compute. The two steps are fused by averaging their softmax probabilities (the output is the log
 of that mean, so ``softmax(output)`` is the mean), in place of the GRU's state; the focus runs only
@@ -50,6 +51,12 @@ __all__ = ["Glance", "GlanceFocusNet", "patch_origin"]
 #: Fewest positions per side of the feature map the patch location is read from, where a stage
 #: has that many on the glance input (else the first stage's map is used).
 MIN_GRID = 3
+
+
+#: The activation map is read in steps of this share of the stage output's mean magnitude: the peak
+#: of a map flat up to float error (a LayerNorm output at initialisation, as in ConvNeXt) would
+#: otherwise follow each runtime's float reordering (ONNX Runtime picked other patches than PyTorch).
+SALIENCY_STEP = 1e-4
 
 
 def patch_origin(peak: torch.Tensor, grid: int, full: int, patch: int) -> torch.Tensor:
@@ -147,7 +154,8 @@ class GlanceFocusNet(nn.Module):
         for i, stage in enumerate(self.net.stages):
             h = stage(h)
             if i == self.saliency_stage:
-                saliency = h.mean(dim=1)
+                unit = h.flatten(1).abs().mean(dim=1) * SALIENCY_STEP + 1e-30
+                saliency = torch.round(h.mean(dim=1) / unit[:, None, None])
         return self.net.head(h), saliency
 
     def _patch(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:

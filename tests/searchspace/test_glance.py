@@ -167,3 +167,40 @@ def test_a_library_model_that_cannot_run_on_a_searched_glance_size_is_left_out_w
     assert reason is not None and "40x40" in reason and "glance.scale=0.625" in reason, reason
     even = method(ranges=method.narrowed({"scale": [0.5], "crop": [0.5]}))
     assert even.supports(base) is None
+
+
+class _ChannelNorm(torch.nn.Module):
+    """Normalises each position over the channels (ConvNeXt's LayerNorm without its affine part)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(dim=1, keepdim=True)) / (x.var(dim=1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+
+
+def test_a_map_flat_up_to_float_error_puts_the_patch_at_the_first_position_in_every_runtime(tmp_path):
+    """A stage ending in a per-position channel norm has a channel mean of zero up to float error:
+    its argmax followed each runtime's rounding (ONNX Runtime chose other patches than PyTorch on
+    ConvNeXt). Read in steps of the output's magnitude the map is exactly flat, the patch is the
+    first position's in PyTorch, and ONNX Runtime gives the module's outputs."""
+    from automl._artifact import build_artifact
+    from automl._models import StagedNet
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    stages = [nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), _ChannelNorm()), nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), _ChannelNorm())]
+    base = StagedNet(stages=stages, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))).eval()
+    shape = (3, 32, 32)
+    net = get_method("glance")().apply(base, {**DIRECT, "threshold": 1.0}, context=random_context(shape, base)).eval()
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = torch.nn.functional.interpolate(x, size=net.glance_size, mode="bilinear", align_corners=False)
+        for stage in stages[: net.saliency_stage + 1]:
+            h = stage(h)
+        raw = h.mean(dim=1)
+        assert raw.abs().max() < 1e-5 and len(set(raw.flatten(1).argmax(1).tolist())) > 1, "fixture: the raw map is float noise whose peak moves"
+        _, saliency = net._glance(x)
+        assert bool((saliency == 0).all()), saliency
+        assert torch.equal(net._patch(x, saliency), x[:, :, : net.crop_size[0], : net.crop_size[1]])
+        want = net(x)
+    artifact = build_artifact(net, x[:1], tmp_path)
+    got = torch.cat([artifact(x[i : i + 1]) for i in range(len(x))])
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), f"ONNX Runtime differs by {(got - want).abs().max():.2e}"
