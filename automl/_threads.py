@@ -17,7 +17,7 @@ count comes from the config:
   (:meth:`automl._artifact.Artifact.context` for the PyTorch runtimes, the ONNX Runtime session's
   intra-op threads), whatever the process's training count;
 - priority: Ray starts its workers at niceness 15 (its ``worker_niceness``), so beside as many
-  busy processes as cores a trial got about 3 % of a core instead of its share. A Ray the launcher
+  busy processes as cores a trial trained at 2 % of its speed instead of its share. A Ray the launcher
   starts gives its workers the launcher's own niceness (:func:`ray_system_config`): trials, the
   base and the profile compete for cores as the launcher would (``nice automl launch`` still
   yields). Nodes a user starts with ``ray start`` take ``RAY_worker_niceness=0`` from their
