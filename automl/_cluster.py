@@ -31,7 +31,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["FULL_ERRNOS", "CheckpointSink", "assigned_device", "full_folder", "pack_folder", "runtime_env", "start_sink", "unpack_to", "user_modules"]
 
@@ -56,6 +56,16 @@ def user_modules(cfg: Any) -> list[str]:
         if any(root == where.parent for root in roots) and str(where) not in found:
             found.append(str(where))
     return found
+
+
+def trial_slots(cfg: Any, resources: Mapping[str, float]) -> int:
+    """How many trials ``resources`` (``ray.cluster_resources()``) run at once at the trial resources
+    (``resources.cpus``, ``resources.gpus``), capped by ``resources.max_concurrent``; 0 when no
+    trial's GPUs fit."""
+    slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
+    if cfg.resources.gpus > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // cfg.resources.gpus))
+    return min(slots, cfg.resources.max_concurrent or slots)
 
 
 def assigned_device(gpus: float) -> tuple[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import optuna
 
-from automl._cluster import full_folder, start_sink
+from automl._cluster import full_folder, start_sink, trial_slots
 from automl._config import StudyConfig
 from automl._plugins import import_plugins
 from automl._prescreen import Screen
@@ -91,12 +91,10 @@ def run_search(
     resources = ray.cluster_resources()
     for line in ThreadPlan.from_config(cfg).warnings(resources.get("CPU", 0)):
         log(line)
-    slots = int(resources.get("CPU", 1) // cfg.resources.cpus)
-    if cfg.resources.gpus > 0:
-        slots = min(slots, int(resources.get("GPU", 0) // cfg.resources.gpus))
-        if slots == 0:
-            raise StudyError(f"resources.gpus: {cfg.resources.gpus} per trial requested, but the Ray cluster has {resources.get('GPU', 0)} GPUs")
-    concurrent = max(1, min(slots, cfg.resources.max_concurrent or slots, remaining))
+    slots = trial_slots(cfg, resources)
+    if cfg.resources.gpus > 0 and slots == 0:
+        raise StudyError(f"resources.gpus: {cfg.resources.gpus} per trial requested, but the Ray cluster has {resources.get('GPU', 0)} GPUs")
+    concurrent = max(1, min(slots, remaining))
     metrics = [o.metric for o in cfg.objectives]
     searcher = StudySearcher(
         space=space,
