@@ -8,8 +8,9 @@ exact parameters and MACs saved against the base. The table and its wall time go
 ``<study>/profile.json``; a resumed study reads it back instead of measuring again, and the study
 records where it is and what it cost (study user attribute :data:`PROFILE`).
 
-The profile is measured where trials run: a Ray task with the trial resources (``resources.cpus``
-and ``resources.gpus``), computing with a trial's thread count on its device. The study starts Ray
+The profile is measured where trials run: Ray tasks with the trial resources (``resources.cpus``
+and ``resources.gpus``), computing with a trial's thread count on its device, one per trial slot
+(the slots are free until the first trial), each measuring every n-th layer. The study starts Ray
 for its trials anyway, and the trials' payload ships the same base and data, so the task costs a
 worker start; on a cluster it keeps the launcher's machine, which may be small, out of the work.
 The record says where it ran (device, node, process).
@@ -21,15 +22,18 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from searchspace import ApplyContext, CompressionMethod, LayerLevel, Profiled, SensitivityProfile
+from automl._cluster import trial_slots
 from automl._measure import count_macs, param_count
+from automl._models import StagedNet
 
-__all__ = ["PROFILE", "PROFILE_FILE", "PROFILE_SAMPLES", "compute_profile", "ensure_profile", "profiled_methods"]
+__all__ = ["PROFILE", "PROFILE_FILE", "PROFILE_SAMPLES", "compute_profile", "ensure_profile", "merge_parts", "profiled_methods"]
 
 #: The cache file in the study folder.
 PROFILE_FILE = "profile.json"
@@ -38,6 +42,8 @@ PROFILE_FILE = "profile.json"
 PROFILE = "profile"
 #: Validation samples each profile accuracy is measured on (the first this many).
 PROFILE_SAMPLES = 2000
+#: Memory a profile (each part of it) may hold of the base's activations at block inputs.
+CACHE_BYTES = 512 * 2**20
 
 
 def profiled_methods(methods: Mapping[str, CompressionMethod]) -> dict[str, CompressionMethod]:
@@ -45,13 +51,102 @@ def profiled_methods(methods: Mapping[str, CompressionMethod]) -> dict[str, Comp
     return {n: m for n, m in sorted(methods.items()) if isinstance(m, Profiled) and m.needs_profile()}
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str, batch: int = 500) -> float:
-    model = model.eval().to(device)
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int((model(x[i : i + batch].to(device)).argmax(1).cpu() == y[i : i + batch]).sum())
-    return correct / max(len(y), 1)
+def _blocks(model: nn.Module) -> list[nn.Module] | None:
+    """A :class:`StagedNet`'s blocks in the order its forward runs them (each stage's children where
+    the stage is a plain ``nn.Sequential``, else the stage), then its head; None for another model."""
+    if not isinstance(model, StagedNet):
+        return None
+    blocks: list[nn.Module] = []
+    for stage in model.stages:
+        blocks.extend(stage if type(stage) is nn.Sequential else [stage])
+    return [*blocks, model.head]
+
+
+def _same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    try:
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    except (AttributeError, RuntimeError, TypeError):  # a quantized or non-tensor entry: not compared
+        return False
+
+
+class _Validation:
+    """Validation accuracy of the base and of copies of it compressed at one layer.
+
+    Such a copy computes what the base does up to the first block the compression changed, so the
+    base's activations at block inputs (:func:`_blocks`) are computed once and a copy runs from the
+    last stored input at or before its first changed block. Inputs are stored from the last block
+    backwards within ``budget`` bytes (default :data:`CACHE_BYTES`), and only where running the rest
+    of the base from them gives the base's logits (checked on the first batch); any other model runs
+    whole. A block counts as changed where its state (parameter and buffer names, shapes, values)
+    differs from the base's, which every profiled method's change does (a pruned or decomposed
+    layer, a layer wrapped for simulated int8).
+    """
+
+    def __init__(self, base: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str, *, batch: int = 500, budget: int | None = None) -> None:
+        self.x, self.y, self.device, self.batch = x, y, device, batch
+        self.blocks = _blocks(base)
+        self.states = [b.state_dict() for b in self.blocks] if self.blocks else []
+        self.stored: dict[int, list[torch.Tensor]] = {}
+        if self.blocks and len(x):
+            self._store(base, CACHE_BYTES if budget is None else budget)
+
+    @torch.no_grad()
+    def _inputs(self, base: nn.Module, xb: torch.Tensor, keep: set[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
+        """The inputs of blocks ``keep`` on batch ``xb`` and the base's logits; None if a block is
+        not called exactly once with one tensor."""
+        seen: dict[int, list[Any]] = {i: [] for i in range(len(self.blocks))}
+        hooks = [b.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args)) for i, b in enumerate(self.blocks)]
+        try:
+            logits = base(xb.to(self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(calls) != 1 or len(calls[0]) != 1 or not isinstance(calls[0][0], torch.Tensor) for calls in seen.values()):
+            return None
+        return {i: seen[i][0][0] for i in keep}, logits
+
+    @torch.no_grad()
+    def _store(self, base: nn.Module, budget: int) -> None:
+        base = base.eval().to(self.device)
+        probe = self._inputs(base, self.x[: self.batch], set(range(1, len(self.blocks))))
+        if probe is None:
+            return
+        first, logits = probe
+        keep, spent = set(), 0
+        for i in sorted(first, reverse=True):
+            size = first[i].element_size() * first[i].numel() * len(self.x) // max(len(first[i]), 1)
+            if spent + size > budget:
+                break
+            if torch.equal(self._run(self.blocks, i, first[i]), logits):
+                keep.add(i)
+                spent += size
+        self.stored = {i: [] for i in keep}
+        for start in range(0, len(self.x), self.batch):
+            got = first if start == 0 else self._inputs(base, self.x[start : start + self.batch], keep)[0]  # type: ignore[index]
+            for i in keep:
+                self.stored[i].append(got[i].cpu())
+
+    def _run(self, blocks: list[nn.Module], start: int, h: torch.Tensor) -> torch.Tensor:
+        for block in blocks[start:]:
+            h = block(h)
+        return h
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module) -> float:
+        model = model.eval().to(self.device)
+        blocks = _blocks(model)
+        start = 0
+        if blocks is not None and self.stored and len(blocks) == len(self.blocks):
+            changed = next((i for i, (b, s) in enumerate(zip(blocks, self.states)) if not _same_state(b.state_dict(), s)), len(blocks))
+            start = max((i for i in self.stored if i <= changed), default=0)
+        correct = 0
+        for n, i in enumerate(range(0, len(self.x), self.batch)):
+            if start:
+                logits = self._run(blocks, start, self.stored[start][n].to(self.device))  # type: ignore[arg-type]
+            else:
+                logits = model(self.x[i : i + self.batch].to(self.device))
+            correct += int((logits.argmax(1).cpu() == self.y[i : i + self.batch]).sum())
+        return correct / max(len(self.y), 1)
 
 
 def compute_profile(
@@ -63,16 +158,22 @@ def compute_profile(
     seed: int,
     samples: int = PROFILE_SAMPLES,
     device: torch.device | str = "cpu",
+    part: int = 0,
+    parts: int = 1,
 ) -> SensitivityProfile:
     """Measure every layer of every method of ``methods`` alone at each of its levels (see the module doc).
 
-    ``methods`` are :class:`searchspace.Profiled` (callers pass :func:`profiled_methods`).
+    ``methods`` are :class:`searchspace.Profiled` (callers pass :func:`profiled_methods`). With
+    ``parts`` > 1 this is one part of the profile: it measures every ``parts``-th (method, layer),
+    starting at the ``part``-th, lists the other layers with no levels (so the parts keep one order)
+    and measures ``extra`` in part 0 only; :func:`merge_parts` joins the parts.
     """
     start = time.perf_counter()
     base = base.eval().cpu()
     example = data.example()
     x_val, y_val = data.tensors("val", limit=samples)
-    base_accuracy = _accuracy(base, x_val, y_val, device)
+    validation = _Validation(base, x_val, y_val, device)
+    base_accuracy = validation.accuracy(base)
     base_params = param_count(base)
     base_macs = count_macs(base, example)
     context = ApplyContext(
@@ -83,11 +184,16 @@ def compute_profile(
     )
     layers: dict[str, dict[str, tuple[LayerLevel, ...]]] = {}
     extra: dict[str, dict[str, Any]] = {}
+    job = 0
     for name, method in methods.items():
         if not isinstance(method, Profiled):
             raise TypeError(f"a profiled method must implement searchspace.Profiled, but {name!r} does not")
         rows: dict[str, tuple[LayerLevel, ...]] = {}
         for layer in method.profile_layers(base, example):
+            job += 1
+            if (job - 1) % parts != part:
+                rows[layer] = ()
+                continue
             entries = []
             for level in method.profile_levels():
                 with torch.enable_grad():  # Torch-Pruning traces its dependency graph through autograd
@@ -95,22 +201,34 @@ def compute_profile(
                 if model is None:
                     continue
                 saved = base_params - param_count(model)
-                entries.append(LayerLevel(float(level), _accuracy(model, x_val, y_val, device), saved, base_macs - count_macs(model.cpu(), example)))
-            if entries:
+                entries.append(LayerLevel(float(level), validation.accuracy(model), saved, base_macs - count_macs(model.cpu(), example)))
+            if entries or parts > 1:
                 rows[layer] = tuple(sorted(entries, key=lambda e: e.params_saved))
         layers[name] = rows
-        with torch.enable_grad():
-            extra[name] = method.profile_extra(base, example)
+        if part == 0:
+            with torch.enable_grad():
+                extra[name] = method.profile_extra(base, example)
     return SensitivityProfile(
         base_accuracy=base_accuracy, base_params=base_params, base_macs=base_macs, layers=layers, extra=extra,
         samples=len(y_val), seconds=time.perf_counter() - start,
     )
 
 
+def merge_parts(parts: Sequence[SensitivityProfile], *, seconds: float) -> SensitivityProfile:
+    """The profile the parts of :func:`compute_profile` measure together, in their layer order;
+    ``seconds`` is the wall time of the whole."""
+    first = parts[0]
+    layers = {
+        method: {layer: entries for layer in rows if (entries := next((p.layers[method][layer] for p in parts if p.layers[method][layer]), ()))}
+        for method, rows in first.layers.items()
+    }
+    return replace(first, layers=layers, seconds=seconds)
+
+
 def _profile_task(
-    base: nn.Module, data: Any, methods: Mapping[str, CompressionMethod], batch_size: int, seed: int, gpus: float, cpus: float
+    base: nn.Module, data: Any, methods: Mapping[str, CompressionMethod], batch_size: int, seed: int, gpus: float, cpus: float, part: int, parts: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ray task: the profile measured on the task's device (the trials' resources), and where it ran."""
+    """Ray task: one part of the profile measured on the task's device (the trials' resources), and where it ran."""
     import ray
 
     from automl._cluster import assigned_device
@@ -118,8 +236,8 @@ def _profile_task(
 
     threads = set_threads(training_threads(cpus))
     device, where = assigned_device(gpus)
-    profile = compute_profile(base, data, methods, batch_size=batch_size, seed=seed, device=device)
-    return profile.to_dict(), {**where, "torch_threads": threads, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    profile = compute_profile(base, data, methods, batch_size=batch_size, seed=seed, device=device, part=part, parts=parts)
+    return profile.to_dict(), {**where, "torch_threads": threads, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "seconds": profile.seconds}
 
 
 def ensure_profile(
@@ -147,9 +265,15 @@ def ensure_profile(
     from automl._study import init_ray
 
     init_ray(cfg)
+    # The trials' slots are free until the first trial: the layers are split across them.
+    parts = max(1, trial_slots(cfg, ray.cluster_resources()))
     task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_profile_task)
-    measured, where = ray.get(task.remote(base, data, wanted, cfg.budget.batch_size, cfg.seed, cfg.resources.gpus, cfg.resources.cpus))
-    profile = SensitivityProfile.from_dict(measured)
+    start = time.perf_counter()
+    shared = ray.put(base), ray.put(data)  # shipped once, whatever the number of parts
+    refs = [task.remote(*shared, wanted, cfg.budget.batch_size, cfg.seed, cfg.resources.gpus, cfg.resources.cpus, i, parts) for i in range(parts)]
+    measured = ray.get(refs)
+    profile = merge_parts([SensitivityProfile.from_dict(m) for m, _ in measured], seconds=time.perf_counter() - start)
+    where = {**measured[0][1], "parts": [w for _, w in measured]}
     # Written whole or not at all: a crash mid-write must not leave a profile resume would trust.
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps({**profile.to_dict(), "where": where}, indent=1))

@@ -27,7 +27,7 @@ from automl._config import StudyConfig
 from automl._measure import param_count
 from automl._prescreen import dry_run
 from automl._rebuild import load_model
-from automl._sensitivity import PROFILE, PROFILE_FILE, compute_profile, profiled_methods
+from automl._sensitivity import PROFILE, PROFILE_FILE, compute_profile, merge_parts, profiled_methods
 from automl._train import TrainOptions, fit
 from automl._trial import run_trial
 from searchspace import ApplyContext, LayerLevel, Plan, SensitivityProfile
@@ -202,6 +202,65 @@ def digits_profile(digits):
     return base, methods, compute_profile(base, digits, profiled_methods(methods), batch_size=100, seed=0, samples=200)
 
 
+def test_a_profile_measured_in_parts_is_the_profile_measured_whole(digits, digits_profile):
+    """The study splits the profile across its trial slots: each part measures every n-th (method,
+    layer); joined, they give the whole profile, layer order and the pruning scores included."""
+    base, methods, whole = digits_profile
+    parts = [compute_profile(base, digits, profiled_methods(methods), batch_size=100, seed=0, samples=200, part=i, parts=3) for i in range(3)]
+    measured = [[(m, layer) for m, rows in p.layers.items() for layer, entries in rows.items() if entries] for p in parts]
+    assert all(measured) and sum(map(len, measured)) == sum(map(len, whole.layers.values())), f"every layer measured by exactly one part: {measured}"
+    merged = merge_parts(parts, seconds=1.5)
+    assert {m: list(rows) for m, rows in merged.layers.items()} == {m: list(rows) for m, rows in whole.layers.items()}, "the parts keep the whole profile's layer order"
+    assert merged.layers == whole.layers and merged.extra == whole.extra and merged.extra["prune"]["scores"]
+    assert (merged.base_accuracy, merged.base_params, merged.base_macs, merged.samples, merged.seconds) == (whole.base_accuracy, whole.base_params, whole.base_macs, whole.samples, 1.5)
+
+
+def test_a_copy_runs_from_its_first_changed_block_with_the_accuracy_of_a_whole_pass(digits, digits_profile, monkeypatch):
+    """The base's activations at block inputs are stored once; a copy compressed at one layer runs
+    from the stored input before its first changed block. Its accuracy is the whole pass's, and the
+    profile is the one measured without stored activations."""
+    import automl._sensitivity as sensitivity
+
+    base, methods, cached = digits_profile
+    x, y = digits.tensors("val", limit=200)
+    validation = sensitivity._Validation(base, x, y, "cpu")
+    assert sorted(validation.stored) == list(range(1, len(sensitivity._blocks(base)))), "every block input but the image's fits the budget"
+    tucker = methods["tucker"]
+    last = tucker.profile_layers(base, x[:1])[-1]
+    model = tucker.compress_layer(base, last, 0.25, context=ApplyContext(example_input=x[:1]))
+    ran: list[int] = []
+    hooks = [b.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(sensitivity._blocks(model))]
+    got = validation.accuracy(model)
+    for h in hooks:
+        h.remove()
+    assert min(ran) > 0, f"a copy changed in its last convolution must not run its first block, ran {sorted(set(ran))}"
+    with torch.no_grad():
+        assert got == int((model(x).argmax(1) == y).sum()) / len(y)
+    monkeypatch.setattr(sensitivity, "CACHE_BYTES", 0)
+    assert not sensitivity._Validation(base, x, y, "cpu").stored
+    whole = compute_profile(base, digits, profiled_methods(methods), batch_size=100, seed=0, samples=200)
+    assert whole.layers == cached.layers and whole.base_accuracy == cached.base_accuracy
+
+
+def test_a_model_whose_forward_is_not_its_chain_of_blocks_runs_whole(digits):
+    """A staged net whose forward does more than run its blocks in order (here: doubles the logits)
+    stores nothing, since the rest of the base from a stored input would not give its logits."""
+    import automl._sensitivity as sensitivity
+
+    base = make_base("digits_cnn", digits.input_shape)
+
+    class Doubled(type(base)):  # type: ignore[misc]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    base.__class__ = Doubled
+    x, y = digits.tensors("val", limit=200)
+    validation = sensitivity._Validation(base, x, y, "cpu")
+    assert not validation.stored
+    with torch.no_grad():
+        assert validation.accuracy(base) == int((base.eval()(x).argmax(1) == y).sum()) / len(y)
+
+
 #: Every allocation that reads the profile, on both pruning paths (all groups at once: apoz;
 #: layer by layer: thinet), and a chain in which pruning follows a structure stage.
 PLANS = {
@@ -265,7 +324,9 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     import os
 
     import optuna
+    import ray
 
+    from automl._cluster import trial_slots
     from automl._study import prepare_study
 
     cfg = StudyConfig.model_validate({
@@ -277,6 +338,8 @@ def test_the_profile_is_measured_once_per_study_and_read_back_on_resume(tmp_path
     _, launched, _ = prepare_study(cfg, log=lines.append)  # what `automl launch` prepares
     where = optuna.load_study(study_name="profiled", storage=cfg.storage_url).user_attrs[PROFILE]["where"]
     assert where["pid"] != os.getpid() and where["device"] == "cpu" and where["torch_threads"] == 1, f"the profile must be measured in a Ray task with the trial resources (1 cpu), got {where}"
+    slots = trial_slots(cfg, ray.cluster_resources())
+    assert len(where["parts"]) == slots and all(p["seconds"] > 0 and p["torch_threads"] == 1 for p in where["parts"]), f"one part per trial slot ({slots}), got {where['parts']}"
     written = (tmp_path / "profiled" / PROFILE_FILE).read_text()
     _, resumed, _ = prepare_study(cfg, log=lines.append)  # what `automl resume` prepares
     measured = [ln for ln in lines if ln.startswith("profile: measuring")]
