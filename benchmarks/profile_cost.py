@@ -44,7 +44,7 @@ def main() -> None:
     study_dir = Path(args.study)
     cfg = load_config(study_dir / "config.yaml")
     threads = set_threads(training_threads(cfg.resources.cpus))
-    data = dataset_from_config(cfg)
+    data = dataset_from_config(cfg.dataset)
     base = _build_base(cfg, data)
     base.load_state_dict(torch.load(study_dir / "base" / "weights.pt", map_location="cpu", weights_only=True))
     methods = profiled_methods(cfg.method_instances())
