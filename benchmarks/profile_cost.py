@@ -12,7 +12,9 @@ process, with the study's trial thread count:
 
 It checks that all three give the same table, and prints each wall time beside the median wall time
 of the study's trials (start to end, as Optuna recorded them). The study's own ``profile.json``
-records the wall time the study spent (Ray tasks included).
+records the wall time the study spent (Ray tasks included). ``--breakdown`` runs the ``whole``
+profile under ``cProfile`` instead and prints where its time goes: compressing (per method),
+counting MACs, evaluating.
 
     PYTHONPATH=. python benchmarks/profile_cost.py --study runs/r18_64
 """
@@ -32,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--study", required=True, help="a finished study folder (config.yaml, base/weights.pt, optuna.db)")
     ap.add_argument("--parts", type=int, default=2, help="parts of the split profile (a study's trial slots; default: %(default)s)")
+    ap.add_argument("--breakdown", action="store_true", help="time the whole profile's steps under cProfile instead")
     args = ap.parse_args()
 
     from automl._config import load_config
@@ -57,6 +60,9 @@ def main() -> None:
         profile = compute_profile(**run, **kw)
         return profile, time.perf_counter() - start
 
+    if args.breakdown:
+        breakdown(run)
+        return
     budget = sensitivity.CACHE_BYTES
     sensitivity.CACHE_BYTES = 0
     plain, plain_s = timed()
@@ -78,6 +84,30 @@ def main() -> None:
         print(f"| {label} | {seconds:.1f} | {seconds / trial_s:.2f} |")
     if not same:
         raise SystemExit("the profile differs between the ways it was measured")
+
+
+def breakdown(run: dict) -> None:
+    """The whole profile under cProfile: cumulative seconds of each step."""
+    import cProfile
+    import pstats
+
+    from automl._sensitivity import compute_profile
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(compute_profile, **run)
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, _, own, cumulative, _)
+    steps = {f"compress ({m})": (f"{type(method).__module__.replace('.', '/')}.py", "compress_layer") for m, method in run["methods"].items()}
+    steps |= {"count MACs": ("automl/_measure.py", "count_macs"), "evaluate": ("automl/_sensitivity.py", "accuracy")}
+    print(f"whole profile under cProfile: {total:.1f} s")
+    print()
+    print("| step | calls | seconds | share |")
+    print("|---|---:|---:|---:|")
+    for label, (file, function) in steps.items():
+        hits = [v for (f, _, fn), v in stats.items() if f.endswith(file) and fn == function]
+        calls, seconds = sum(h[0] for h in hits), sum(h[3] for h in hits)
+        print(f"| {label} | {calls} | {seconds:.1f} | {seconds / total:.0%} |")
 
 
 if __name__ == "__main__":
