@@ -18,6 +18,7 @@ The record says where it ran (device, node, process).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -79,7 +80,9 @@ class _Validation:
     of the base from them gives the base's logits (checked on the first batch); any other model runs
     whole. A block counts as changed where its state (parameter and buffer names, shapes, values)
     differs from the base's, which every profiled method's change does (a pruned or decomposed
-    layer, a layer wrapped for simulated int8).
+    layer, a layer wrapped for simulated int8). Models are evaluated on ``device`` (a copy there
+    when it is not the CPU): the caller's models stay on the CPU, where they are compressed and
+    their MACs counted.
     """
 
     def __init__(self, base: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str, *, batch: int = 500, budget: int | None = None) -> None:
@@ -88,16 +91,20 @@ class _Validation:
         self.states = [b.state_dict() for b in self.blocks] if self.blocks else []
         self.stored: dict[int, list[torch.Tensor]] = {}
         if self.blocks and len(x):
-            self._store(base, CACHE_BYTES if budget is None else budget)
+            self._store(self._on_device(base), CACHE_BYTES if budget is None else budget)
+
+    def _on_device(self, model: nn.Module) -> nn.Module:
+        model = model.eval()
+        return model if torch.device(self.device).type == "cpu" else copy.deepcopy(model).to(self.device)
 
     @torch.no_grad()
-    def _inputs(self, base: nn.Module, xb: torch.Tensor, keep: set[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
-        """The inputs of blocks ``keep`` on batch ``xb`` and the base's logits; None if a block is
-        not called exactly once with one tensor."""
-        seen: dict[int, list[Any]] = {i: [] for i in range(len(self.blocks))}
-        hooks = [b.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args)) for i, b in enumerate(self.blocks)]
+    def _inputs(self, net: nn.Module, blocks: list[nn.Module], xb: torch.Tensor, keep: set[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
+        """The inputs of ``blocks`` ``keep`` of ``net`` on batch ``xb`` and its logits; None if a
+        block is not called exactly once with one tensor."""
+        seen: dict[int, list[Any]] = {i: [] for i in range(len(blocks))}
+        hooks = [b.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args)) for i, b in enumerate(blocks)]
         try:
-            logits = base(xb.to(self.device))
+            logits = net(xb.to(self.device))
         finally:
             for h in hooks:
                 h.remove()
@@ -106,9 +113,10 @@ class _Validation:
         return {i: seen[i][0][0] for i in keep}, logits
 
     @torch.no_grad()
-    def _store(self, base: nn.Module, budget: int) -> None:
-        base = base.eval().to(self.device)
-        probe = self._inputs(base, self.x[: self.batch], set(range(1, len(self.blocks))))
+    def _store(self, net: nn.Module, budget: int) -> None:
+        blocks = _blocks(net)
+        assert blocks is not None
+        probe = self._inputs(net, blocks, self.x[: self.batch], set(range(1, len(blocks))))
         if probe is None:
             return
         first, logits = probe
@@ -117,34 +125,36 @@ class _Validation:
             size = first[i].element_size() * first[i].numel() * len(self.x) // max(len(first[i]), 1)
             if spent + size > budget:
                 break
-            if torch.equal(self._run(self.blocks, i, first[i]), logits):
+            if torch.equal(self._run(blocks, i, first[i]), logits):
                 keep.add(i)
                 spent += size
         self.stored = {i: [] for i in keep}
         for start in range(0, len(self.x), self.batch):
-            got = first if start == 0 else self._inputs(base, self.x[start : start + self.batch], keep)[0]  # type: ignore[index]
+            got = first if start == 0 else self._inputs(net, blocks, self.x[start : start + self.batch], keep)[0]  # type: ignore[index]
             for i in keep:
                 self.stored[i].append(got[i].cpu())
 
-    def _run(self, blocks: list[nn.Module], start: int, h: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _run(blocks: list[nn.Module], start: int, h: torch.Tensor) -> torch.Tensor:
         for block in blocks[start:]:
             h = block(h)
         return h
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module) -> float:
-        model = model.eval().to(self.device)
         blocks = _blocks(model)
         start = 0
         if blocks is not None and self.stored and len(blocks) == len(self.blocks):
             changed = next((i for i, (b, s) in enumerate(zip(blocks, self.states)) if not _same_state(b.state_dict(), s)), len(blocks))
             start = max((i for i in self.stored if i <= changed), default=0)
+        net = self._on_device(model)
+        run = _blocks(net) if start else None
         correct = 0
         for n, i in enumerate(range(0, len(self.x), self.batch)):
-            if start:
-                logits = self._run(blocks, start, self.stored[start][n].to(self.device))  # type: ignore[arg-type]
+            if run is not None:
+                logits = self._run(run, start, self.stored[start][n].to(self.device))
             else:
-                logits = model(self.x[i : i + self.batch].to(self.device))
+                logits = net(self.x[i : i + self.batch].to(self.device))
             correct += int((logits.argmax(1).cpu() == self.y[i : i + self.batch]).sum())
         return correct / max(len(self.y), 1)
 
