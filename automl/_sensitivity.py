@@ -128,6 +128,8 @@ class _Validation:
             if torch.equal(self._run(blocks, i, first[i]), logits):
                 keep.add(i)
                 spent += size
+        if not keep:
+            return
         self.stored = {i: [] for i in keep}
         for start in range(0, len(self.x), self.batch):
             got = first if start == 0 else self._inputs(net, blocks, self.x[start : start + self.batch], keep)[0]  # type: ignore[index]
