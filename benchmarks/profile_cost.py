@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="time the whole profile's steps under cProfile instead")
     args = ap.parse_args()
 
-    from automl._config import load_config
+    from automl._config import ConfigError, load_config
     from automl._data import dataset_from_config
     from automl._sensitivity import compute_profile, merge_parts, profiled_methods
     from automl._study import _build_base
@@ -45,7 +45,10 @@ def main() -> None:
     import automl._sensitivity as sensitivity
 
     study_dir = Path(args.study)
-    cfg = load_config(study_dir / "config.yaml")
+    try:
+        cfg = load_config(study_dir / "config.yaml")
+    except (ConfigError, OSError) as exc:
+        ap.error(f"--study: {exc}")
     threads = set_threads(training_threads(cfg.resources.cpus))
     data = dataset_from_config(cfg.dataset)
     base = _build_base(cfg, data)
