@@ -45,7 +45,8 @@ the profile does not know keeps its channels, listed in ``prune.unprofiled``.
 The trial fine-tunes afterwards.
 
 Where the dependency graph cannot follow the model (a channel shuffle or another reshape that
-regroups channels, which Torch-Pruning would map as a flatten; or a graph that does not build),
+regroups channels, which Torch-Pruning would map as a flatten; a slice of part of the channels,
+whose bounds it cannot change in the model's code; or a graph that does not build),
 the model is pruned run by run instead: each run of layers that feed only each other is pruned on
 its own with its interface kept, so only channels internal to a run go (:func:`prunable_parts`,
 noted as ``prune.split``).
@@ -796,10 +797,20 @@ class _ChannelMoves(torch.overrides.TorchFunctionMode):
     it removes the wrong channels, sometimes with shapes that still fit. Reshapes of token
     sequences (``(N, L, C) -> (N, L, heads, C/heads)``) or of channels-last maps are not of this
     kind and are not recorded.
+
+    A slice of part of the channels of a feature map (``x[:, a:b]`` or ``narrow`` on ``(N, C, H, W)``;
+    ReXNet's partial residual ``cat([x[:, :C] + shortcut, x[:, C:]])``) is recorded too: its bounds
+    are numbers in the model's code, which Torch-Pruning cannot change (it updates only its own
+    record of them), so removing a channel before the slice shifts which channels the slice takes.
+    Torch-Pruning 1.6 also counts a slice's output as all of its input's channels, which gives a
+    following concatenation wrong offsets; on chained partial residuals its group search then
+    revisits each layer with ever new (wrong) index lists and does not finish (four such blocks:
+    minutes). A slice of all channels, or of a token sequence ``(N, L, C)``, is not recorded.
     """
 
     RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
     SHUFFLES = frozenset({"channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle"})
+    SLICES = frozenset({"__getitem__", "narrow"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -810,14 +821,44 @@ class _ChannelMoves(torch.overrides.TorchFunctionMode):
         """``a`` ``(N, C, *S)`` reshaped to ``b`` ``(N, G, C/G, *S)`` with 1 < G < C."""
         return len(a) >= 3 and len(b) == len(a) + 1 and b[0] == a[0] and b[1] * b[2] == a[1] and b[3:] == a[2:] and 1 < b[1] < a[1]
 
+    @staticmethod
+    def slices_channels(name: str, args: Any, kwargs: Any) -> str | None:
+        """``x[:, a:b]`` (``__getitem__``) or ``narrow(x, 1, ...)`` taking part of the channels of a
+        feature map ``(N, C, H, W)``, as text; else None."""
+        x = args[0]
+        if x.dim() < 4:
+            return None
+        c = x.shape[1]
+        if name == "__getitem__" and len(args) > 1:
+            idx = args[1]
+            if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == slice(None) and isinstance(idx[1], slice)):
+                return None
+            kept = range(*idx[1].indices(c))
+            text = f"slice [:, {'' if idx[1].start is None else idx[1].start}:{'' if idx[1].stop is None else idx[1].stop}]"
+        elif name == "narrow":
+            given = {**dict(zip(("dim", "start", "length"), args[1:])), **kwargs}
+            if given.get("dim") != 1:
+                return None
+            start, length = int(given["start"]), int(given["length"])
+            kept, text = range(start, start + length), f"narrow(1, {start}, {length})"
+        else:
+            return None
+        return None if len(kept) == c else f"{text} of {c} channels"
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if name in self.RESHAPES | self.SHUFFLES and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            a = args[0]
+        if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)) or len(self.found) >= 3:
+            return out
+        a = args[0]
+        if name in self.RESHAPES | self.SHUFFLES:
             moved = name in self.SHUFFLES or self.regroups(tuple(a.shape), tuple(out.shape)) or self.regroups(tuple(out.shape), tuple(a.shape))
-            if moved and len(self.found) < 3:
+            if moved:
                 self.found.append(f"{name} {tuple(a.shape)} -> {tuple(out.shape)}")
+        elif name in self.SLICES:
+            text = self.slices_channels(name, args, kwargs or {})
+            if text is not None:
+                self.found.append(text)
         return out
 
 

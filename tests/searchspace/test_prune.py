@@ -374,3 +374,91 @@ def test_a_whole_model_pruning_that_breaks_the_forward_is_redone_run_by_run(monk
     with torch.no_grad():
         want, got = base(x), out.eval()(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
+
+def _random_bn_and_dead_half(net: nn.Module, dead: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> nn.Module:
+    """Random BatchNorm statistics everywhere; for each (conv, bn) in ``dead``, the first half of the
+    conv's filters are zero and the bn maps 0 to 0 there (mean and shift 0), so those channels
+    carry exactly 0 (through the ReLU after them) and removing them leaves the function as it is."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 2), m.bias.normal_(0, 0.5)
+        for conv, bn in dead:
+            half = conv.out_channels // 2
+            conv.weight[:half] = 0
+            bn.running_mean[:half], bn.bias[:half] = 0, 0
+    return net.eval()
+
+
+class _PartialResidual(nn.Module):
+    """ReXNet's block (timm): the shortcut is added to the first ``cin`` of the ``cout`` output
+    channels, the rest pass as they are."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cin = cin
+        self.conv_exp, self.bn_exp, self.act = nn.Conv2d(cin, 2 * cout, 1, bias=False), nn.BatchNorm2d(2 * cout), nn.ReLU()
+        self.conv_pwl, self.bn_pwl = nn.Conv2d(2 * cout, cout, 1, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn_pwl(self.conv_pwl(self.act(self.bn_exp(self.conv_exp(x)))))
+        return torch.cat([h[:, 0 : self.cin] + x, h[:, self.cin :]], dim=1)
+
+
+def _partial_residual_net() -> nn.Module:
+    """Three chained partial residuals (4 -> 6 -> 8 -> 10 channels); in each block the expansion's
+    first half of channels carries exactly 0."""
+    torch.manual_seed(0)
+    blocks = [_PartialResidual(c, c + 2) for c in (4, 6, 8)]
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 10))
+    return _random_bn_and_dead_half(net, [(b.conv_exp, b.bn_exp) for b in blocks])
+
+
+def test_a_slice_of_part_of_the_channels_is_a_channel_move():
+    """Torch-Pruning cannot change a slice's bounds in the model's code: a slice of part of a feature
+    map's channels is reported; one of all channels, of another axis, or of a token sequence is not."""
+    from searchspace.methods.prune import channel_moves
+
+    class Slices(nn.Module):
+        def __init__(self, take) -> None:
+            super().__init__()
+            self.take = take
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.take(x) * 1
+
+    x = torch.randn(1, 5, 4, 4)
+    assert channel_moves(Slices(lambda t: t[:, 1:3]), x) == ["slice [:, 1:3] of 5 channels"]
+    assert channel_moves(Slices(lambda t: t[:, 2:]), x) == ["slice [:, 2:] of 5 channels"]
+    assert channel_moves(Slices(lambda t: t.narrow(1, 0, 4)), x) == ["narrow(1, 0, 4) of 5 channels"]
+    for name, take, inp in [
+        ("all channels", lambda t: t[:, 0:5], x),
+        ("a spatial slice", lambda t: t[:, :, 1:3], x),
+        ("a spatial narrow", lambda t: t.narrow(2, 0, 2), x),
+        ("a token sequence (N, L, C)", lambda t: t[:, 1:], torch.randn(1, 5, 8)),
+    ]:
+        assert channel_moves(Slices(take), inp) == [], f"{name} is not a channel move"
+
+
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])
+def test_a_partial_residual_keeps_its_channels_and_the_runs_inside_are_pruned(criterion):
+    """Partial residuals (ReXNet) slice the block output at a fixed channel: Torch-Pruning's graph
+    of the whole net gets those slices' sizes wrong (and on a longer chain does not finish), and no
+    pruning before the slice could move its bound. The runs inside the blocks are pruned instead:
+    the zero expansion channels go, every block keeps its output channels, the function is unchanged."""
+    base = _partial_residual_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": criterion, "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert "slice [:, 0:4] of 6 channels" in ctx.notes["prune.split"]["reason"], ctx.notes
+    assert ctx.notes["prune.split"]["parts"] == [f"{i}.conv_exp..{i}.conv_pwl" for i in (1, 2, 3)], ctx.notes
+    for i, cout in ((1, 6), (2, 8), (3, 10)):
+        assert out[i].conv_exp.out_channels == cout, f"block {i}: expansion {out[i].conv_exp.out_channels} channels, expected {cout} of {2 * cout}"
+        assert torch.equal(out[i].conv_exp.weight, base[i].conv_exp.weight[cout:]), f"block {i}: the zero filters are the ones removed"
+        assert out[i].conv_pwl.out_channels == cout, f"block {i}: the output sliced at {out[i].cin} must keep its {cout} channels"
+    assert out[0].out_channels == 4 and out[-1].in_features == 10, "layers outside the runs keep their channels"
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
