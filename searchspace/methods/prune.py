@@ -1012,7 +1012,7 @@ def _forward_order(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, i
 def _group_roots(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[Any]:
     """Torch-Pruning's pruning groups of ``model`` (each rooted at the conv or linear layer whose
     output channels it slices), the never-pruned output layers left out."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
     return list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
 
 

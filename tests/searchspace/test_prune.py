@@ -462,3 +462,15 @@ def test_a_partial_residual_keeps_its_channels_and_the_runs_inside_are_pruned(cr
         want, got = base(x), out.eval()(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
 
+
+
+def test_the_groups_of_a_part_whose_input_is_one_sample_of_one_pixel():
+    """A part is traced on the one input it receives in the model's forward (a squeeze-excitation
+    run: (1, C, 1, 1)). Torch-Pruning unpacks a bare tensor as the list of inputs, which would run
+    the part on an unbatched (C, 1, 1) map where its convolutions are not recognised: the part's
+    one internal group (rooted at the reduction) must be found."""
+    from searchspace.methods.prune import _group_roots
+
+    part = nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU(inplace=True), nn.Conv2d(4, 16, 1))
+    roots = [g[0].dep.target.module for g in _group_roots(part, torch.randn(1, 16, 1, 1), [part[2]])]
+    assert roots == [part[0]], f"groups rooted at {roots}, expected the reduction conv only"
