@@ -312,6 +312,10 @@ class _Stop(Exception):
     """Ends a calibration forward early once the hooked layers have their inputs."""
 
 
+class _NoLongerRuns(Exception):
+    """A layer-by-layer pass left the model unable to run its forward (the message says why)."""
+
+
 class ThiNet(ChannelCriterion):
     """ThiNet (Luo et al., ICCV 2017): greedy next-layer reconstruction, layer by layer.
 
@@ -349,6 +353,7 @@ class ThiNet(ChannelCriterion):
         self.model, self.context = model, context
         self.names = _names(model)
         context.notes["prune.thinet_rescaled"] = {}
+        context.notes.pop("prune.thinet_fallback_l1", None)  # from an earlier attempt on another copy
 
     def _inputs(self, layers: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
         """Inputs of ``layers`` on calibration batches, run through the current model.
@@ -966,8 +971,8 @@ def _runs_as_before(model: nn.Module, example: torch.Tensor, shape: tuple[int, .
         with torch.no_grad():
             got = tuple(model.eval()(example).shape)
     except Exception as exc:  # noqa: BLE001 - the reason is the caller's note
-        return f"the model pruned as a whole does not run: {_first_line(exc)}"
-    return None if got == shape else f"the model pruned as a whole outputs {got}, not {shape}"
+        return f"does not run: {_first_line(exc)}"
+    return None if got == shape else f"outputs {got}, not {shape}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1233,16 +1238,25 @@ class Prune(CompressionMethod):
             parts, split = prunable_parts(out, example, whole_failed)
             before = channel_counts(out)
             order = _forward_order(out, example) if criterion.layerwise else {}
-            for part in parts:
-                self._prune_part(part, criterion, default, ratio_of, ratio_dict or None, order)
+            try:
+                for part in parts:
+                    self._prune_part(part, criterion, default, ratio_of, ratio_dict or None, order)
+            except _NoLongerRuns as exc:
+                if split or whole_failed:
+                    raise ValueError(f"a part pruned run by run must still run, but pruned up to {exc}") from exc
+                # A layer-by-layer criterion scores each group on the model pruned so far, which
+                # needs it to run: where the graph mapped an operation wrongly, it stops there.
+                whole_failed = f"the model pruned as a whole, layer by layer up to {exc}"
+                continue
             if split or whole_failed:
                 break
             # The dependency graph can map an operation it does not know wrongly (channels removed
             # on one side only): a pruned model that no longer runs, or outputs another shape, is
             # pruned again run by run.
-            whole_failed = _runs_as_before(out, example, want)
-            if whole_failed is None:
+            broken = _runs_as_before(out, example, want)
+            if broken is None:
                 break
+            whole_failed = f"the model pruned as a whole {broken}"
         if split:
             context.notes["prune.split"] = split
         after = channel_counts(out)
@@ -1269,12 +1283,21 @@ class Prune(CompressionMethod):
         """One Torch-Pruning pass over ``part`` (the model, or one part of it: :func:`prunable_parts`)."""
         model, example, ignored = part
         if criterion.layerwise:
-            # One group at a time in forward order, each scored on the network pruned so far.
+            # One group at a time in forward order, each scored on the network pruned so far, so
+            # the part must still run after each group (Torch-Pruning may have mapped an operation
+            # wrongly, e.g. a split into fixed sizes that the model's code keeps).
             roots = [_root(g) for g in _group_roots(model, example, ignored)]
+            with torch.no_grad():
+                want = tuple(model.eval()(example).shape)
+            names, last = _names(model), "nothing"
             for root in sorted(roots, key=lambda m: order.get(m, len(order))):
                 ratio = ratio_of(root)
                 if ratio <= 0:
                     continue
+                broken = _runs_as_before(model, example, want)
+                if broken is not None:
+                    raise _NoLongerRuns(f"the group of {last}, {broken}")
+                last = names.get(root, "?")
                 pruner = tp.pruner.MetaPruner(model, (example,), importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
                 for group in pruner.step(interactive=True):
                     criterion.before_prune(group)

@@ -474,3 +474,53 @@ def test_the_groups_of_a_part_whose_input_is_one_sample_of_one_pixel():
     part = nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU(inplace=True), nn.Conv2d(4, 16, 1))
     roots = [g[0].dep.target.module for g in _group_roots(part, torch.randn(1, 16, 1, 1), [part[2]])]
     assert roots == [part[0]], f"groups rooted at {roots}, expected the reduction conv only"
+
+
+class _FixedSplit(nn.Module):
+    """MixNet's mixed depthwise convolution (timm's ``MixedConv2d``): the input is split into fixed
+    sizes, each piece convolved with its own kernel size."""
+
+    def __init__(self, splits: list[int]) -> None:
+        super().__init__()
+        self.splits = splits
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 2 * i + 3, padding=i + 1, groups=c, bias=False) for i, c in enumerate(splits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = torch.split(x, self.splits, 1)
+        return torch.cat([self.convs[i](xs[i]) for i in range(len(self.splits))], 1)
+
+
+def _fixed_split_net() -> nn.Module:
+    """stem -> pointwise -> fixed split [4, 4] -> head; the stem's and the head's first half of
+    channels carry exactly 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        _FixedSplit([4, 4]), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    return _random_bn_and_dead_half(net, [(net[0], net[1]), (net[9], net[10])])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])
+def test_a_fixed_channel_split_is_pruned_run_by_run_by_every_criterion(criterion):
+    """Torch-Pruning does not change a split's sizes in the model's code: the net pruned as a whole
+    (through the pointwise layer's channels) stops running. The layer-by-layer pass (thinet) meets
+    that mid-way, at its next group, and is redone run by run like the others: the same known answer
+    (the zero channels of the stem and the head go, the split keeps its sizes, the function is unchanged)."""
+    base = _fixed_split_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": criterion, "ratio": 0.5, "per_stage": False}, context=ctx)
+    reason = ctx.notes["prune.split"]["reason"]
+    assert reason.startswith("the model pruned as a whole" + (", layer by layer up to the group of " if criterion == "thinet" else " does not run")), reason
+    assert "split_with_sizes" in reason, reason
+    assert ctx.notes["prune.split"]["parts"] == ["0..3", "9..14"], ctx.notes
+    assert out[0].out_channels == 4 and torch.equal(out[0].weight, base[0].weight[4:]), "the stem's zero filters are the ones removed"
+    assert out[9].out_channels == 8 and torch.equal(out[9].weight, base[9].weight[8:]), "the head's zero filters are the ones removed"
+    assert out[3].out_channels == 8 and out[6].splits == [4, 4], "the split's input keeps its channels"
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
