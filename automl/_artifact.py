@@ -20,6 +20,14 @@ Quantisation declared at artifact time (a model carrying a
 tools: the float ONNX file is quantised by the recipe (ONNX Runtime's quantiser) for
 ``onnxruntime``, the module for the PyTorch runtimes; size and accuracy are the quantised artifact's.
 
+An ONNX model too large for one file (torch's exporter switches at 1.5 GiB of weights, under the
+2 GiB protobuf limit) keeps its weights in external-data files beside the graph (``model.onnx.data``).
+They are part of the artifact: :func:`artifact_files` lists an artifact's files (for ONNX, read
+from the graph's external-data references), :func:`artifact_bytes` is its size, and every reader,
+copier and measurer of an artifact uses them. ONNX files are written in a scratch folder inside
+the artifact's and moved in when complete, so a failed export or the float model an int8 recipe
+quantises leaves nothing behind.
+
 A model that cannot become its runtime's artifact raises :class:`ArtifactError` with the reason;
 the trial fails with it.
 """
@@ -29,6 +37,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +51,10 @@ from torch import nn
 from automl._latency import torch_threads
 from searchspace import DynamicInference, artifact_quantization
 
-__all__ = ["Artifact", "ArtifactError", "build_artifact", "eager_artifact", "load_artifact", "state_dict_bytes", "to_torchscript"]
+__all__ = [
+    "Artifact", "ArtifactError", "artifact_bytes", "artifact_files", "build_artifact", "eager_artifact", "load_artifact", "move_onnx", "onnx_files",
+    "remove_artifact", "state_dict_bytes", "to_torchscript",
+]
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
@@ -58,6 +72,92 @@ def state_dict_bytes(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The files the ONNX model at ``path`` is made of: ``path`` (the graph), then each file its
+    tensors keep their data in (external data), in the order first referenced.
+
+    A model whose weights do not fit the 2 GiB protobuf limit keeps them beside the graph: torch's
+    dynamo exporter does so by itself once the initializers pass 1.5 GiB (``model.onnx.data``),
+    ONNX Runtime's quantiser when told to (``<output>.data``), the TorchScript-based exporter in one
+    file per tensor. The files are read from the graph's external-data references, not guessed from
+    those names; only the graph is parsed (``load_external_data=False``), never the data.
+
+    Raises:
+        ArtifactError: ``path`` does not parse as ONNX, or a tensor's data file is missing or lies
+            outside ``path``'s folder (it would not travel with the artifact).
+    """
+    return _onnx_files(Path(path), check=True)
+
+
+def _onnx_files(path: Path, *, check: bool) -> list[Path]:
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse error: not an ONNX model
+        raise ArtifactError(f"{path.name} does not parse as ONNX: {type(exc).__name__}: {_first_line(exc)}") from exc
+    folder = path.parent.resolve()
+    files = [path]
+    for tensor in _get_all_tensors(model):  # initializers and attribute tensors, subgraphs included
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        data = (path.parent / location).resolve()
+        if not data.is_relative_to(folder):
+            raise ArtifactError(f"the external data of an ONNX model must lie in its folder, but {path.name} keeps tensor {tensor.name!r} in {location!r}")
+        data = path.parent / data.relative_to(folder)
+        if data in files:
+            continue
+        if check and not data.is_file():
+            raise ArtifactError(f"{path.name} keeps tensor {tensor.name!r} in {location!r}, which is missing")
+        files.append(data)
+    return files
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The files the artifact at ``path`` ships as: an ONNX model's graph and external data
+    (:func:`onnx_files`), else the file itself (``model.ts``)."""
+    path = Path(path)
+    return onnx_files(path) if path.suffix == ".onnx" else [path]
+
+
+def artifact_bytes(path: Path) -> int:
+    """Bytes of the artifact at ``path`` as shipped: the sum over :func:`artifact_files`.
+
+    This is ``size_bytes`` for the file runtimes (:mod:`automl._measure`), and what a trial's
+    checkpoint, the latency target and an export carry.
+    """
+    return sum(f.stat().st_size for f in artifact_files(path))
+
+
+def remove_artifact(path: Path) -> None:
+    """Remove the artifact at ``path`` and every file of it (:func:`artifact_files`); nothing if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        files = _onnx_files(path, check=False) if path.suffix == ".onnx" else [path]
+    except ArtifactError:
+        files = [path]  # a graph that does not parse references nothing readable: remove what is there
+    for f in files:
+        f.unlink(missing_ok=True)
+
+
+def move_onnx(path: Path, folder: Path) -> Path:
+    """Move the ONNX model at ``path`` (:func:`onnx_files`, names and relative places kept, so its
+    external-data references stay true) into ``folder``, replacing what was there under the same
+    name; return its new path. Same filesystem: renames, not copies."""
+    folder = Path(folder)
+    dest = folder / Path(path).name
+    remove_artifact(dest)
+    for f in onnx_files(path):
+        target = folder / f.relative_to(Path(path).parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+    return dest
 
 
 def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -105,7 +205,8 @@ class Artifact:
     threads: int
     #: The file shipped for this runtime (None for ``eager``, which ships weights and the plan).
     path: Path | None
-    #: Bytes of the deployed artifact: the ONNX / TorchScript file, or the state dict for ``eager``.
+    #: Bytes of the deployed artifact (:func:`artifact_bytes`): the ONNX graph and its external
+    #: data, the TorchScript file, or the state dict for ``eager``.
     size_bytes: int
     _run: Callable[[Any], Any]
     _prepare: Callable[[torch.Tensor], Any]
@@ -166,6 +267,7 @@ def _onnx_artifact(path: Path, device: str, threads: int) -> Artifact:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+    size = artifact_bytes(path)  # first: a missing external-data file is named here
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime lacks a kernel or rejects the graph
@@ -176,7 +278,7 @@ def _onnx_artifact(path: Path, device: str, threads: int) -> Artifact:
         device=device,
         threads=threads,
         path=path,
-        size_bytes=path.stat().st_size,
+        size_bytes=size,
         _run=lambda feed: session.run(None, feed)[0],
         _prepare=lambda x: {name: x.detach().cpu().contiguous().numpy()},
         _to_tensor=lambda y: torch.from_numpy(y),
@@ -265,36 +367,12 @@ def build_artifact(
             (folder / TORCHSCRIPT_FILE).unlink(missing_ok=True)
             info["torchscript"] = {"file": None, "reason": str(exc)}
     if runtime == "onnxruntime":
-        target = folder / ONNX_FILE
-        float_path = folder / "model.float.onnx" if recipe is not None else target
-        keep = _onnx.onnx_initializers(model)
-        try:
-            if recipe is None and program is None:
-                raise ArtifactError(info["pt2"]["reason"])
-            info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=keep)
-        except Exception as exc:  # noqa: BLE001 - any exporter error is the reason, kept below
-            float_path.unlink(missing_ok=True)
-            dynamo_error = _first_line(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {_first_line(exc)}"
-            # A model torch.export cannot capture (Python control flow on tensor values in a
-            # user's model, not torch.cond) may still script: the legacy exporter, and the card says why.
-            try:
-                scripted = to_torchscript(model, example)
-                info["onnx"] = _onnx.to_onnx(scripted, example, float_path, keep=keep or None)
-            except Exception as legacy_exc:  # noqa: BLE001
-                float_path.unlink(missing_ok=True)
-                raise ArtifactError(
-                    f"onnx: torch.onnx.export(dynamo=True) failed: {dynamo_error}; the legacy exporter too: "
-                    f"{type(legacy_exc).__name__}: {_first_line(legacy_exc)}"
-                ) from exc
-            info["onnx"]["reason"] = f"torch.export failed ({dynamo_error}); the TorchScript-based exporter took the scripted model"
-        if recipe is not None:
-            try:
-                info["onnx"]["quantization"] = recipe.quantize_onnx(float_path, target)
-            except Exception as exc:  # noqa: BLE001
-                target.unlink(missing_ok=True)
-                raise ArtifactError(f"onnx: quantisation by ONNX Runtime failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-            finally:
-                float_path.unlink(missing_ok=True)
+        # Written in a scratch folder beside the artifact and moved in only when done: whatever the
+        # exporters and the quantiser leave (a failed export's files, the float model and its
+        # external data, the quantiser's shape-inferred copy) goes with the folder.
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
+            written = _write_onnx(model, program, example, recipe, info, Path(scratch))
+            move_onnx(written, folder)
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     if runtime == "eager":
         artifact = eager_artifact(torch_model, device=device, threads=threads)
@@ -302,6 +380,40 @@ def build_artifact(
         artifact = load_artifact(folder, runtime=runtime, device=device, threads=threads)
     artifact.info = info
     return artifact
+
+
+def _write_onnx(model: nn.Module, program: Any, example: torch.Tensor, recipe: Any, info: dict[str, Any], scratch: Path) -> Path:
+    """Export ``model`` (its ``program`` where there is one) to ``scratch``, quantised by ``recipe``
+    where there is one; record how in ``info["onnx"]`` and return the written model's path."""
+    from automl import _onnx
+
+    target = scratch / ONNX_FILE
+    float_path = scratch / "model.float.onnx" if recipe is not None else target
+    keep = _onnx.onnx_initializers(model)
+    try:
+        if recipe is None and program is None:
+            raise ArtifactError(info["pt2"]["reason"])
+        info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=keep)
+    except Exception as exc:  # noqa: BLE001 - any exporter error is the reason, kept below
+        remove_artifact(float_path)
+        dynamo_error = _first_line(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        # A model torch.export cannot capture (Python control flow on tensor values in a
+        # user's model, not torch.cond) may still script: the legacy exporter, and the card says why.
+        try:
+            scripted = to_torchscript(model, example)
+            info["onnx"] = _onnx.to_onnx(scripted, example, float_path, keep=keep or None)
+        except Exception as legacy_exc:  # noqa: BLE001
+            raise ArtifactError(
+                f"onnx: torch.onnx.export(dynamo=True) failed: {dynamo_error}; the legacy exporter too: "
+                f"{type(legacy_exc).__name__}: {_first_line(legacy_exc)}"
+            ) from exc
+        info["onnx"]["reason"] = f"torch.export failed ({dynamo_error}); the TorchScript-based exporter took the scripted model"
+    if recipe is not None:
+        try:
+            info["onnx"]["quantization"] = recipe.quantize_onnx(float_path, target)
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"onnx: quantisation by ONNX Runtime failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return target
 
 
 def _rebind(model: nn.Module, like: Path, folder: Path) -> dict[str, Any] | None:
@@ -339,7 +451,9 @@ def _rebind(model: nn.Module, like: Path, folder: Path) -> dict[str, Any] | None
     held = {**program.state_dict, **program.constants}
     if set(held) != set(state) or any(not torch.equal(held[k], v) for k, v in state.items() if k not in settable):
         return None
-    graph = onnx.load(str(like / ONNX_FILE))
+    # The graph only: tensors kept as external data stay references, and their files are copied
+    # beside the new graph under the same names, so the references stay true.
+    graph = onnx.load(str(like / ONNX_FILE), load_external_data=False)
     slots = {init.name: init for init in graph.graph.initializer if init.name in settable}
     if set(slots) != settable:
         return None
@@ -351,6 +465,12 @@ def _rebind(model: nn.Module, like: Path, folder: Path) -> dict[str, Any] | None
             program.constants[k] = value
         slots[k].CopyFrom(numpy_helper.from_array(value.numpy(), k))
     torch.export.save(program, str(folder / PT2_FILE))
+    remove_artifact(folder / ONNX_FILE)
+    for f in onnx_files(like / ONNX_FILE)[1:]:
+        (folder / f.relative_to(like)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, folder / f.relative_to(like))
+    # A rebound slot is now inline (CopyFrom replaced its external reference); its old bytes in the
+    # copied data file are unread.
     onnx.save(graph, str(folder / ONNX_FILE))
     info = {**info, "onnx": {**onnx_info, "rebound_from": like.name, "rebound": sorted(settable)}}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
@@ -385,5 +505,5 @@ def load_artifact(folder: Path, *, runtime: str = "onnxruntime", device: str = "
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise ArtifactError(f"{path} does not load: {type(exc).__name__}: {_first_line(exc)}") from exc
-        return _torch_artifact("torchscript", module, device, threads, path, path.stat().st_size)
+        return _torch_artifact("torchscript", module, device, threads, path, artifact_bytes(path))
     raise ArtifactError(f"runtime {runtime!r} has no artifact file to load; allowed: onnxruntime, torchscript")

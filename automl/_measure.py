@@ -5,8 +5,9 @@
 - ``params``: parameters the model stores: every float parameter tensor's elements, plus the
   elements of packed int8 weights (quantised layers), each counted once. A layer that computes its
   kernel from a smaller stored tensor (WSNet) counts the stored tensor, not the kernel.
-- ``size_bytes``: bytes of the deployed artifact for ``latency.runtime`` (``model.onnx`` for
-  ``onnxruntime``, ``model.ts`` for ``torchscript``, the saved state dict for ``eager``);
+- ``size_bytes``: bytes of the deployed artifact for ``latency.runtime`` (``model.onnx`` and the
+  external-data files it references for ``onnxruntime``, ``model.ts`` for ``torchscript``:
+  :func:`automl._artifact.artifact_bytes`; the saved state dict for ``eager``);
   ``state_dict_bytes`` (the saved state dict) is recorded beside it for every runtime.
 - ``macs``: multiply-accumulates of one batch-1 forward pass, counted by torchprofile on the traced
   graph of the float model, so custom layers built from standard ops count what they run;

@@ -177,27 +177,34 @@ class Int8Recipe:
             out["keep_float"] = list(self.keep_float)
         return out
 
-    def _excluded_nodes(self, float_onnx: Path) -> list[str]:
-        """The ONNX nodes computing the layers kept float: those reading ``<layer>.weight``."""
-        if not self.keep_float:
-            return []
-        import onnx
-
+    def _excluded_nodes(self, graph: Any) -> list[str]:
+        """The ONNX nodes of ``graph`` computing the layers kept float: those reading ``<layer>.weight``."""
         weights = {f"{layer}.weight" for layer in self.keep_float}
-        graph = onnx.load(str(float_onnx), load_external_data=False).graph
         return [n.name for n in graph.node if any(i in weights for i in n.input)]
 
     # --- ONNX Runtime ------------------------------------------------------------------------
 
     def quantize_onnx(self, float_onnx: Path, out: Path) -> dict[str, Any]:
-        """ONNX Runtime's quantisation of ``float_onnx`` written to ``out`` (see the module docstring)."""
+        """ONNX Runtime's quantisation of ``float_onnx`` written to ``out`` (see the module docstring).
+
+        A float model too large for one ONNX file (over 2 GiB; torch's exporter keeps its weights in
+        external data) is quantised with ``use_external_data_format``, the rule ONNX Runtime's own
+        ``get_qdq_config`` applies: without it the static calibrator cannot save its augmented copy
+        of the model, and ``out`` keeps its weights in ``<out>.data`` beside it as well.
+        """
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-        excluded = self._excluded_nodes(float_onnx)
+        graph = onnx.load(str(float_onnx), load_external_data=False)
+        excluded = self._excluded_nodes(graph.graph)
+        large = any(uses_external_data(t) for t in _get_all_tensors(graph))
+        del graph
         kept = {"nodes_excluded": excluded} if self.keep_float else {}
+        external = {"external_data": True} if large else {}
         if self.mode == "dynamic":
-            quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-            return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", **kept}
+            quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large)
+            return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", **kept, **external}
         if not self.calibration:
             raise ValueError("int8 static needs calibration inputs, but the recipe holds none (no training batches)")
         batches = self.calibration
@@ -217,9 +224,9 @@ class Int8Recipe:
             str(float_onnx), str(out), Reader(),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded, use_external_data_format=large,
         )
-        return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8 (MinMax calibration)", **self.describe(), **kept}
+        return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8 (MinMax calibration)", **self.describe(), **kept, **external}
 
     # --- PyTorch -----------------------------------------------------------------------------
 

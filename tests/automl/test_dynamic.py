@@ -116,3 +116,30 @@ def test_a_setting_rebound_from_anothers_files_is_what_a_fresh_export_writes(sma
         model.exits[0].head.fc.bias += 1.0  # a weight differs: no rebinding, a fresh export
     other = build_artifact(model, example, tmp_path / "d", like=tmp_path / "a")
     assert "rebound" not in other.info["onnx"], f"a model differing in its weights must be exported afresh, info {other.info['onnx']}"
+
+
+def test_a_setting_rebound_from_files_with_external_data_carries_its_data_file(small_mnist1d, tmp_path, monkeypatch):
+    """A model too large for one ONNX file keeps its weights in ``model.onnx.data`` (torch's
+    threshold lowered to 0 here): rebinding copies that file beside the new graph, and the rebound
+    artifact computes what a fresh export of the setting computes, its size counting both files."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from automl._artifact import build_artifact, onnx_files
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    base = make_base("mnist1d_cnn", (40,))
+    model = searchspace.get_method("exits")().apply(base, {**EXITS, "thresholds": "direct", "threshold_0": 0.5}, context=random_context((40,), base)).eval()
+    x = small_mnist1d.x_test
+    with torch.no_grad():
+        model.thresholds[0] = float(model.confidences(x)[:, 0].median())
+        build_artifact(model, x[:1], tmp_path / "a")
+        model.thresholds[0] = 1.5
+    fresh = build_artifact(model, x[:1], tmp_path / "fresh")
+    rebound = build_artifact(model, x[:1], tmp_path / "b", like=tmp_path / "a")
+    assert rebound.info["onnx"].get("rebound") == ["thresholds"], f"the thresholds must be rebound, info {rebound.info['onnx']}"
+    graph = tmp_path / "b" / "model.onnx"
+    assert onnx_files(graph) == [graph, tmp_path / "b" / "model.onnx.data"], f"the rebound graph must reference its own copy of the data: {onnx_files(graph)}"
+    assert rebound.size_bytes == sum(f.stat().st_size for f in onnx_files(graph))
+    assert torch.equal(torch.as_tensor(rebound(x)), torch.as_tensor(fresh(x))), "rebound and fresh ONNX outputs differ"
+    (tmp_path / "a" / "model.onnx.data").unlink()  # the rebound artifact must not read setting a's data
+    assert torch.equal(torch.as_tensor(build_artifact(model, x[:1], tmp_path / "c", like=tmp_path / "b")(x)), torch.as_tensor(fresh(x)))
