@@ -12,7 +12,7 @@ Layout of ``checkpoints/trial_NNNNN/``:
 - ``weights.safetensors``: the eager state dict, nothing pickled. Entries safetensors cannot hold
   (quantised tensors, the packed int8 weights of quantised layers, dtypes, tuples) are stored as
   plain tensors and rebuilt from a JSON layout in the file's metadata (:func:`encode_state`);
-- the measured artifact files (``model.pt2``, ``model.onnx``, ``model.ts`` for the
+- the measured artifact files (``model.pt2``, ``model.onnx`` and its external data if any, ``model.ts`` for the
   torchscript runtime, ``artifact.json``: every file the trial's measurement wrote, :mod:`automl._artifact`), which export ships byte for byte;
 - ``float/``: where the chain has post-training stages (int8), the float model the first of them
   started from, a checkpoint of its own whose plan is the chain before them (not measured:

@@ -2,7 +2,8 @@
 
 The folder holds:
 
-- ``model.pt2``, ``model.onnx`` and (only where the study's runtime is ``torchscript``, or for an
+- ``model.pt2``, ``model.onnx`` (with its external-data files, for a model too large for one
+  ONNX file) and (only where the study's runtime is ``torchscript``, or for an
   int8 model, which has no ``.pt2``) ``model.ts``: byte for byte the files the trial measured (see
   :mod:`automl._artifact`); where the study's runtime is not ``onnxruntime`` the checkpoint has no
   ONNX file and one is made here from ``model.pt2`` (dynamo exporter), else from ``model.ts``
@@ -58,6 +59,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from automl import _onnx as onnx_export
-from automl._artifact import ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, ArtifactError, eager_artifact, load_artifact, to_torchscript
+from automl._artifact import ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE, ArtifactError, artifact_files, eager_artifact, load_artifact, move_onnx, remove_artifact, to_torchscript
 from automl._checkpoint import RECORD, WEIGHTS, CheckpointError, load_checkpoint, read_weights
 from automl._latency import LatencySettings
 from automl._measure import artifact_accuracy, latency_inputs
@@ -311,6 +313,13 @@ def environment(latency: Any) -> dict[str, Any]:
 # --- the export ---------------------------------------------------------------------------
 
 
+def _external_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    listed = ", ".join(f"`{n}`" for n in names)
+    return f"\nThe weights are in {listed} (ONNX external data, for a model too large for one file): keep them beside `model.onnx`.\n"
+
+
 def _usage(card: dict[str, Any]) -> str:
     shape = ", ".join(str(s) for s in card["input_shape"])
     weights = card["files"]["weights"]
@@ -323,7 +332,7 @@ import numpy as np, onnxruntime as ort
 sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 logits = sess.run(None, {{"input": np.zeros((1, {shape}), np.float32)}})[0]
 ```
-"""
+{_external_note(card["files"].get("onnx_external_data") or [])}"""
         if card["files"].get("onnx")
         else f"## ONNX\n\nNot exported: {onnx.get('reason')}\n"
     )
@@ -437,11 +446,17 @@ def _staging(out: Path) -> Iterator[Path]:
 def _copy_checkpoint_files(source: Path, dest: Path) -> None:
     """Byte for byte what the trial wrote: plan and weights (``automl.load_model(dest)`` rebuilds
     the module), the PyTorch artifact (``model.pt2``, or ``model.ts`` where the runtime is
-    TorchScript or int8 has no .pt2) and the measured ``model.onnx``."""
+    TorchScript or int8 has no .pt2) and the measured ``model.onnx`` with its external-data files
+    (:func:`automl._artifact.artifact_files`)."""
     for name in (WEIGHTS, RECORD, PT2_FILE, TORCHSCRIPT_FILE, ONNX_FILE):
-        if name in (WEIGHTS, RECORD) or (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
-            os.chmod(dest / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
+        if name not in (WEIGHTS, RECORD) and not (source / name).is_file():
+            continue
+        files = artifact_files(source / name) if name == ONNX_FILE else [source / name]
+        for f in files:
+            target = dest / f.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            os.chmod(target, 0o644)  # safetensors writes 0600; the folder is meant to be shared
 
 
 class _Rebuilt:
@@ -572,12 +587,15 @@ def _verify_onnx(
     info: dict[str, Any] = {}
     if not onnx_measured:
         try:
-            if reference_name == PT2_FILE:  # the program export ships, translated by the dynamo exporter
-                onnx_export.to_onnx(torch.export.load(str(folder / PT2_FILE)), data.example(), path, keep=onnx_export.onnx_initializers(rebuilt.model))
-            else:
-                onnx_export.to_onnx(reference if reference is not None else rebuilt.pytorch(), data.example(), path)
+            # Written beside and moved in when done, so a failed export leaves none of its files.
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
+                written = Path(scratch) / ONNX_FILE
+                if reference_name == PT2_FILE:  # the program export ships, translated by the dynamo exporter
+                    onnx_export.to_onnx(torch.export.load(str(folder / PT2_FILE)), data.example(), written, keep=onnx_export.onnx_initializers(rebuilt.model))
+                else:
+                    onnx_export.to_onnx(reference if reference is not None else rebuilt.pytorch(), data.example(), written)
+                move_onnx(written, folder)
         except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
-            path.unlink(missing_ok=True)
             info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
     n_test = data.n("test")
     if path.is_file():
@@ -592,7 +610,7 @@ def _verify_onnx(
     elif onnx_measured:
         log(f"ONNX is the measured artifact: {info.get('reason')}")
     else:
-        path.unlink(missing_ok=True)
+        remove_artifact(path)
         log(f"ONNX: not shipped ({info['reason']})")
     return info
 
@@ -674,6 +692,8 @@ def _build_card(
             "torchscript": TORCHSCRIPT_FILE if has(TORCHSCRIPT_FILE) else None,
             "pytorch_artifact": reference_name,
             "onnx": ONNX_FILE if has(ONNX_FILE) else None,
+            # The files beside the graph where a model too large for one ONNX file keeps its weights.
+            "onnx_external_data": [f.relative_to(folder).as_posix() for f in artifact_files(folder / ONNX_FILE)[1:]] if has(ONNX_FILE) else [],
             "weights": WEIGHTS,
             "plan": RECORD,
             "usage": "README.md",

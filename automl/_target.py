@@ -39,7 +39,7 @@ from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from automl._artifact import Artifact, ArtifactError, eager_artifact, load_artifact
+from automl._artifact import Artifact, ArtifactError, artifact_files, eager_artifact, load_artifact
 from automl._latency import LatencySettings, _median_iqr, idle, latency_lock, stable_latency, time_blocks, time_per_sample
 
 __all__ = ["TargetError", "Timing", "TimingRunner", "cpu_name", "load_runner", "provenance", "require_node", "study_targets", "target_of", "target_summary", "time_artifact"]
@@ -277,18 +277,16 @@ def _time_here(artifact: Artifact, inputs: torch.Tensor, settings: LatencySettin
 
 
 def _shipped(artifact: Artifact) -> tuple[dict[str, bytes] | None, Any]:
-    """What travels to the target: the artifact file's bytes (and ONNX external-data files beside
-    it), or for the ``eager`` runtime, which writes no file, the module itself."""
+    """What travels to the target: the bytes of the artifact's files (:func:`automl._artifact.artifact_files`,
+    an ONNX graph first, then its external data, by their names relative to the graph's folder), or
+    for the ``eager`` runtime, which writes no file, the module itself."""
     if artifact.path is None:
         module = artifact._run  # the eager artifact runs the module it holds
         if any(t.device.type != "cpu" for t in (*module.parameters(), *module.buffers())):
             module = copy.deepcopy(module).cpu()  # the target moves it to latency.device itself
         return None, module
     path = Path(artifact.path)
-    files = {path.name: path.read_bytes()}
-    for extra in path.parent.glob(f"{path.name}.data"):
-        files[extra.name] = extra.read_bytes()
-    return files, None
+    return {f.relative_to(path.parent).as_posix(): f.read_bytes() for f in artifact_files(path)}, None
 
 
 def _timing_task(files: dict[str, bytes] | None, module: Any, artifact_runtime: str, inputs: torch.Tensor, settings: LatencySettings, per_sample: bool) -> Timing:
@@ -299,6 +297,7 @@ def _timing_task(files: dict[str, bytes] | None, module: Any, artifact_runtime: 
             artifact = eager_artifact(module, device=settings.device, threads=settings.threads)
         else:
             for name, data in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / name).write_bytes(data)
             artifact = load_artifact(Path(tmp), runtime=artifact_runtime, device=settings.device, threads=settings.threads)
         median, iqr, tail = _time_here(artifact, inputs, here, per_sample=per_sample)

@@ -455,3 +455,77 @@ def test_copy_checkpoint_files_copies_what_exists_readable_by_all(tmp_path):
     _copy_checkpoint_files(src, dst)
     assert sorted(p.name for p in dst.iterdir()) == sorted([WEIGHTS, RECORD, "model.pt2"])
     assert all((dst / n).read_bytes() == n.encode() and stat.S_IMODE((dst / n).stat().st_mode) == 0o644 for n in (WEIGHTS, RECORD, "model.pt2"))
+
+
+ORT_RUN = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+folder, x = sys.argv[1], np.load(sys.argv[2])
+sess = ort.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
+np.save(sys.argv[3], sess.run(None, {sess.get_inputs()[0].name: x})[0])
+print(json.dumps({"torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def test_a_checkpoint_with_onnx_external_data_exports_every_file_and_runs_fresh(tmp_path, monkeypatch):
+    """A model too large for one ONNX file (torch's threshold lowered to 0 here) checkpoints and
+    exports its weights file too: the exported folder alone runs in a fresh ONNX Runtime process
+    and computes the model, and the card and README name the data file."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from automl._artifact import build_artifact, onnx_files
+    from automl._checkpoint import RECORD, WEIGHTS, _write
+    from automl._export import _copy_checkpoint_files, _usage
+    from tests.conftest import make_base
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    model = make_base("digits_cnn", (1, 8, 8))
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    work, ckpt, out = tmp_path / "work", tmp_path / "ckpt", tmp_path / "out"
+    artifact = build_artifact(model, x[:1], work)
+    _write(ckpt, model.state_dict(), work, {"format": 1})
+    out.mkdir()
+    _copy_checkpoint_files(ckpt, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, RECORD, "model.pt2", "model.onnx", "model.onnx.data"]), "export must carry the ONNX weights file"
+    assert all((out / n).read_bytes() == (work / n).read_bytes() for n in ("model.onnx", "model.onnx.data")), "byte for byte what the trial measured"
+    assert sum(f.stat().st_size for f in onnx_files(out / "model.onnx")) == artifact.size_bytes, "the exported files are the bytes the trial recorded"
+
+    np.save(tmp_path / "x.npy", x.numpy())
+    alone = tmp_path / "alone"
+    out.rename(alone)  # the folder alone, moved: nothing may point back at the checkpoint
+    assert _fresh(ORT_RUN, str(alone), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")) == {"torch_loaded": False}
+    with torch.no_grad():
+        diff = np.abs(np.load(tmp_path / "y.npy") - model(x).numpy()).max()
+    assert diff < 1e-4, f"the exported ONNX differs from the model by {diff:.2e}"
+
+    env = {"latency": {"runtime": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1}}
+    card = {
+        "trial": 0, "study": "s", "method": "none", "input_shape": [1, 8, 8], "onnx": {}, "environment": env, "metrics": {"recorded": {}, "exported": {}},
+        "files": {"weights": WEIGHTS, "onnx": "model.onnx", "onnx_external_data": ["model.onnx.data"], "pt2": "model.pt2"},
+    }
+    assert "`model.onnx.data`" in _usage(card).split("## ONNX Runtime", 1)[1], "the README must say the weights file stays beside model.onnx"
+    card["files"]["onnx_external_data"] = []
+    assert "external data" not in _usage(card), "a one-file ONNX model needs no note"
+
+
+def test_an_onnx_file_made_at_export_ships_with_its_data_or_not_at_all(digits, tmp_path, monkeypatch):
+    """Where the trial did not time ONNX Runtime, export makes model.onnx from model.pt2: written
+    with its external data (threshold lowered to 0), and removed with it when it does not match."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from automl._export import _Rebuilt, _verify_onnx
+    from automl._onnx import export_program
+    from tests.conftest import make_base
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    model = make_base("digits_cnn", tuple(digits.input_shape))
+    torch.export.save(export_program(model, digits.example()), str(tmp_path / "model.pt2"))
+    reference = torch.export.load(str(tmp_path / "model.pt2")).module()
+    info = _verify_onnx(tmp_path, _Rebuilt(model), reference, "model.pt2", digits, onnx_measured=False, quantized=False, log=lambda _m: None)
+    assert info["status"] == "ok" and info["max_abs_diff_vs_torch"] <= 1e-4, info
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data", "model.pt2"], "the ONNX file and its data, nothing else"
+
+    info = _verify_onnx(tmp_path, _Rebuilt(model), lambda x: reference(x) + 1.0, "model.pt2", digits, onnx_measured=False, quantized=False, log=lambda _m: None)
+    assert info["status"] == "rejected", info
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"], "an ONNX file that is not shipped leaves no data file behind"

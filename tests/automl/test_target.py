@@ -194,3 +194,22 @@ def test_latency_is_measured_on_the_target_node_while_training_runs_on_both(tmp_
 
     show = subprocess.run([sys.executable, "-m", "automl", "show", str(out / "target")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert show.returncode == 0 and "latency measured on node with resource 'worker_node'" in show.stdout and "disagree" not in show.stdout, show.stdout + show.stderr
+
+
+def test_an_onnx_artifact_with_external_data_travels_to_the_target_whole(tmp_path, monkeypatch):
+    """What is sent to the target node is every file of the artifact (the graph and the weights a
+    model too large for one ONNX file keeps beside it; torch's threshold lowered to 0 here), and
+    the target's task opens and times it from those bytes alone."""
+    import torch
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from automl._artifact import build_artifact
+    from automl._target import _shipped, _timing_task
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    artifact = build_artifact(make_base("digits_cnn", (1, 8, 8)), torch.zeros(1, 1, 8, 8), tmp_path / "a")
+    files, module = _shipped(artifact)
+    assert module is None and sorted(files) == ["model.onnx", "model.onnx.data"], f"both files must travel: {sorted(files or {})}"
+    assert sum(len(b) for b in files.values()) == artifact.size_bytes, "the bytes sent are the bytes measured"
+    timing = _timing_task(files, None, "onnxruntime", torch.randn(1, 1, 8, 8), LatencySettings(warmup=1, repeats=3, min_attempts=1, max_attempts=1), False)
+    assert timing[0] > 0, f"the target must time the shipped artifact: {timing}"
