@@ -93,3 +93,46 @@ def test_ort_tolerance_is_the_floor_or_k_times_the_base_difference():
     assert (ORT_RTOL, ORT_FACTOR) == (1e-4, 10.0)
     assert ort_tolerance(0.0) == 1e-4 and ort_tolerance(5e-6) == 1e-4
     assert ort_tolerance(1.8e-4) == pytest.approx(1.8e-3), "MobileNetV2's own float reordering at 32 px"
+
+
+def test_ort_verdict_measures_an_ill_conditioned_model_against_its_float64_logits():
+    """Known answers: ONNX Runtime beyond the plain tolerance passes only when it is as close to the
+    float64 logits as PyTorch's float32 ones are (within ORT_FACTOR); a wrong result fails either way."""
+    from automl._coverage import ORT_FACTOR, ort_verdict
+
+    exact = torch.tensor([[10.0, -4.0, 2.0], [1.0, 3.0, -10.0]], dtype=torch.float64)
+    noise = torch.tensor([[1.0, -1.0, 0.5], [0.0, 1.0, -0.5]], dtype=torch.float64)
+    ref = (exact + 0.05 * noise).float()  # PyTorch's float32: 0.05 / 10 = 0.005 of the largest logit off
+    # Well conditioned (float32 within 1e-7): the plain tolerance is all there is.
+    assert ort_verdict(exact.float(), exact.float() + 5e-5, exact, 0.0) == (None, None)
+    why, own = ort_verdict(exact.float(), (exact + 0.01).float(), exact, 0.0)
+    assert why is not None and "from the float64 logits" in why and own == pytest.approx(0.0, abs=1e-7)
+    # Ill conditioned: ONNX Runtime 3x as far from float64 as float32 is passes, 30x fails.
+    close = exact - 3 * 0.05 * noise
+    why, own = ort_verdict(ref, close.float(), exact, 0.0)
+    assert why is None and own == pytest.approx(0.005, rel=1e-5)
+    far = exact - 3 * ORT_FACTOR * 0.05 * noise
+    why, own = ort_verdict(ref, far.float(), exact, 0.0)
+    assert why is not None and own == pytest.approx(0.005, rel=1e-5), why
+    # No float64 reference (a model that does not run in float64): the plain rule decides.
+    why, own = ort_verdict(ref, close.float(), None, 0.0)
+    assert why is not None and own is None and "> 0.0001" in why
+
+
+def test_float64_logits_drop_the_float32_kernels_cached_for_inference():
+    """WSNet keeps its materialised kernel once built in inference; the float64 copy rebuilds it in
+    float64 (else conv2d would mix dtypes) and gives the float64 result of the same function."""
+    from automl._coverage import float64_logits
+    from searchspace.methods.wsnet import WSConv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    layer = WSConv.from_conv(conv, stride=1, repeat=2).eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        ref = layer(x)  # builds the float32 cache
+    assert layer.frozen is not None and layer.frozen.dtype == torch.float32
+    exact = float64_logits(layer, x)
+    assert exact is not None and exact.dtype == torch.float64
+    want = torch.nn.functional.conv2d(layer.channel_sum(x.double()), layer.weight().double(), layer.bias.double(), 1, 1)
+    assert torch.allclose(exact, want, rtol=0, atol=1e-12) and torch.allclose(exact.float(), ref, atol=1e-5)
