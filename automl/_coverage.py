@@ -215,7 +215,7 @@ def float64_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     (a quantised module, an operator without a float64 kernel)."""
     try:
         exact = copy.deepcopy(model).double()
-        exact.train()  # drops float32 caches kept for inference (WSNet's, T-Net's materialised kernels)
+        exact.train()  # drops float32 caches kept for inference (WSNet's materialised kernel; T-Net's follows its factors)
         exact.eval()
         with torch.no_grad():
             return exact(x.double())
