@@ -182,7 +182,9 @@ def table(cells: list[dict], labels: list[str], bases: dict[str, dict]) -> str:
         grouped: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
         for c in cells:
             if c["status"] in statuses:
-                grouped[(c["method"], f"{c['status']} at {c.get('step') or '-'}: {c['reason']}")].append(c["model"])
+                # A reason naming its own model ("timm:x is not declared to scale") groups with the others.
+                reason = c["reason"].replace(c["model"], "the model")
+                grouped[(c["method"], f"{c['status']} at {c.get('step') or '-'}: {reason}")].append(c["model"])
         lines += ["", f"**{title}**", ""]
         lines += [f"- {m}: {r} ({len(ms)}: {', '.join(x.split(':', 1)[-1] for x in ms)})" for (m, r), ms in sorted(grouped.items())] or ["- none"]
     failed = {m: b for m, b in bases.items() if b.get("base") != "ok"}
