@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +65,22 @@ def random_context(shape, base, seed: int = 0):
         fit=lambda module, **kw: module,
         base=base,
     )
+
+
+def ort_kernel_counts(path: Path, x: torch.Tensor) -> collections.Counter:
+    """ONNX Runtime's profile of one run of the file at ``path`` on ``x`` (one thread): how many
+    times each op type executed (If branches included). Counted, not timed."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.parent / "profile")
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    events = json.loads(open(session.end_profiling()).read())
+    return collections.Counter(e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
 
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import json
 import math
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from searchspace import get_method
 from searchspace.methods.exits import NEVER, VARIANTS
 from searchspace.methods.glance import GlanceFocusNet, patch_origin
-from tests.conftest import make_base, random_context
+from tests.conftest import make_base, ort_kernel_counts, random_context
 
 SHAPE = (1, 8, 8)
 DIRECT = dict(scale=0.5, crop=0.5, thresholds="direct", threshold=0.5)
@@ -97,21 +95,6 @@ def test_confident_glance_skips_the_focus_and_batches_match_batch1():
     assert torch.allclose(fused.exp().sum(1), torch.ones(64)), "the fused output is the log of a mean of two softmaxes"
 
 
-def _kernel_counts(path, x) -> collections.Counter:
-    """ONNX Runtime's profile of one run: how many times each op type executed (If branches included)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(path.parent / "profile")
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    events = json.loads(open(session.end_profiling()).read())
-    return collections.Counter(e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
-
-
 @pytest.mark.slow
 def test_onnx_skips_the_focus_and_each_setting_exports_its_threshold(tmp_path):
     """In the ONNX file a confident glance runs the network's convolutions once, an unsure one twice
@@ -143,7 +126,7 @@ def test_onnx_skips_the_focus_and_each_setting_exports_its_threshold(tmp_path):
     sure, unsure = x[100:][conf >= t][:1], x[100:][conf < t][:1]
     assert len(sure) and len(unsure), f"fixture: the last setting (threshold {t}) must let some samples stop and some go on"
     path = tmp_path / f"s{len(settings) - 1}" / "model.onnx"
-    profiles = [_kernel_counts(path, s) for s in (sure, unsure)]
+    profiles = [ort_kernel_counts(path, s) for s in (sure, unsure)]
     counts = [p["Conv"] for p in profiles]
     assert counts == [convs, 2 * convs], f"Conv kernels run (confident, unsure): {counts}, expected ({convs}, {2 * convs})"
     # The file is optimised although it keeps a named initializer: ONNX Runtime folds every
