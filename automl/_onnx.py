@@ -118,14 +118,18 @@ def onnx_initializers(model: nn.Module) -> tuple[str, ...]:
 def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``model`` (eval mode, CPU) captured by ``torch.export`` with a dynamic batch axis.
 
+    Captured with autograd off: the program is the same, and a ``torch.cond`` whose branches read
+    parameters that require grad is otherwise traced again for autograd (its schema, built by
+    tracing both branches, is checked for in-place writes) and through its autograd wrapper.
+
     Raises whatever ``torch.export`` raises for a model it cannot capture; the caller records it.
     """
     model = model.eval()
     with torch.no_grad():
         model(example)  # fill inference-time caches (T-Net's kernels) as inference would
-    # Traced on two samples: torch.export specialises a dimension of size 1 to the constant 1.
-    pair = example[:1].expand(2, *example.shape[1:]).contiguous()
-    return torch.export.export(model, (pair,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        # Traced on two samples: torch.export specialises a dimension of size 1 to the constant 1.
+        pair = example[:1].expand(2, *example.shape[1:]).contiguous()
+        return torch.export.export(model, (pair,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
 
 
 def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor, path: Path, *, keep: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -151,17 +155,18 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tens
         keep = onnx_initializers(model) if isinstance(model, nn.Module) else ()
     program = model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example)
     _cache_torchlib_ops()
-    onnx_program = torch.onnx.export(
-        program,
-        (),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=OPSET,
-        dynamo=True,
-        external_data=False,
-        optimize=not keep,
-        verbose=False,
-    )
+    with torch.no_grad():  # the exporter re-traces the program (decompositions): as in export_program
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            optimize=not keep,
+            verbose=False,
+        )
     if keep:
         _optimize_keeping(onnx_program.model, keep)
     _scope_initializers(onnx_program.model, keep)
