@@ -9,7 +9,7 @@ import torch
 
 from searchspace import ApplyContext, get_method
 from searchspace.methods.exits import NEVER, VARIANTS, EarlyExitNet, budget_thresholds, exit_fractions, geometric_fractions
-from tests.conftest import make_base
+from tests.conftest import make_base, ort_kernel_counts
 
 PARAMS = dict(points="blocks", count=2, head="avgpool", pool=2, training="joint", weighting="uniform", thresholds="direct", threshold_0=0.5, threshold_1=0.5)
 
@@ -87,6 +87,38 @@ def test_batch_drops_exited_samples_and_matches_batch1():
     with torch.no_grad():
         single = torch.cat([net(x[i : i + 1]) for i in range(len(x))])
     assert torch.allclose(batched, single, atol=1e-5), f"batched and batch-1 logits differ by {float((batched - single).abs().max()):.2e}"
+
+
+
+def test_onnx_at_batch1_runs_the_segments_up_to_the_exit_taken_and_no_further(tmp_path):
+    """In the ONNX file a sample confident at exit k runs the convolutions of segments 0..k only
+    (counted in ONNX Runtime's profile, not timed), with the module's logits; the thresholds are
+    edited in the file, as a user would."""
+    import onnx
+    from onnx import numpy_helper
+
+    from automl._onnx import ATOL, to_onnx
+
+    net = _exit_net()  # average-pooling heads: the backbone's are the only convolutions
+    per_exit = [sum(isinstance(m, torch.nn.Conv1d) for m in block.segment.modules()) for block in net.exits]
+    x = torch.randn(1, 40)
+    to_onnx(net, x, tmp_path / "m.onnx")
+    for k, thresholds in enumerate(([0.0, 0.0], [NEVER, 0.0], [NEVER, NEVER])):
+        m = onnx.load(str(tmp_path / "m.onnx"))
+        (init,) = [i for i in m.graph.initializer if i.name.split(".")[-1] == "thresholds"]
+        init.CopyFrom(numpy_helper.from_array(torch.tensor([*thresholds, -math.inf]).numpy(), init.name))
+        path = tmp_path / f"exit{k}.onnx"
+        onnx.save(m, str(path))
+        counts = ort_kernel_counts(path, x)
+        ran = sum(n for op, n in counts.items() if "Conv" in op)
+        assert ran == sum(per_exit[: k + 1]), f"thresholds {thresholds}: {ran} convolutions ran, segments 0..{k} hold {sum(per_exit[: k + 1])} ({dict(counts)})"
+        net.use_setting({"state": {"thresholds": thresholds}})
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            want = net(x).numpy()
+        assert abs(got - want).max() <= ATOL, f"thresholds {thresholds}: ONNX differs from the module by {abs(got - want).max()}"
 
 
 def test_torchscript_keeps_control_flow():
