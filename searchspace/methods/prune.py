@@ -125,6 +125,8 @@ PROFILE_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _CONV_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _OUT = (*_CONV_OUT, tp.prune_batchnorm_out_channels)
+#: Knows every output-channel pruning function of Torch-Pruning (depthwise convolutions have their own).
+_PRUNING_FNS = tp.DependencyGraph()
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
@@ -1014,6 +1016,11 @@ def _forward_order(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, i
     return order
 
 
+def _out_pruned(group: Any) -> list[nn.Module]:
+    """The convolution and linear layers whose output channels ``group`` prunes."""
+    return [dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)) and _PRUNING_FNS.is_out_channel_pruning_fn(dep.handler)]
+
+
 def _group_roots(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[Any]:
     """Torch-Pruning's pruning groups of ``model`` (each rooted at the conv or linear layer whose
     output channels it slices), the never-pruned output layers left out."""
@@ -1286,11 +1293,17 @@ class Prune(CompressionMethod):
             # One group at a time in forward order, each scored on the network pruned so far, so
             # the part must still run after each group (Torch-Pruning may have mapped an operation
             # wrongly, e.g. a split into fixed sizes that the model's code keeps).
-            roots = [_root(g) for g in _group_roots(model, example, ignored)]
+            groups = _group_roots(model, example, ignored)
+            # Each pass builds only its own group: Torch-Pruning's MetaPruner builds every group of
+            # the model twice per pass (counting, then pruning), so one pass per group would build
+            # groups times groups of them (DenseNet's concatenations: minutes). The other groups'
+            # output-pruned layers are passed as ignored (except those this group prunes too: a split
+            # Torch-Pruning maps by index gives each piece a group holding part of the producer).
+            members = {_root(g): _out_pruned(g) for g in groups}
             with torch.no_grad():
                 want = tuple(model.eval()(example).shape)
             names, last = _names(model), "nothing"
-            for root in sorted(roots, key=lambda m: order.get(m, len(order))):
+            for root in sorted(members, key=lambda m: order.get(m, len(order))):
                 ratio = ratio_of(root)
                 if ratio <= 0:
                     continue
@@ -1298,7 +1311,8 @@ class Prune(CompressionMethod):
                 if broken is not None:
                     raise _NoLongerRuns(f"the group of {last}, {broken}")
                 last = names.get(root, "?")
-                pruner = tp.pruner.MetaPruner(model, (example,), importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored)
+                others = [m for r, layers in members.items() if r is not root for m in layers if m not in members[root]]
+                pruner = tp.pruner.MetaPruner(model, (example,), importance=_OneGroup(criterion, root), pruning_ratio=ratio, global_pruning=False, ignored_layers=[*ignored, *others])
                 for group in pruner.step(interactive=True):
                     criterion.before_prune(group)
                     group.prune()
