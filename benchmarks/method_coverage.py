@@ -166,6 +166,12 @@ def run_model(model_name: str, labels: list[str], size: int, cell_timeout: float
 def table(cells: list[dict], labels: list[str], bases: dict[str, dict]) -> str:
     """Markdown: per-method counts, then each failure and each n/a reason with its models."""
     counts = {label: collections.Counter() for label in labels}
+    names = collections.Counter(m.split(":", 1)[-1] for m in bases)
+
+    def short(model: str) -> str:
+        """The name without its library, where no model of the other library has it."""
+        name = model.split(":", 1)[-1]
+        return name if names[name] == 1 else model
     for c in cells:
         counts[c["method"]][c["status"]] += 1
     ok = [m for m, b in bases.items() if b.get("base") == "ok"]
@@ -186,7 +192,7 @@ def table(cells: list[dict], labels: list[str], bases: dict[str, dict]) -> str:
                 reason = c["reason"].replace(c["model"], "the model")
                 grouped[(c["method"], f"{c['status']} at {c.get('step') or '-'}: {reason}")].append(c["model"])
         lines += ["", f"**{title}**", ""]
-        lines += [f"- {m}: {r} ({len(ms)}: {', '.join(x.split(':', 1)[-1] for x in ms)})" for (m, r), ms in sorted(grouped.items())] or ["- none"]
+        lines += [f"- {m}: {r} ({len(ms)}: {', '.join(short(x) for x in ms)})" for (m, r), ms in sorted(grouped.items())] or ["- none"]
     failed = {m: b for m, b in bases.items() if b.get("base") != "ok"}
     if failed:
         lines += ["", "**Bases that do not build at this size (no cell counted)**", ""]
