@@ -202,11 +202,11 @@ def ort_rel_diff(model: nn.Module, x: torch.Tensor, folder: Path | None = None) 
         got = build_artifact(model, x[:1], Path(tmp), runtime="onnxruntime")(x)
     if tuple(got.shape) != tuple(ref.shape):
         return ref, got, math.inf
-    scale = float(ref.abs().max().clamp_min(1e-12))
-    return ref, got, float((got.float() - ref.float()).abs().max()) / scale
+    return ref, got, _relative(got, ref, ref)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
+    """Largest difference of ``a`` and ``b`` relative to the largest entry of ``scale`` (the logits)."""
     return float((a.double() - b.double()).abs().max() / scale.double().abs().max().clamp_min(1e-12))
 
 
