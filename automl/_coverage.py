@@ -33,6 +33,7 @@ import searchspace
 
 __all__ = [
     "CONSTANT",
+    "NCHWC",
     "ORT_FACTOR",
     "ORT_RTOL",
     "SPREAD",
@@ -43,6 +44,7 @@ __all__ = [
     "mid_params",
     "ort_rel_diff",
     "ort_tolerance",
+    "ort_without",
     "ort_verdict",
     "variants",
 ]
@@ -63,6 +65,11 @@ SPREAD = 1e-2
 #: Spread below which a compressed model's logits count as constant (no longer depending on the
 #: input): a method that does this computes nothing, whatever ONNX Runtime says about it.
 CONSTANT = 1e-6
+#: ONNX Runtime's graph optimiser that moves convolutions into its blocked NCHWc layout (on at
+#: ``ORT_ENABLE_ALL``, the level the artifact runs at). Its kernels round differently from the
+#: plain ones, which an ill-conditioned model amplifies: where ONNX Runtime fails a cell, the
+#: reason also gives its logits with this optimiser off, which tells those kernels from a wrong export.
+NCHWC = "NchwcTransformer"
 
 
 @dataclass
@@ -248,6 +255,36 @@ def ort_verdict(ref: torch.Tensor, got: torch.Tensor, exact: torch.Tensor | None
     return f"{reason}, and by {far:.3g} from the float64 logits (PyTorch's float32: {own:.3g})", own
 
 
+def ort_without(model: nn.Module, x: torch.Tensor, optimizers: tuple[str, ...] = (NCHWC,)) -> torch.Tensor:
+    """ONNX Runtime's logits on ``x`` of ``model``'s artifact (:func:`ort_rel_diff`'s file) with the
+    graph optimisers ``optimizers`` off, one thread.
+
+    Raises:
+        Exception: whatever the export or ONNX Runtime raises.
+    """
+    import onnxruntime as ort
+
+    from automl._artifact import build_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_artifact(model, x[:1], Path(tmp), runtime="onnxruntime").path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(optimizers))
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.detach().cpu().contiguous().numpy()})[0])
+
+
+def _without_nchwc(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor | None) -> str:
+    """The end of a failed ONNX Runtime verdict's reason: the same file with :data:`NCHWC` off."""
+    try:
+        plain = ort_without(model, x)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis only; the verdict stands
+        return f"; with ONNX Runtime's {NCHWC} off: {_first_line(exc)}"
+    far = "" if exact is None else f", {_relative(plain, exact, exact):.3g} from the float64 logits"
+    return f"; with ONNX Runtime's {NCHWC} off: {_relative(plain, ref, ref):.3g} from PyTorch{far}"
+
+
 def ort_tolerance(base_diff: float) -> float:
     """The ONNX Runtime difference a compressed model may show (relative to its largest logit):
     ``max(ORT_RTOL, ORT_FACTOR * base_diff)``, with ``base_diff`` its base's own difference at the
@@ -273,7 +310,8 @@ def check_cell(
     :data:`CONSTANT` where the base's is). ONNX Runtime must reproduce the compressed model within
     :func:`ort_tolerance` of the base's own difference ``base_diff`` (:func:`ort_rel_diff` of the base on ``x``; measured here when not
     given, which exports the base once more), or, beyond that, be no farther from the model's float64
-    logits than :data:`ORT_FACTOR` times PyTorch's float32 ones are (:func:`ort_verdict`). Never
+    logits than :data:`ORT_FACTOR` times PyTorch's float32 ones are (:func:`ort_verdict`); a
+    failure there also gives ONNX Runtime's difference with :data:`NCHWC` off. Never
     raises for what the method does: every failure is the cell's reason.
     """
     start = time.perf_counter()
@@ -332,7 +370,8 @@ def check_cell(
     # An artifact quantised by its runtime (int8) differs from the float eager model by the
     # quantisation error, which on a random-init net says nothing about the export: recorded, not judged.
     if not method.quantizes_artifact and cell.rel_diff > ort_tolerance(base_diff):
-        why, cell.float32_rel_err = ort_verdict(ref, got, float64_logits(model, x), base_diff)
+        exact = float64_logits(model, x)
+        why, cell.float32_rel_err = ort_verdict(ref, got, exact, base_diff)
         if why is not None:
-            return done("fails", "ort", why)
+            return done("fails", "ort", why + _without_nchwc(model, x, ref, exact))
     return done("works", "ort")

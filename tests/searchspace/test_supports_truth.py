@@ -136,3 +136,33 @@ def test_float64_logits_drop_the_float32_kernels_cached_for_inference():
     assert exact is not None and exact.dtype == torch.float64
     want = torch.nn.functional.conv2d(layer.channel_sum(x.double()), layer.weight().double(), layer.bias.double(), 1, 1)
     assert torch.allclose(exact, want, rtol=0, atol=1e-12) and torch.allclose(exact.float(), ref, atol=1e-5)
+
+
+def test_ort_without_nchwc_runs_the_same_file_on_the_plain_kernels(tmp_path):
+    """The diagnosis a failed ONNX Runtime cell carries: the artifact's file with ONNX Runtime's
+    NCHWc layout optimiser off computes the same function (within float error of PyTorch), and on a
+    machine where that optimiser rewrites the convolutions (ONNX Runtime's profile runs NCHWc
+    kernels), with other kernels: the logits are not bit for bit the artifact's."""
+    from automl._artifact import build_artifact
+    from automl._coverage import NCHWC, ort_without
+
+    from tests.conftest import ort_kernel_counts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    artifact = build_artifact(model, x[:1], tmp_path / "art")
+    shipped = artifact(x)
+    plain = ort_without(model, x)
+    scale = ref.abs().max()
+    assert float((plain - ref).abs().max() / scale) < 1e-5 and float((shipped - ref).abs().max() / scale) < 1e-5
+    nchwc_kernels = sum(n for op, n in ort_kernel_counts(artifact.path, x[:1]).items() if "Nchwc" in op or "Reorder" in op)
+    if nchwc_kernels:
+        assert not torch.equal(plain, shipped), f"{NCHWC} off changed no kernel: the optimiser name is not ONNX Runtime's"
+    else:
+        assert torch.equal(plain, shipped)
