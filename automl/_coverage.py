@@ -2,7 +2,8 @@
 
 A cell is one method (a pruning criterion counts as its own method) on one base model at the
 method's middle settings. :func:`check_cell` runs what a trial runs, without training: ``supports``,
-``apply`` (``fit`` trains nothing), a forward pass, the output shape against the base's, the ONNX
+``apply`` (``fit`` trains nothing), BatchNorm statistics from the inputs (where the trial
+fine-tunes), a forward pass, the output shape against the base's, the ONNX
 artifact the trial ships (:func:`automl._artifact.build_artifact`) and ONNX Runtime against the eager
 model. Its verdict is one of
 
@@ -158,16 +159,7 @@ def input_dependent(model: nn.Module, x: torch.Tensor) -> float:
     classifier initialised near zero), the last layer producing the logits is re-drawn at unit
     fan-in scale.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the passes below
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+    torch.optim.swa_utils.update_bn([x], model)
     model.eval()
     spread = _logit_spread(model, x)
     if spread < SPREAD:
@@ -306,7 +298,9 @@ def check_cell(
     """Judge ``method_name`` (at its middle settings, ``fixed`` pinned) on ``base`` with inputs ``x``
     (a small batch whose logits depend on the input, see :func:`input_dependent`).
 
-    The compressed model's logits must still depend on the input (spread at least
+    A method the trial fine-tunes after (``finetune``) gets its BatchNorm statistics re-estimated
+    from ``x`` first, as the base's were and as fine-tuning does. The compressed model's logits
+    must then still depend on the input (spread at least
     :data:`CONSTANT` where the base's is). ONNX Runtime must reproduce the compressed model within
     :func:`ort_tolerance` of the base's own difference ``base_diff`` (:func:`ort_rel_diff` of the base on ``x``; measured here when not
     given, which exports the base once more), or, beyond that, be no farther from the model's float64
@@ -341,6 +335,11 @@ def check_cell(
         return done("fails", "apply", _first_line(exc))
     cell.params_after = _n_params(model)
     try:
+        if method.finetune:
+            # What a trial's fine-tuning does first: BatchNorm statistics from its own batches (the
+            # base's came from x too). The base's statistics after a lossy or fresh layer can
+            # cancel the signal in eval mode (DenseNet's stem re-initialised); training mode cannot.
+            torch.optim.swa_utils.update_bn([x], model)
         with torch.no_grad():
             ref = model(x)
             want = base(x)

@@ -166,3 +166,29 @@ def test_ort_without_nchwc_runs_the_same_file_on_the_plain_kernels(tmp_path):
         assert not torch.equal(plain, shipped), f"{NCHWC} off changed no kernel: the optimiser name is not ONNX Runtime's"
     else:
         assert torch.equal(plain, shipped)
+
+
+def test_a_cell_re_estimates_batchnorm_statistics_as_fine_tuning_would():
+    """A fresh layer whose output mean is not the base's: with the base's statistics in eval mode the
+    next BatchNorm and ReLU zero every position (constant logits, as dwsep on DenseNet-121's stem);
+    a trial's fine-tuning re-estimates them, and so does the cell before judging the model."""
+    import searchspace
+    from automl._coverage import _logit_spread, mid_params
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    with torch.no_grad():
+        base[0].bias.fill_(50.0)  # the base's first BatchNorm learns a mean of ~50
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert input_dependent(base, x) >= SPREAD
+    method = searchspace.get_method("dwsep")()
+    params = mid_params(method)
+    assert params["init"] == "random" and params["first_layer"] is True, params
+    stale = method.apply(base, params, context=searchspace.ApplyContext(example_input=x[:1])).eval()
+    assert _logit_spread(stale, x) == 0.0, "the constructed case: the base's statistics zero the fresh layer's output"
+    cell = check_cell("toy", base, x, "dwsep", "dwsep")
+    assert (cell.status, cell.step) == ("works", "ort"), cell
+    assert cell.params_after < cell.params_base
