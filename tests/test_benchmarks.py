@@ -2,7 +2,8 @@
 
 A benchmark is a script, not a test, so nothing else runs it; without this a function removed from
 ``automl`` or ``searchspace`` breaks a benchmark silently. Parametrized over the folder's listing, so
-a new script is covered the moment it exists.
+a new script is covered the moment it exists. The coverage harness (``method_coverage.py``), whose
+table BENCHMARKS.md and the issue's targets rest on, also runs end to end on a built-in model.
 """
 
 from __future__ import annotations
@@ -91,3 +92,39 @@ def test_the_import_check_reports_exactly_the_missing_names(tmp_path: Path):
         "line 3: automl._measure has no no_such_function",
         "line 5: module automl._no_such_module (No module named 'automl._no_such_module')",
     ]
+
+
+def _coverage(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "coverage"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "method_coverage.py"), "--size", "8", "--out", str(out), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    return {"json": json.loads((out / "cells.json").read_text()), "md": (out / "coverage.md").read_text()}
+
+
+@pytest.mark.slow
+def test_method_coverage_sweeps_resumes_and_records_a_base_that_does_not_run(tmp_path: Path):
+    """The coverage harness end to end: each model in its own worker, one cell per method, the
+    table's counts; --resume keeps the cells already swept (same timings) and sweeps the rest; a
+    base that does not run at the size (a 1-D net given images) is recorded with its reason, no cell."""
+    first = _coverage(tmp_path, "--only", "digits_cnn", "--methods", "none,prune:l1", "--cell-timeout", "120")["json"]
+    assert first["size"] == 8 and first["bases"]["digits_cnn"]["base"] == "ok"
+    assert [(c["method"], c["status"], c["step"]) for c in first["cells"]] == [("none", "works", "ort"), ("prune:l1", "works", "ort")]
+    assert first["cells"][0]["params_after"] == first["cells"][0]["params_base"] > first["cells"][1]["params_after"]
+    second = _coverage(tmp_path, "--only", "digits_cnn,mnist1d_cnn", "--methods", "none,prune:l1", "--cell-timeout", "120", "--resume")
+    assert second["json"]["cells"] == first["cells"], "--resume re-ran a model it already held"
+    assert second["json"]["bases"]["mnist1d_cnn"]["base"] == "fails" and "conv1d" in second["json"]["bases"]["mnist1d_cnn"]["reason"]
+    assert "| none | 1 | 0 | 0 | 0 | 100% |" in second["md"] and "| prune:l1 | 1 | 0 | 0 | 0 | 100% |" in second["md"]
+    assert "Models whose base builds at this size: 1 of 2." in second["md"] and "- mnist1d_cnn: RuntimeError" in second["md"]
+
+
+@pytest.mark.slow
+def test_method_coverage_records_a_cell_over_its_deadline_as_timeout_and_goes_on(tmp_path: Path):
+    """A deadline no cell can meet: each cell is recorded as timeout with the deadline, each in a
+    fresh worker, and the table counts them as applicable, not working."""
+    cells = _coverage(tmp_path, "--only", "digits_cnn", "--methods", "none,prune:l1", "--cell-timeout", "0.01")["json"]["cells"]
+    assert [(c["method"], c["status"], c["reason"]) for c in cells] == [("none", "timeout", "over 0 s"), ("prune:l1", "timeout", "over 0 s")]
