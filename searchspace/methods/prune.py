@@ -512,6 +512,15 @@ def _gate_layers(model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module
     return out
 
 
+def _nothing_to_gate(layers: Mapping[str, nn.Module], context: ApplyContext) -> bool:
+    """Where no layer takes a gate (a ViT: its one convolution feeds a reshape), say so in the notes;
+    every group is then ranked by its L1 norm (the criteria's fallback for a group without gates)."""
+    if layers:
+        return False
+    context.notes["prune.gates"] = "no BatchNorm, nor convolution feeding a module, to gate: channels ranked by L1 norm"
+    return True
+
+
 def _width(m: nn.Module) -> int:
     return m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.out_channels
 
@@ -589,6 +598,8 @@ class CriticalPathGates(ChannelCriterion):
         self.steps = int(params.get("gate_steps", self.steps))
         self.l1 = float(params.get("gate_l1", self.l1))
         layers = _gate_layers(model, context.example_input)
+        if _nothing_to_gate(layers, context):
+            return
         sums: dict[nn.Module, torch.Tensor] = {m: torch.zeros(_width(m)) for m in layers.values()}
         peak: dict[nn.Module, torch.Tensor] = {m: torch.zeros(_width(m)) for m in layers.values()}
         samples = 0
@@ -664,6 +675,8 @@ class NetworkSlimming(ChannelCriterion):
 
     def prepare(self, model: nn.Module, context: ApplyContext, params: Mapping[str, Any]) -> None:
         layers = _gate_layers(model, context.example_input)
+        if _nothing_to_gate(layers, context):
+            return
         gated = _Gated(model, layers)
         base = context.base
         l1 = float(params.get("gate_l1", 0.01))

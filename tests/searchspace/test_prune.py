@@ -552,3 +552,38 @@ def test_the_layer_by_layer_pass_builds_each_group_a_fixed_number_of_times(monke
     out = searchspace.get_method("prune")().apply(net, {"criterion": "thinet", "ratio": 0.5, "per_stage": False}, context=_context(x, net))
     assert [m.out_channels for m in out if isinstance(m, nn.Conv2d)] == [8] * 12
     assert calls[0] <= 6 * 12, f"{calls[0]} pruning groups built for 12 groups"
+
+
+class _Tokens(nn.Module):
+    """A ViT in small: the one convolution (patch embedding) feeds a reshape, no BatchNorm anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, 8, 4, stride=4)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.mlp(t)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("criterion", ["gates", "slimming"])
+def test_gate_criteria_with_no_layer_to_gate_rank_by_l1_and_say_so(criterion):
+    """torchvision's ViT gave gates nothing to optimise (an empty optimiser raised): with no layer to
+    gate, the pruned model is exactly l1's, and the notes say why."""
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    x = torch.rand(8, 1, 8, 8)
+    assert _gate_layers(model, x[:1]) == {}
+
+    def fit(module, **kw):  # what a trial's fit does first: an optimiser over what trains
+        torch.optim.Adam([p for p in module.parameters() if p.requires_grad])
+
+    ctx = _context(x, model, fit=fit)
+    out = _prune_one(model, criterion, ctx)
+    want = _prune_one(model, "l1", _context(x, model))
+    assert "ranked by L1" in ctx.notes["prune.gates"]
+    assert param_count(out) == param_count(want) < param_count(model)
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in out.state_dict().items())
