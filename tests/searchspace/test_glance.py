@@ -152,6 +152,34 @@ def test_a_library_model_that_cannot_run_on_a_searched_glance_size_is_left_out_w
     assert even.supports(base) is None
 
 
+class _LeastSize(torch.nn.Module):
+    """Asserts a least input size, as torchvision's ViT asserts its size (``torch._assert``)."""
+
+    def __init__(self, least: int) -> None:
+        super().__init__()
+        self.least = least
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-1] >= self.least, f"Wrong image width! Expected {self.least} but got {x.shape[-1]}!")
+        return x
+
+
+@pytest.mark.parametrize("least", [32, 16])
+def test_a_model_that_asserts_its_input_size_is_left_out_with_the_size(least):
+    """An assertion is how a model refuses a glance (torchvision's ViT): at 32 px, a model that needs
+    32 px is left out by the first searched size (0.5: 16 px), one that runs from 16 px is not."""
+    from automl._models import StagedNet
+
+    nn = torch.nn
+    stages = [nn.Sequential(_LeastSize(least), nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())]
+    base = StagedNet(stages=stages, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))).eval()
+    base.sample_shape = (3, 32, 32)
+    assert get_method("glance").hyperparameters["scale"].choices[0] == 0.5
+    reason = get_method("glance")().supports(base)
+    want = "the model does not run on a 16x16 input (glance.scale=0.5): Wrong image width! Expected 32 but got 16!"
+    assert reason == (want if least == 32 else None), reason
+
+
 class _ChannelNorm(torch.nn.Module):
     """Normalises each position over the channels (ConvNeXt's LayerNorm without its affine part)."""
 
