@@ -424,21 +424,25 @@ class ThiNet(ChannelCriterion):
         """Scores from the greedy removal order of Algorithm 1: the first channel removed gets 0.
 
         Each step removes the channel ``c`` minimising ``||r + a_c||^2`` with ``r`` the summed
-        contribution of the channels removed so far.
+        contribution of the channels removed so far. That is ``2 r.a_c + ||a_c||^2``, and ``r.a_c``
+        is the sum of the Gram matrix ``a^T a``'s entries ``(j, c)`` over the removed ``j``: one
+        matrix product, then a row added per step (re-reading every row of ``a`` per step took
+        minutes on a ViT's 3072-channel MLP, fed by tens of thousands of rows).
         """
         n = a.shape[1]
         a = a.double()
-        sq = a.square().sum(0)
-        removed_sum = torch.zeros(a.shape[0], dtype=a.dtype)
+        gram = a.T @ a
+        sq = gram.diagonal().clone()
+        cross = torch.zeros(n, dtype=a.dtype)  # r . a_c for every c
         left = torch.ones(n, dtype=torch.bool)
         score = torch.zeros(n)
         for step in range(n):
-            cost = 2 * removed_sum @ a + sq  # ||r + a_c||^2 - ||r||^2 for every candidate c
+            cost = 2 * cross + sq  # ||r + a_c||^2 - ||r||^2 for every candidate c
             cost[~left] = float("inf")
             c = int(cost.argmin())
             score[c] = step
             left[c] = False
-            removed_sum += a[:, c]
+            cross += gram[c]
         return score
 
     @staticmethod
