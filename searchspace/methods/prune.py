@@ -781,6 +781,15 @@ def _input_probe(x: torch.Tensor) -> nn.Module | None:
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+class _LayerTracer(fx.Tracer):
+    """``torch.fx``'s tracer with every convolution, linear and BatchNorm layer kept whole, library
+    subclasses included: timm's ``BatchNormAct2d`` holds its activation, and traced through it
+    became a functional ``batch_norm`` that broke every run at the first BatchNorm."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (*_LAYERS, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _module_chains(model: nn.Module) -> list[list[str]]:
     """Maximal runs of leaf modules in ``model``'s traced graph that feed only each other.
 
@@ -788,7 +797,7 @@ def _module_chains(model: nn.Module) -> list[list[str]]:
     its only input and nothing else reads it, so ``nn.Sequential(m1, m2, ...)`` computes what the run
     computes in the model.
     """
-    graph = fx.symbolic_trace(model).graph
+    graph = _LayerTracer().trace(model)
     calls = [n for n in graph.nodes if n.op == "call_module"]
 
     def follows(node: fx.Node) -> fx.Node | None:
@@ -822,6 +831,10 @@ class _ChannelMoves(torch.overrides.TorchFunctionMode):
     sequences (``(N, L, C) -> (N, L, heads, C/heads)``) or of channels-last maps are not of this
     kind and are not recorded.
 
+    A split of the channels of a feature map into parts (``split``, ``chunk``, ``tensor_split``
+    along dim 1 of ``(N, C, H, W)``; CSPNet's ``x.split(C // 2, dim=1)``) is recorded for the same
+    reason as a slice below: its sizes are numbers in the model's code.
+
     A slice of part of the channels of a feature map (``x[:, a:b]`` or ``narrow`` on ``(N, C, H, W)``;
     ReXNet's partial residual ``cat([x[:, :C] + shortcut, x[:, C:]])``) is recorded too: its bounds
     are numbers in the model's code, which Torch-Pruning cannot change (it updates only its own
@@ -835,6 +848,7 @@ class _ChannelMoves(torch.overrides.TorchFunctionMode):
     RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
     SHUFFLES = frozenset({"channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle"})
     SLICES = frozenset({"__getitem__", "narrow"})
+    SPLITS = frozenset({"split", "split_with_sizes", "chunk", "tensor_split"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -869,9 +883,24 @@ class _ChannelMoves(torch.overrides.TorchFunctionMode):
             return None
         return None if len(kept) == c else f"{text} of {c} channels"
 
+    @staticmethod
+    def splits_channels(name: str, args: Any, kwargs: Any, parts: Any) -> str | None:
+        """``split`` / ``chunk`` / ``tensor_split`` of a feature map ``(N, C, H, W)`` along its
+        channels into several parts, as text (CSPNet's ``x.split(C // 2, dim=1)``); else None."""
+        x = args[0]
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        if x.dim() < 4 or dim not in (1, 1 - x.dim()) or not isinstance(parts, (tuple, list)) or len(parts) < 2:
+            return None
+        return f"{name} of {x.shape[1]} channels into {[int(p.shape[1]) for p in parts]}"
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
+        if name in self.SPLITS and args and isinstance(args[0], torch.Tensor) and len(self.found) < 3:
+            text = self.splits_channels(name, args, kwargs or {}, out)
+            if text is not None:
+                self.found.append(text)
+            return out
         if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)) or len(self.found) >= 3:
             return out
         a = args[0]
@@ -1271,6 +1300,13 @@ class Prune(CompressionMethod):
                 # A layer-by-layer criterion scores each group on the model pruned so far, which
                 # needs it to run: where the graph mapped an operation wrongly, it stops there.
                 whole_failed = f"the model pruned as a whole, layer by layer up to {exc}"
+                continue
+            except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure on the whole graph
+                if split or whole_failed:
+                    raise
+                # An operation the graph maps wrongly can also make Torch-Pruning itself fail (an
+                # index past a layer's channels): the runs are pruned instead, as for a broken model.
+                whole_failed = f"pruning the model as a whole raised {_first_line(exc)}"
                 continue
             if split or whole_failed:
                 break

@@ -505,11 +505,16 @@ def _fixed_split_net() -> nn.Module:
 
 
 @pytest.mark.parametrize("criterion", ["l1", "thinet"])
-def test_a_fixed_channel_split_is_pruned_run_by_run_by_every_criterion(criterion):
-    """Torch-Pruning does not change a split's sizes in the model's code: the net pruned as a whole
-    (through the pointwise layer's channels) stops running. The layer-by-layer pass (thinet) meets
-    that mid-way, at its next group, and is redone run by run like the others: the same known answer
-    (the zero channels of the stem and the head go, the split keeps its sizes, the function is unchanged)."""
+def test_an_unseen_fixed_channel_split_is_pruned_run_by_run_by_every_criterion(criterion, monkeypatch):
+    """Torch-Pruning does not change a split's sizes in the model's code. Where the split goes unseen
+    (here: its detection switched off; seen, it is pruned run by run from the start, as CSPNet's
+    below), the net pruned as a whole (through the pointwise layer's channels) stops running. The
+    layer-by-layer pass (thinet) meets that mid-way, at its next group, and is redone run by run
+    like the others: the same known answer (the zero channels of the stem and the head go, the
+    split keeps its sizes, the function is unchanged)."""
+    from searchspace.methods import prune
+
+    monkeypatch.setattr(prune, "channel_moves", lambda model, example: [])
     base = _fixed_split_net()
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     ctx = _context(x, base)
@@ -587,3 +592,80 @@ def test_gate_criteria_with_no_layer_to_gate_rank_by_l1_and_say_so(criterion):
     assert "ranked by L1" in ctx.notes["prune.gates"]
     assert param_count(out) == param_count(want) < param_count(model)
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in out.state_dict().items())
+
+
+class _BNAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` in small: a BatchNorm subclass that holds its activation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class _CrossStage(nn.Module):
+    """CSPNet's stage (timm's ``CrossStage``): the expanded map split in two halves by a size written
+    in the code, one half through the blocks, the halves joined again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), _BNAct(16))
+        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), _BNAct(8), nn.Conv2d(8, 8, 3, padding=1, bias=False), _BNAct(8))
+        self.transition = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), _BNAct(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.expand(x).split(8, dim=1)
+        return self.transition(torch.cat([xs, self.blocks(xb)], dim=1))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])
+def test_a_channel_split_is_pruned_run_by_run_through_batchnorms_that_hold_their_activation(criterion):
+    """A split by a size in the code cannot follow pruned channels (cspresnet50 raised inside
+    Torch-Pruning): it is recorded and the runs are pruned on their own. A BatchNorm subclass with
+    its activation (timm's) stays one layer of a run, so the runs reach from convolution to
+    convolution (traced through, it cut every run at its first BatchNorm and nothing was pruned).
+    Known answer: the zero half of each run's inner channels goes and the function is unchanged."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), _BNAct(8), _CrossStage(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    stage = base[2]
+    base = _random_bn_and_dead_half(base, [(base[0], base[1]), (stage.blocks[0], stage.blocks[1]), (stage.transition[0], stage.transition[1])])
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": criterion, "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert ctx.notes["prune.split"]["reason"] == "Torch-Pruning cannot map channels through split of 16 channels into [8, 8]", ctx.notes
+    assert ctx.notes["prune.channels"] == {"0": [8, 4], "2.blocks.0": [8, 4], "2.transition.0": [16, 8]}, ctx.notes["prune.channels"]
+    assert torch.equal(out[2].blocks[0].weight, base[2].blocks[0].weight[4:]), "the zero filters are the ones removed"
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
+
+def test_a_whole_model_pruning_that_raises_is_redone_run_by_run(monkeypatch):
+    """Torch-Pruning itself can fail on an operation it maps wrongly (an index past a layer's
+    channels, as on cspresnet50 before its split was recorded). Injected here into the first pass
+    with the regrouping unseen: the net is pruned run by run, the reason noted, with the known answer."""
+    from searchspace.methods import prune
+
+    monkeypatch.setattr(prune, "channel_moves", lambda model, example: [])
+    real = prune.Prune._prune_part
+    passes: list[int] = []
+
+    def failing_once(part, *args, **kwargs):
+        passes.append(len(list(part.module.modules())))
+        if len(passes) == 1:
+            raise IndexError("index 8 is out of bounds for dimension 0 with size 8")
+        return real(part, *args, **kwargs)
+
+    monkeypatch.setattr(prune.Prune, "_prune_part", staticmethod(failing_once))
+    base = _shuffle_net()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": "l1", "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert ctx.notes["prune.split"]["reason"] == "pruning the model as a whole raised IndexError: index 8 is out of bounds for dimension 0 with size 8"
+    assert len(passes) == 1 + 3, f"one whole pass, then the three runs: {passes}"
+    assert out[4].branch2[0].out_channels == 4 and out[4].branch2[5].out_channels == 8
+    with torch.no_grad():
+        want, got = base(x), out.eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
