@@ -975,6 +975,11 @@ def prunable_parts(model: nn.Module, example: torch.Tensor, whole_failed: str | 
     runs = []
     for chain in chains:
         idx = [i for i, name in enumerate(chain) if isinstance(modules[name], _LAYERS)]
+        # The run's last layer keeps its output channels (the part's interface), which a grouped
+        # convolution ties to its input's (ReXNet's depthwise conv before its squeeze-excitation):
+        # the run ends at the last layer before it that is not grouped.
+        while idx and getattr(modules[chain[idx[-1]]], "groups", 1) > 1:
+            idx.pop()
         if len(idx) >= 2:  # one layer alone has no internal channel
             runs.append(chain[idx[0] : idx[-1] + 1])
     calls: dict[nn.Module, list[tuple[Any, ...]]] = {}

@@ -669,3 +669,39 @@ def test_a_whole_model_pruning_that_raises_is_redone_run_by_run(monkeypatch):
     with torch.no_grad():
         want, got = base(x), out.eval()(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"pruning zero channels changed the output by {float((got - want).abs().max()):.3g}"
+
+
+class _ExpandDepthwiseGate(nn.Module):
+    """ReXNet's block in small: a channel split elsewhere makes pruning go run by run; here the run
+    expand (1x1) -> BatchNorm with activation -> depthwise 3x3 ends where a functional gate reads the
+    depthwise output twice, so the depthwise layer's output channels are the run's interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn = _BNAct(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.project = nn.Conv2d(16, 8, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.split(4, dim=1)
+        h = self.dw(self.bn(self.expand(torch.cat([b, a], dim=1))))
+        return self.project(h * h.mean((2, 3), keepdim=True).sigmoid())
+
+
+def test_a_run_that_ends_in_a_depthwise_convolution_keeps_its_output_channels():
+    """Pruning the expansion's channels would take the depthwise layer's with them (they are tied),
+    changing what the functional gate after it reads: cut at the depthwise layer, the run is only the
+    expansion, with no inner channel, and the other runs are pruned and the model runs (it raised
+    'running_mean should contain 148 elements not 228' on rexnet_100)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), _BNAct(8), nn.Conv2d(8, 8, 3, padding=1, bias=False), _BNAct(8),
+                         _ExpandDepthwiseGate(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = _context(x, base)
+    out = searchspace.get_method("prune")().apply(base, {"criterion": "l1", "ratio": 0.5, "per_stage": False}, context=ctx)
+    assert ctx.notes["prune.split"]["parts"] == ["0..2", "4.project..7"], ctx.notes["prune.split"]
+    assert ctx.notes["prune.channels"] == {"0": [8, 4], "4.project": [8, 4]}, ctx.notes["prune.channels"]
+    assert out[4].dw.out_channels == 16 and out[4].expand.out_channels == 16
+    with torch.no_grad():
+        assert out.eval()(x).shape == (8, 10)
