@@ -50,6 +50,7 @@ from torch import nn
 
 from automl._latency import torch_threads
 from searchspace import DynamicInference, artifact_quantization
+from searchspace._reason import first_line
 
 __all__ = [
     "Artifact", "ArtifactError", "artifact_bytes", "artifact_files", "build_artifact", "eager_artifact", "load_artifact", "move_onnx", "onnx_files",
@@ -98,7 +99,7 @@ def _onnx_files(path: Path, *, check: bool) -> list[Path]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse error: not an ONNX model
-        raise ArtifactError(f"{path.name} does not parse as ONNX: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ArtifactError(f"{path.name} does not parse as ONNX: {first_line(exc)}") from exc
     folder = path.parent.resolve()
     files = [path]
     for tensor in _get_all_tensors(model):  # initializers and attribute tensors, subgraphs included
@@ -179,17 +180,12 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
             return torch.jit.script(model)
         except Exception as exc:  # noqa: BLE001 - any compile error is the reason
             if isinstance(model, DynamicInference):
-                raise ArtifactError(f"torchscript: a model with input-dependent control flow must script, but torch.jit.script failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+                raise ArtifactError(f"torchscript: a model with input-dependent control flow must script, but torch.jit.script failed: {first_line(exc)}") from exc
         try:
             with torch.no_grad():
                 return torch.jit.trace(model, example.cpu(), check_trace=False)
         except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"torchscript: torch.jit.script and torch.jit.trace both failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+            raise ArtifactError(f"torchscript: torch.jit.script and torch.jit.trace both failed: {first_line(exc)}") from exc
 
 
 @dataclass
@@ -271,7 +267,7 @@ def _onnx_artifact(path: Path, device: str, threads: int) -> Artifact:
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime lacks a kernel or rejects the graph
-        raise ArtifactError(f"onnxruntime cannot load {path.name}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ArtifactError(f"onnxruntime cannot load {path.name}: {first_line(exc)}") from exc
     name = session.get_inputs()[0].name
     return Artifact(
         runtime="onnxruntime",
@@ -335,7 +331,7 @@ def build_artifact(
             try:
                 torch_model = recipe.quantize_torch(model, notes)
             except Exception as exc:  # noqa: BLE001 - the quantiser's reason is the trial's
-                raise ArtifactError(f"quantisation for PyTorch failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+                raise ArtifactError(f"quantisation for PyTorch failed: {first_line(exc)}") from exc
             info["quantization"]["torch"] = {"quantizer": "torch.ao.quantization (x86)", **notes}
 
     # The PyTorch program (model.pt2) and the capture the ONNX file is translated from.
@@ -347,7 +343,7 @@ def build_artifact(
             info["pt2"] = {"file": PT2_FILE, "exporter": "torch.export"}
         except Exception as exc:  # noqa: BLE001 - recorded; for onnxruntime the ONNX export below fails too
             (folder / PT2_FILE).unlink(missing_ok=True)
-            info["pt2"] = {"file": None, "reason": f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}"}
+            info["pt2"] = {"file": None, "reason": f"torch.export failed: {first_line(exc)}"}
     else:
         # torch.export cannot capture torch.ao's quantised modules, and torchao's PT2E program runs
         # reference (dequantise-float-quantise) ops without inductor: see searchspace.methods.int8.
@@ -396,7 +392,7 @@ def _write_onnx(model: nn.Module, program: Any, example: torch.Tensor, recipe: A
         info["onnx"] = _onnx.to_onnx(program if program is not None else model, example, float_path, keep=keep)
     except Exception as exc:  # noqa: BLE001 - any exporter error is the reason, kept below
         remove_artifact(float_path)
-        dynamo_error = _first_line(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        dynamo_error = first_line(exc, named=False) if isinstance(exc, ArtifactError) else first_line(exc)
         # A model torch.export cannot capture (Python control flow on tensor values in a
         # user's model, not torch.cond) may still script: the legacy exporter, and the card says why.
         try:
@@ -405,14 +401,14 @@ def _write_onnx(model: nn.Module, program: Any, example: torch.Tensor, recipe: A
         except Exception as legacy_exc:  # noqa: BLE001
             raise ArtifactError(
                 f"onnx: torch.onnx.export(dynamo=True) failed: {dynamo_error}; the legacy exporter too: "
-                f"{type(legacy_exc).__name__}: {_first_line(legacy_exc)}"
+                f"{first_line(legacy_exc)}"
             ) from exc
         info["onnx"]["reason"] = f"torch.export failed ({dynamo_error}); the TorchScript-based exporter took the scripted model"
     if recipe is not None:
         try:
             info["onnx"]["quantization"] = recipe.quantize_onnx(float_path, target)
         except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"onnx: quantisation by ONNX Runtime failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ArtifactError(f"onnx: quantisation by ONNX Runtime failed: {first_line(exc)}") from exc
     return target
 
 
@@ -504,6 +500,6 @@ def load_artifact(folder: Path, *, runtime: str = "onnxruntime", device: str = "
                 warnings.simplefilter("ignore")
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"{path} does not load: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ArtifactError(f"{path} does not load: {first_line(exc)}") from exc
         return _torch_artifact("torchscript", module, device, threads, path, artifact_bytes(path))
     raise ArtifactError(f"runtime {runtime!r} has no artifact file to load; allowed: onnxruntime, torchscript")

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from searchspace import DynamicInference
+from searchspace._reason import first_line
 
 __all__ = [
     "FLOAT_FOLDER",
@@ -247,11 +248,6 @@ class Checkpoint:
         return (self.folder / "model.onnx").is_file()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Read and validate a checkpoint folder (plan, weights); rebuilding is :func:`automl.load_model`.
 
@@ -281,5 +277,5 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     try:
         state = read_weights(folder / WEIGHTS)
     except Exception as exc:  # noqa: BLE001 - any load failure means the file is damaged
-        raise CheckpointError(f"checkpoint {folder} is corrupted: {WEIGHTS} does not load ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise CheckpointError(f"checkpoint {folder} is corrupted: {WEIGHTS} does not load ({first_line(exc)})") from exc
     return Checkpoint(folder, record, state)

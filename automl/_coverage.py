@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import searchspace
+from searchspace._reason import first_line
 
 __all__ = [
     "CONSTANT",
@@ -178,11 +179,6 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_packed"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def ort_rel_diff(model: nn.Module, x: torch.Tensor, folder: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``model``'s PyTorch and ONNX Runtime outputs on ``x`` and their largest difference relative to
     the largest PyTorch logit. The ONNX model is the trial's artifact
@@ -272,7 +268,7 @@ def _without_nchwc(model: nn.Module, x: torch.Tensor, ref: torch.Tensor, exact: 
     try:
         plain = ort_without(model, x)
     except Exception as exc:  # noqa: BLE001 - a diagnosis only; the verdict stands
-        return f"; with ONNX Runtime's {NCHWC} off: {_first_line(exc)}"
+        return f"; with ONNX Runtime's {NCHWC} off: {first_line(exc)}"
     far = "" if exact is None else f", {_relative(plain, exact, exact):.3g} from the float64 logits"
     return f"; with ONNX Runtime's {NCHWC} off: {_relative(plain, ref, ref):.3g} from PyTorch{far}"
 
@@ -320,7 +316,7 @@ def check_cell(
     try:
         why = method.supports(base)
     except Exception as exc:  # noqa: BLE001 - a crash in supports() is the method's fault, reported
-        return done("fails", "supports", _first_line(exc))
+        return done("fails", "supports", first_line(exc))
     if why is not None:
         return done("n/a", "supports", str(why))
     try:
@@ -332,7 +328,7 @@ def check_cell(
         )
         model = method.apply(base, params, context=ctx).eval()
     except Exception as exc:  # noqa: BLE001
-        return done("fails", "apply", _first_line(exc))
+        return done("fails", "apply", first_line(exc))
     cell.params_after = _n_params(model)
     try:
         if method.finetune:
@@ -344,7 +340,7 @@ def check_cell(
             ref = model(x)
             want = base(x)
     except Exception as exc:  # noqa: BLE001
-        return done("fails", "forward", _first_line(exc))
+        return done("fails", "forward", first_line(exc))
     if tuple(ref.shape) != tuple(want.shape):
         return done("fails", "shape", f"output shape {tuple(ref.shape)} differs from the base's {tuple(want.shape)}")
     if not bool(torch.isfinite(ref).all()):
@@ -356,12 +352,12 @@ def check_cell(
         try:
             base_diff = ort_rel_diff(base, x, None if folder is None else folder / "base")[2]
         except Exception as exc:  # noqa: BLE001 - the base itself does not export: no method can be judged
-            return done("fails", "base", f"the base does not export to ONNX Runtime: {_first_line(exc)}")
+            return done("fails", "base", f"the base does not export to ONNX Runtime: {first_line(exc)}")
     cell.base_rel_diff = base_diff
     try:
         _, got, cell.rel_diff = ort_rel_diff(model, x, None if folder is None else folder / "model")
     except Exception as exc:  # noqa: BLE001
-        return done("fails", "onnx", _first_line(exc))
+        return done("fails", "onnx", first_line(exc))
     if tuple(got.shape) != tuple(ref.shape):
         return done("fails", "ort", f"ONNX Runtime output shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}")
     if not math.isfinite(cell.rel_diff):

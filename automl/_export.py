@@ -77,6 +77,7 @@ from automl._pareto import FrontRow, StudyView
 from automl._rebuild import load_model
 from automl._target import cpu_name
 from searchspace import artifact_quantization
+from searchspace._reason import first_line
 
 __all__ = ["ExportError", "LoadedCheckpoint", "export_trial", "load_trial_checkpoint"]
 
@@ -142,13 +143,8 @@ def load_trial_checkpoint(study_dir: Path, row: FrontRow) -> LoadedCheckpoint:
     try:
         _load_reference(ckpt.folder)
     except Exception as exc:  # noqa: BLE001 - the measured file is damaged
-        raise ExportError(f"trial {row.number}: checkpoint {ckpt.folder} is corrupted: {name} does not load ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise ExportError(f"trial {row.number}: checkpoint {ckpt.folder} is corrupted: {name} does not load ({first_line(exc)})") from exc
     return LoadedCheckpoint(ckpt.folder, model, ckpt.record, ckpt.state_dict, name)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --- ONNX ---------------------------------------------------------------------------------
@@ -486,7 +482,7 @@ def _write_torchscript(module: torch.nn.Module, example: torch.Tensor, folder: P
             warnings.simplefilter("ignore")  # asked for: TorchScript's deprecation notice is known
             scripted.save(str(folder / TORCHSCRIPT_FILE))
     except Exception as exc:  # noqa: BLE001 - the flag asked for a file this model cannot give
-        raise ExportError(f"--torchscript: the rebuilt module does not become TorchScript: {type(exc).__name__}: {_first_line(exc)}", code=1) from exc
+        raise ExportError(f"--torchscript: the rebuilt module does not become TorchScript: {first_line(exc)}", code=1) from exc
 
 
 def _accuracy_matches(accuracy: float, recorded: float, n_test: int) -> bool:
@@ -596,7 +592,7 @@ def _verify_onnx(
                     onnx_export.to_onnx(reference if reference is not None else rebuilt.pytorch(), data.example(), written)
                 move_onnx(written, folder)
         except Exception as exc:  # noqa: BLE001 - say what does not export instead of failing the whole export
-            info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}"}
+            info = {"status": "unsupported", "reason": f"torch.onnx.export failed: {first_line(exc)}"}
     n_test = data.n("test")
     if path.is_file():
         if reference is None and not quantized:

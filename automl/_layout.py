@@ -41,6 +41,8 @@ import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
+from searchspace._reason import first_line
+
 __all__ = ["Layout", "LayoutError", "find_layout"]
 
 
@@ -143,7 +145,7 @@ def _trace_both_modes(net: nn.Module) -> fx.GraphModule:
             net.train()
             trained = _trace(net, leaves)
         except Exception as exc:  # noqa: BLE001 - any trace failure is the reason the layout is unknown
-            raise LayoutError(f"torch.fx cannot trace its forward ({_first_line(exc)})") from exc
+            raise LayoutError(f"torch.fx cannot trace its forward ({first_line(exc)})") from exc
         finally:
             net.eval()
         if evaluated.code != trained.code:
@@ -163,11 +165,6 @@ def _trace_both_modes(net: nn.Module) -> fx.GraphModule:
             raise LayoutError(f"its forward branches on training mode at {pair[0].name}, which a traced graph would freeze")
         leaves += tuple(dict.fromkeys(found))
     raise AssertionError("unreachable: the loop returns or raises")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
 
 
 class _Shapes(fx.Interpreter):
@@ -279,7 +276,7 @@ def find_layout(net: nn.Module, input_shape: Sequence[int]) -> Layout:
         try:
             small = _shapes(gm, _example(input_shape, 1))
         except Exception as exc:  # noqa: BLE001
-            raise LayoutError(f"its traced graph does not run on one input of shape {tuple(input_shape)} ({_first_line(exc)})") from exc
+            raise LayoutError(f"its traced graph does not run on one input of shape {tuple(input_shape)} ({first_line(exc)})") from exc
         try:
             large: dict[str, Any] | None = _shapes(gm, _example(input_shape, 2), real=False)
         except Exception:  # noqa: BLE001 - a model of one fixed input size: its feature maps are the >= 3-D tensors

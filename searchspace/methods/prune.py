@@ -100,6 +100,7 @@ import searchspace
 from searchspace._base import ApplyContext, CompressionMethod, Stage
 from searchspace._domains import Categorical, Float, Int
 from searchspace._profile import SensitivityProfile, allocate, global_counts
+from searchspace._reason import first_line
 from searchspace._registry import register_method
 from searchspace._surgery import clone
 
@@ -963,13 +964,13 @@ def prunable_parts(model: nn.Module, example: torch.Tensor, whole_failed: str | 
         try:
             return [_Part(model, example, prunable_output_layers(model, example))], {}
         except Exception as exc:  # noqa: BLE001 - any tracing failure of the whole: prune its runs, and say why
-            reason = _first_line(exc)
+            reason = first_line(exc)
     try:
         chains = _module_chains(model)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(
             f"prune needs Torch-Pruning's dependency graph of the model ({reason}) or, failing that, a torch.fx "
-            f"trace to prune its runs of layers, which fails too ({_first_line(exc)})"
+            f"trace to prune its runs of layers, which fails too ({first_line(exc)})"
         ) from exc
     modules = dict(model.named_modules())
     runs = []
@@ -1024,13 +1025,8 @@ def _runs_as_before(model: nn.Module, example: torch.Tensor, shape: tuple[int, .
         with torch.no_grad():
             got = tuple(model.eval()(example).shape)
     except Exception as exc:  # noqa: BLE001 - the reason is the caller's note
-        return f"does not run: {_first_line(exc)}"
+        return f"does not run: {first_line(exc)}"
     return None if got == shape else f"outputs {got}, not {shape}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
@@ -1311,7 +1307,7 @@ class Prune(CompressionMethod):
                     raise
                 # An operation the graph maps wrongly can also make Torch-Pruning itself fail (an
                 # index past a layer's channels): the runs are pruned instead, as for a broken model.
-                whole_failed = f"pruning the model as a whole raised {_first_line(exc)}"
+                whole_failed = f"pruning the model as a whole raised {first_line(exc)}"
                 continue
             if split or whole_failed:
                 break
