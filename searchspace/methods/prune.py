@@ -45,8 +45,9 @@ the profile does not know keeps its channels, listed in ``prune.unprofiled``.
 The trial fine-tunes afterwards.
 
 Where the dependency graph cannot follow the model (a channel shuffle or another reshape that
-regroups channels, which Torch-Pruning would map as a flatten; a slice of part of the channels,
-whose bounds it cannot change in the model's code; or a graph that does not build),
+regroups channels, which Torch-Pruning would map as a flatten; a slice of part of the channels or a
+split of them into parts, whose bounds and sizes it cannot change in the model's code; a graph that
+does not build; or a model pruned as a whole that no longer runs, or whose pruning raised),
 the model is pruned run by run instead: each run of layers that feed only each other is pruned on
 its own with its interface kept, so only channels internal to a run go (:func:`prunable_parts`,
 noted as ``prune.split``).
