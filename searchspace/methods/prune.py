@@ -428,7 +428,7 @@ class ThiNet(ChannelCriterion):
         Each step removes the channel ``c`` minimising ``||r + a_c||^2`` with ``r`` the summed
         contribution of the channels removed so far. That is ``2 r.a_c + ||a_c||^2``, and ``r.a_c``
         is the sum of the Gram matrix ``a^T a``'s entries ``(j, c)`` over the removed ``j``: one
-        matrix product, then a row added per step (re-reading every row of ``a`` per step took
+        matrix product, then a row added per step (re-reading every row of ``a`` per step costs
         minutes on a ViT's 3072-channel MLP, fed by tens of thousands of rows).
         """
         n = a.shape[1]
