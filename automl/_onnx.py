@@ -7,7 +7,8 @@ translates that program with onnxscript. Checked on torch 2.14.1 for every regis
 
 - data-dependent early exits are exported through ``torch.cond`` (the exporter's supported
   control flow), which becomes ONNX ``If``: ``EarlyExitNet`` switches to its ``torch.cond`` routing
-  while ``torch.compiler.is_exporting()``;
+  while ``torch.compiler.is_exporting()``; the parts its branches run are captured one by one
+  first (:func:`_captured_parts`);
 - a model may name buffers that must stay named, editable initializers in the file
   (``onnx_initializers``, e.g. the exit thresholds). The onnxscript graph optimiser runs with those
   buffers held as graph inputs (:func:`_optimize_keeping`), so it cannot fold them into anonymous
@@ -40,13 +41,17 @@ export many models each); the exported files are byte-identical (``tests/automl/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from searchspace import DynamicInference
 
 __all__ = ["ATOL", "INT8_AGREEMENT", "LEGACY_REASON", "OPSET", "compare", "export_program", "is_quantized", "legacy_to_onnx", "onnx_initializers", "to_onnx"]
 
@@ -122,6 +127,9 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     parameters that require grad is otherwise traced again for autograd (its schema, built by
     tracing both branches, is checked for in-place writes) and through its autograd wrapper.
 
+    A dynamic model (:class:`searchspace.DynamicInference`) is captured with the parts its branches
+    run replaced by their own captures (:func:`_captured_parts`), and whole where that fails.
+
     Raises whatever ``torch.export`` raises for a model it cannot capture; the caller records it.
     """
     model = model.eval()
@@ -129,7 +137,80 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
         model(example)  # fill inference-time caches (T-Net's kernels) as inference would
         # Traced on two samples: torch.export specialises a dimension of size 1 to the constant 1.
         pair = example[:1].expand(2, *example.shape[1:]).contiguous()
-        return torch.export.export(model, (pair,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        if not isinstance(model, DynamicInference):
+            return _export(model, pair)
+        parts = _captured_parts(model, pair)
+        try:
+            with _swapped(model, parts):
+                return _export(model, pair)
+        except Exception:  # noqa: BLE001 - a part captured at other sizes than the branch calls it with
+            if not parts:
+                raise
+        return _export(model, pair)
+
+
+def _export(model: nn.Module, pair: torch.Tensor) -> torch.export.ExportedProgram:
+    return torch.export.export(model, (pair,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+
+
+def _captured_parts(model: Any, pair: torch.Tensor) -> dict[str, nn.Module]:
+    """Each of ``model.export_parts()`` captured alone by ``torch.export`` (functional ATen, shared
+    parameters), by name: what a ``torch.cond`` branch can hold whatever the part's Python does.
+
+    Inside a ``torch.cond`` branch the part is traced again (Dynamo), where in-place writes cannot
+    be functionalised for the ONNX decomposition (Swin V2's attention mask) and functions that
+    non-strict export patches (``torch.fx.wrap``: Swin's ``shifted_window_attention``) break
+    Dynamo's guards; a captured part has neither. A part is captured on the inputs the last exit
+    path gives it (the batch axis dynamic, any other axis where its calls differ left to
+    ``torch.export``) and kept only where the capture reproduces every call; the others stay as
+    they are.
+    """
+    names = list(model.export_parts())
+    calls: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+                calls[name].append(args[0].clone())  # as called, whatever the part writes in place
+
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in names]
+    try:
+        model.exit_paths()[-1](pair)  # the path that runs every part
+    finally:
+        for hook in hooks:
+            hook.remove()
+    captured: dict[str, nn.Module] = {}
+    for name, inputs in calls.items():
+        if not inputs:
+            continue
+        part, first = model.get_submodule(name), inputs[0]
+        if any(t.dim() != first.dim() for t in inputs):
+            continue
+        dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
+        dims.update({d: torch.export.Dim.AUTO for d in range(1, first.dim()) if any(t.shape[d] != first.shape[d] for t in inputs)})
+        try:
+            graph = torch.export.export(part, (first,), dynamic_shapes=(dims,)).module()
+            same = all(torch.allclose(graph(t), part(t), rtol=1e-5, atol=1e-6) for t in inputs)
+        except Exception:  # noqa: BLE001 - the part stays as it is; the whole model's export says why if it must
+            continue
+        if same:
+            captured[name] = graph
+    return captured
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, parts: dict[str, nn.Module]) -> Iterator[None]:
+    """``model`` with the named submodules replaced by ``parts`` while the block runs."""
+    held = {name: model.get_submodule(name) for name in parts}
+    try:
+        for name, part in parts.items():
+            model.set_submodule(name, part)
+        yield
+    finally:
+        for name, part in held.items():
+            model.set_submodule(name, part)
 
 
 def to_onnx(model: nn.Module | torch.export.ExportedProgram, example: torch.Tensor, path: Path, *, keep: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -117,6 +117,13 @@ class DynamicInference(Protocol):
         with the same counter as every other model)."""
         ...
 
+    def export_parts(self) -> list[str]:
+        """Qualified names of the submodules the routing runs (the last of :meth:`exit_paths` runs
+        them all), each called with one tensor. Export captures each one alone first, to functional
+        ATen, so a ``torch.cond`` branch holds no in-place write and no function that tracing
+        patches (``torch.fx.wrap``, as Swin's attention)."""
+        ...
+
 
 @runtime_checkable
 class Profiled(Protocol):

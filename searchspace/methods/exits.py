@@ -319,6 +319,11 @@ class EarlyExitNet(nn.Module):
         """For each exit, a module running what a sample leaving there runs (MAC counting)."""
         return [_Prefix(self, k) for k in range(len(self.exits))]
 
+    @torch.jit.ignore
+    def export_parts(self) -> list[str]:
+        """Every segment and every exit's classifier (what the ``torch.cond`` branches run)."""
+        return [f"exits.{k}.{part}" for k in range(len(self.exits)) for part in ("segment", "head")]
+
     # --- training -------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> EarlyExitNet:

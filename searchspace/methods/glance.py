@@ -230,6 +230,11 @@ class GlanceFocusNet(nn.Module):
         """What a sample stopping at the glance runs, and what one going on to the focus runs."""
         return [_GlancePath(self), _FullPath(self)]
 
+    @torch.jit.ignore
+    def export_parts(self) -> list[str]:
+        """The shared classifier's stages and head, run by the glance and, in the branch, the focus."""
+        return [f"net.stages.{i}" for i in range(len(self.net.stages))] + ["net.head"]
+
     # --- training -------------------------------------------------------------------------
 
     @torch.jit.ignore

@@ -44,6 +44,9 @@ class _DynamicSuper(_SuperForward):
     def exit_paths(self) -> list[nn.Module]:
         return [self]
 
+    def export_parts(self) -> list[str]:
+        return []
+
 
 def test_a_static_model_that_does_not_script_is_traced():
     torch.manual_seed(0)

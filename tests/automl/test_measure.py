@@ -110,6 +110,9 @@ class _ZerosTakeTheLastExit(nn.Module):
     def exit_paths(self) -> list[nn.Module]:
         return [nn.Sequential(nn.Flatten(), self.cheap), nn.Sequential(nn.Flatten(), self.expensive)]
 
+    def export_parts(self) -> list[str]:
+        return []
+
 
 def test_dynamic_model_is_timed_on_real_test_inputs_not_zeros(digits, tmp_path):
     model = _ZerosTakeTheLastExit().eval()

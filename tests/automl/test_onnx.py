@@ -6,13 +6,18 @@ paths an early-exit model takes)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import searchspace
+from automl import _onnx
 from automl._export import _jit_load
+from automl._models import build_model
 from automl._onnx import ATOL, LEGACY_REASON, OPSET, export_program, is_quantized, onnx_initializers, to_onnx
 from tests.conftest import BASE_MODELS, make_base, random_context, sample_params
 
@@ -67,6 +72,98 @@ def test_every_method_exports_to_onnx_matching_pytorch(name, model_name, shape, 
     raw = (tmp_path / "model.onnx").read_bytes()
     checkout = str(Path(__file__).resolve().parents[2]).encode()
     assert checkout not in raw and b"stack_trace" not in raw, f"{name}: model.onnx carries the exporter's debug metadata (paths of this machine)"
+
+
+def shifted_mix(x: torch.Tensor, weight: torch.Tensor, shift: list[int], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """As Swin's attention: a function kept whole by ``torch.fx.wrap`` (with a None default) that
+    builds a mask by in-place writes to slices of a new tensor."""
+    mask = x.new_zeros((x.shape[2], x.shape[3]))
+    count = 0
+    for h in ((0, -shift[0]), (-shift[0], None)):
+        for w in ((0, -shift[1]), (-shift[1], None)):
+            mask[h[0] : h[1], w[0] : w[1]] = count
+            count += 1
+    return F.conv2d(torch.roll(x, shifts=shift, dims=(2, 3)), weight, bias, padding=1) + mask
+
+
+torch.fx.wrap("shifted_mix")
+
+
+class _Shifted(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(shifted_mix(x, self.weight, [1, 1]))
+
+
+class Windowed(nn.Module):
+    """A user's module whose blocks call :func:`shifted_mix`, at two resolutions."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
+        self.a = _Shifted(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.b = _Shifted(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(F.relu(self.stem(x)))
+        x = self.b(F.relu(self.down(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def windowed(*, input_shape, num_classes):
+    return Windowed(input_shape[0], num_classes)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("exits", {"points": "stages", "count": 2, "head": "avgpool", "pool": 2, "training": "frozen", "thresholds": "direct", "threshold_0": 0.6, "threshold_1": 0.6}),
+        # The glance and the patch differ in size: every stage is called at two sizes.
+        ("glance", {"scale": 0.5, "crop": 0.75, "thresholds": "direct", "threshold": 0.6}),
+    ],
+    ids=["exits", "glance"],
+)
+def test_branches_hold_parts_captured_alone_so_in_place_writes_and_wrapped_functions_export(name, params, tmp_path, monkeypatch):
+    """Inside a ``torch.cond`` branch, a function ``torch.fx.wrap`` keeps whole breaks the export
+    (as Swin's attention does); each part captured alone first exports, and ONNX Runtime gives
+    the eager model's logits at batch 1 and on a batch routed both ways."""
+    import onnxruntime as ort
+
+    shape = (3, 32, 32)
+    torch.manual_seed(0)
+    base = build_model("tests.automl.test_onnx:windowed", input_shape=shape, num_classes=5).eval()
+    method = searchspace.get_method(name)()
+    assert method.supports(base) is None, method.supports(base)
+    ctx = random_context(shape, base, seed=2)
+    model = method.apply(base, params, context=ctx).eval()
+    x = torch.cat([b for b, _ in ctx.calibration()])[:16]
+    with torch.no_grad():
+        conf = model.confidences(x)[:, 0]
+        model.thresholds[0] = conf.median()
+    assert 0 < int((conf >= model.thresholds[0]).sum()) < len(x), "the batch must be routed both ways"
+    own = [id(model.get_submodule(n)) for n in model.export_parts()]
+    pair = x[:1].expand(2, *shape).contiguous()
+    with torch.no_grad():
+        assert sorted(_onnx._captured_parts(model, pair)) == sorted(model.export_parts()), "every part captures and reproduces its calls"
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_onnx, "_captured_parts", lambda model, pair: {})
+        with pytest.raises(Exception):  # noqa: B017 - Dynamo's error on the patched function; its type is torch's
+            to_onnx(export_program(model, x[:1]), x[:1], tmp_path / "whole.onnx", keep=onnx_initializers(model))
+
+    to_onnx(export_program(model, x[:1]), x[:1], tmp_path / "model.onnx", keep=onnx_initializers(model))
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (x[:1], x):
+        with torch.no_grad():
+            ref = model(batch).numpy()
+        got = sess.run(None, {"input": batch.numpy()})[0]
+        assert float(np.abs(got - ref).max()) <= ATOL * max(1.0, float(np.abs(ref).max())), f"{name} (batch {len(batch)}): ONNX differs by {np.abs(got - ref).max()}"
+    assert [id(model.get_submodule(n)) for n in model.export_parts()] == own, "the model keeps its own parts after export"
 
 
 def test_the_torchlib_list_is_built_once_per_process_and_the_file_is_the_same(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def mismatches(protocol: type, impl: object) -> list[str]:
 def test_protocol_members_are_listed():
     assert protocol_members(ArtifactQuantization) == ["describe", "quantize_onnx", "quantize_torch"]
     assert protocol_members(Calibrated) == ["calibrate", "use_setting"]
-    assert protocol_members(DynamicInference) == ["exit_indices", "exit_paths"]
+    assert protocol_members(DynamicInference) == ["exit_indices", "exit_paths", "export_parts"]
     assert protocol_members(Profiled) == ["compress_layer", "needs_profile", "profile_extra", "profile_layers", "profile_levels"]
 
 
