@@ -104,7 +104,7 @@ class DepthwiseSeparable(CompressionMethod):
     A conv with fewer than :data:`MIN_IN_CHANNELS` input channels (a first layer) is converted only
     with ``first_layer = True``: MobileNet keeps its first layer a full conv, and separating a conv
     with one input channel leaves ONE depthwise filter for all outputs (on the MNIST-1D base that
-    left it at 39-53 % after fine-tuning against 95 % without: BENCHMARKS.md, "Does
+    left it at 40-56 % after fine-tuning against 93-96 % without: BENCHMARKS.md, "Does
     least-squares initialisation beat random initialisation?"). On mobilenet_v2 the stem
     is the only dense k x k conv, so there the method only acts with ``first_layer = True``.
     """
