@@ -87,7 +87,9 @@ def u8s8_saturates() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False  # no way to tell here (not Linux): keep ONNX Runtime's default
-    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split())
+
+
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: The most layers ``keep_float`` may leave float.
 MAX_KEEP_FLOAT = 8
