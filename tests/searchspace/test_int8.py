@@ -72,6 +72,10 @@ def test_onnxruntime_int8_is_the_measured_file_smaller_and_accurate(trained_digi
     want = {"static": {"QuantizeLinear", "DequantizeLinear"}, "dynamic": {"DynamicQuantizeLinear"}}[mode]
     assert want <= ops, f"{mode} int8 ONNX must hold {want}, has {sorted(ops)}"
     assert artifact.info["onnx"]["quantization"]["quantizer"].startswith("onnxruntime.quantization"), artifact.info
+    if mode == "static":
+        from searchspace.methods.int8 import u8s8_saturates
+
+        assert artifact.info["onnx"]["quantization"]["reduce_range"] is u8s8_saturates(), "the artifact must say whether its weights use 7 bits"
     ratio = qm.size_bytes / fm.size_bytes
     assert ratio < 0.5, f"int8 ONNX is {ratio:.3f} of the float ONNX file ({qm.size_bytes} vs {fm.size_bytes} bytes)"
     assert fm.accuracy - qm.accuracy < 0.01, f"{mode} int8 lost {(fm.accuracy - qm.accuracy) * 100:.2f} points"
@@ -133,3 +137,25 @@ def test_quantised_model_survives_the_checkpoint(trained_digits, digits, tmp_pat
     assert (tmp_path / "checkpoint" / "model.onnx").read_bytes() == (tmp_path / "artifact" / "model.onnx").read_bytes(), "the checkpoint holds the measured file byte for byte"
     assert artifact_accuracy(load_artifact(tmp_path / "checkpoint"), digits) == metrics.accuracy
     assert ckpt.record["label"] == "none+int8", f"record label {ckpt.record['label']!r}"
+
+
+@pytest.mark.parametrize(
+    "machine,flags,saturates",
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", True),  # AVX2 only (AMD EPYC here): VPMADDUBSW clamps to int16
+        ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+        ("x86_64", "fpu avx2 avx_vnni", False),
+        ("x86_64", "fpu avx2 amx_int8 amx_tile", False),
+        ("aarch64", "fp asimd", False),  # ARM kernels do not take that path
+    ],
+)
+def test_reduce_range_only_where_u8s8_kernels_saturate(monkeypatch, machine, flags, saturates):
+    import platform
+    from pathlib import Path
+
+    from searchspace.methods import int8
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"processor\t: 0\nflags\t\t: {flags}\n" if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    assert int8.u8s8_saturates() is saturates, f"{machine} with flags {flags!r}"
