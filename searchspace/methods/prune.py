@@ -36,6 +36,14 @@ How many channels each layer loses is the ``allocation`` (the criterion decides 
   own, not ``ratio``: a share of parameters reaches further than the same share of channels
   (removing 70 % of every layer's channels removes about 91 % of the parameters).
 
+Channel counts can be kept at a multiple of ``round_to`` (Torch-Pruning's ``round_to``; 1, the
+default, keeps the exact count): each pruned layer keeps the multiple nearest to the count its ratio
+asks for, at least one multiple and at most its own channels (a layer narrower than the multiple is
+pruned as asked). Runtimes run aligned widths on their fast paths: ONNX Runtime's blocked (NCHWc)
+convolutions on x86 need channels in multiples of the vector width (8 floats with AVX2, 16 with
+AVX-512); off those multiples a convolution falls back to a slower kernel and a pruned model can be
+slower than its base (BENCHMARKS.md, "Which channel counts run fast?").
+
 ``global`` and ``sensitivity`` read the study's profile (``context.profile``), measured on the base
 once, so the per-layer counts follow from (profile, plan) and the dry run and the checkpoint's
 rebuild give the trial's structure. They act on the base's layers: a layer an earlier structure
@@ -64,6 +72,9 @@ Changes from the papers, and why (one place):
   left unpruned (``APoZ(fallback="keep")``, a constructor option, not searched); the trial notes list
   them (``prune.apoz_fallback``: layer name -> fallback). The paper
   prunes iteratively with retraining between rounds; here one round, then fine-tuning.
+- ``round_to``: Torch-Pruning rounds the kept count down (16 channels at ratio 0.2 keep 8, and a
+  layer narrower than the multiple would lose every channel); here the nearest multiple is kept,
+  at least one, so the ratio stays what was asked up to half a multiple.
 - ``thinet``: the paper fine-tunes one or two epochs after each layer; here the layers are pruned
   in turn without fine-tuning in between (the trial's fine-tuning budget comes after the last),
   which keeps a trial within its budget. Sampled positions and rows are capped (``positions``,
@@ -122,6 +133,8 @@ MAX_STAGE_RATIOS = 4
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 #: The largest share of one layer's channels the ``global`` ranking may remove.
 MAX_GLOBAL_RATIO = 0.9
+#: Multiples a pruned layer's channel count may be kept at (``round_to``; 1: the exact count).
+ROUND_TO = (1, 4, 8, 16, 32, 64)
 #: Pruning ratios each layer is measured at for the sensitivity profile.
 PROFILE_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
@@ -1102,12 +1115,33 @@ def _ratio_for_count(removed: int, channels: int) -> float:
     return 0.0 if removed <= 0 else (removed - 0.5) / channels
 
 
+def aligned_keep(channels: int, ratio: float, multiple: int) -> int:
+    """How many of ``channels`` a layer pruned at ``ratio`` keeps when counts are rounded to
+    ``multiple`` (``round_to``): the multiple nearest to Torch-Pruning's count (halves round up), at
+    least ``multiple`` and at most ``channels``; a layer narrower than ``multiple`` keeps the exact count."""
+    keep = int(channels * (1 - ratio)) if ratio > 0 else channels
+    if multiple <= 1 or channels < multiple:
+        return keep
+    return min(channels, max(multiple, multiple * int(keep / multiple + 0.5)))
+
+
+def _aligned_ratios(model: nn.Module, ratio_of: Callable[[nn.Module], float], multiple: int) -> dict[nn.Module, float]:
+    """Per-layer ratios that make every convolution or linear layer that ``ratio_of`` prunes keep
+    :func:`aligned_keep` channels."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and ratio_of(m) > 0:
+            channels = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            out[m] = _ratio_for_count(channels - aligned_keep(channels, ratio_of(m), multiple), channels)
+    return out
+
+
 @register_method
 class Prune(CompressionMethod):
     """Filter pruning with Torch-Pruning's dependency graph and a searched importance criterion.
 
     Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), the ``allocation`` (uniform, global,
-    sensitivity; default uniform), with ``uniform`` one ``ratio`` of channels removed from every
+    sensitivity; default uniform), ``round_to`` (the multiple channel counts are kept at; default 1), with ``uniform`` one ``ratio`` of channels removed from every
     prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``); with
     ``global`` ``ratio`` is the share of all channels removed, with ``sensitivity`` ``share`` is the
     share of the model's parameters removed; for gates the gate-optimisation steps per sample batch and the L1 weight,
@@ -1133,11 +1167,14 @@ class Prune(CompressionMethod):
         "gate_steps": Int(10, 60),
         "gate_epochs": Int(1, 3),
         "gate_l1": Float(1e-3, 1e-1, log=True),
+        "round_to": Categorical(list(ROUND_TO)),
     }
     # A config may open ``ratio`` up to 0.9 (the deepest level the profile measures and the
     # ``global`` cap), to reach as far as a ``share`` near 1 does; by default a ratio above 0.7
     # (91 % of a plain CNN's parameters) is not sampled.
-    default_ranges = {"allocation": Categorical(["uniform"]), "ratio": Float(0.1, 0.7)}
+    # Counts are exact unless a config names ``round_to`` (a study's deployment target decides
+    # which multiple pays: BENCHMARKS.md, "Which channel counts run fast?").
+    default_ranges = {"allocation": Categorical(["uniform"]), "ratio": Float(0.1, 0.7), "round_to": Categorical([1])}
 
     def space(self, trial: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"criterion": self.suggest(trial, "criterion")}
@@ -1155,6 +1192,10 @@ class Prune(CompressionMethod):
         elif out["criterion"] == "slimming":
             keys += ["gate_epochs", "gate_l1"]
         out.update({k: self.suggest(trial, k) for k in keys})
+        round_to = self.suggest(trial, "round_to")
+        if round_to != 1:
+            # Exact counts are not recorded: the plan equals that of a study that does not search round_to.
+            out["round_to"] = round_to
         return out
 
     def accepts(self, chain: tuple[str, ...]) -> bool:
@@ -1260,7 +1301,7 @@ class Prune(CompressionMethod):
             # Pruned layers share the convolutions between them, so their own savings do not add
             # up: the plan is pruned (l1; the criterion picks which channels, not how many) and counted.
             probe = ApplyContext(example_input=example)
-            return before - _params(self._prune(model, L1Filter, levels, None, probe))
+            return before - _params(self._prune(model, L1Filter, levels, {"round_to": params.get("round_to", 1)}, probe))
 
         levels, saved = allocate(
             rows, base_accuracy=profile.base_accuracy, target_saved=float(params["share"]) * before,
@@ -1289,6 +1330,10 @@ class Prune(CompressionMethod):
                 modules = dict(out.named_modules())
                 ratio_dict = {modules[n]: float(r) for n, r in levels.items() if n in modules and r > 0}
                 default = 0.0
+                ratio_of = lambda layer, d=ratio_dict: d.get(layer, 0.0)  # noqa: E731
+            multiple = int((params or {}).get("round_to", 1))
+            if multiple > 1:
+                ratio_dict = _aligned_ratios(out, ratio_of, multiple)
                 ratio_of = lambda layer, d=ratio_dict: d.get(layer, 0.0)  # noqa: E731
             parts, split = prunable_parts(out, example, whole_failed)
             before = channel_counts(out)
@@ -1332,6 +1377,8 @@ class Prune(CompressionMethod):
         allocation = params.get("allocation", "uniform")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"prune.allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+        if params.get("round_to", 1) not in ROUND_TO:
+            raise ValueError(f"prune.round_to must be one of {list(ROUND_TO)}, got {params['round_to']!r}")
         levels = None
         if allocation != "uniform":
             levels = self.allocated(model, params, context.profile, context.example_input, context.notes)

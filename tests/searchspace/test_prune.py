@@ -705,3 +705,61 @@ def test_a_run_that_ends_in_a_depthwise_convolution_keeps_its_output_channels():
     assert out[4].dw.out_channels == 16 and out[4].expand.out_channels == 16
     with torch.no_grad():
         assert out.eval()(x).shape == (8, 10)
+
+
+def test_aligned_keep_is_the_nearest_multiple_within_the_layer():
+    """Closed-form counts: Torch-Pruning keeps int(c * (1 - ratio)); round_to keeps the nearest
+    multiple of it (halves up), at least one multiple, at most c; a layer narrower than the multiple
+    keeps the exact count."""
+    from searchspace.methods.prune import aligned_keep
+
+    assert aligned_keep(16, 0.4, 8) == 8  # 9 -> 8
+    assert aligned_keep(16, 0.2, 8) == 16  # 12 -> 16 (half up)
+    assert aligned_keep(32, 0.4, 8) == 16  # 19 -> 16
+    assert aligned_keep(64, 0.4, 8) == 40  # 38 -> 40
+    assert aligned_keep(64, 0.4, 16) == 32  # 38 -> 32
+    assert aligned_keep(16, 0.9, 8) == 8, "at least one multiple"
+    assert aligned_keep(10, 0.5, 8) == 8, "a width off the multiple is brought onto it"
+    assert aligned_keep(4, 0.5, 8) == 2, "narrower than the multiple: the exact count"
+    assert aligned_keep(64, 0.4, 1) == 38 and aligned_keep(64, 0.0, 8) == 64
+    for c in range(8, 129):
+        for r in (0.1, 0.25, 0.5, 0.7):
+            k = aligned_keep(c, r, 8)
+            exact = int(c * (1 - r))
+            assert k % 8 == 0 or k == c, (c, r, k)
+            # brute force: no multiple of 8 in [8, c] is nearer to the exact count (ties go up)
+            assert all(abs(m - exact) > abs(k - exact) or (abs(m - exact) == abs(k - exact) and m <= k) for m in range(8, c + 1, 8)), (c, r, k)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "thinet"])  # thinet: the layer-by-layer path
+@pytest.mark.parametrize("ratio", [0.3, 0.4, 0.6])
+def test_round_to_keeps_every_pruned_layer_at_the_nearest_multiple(criterion, ratio):
+    """digits_cnn (16, 32, 64, 64 channels): with round_to 8 every layer keeps aligned_keep of its
+    channels, the count the same plan without round_to keeps rounded to the nearest multiple."""
+    from searchspace.methods.prune import aligned_keep
+
+    base = make_base("digits_cnn", (1, 8, 8))
+    x = torch.randn(8, 1, 8, 8)
+    widths = {}
+    for round_to in (1, 8):
+        params = {"criterion": criterion, "ratio": ratio, "per_stage": False, **({"round_to": round_to} if round_to > 1 else {})}
+        out = searchspace.get_method("prune")().apply(base, params, context=_context(x, base))
+        widths[round_to] = [m.out_channels for m in out.modules() if isinstance(m, nn.Conv2d)]
+        assert out(x).shape == (8, 10)
+    before = [m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)]
+    assert widths[1] == [int(c * (1 - ratio)) for c in before], widths
+    assert widths[8] == [aligned_keep(c, ratio, 8) for c in before], widths
+    assert all(w % 8 == 0 for w in widths[8]), widths
+
+
+def test_round_to_is_recorded_only_when_it_rounds_and_is_checked():
+    from tests.automl.test_sensitivity import optuna_fixed
+
+    prune = searchspace.get_method("prune")
+    assert list(prune().ranges["round_to"].choices) == [1], "counts are exact unless a config names round_to"
+    opened = prune(ranges=prune.narrowed({"round_to": [8, 16]}))
+    fixed = {"prune.criterion": "l1", "prune.per_stage": False, "prune.ratio": 0.3}
+    assert opened.space(optuna_fixed({**fixed, "prune.round_to": 8}))["round_to"] == 8
+    assert "round_to" not in prune().space(optuna_fixed(fixed)), "an exact plan is written as without the setting"
+    with pytest.raises(ValueError, match=r"prune.round_to must be one of \[1, 4, 8, 16, 32, 64\], got 3"):
+        prune().apply(_toy(), {"criterion": "l1", "ratio": 0.5, "round_to": 3}, context=_context(torch.rand(4, 1, 8, 8)))
