@@ -226,7 +226,8 @@ class ReviewConfig(_Frozen):
     (a fraction: 0.01 = 1 percentage point) below the base model's; ``show`` lists the rest of the
     front apart. The default is Intel Neural Compressor's default tolerance (1 %): a compressed
     model further below its base is rarely the one a user ships, and a knee taken over models
-    many points worse would rank accuracy as just one cost among others.
+    many points worse would rank accuracy as just one cost among others. Within the tolerance the
+    knee trades off the other objectives only (:func:`automl._pareto.review_knee`).
     """
 
     max_drop: float = Field(default=DEFAULT_MAX_DROP, ge=0.0, le=1.0)

@@ -213,10 +213,29 @@ def _admitted(view: StudyView, max_drop: float | None) -> list[FrontRow]:
 
 def review_knee(view: StudyView, max_drop: float | None = None) -> int | None:
     """The knee of the front among the models within ``max_drop`` of the base's accuracy (None:
-    no such model); the trial that trained its plan stands for a plan's repeats."""
+    no such model); the trial that trained its plan stands for a plan's repeats.
+
+    Within the tolerance accuracy is the constraint, not a cost: the knee trades off the other
+    objectives (size, latency, ...) among the admitted models that no other admitted model beats on
+    all of them, and accuracy only breaks ties (then the lower trial number). Scaled to [0, 1] over
+    a front one point wide, one test sample (0.28 points of the digits test split) would weigh as
+    much as a quarter of the size or speed range, though it is well inside the test split's own
+    noise. Intel Neural Compressor and NNCF's accuracy-aware modes treat the tolerance the same
+    way. With no tolerance (``max_drop`` None, or no base accuracy) the knee is taken over every
+    objective, accuracy included (:func:`knee_point`).
+    """
     admitted = {r.number for r in _admitted(view, max_drop)}
     front = [g.row for g in group_by_plan([r for r in view.front if r.number in admitted])]
-    return knee_point(front, view)
+    costs = [o for o in view.objectives if o != "accuracy"]
+    if max_drop is None or view.base.get("accuracy") is None or len(costs) == len(view.objectives) or not front:
+        return knee_point(front, view)
+    ordered = sorted(front, key=lambda r: (-float(r.metrics.get("accuracy") or 0.0), r.number))
+    if not costs:
+        return ordered[0].number
+    ordered = [r for r in ordered if all(r.metrics.get(o) is not None for o in costs)]
+    directions = [view.directions[view.objectives.index(o)] for o in costs]
+    pts, _ = normalise(_objective_values(ordered, costs), costs, directions, view.base)
+    return knee_point([r for r, keep in zip(ordered, nondominated_mask(pts)) if keep], view, objectives=costs)
 
 
 # --- constraints and picks ------------------------------------------------------------------
@@ -389,8 +408,9 @@ def _non_dominated(rows: Sequence[FrontRow], view: StudyView) -> list[FrontRow]:
     return [r for r, k in zip(rows, nondominated_mask(pts)) if k]
 
 
-def knee_point(front: Sequence[FrontRow], view: StudyView) -> int | None:
-    """Trial number of the knee of ``front`` (None if it is empty).
+def knee_point(front: Sequence[FrontRow], view: StudyView, objectives: Sequence[str] | None = None) -> int | None:
+    """Trial number of the knee of ``front`` (None if it is empty) over ``objectives`` (default:
+    all of the view's); of points tied on them, the first in ``front``.
 
     Definition (Das, 1999, "On characterizing the knee of the Pareto curve"; the "maximum distance to
     the extreme-point hyperplane" of Branke et al., 2004): map the front's objectives to minimisation
@@ -401,12 +421,14 @@ def knee_point(front: Sequence[FrontRow], view: StudyView) -> int | None:
     hyperplane (fewer distinct extremes than objectives, e.g. a front of one or two points in 3-D),
     the knee falls back to the point closest to the ideal point (the origin after scaling).
     """
-    rows = [r for r in front if all(r.metrics.get(o) is not None for o in view.objectives)]
+    names = list(view.objectives if objectives is None else objectives)
+    directions = [view.directions[view.objectives.index(o)] for o in names]
+    rows = [r for r in front if all(r.metrics.get(o) is not None for o in names)]
     if not rows:
         return None
     if len(rows) == 1:
         return rows[0].number
-    pts, _ = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
+    pts, _ = normalise(_objective_values(rows, names), names, directions, view.base)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     span = np.where(hi - lo > 0, hi - lo, 1.0)
     z = (pts - lo) / span

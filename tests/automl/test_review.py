@@ -68,6 +68,33 @@ def test_knee_within_max_drop_is_the_known_trial_and_without_it_three_points_bel
     assert pick(view, "best-accuracy", max_drop=0.01).number == 0, "of a plan and its repeat, the trial that trained it is picked"
 
 
+#: Base 0.90 / 1000 B / 1.0 ms. Within 1 point: A (+0.0 pt) and K (-0.2 pt) cost more than M on both
+#: size and latency; S, M, L (-0.8 pt) are the size/latency front. Scaled to [0, 1] over that
+#: front S = (0, 1), M = (0.5, 1/3), L = (1, 0): M lies 0.118 inside the line S-L, so the knee
+#: within the tolerance is M. X is 10 points below the base. M2 has M's costs at -0.5 pt.
+COSTS = [
+    ("none", pt(0.900, 600, 0.8), {"plan_key": "A"}),
+    ("none+prune", pt(0.892, 200, 0.7), {"plan_key": "S"}),
+    ("none+prune", pt(0.892, 400, 0.4), {"plan_key": "L"}),
+    ("none+prune", pt(0.898, 450, 0.6), {"plan_key": "K"}),
+    ("none+prune", pt(0.892, 300, 0.5), {"plan_key": "M"}),
+    ("tucker", pt(0.80, 100, 0.3), {"plan_key": "X"}),
+]
+
+
+def test_within_max_drop_the_knee_trades_off_the_costs_and_accuracy_only_breaks_ties():
+    view = view_of(COSTS)
+    assert review_knee(view, DEFAULT_MAX_DROP) == 4, "within 1 point the knee is M, the knee of the size/latency front S-M-L"
+    admitted = [r for r in view.front if r.number != 5]
+    assert knee_point(admitted, view) == 3, "over all three objectives scaled to one point of accuracy, K's 0.6 points would win"
+    tied = view_of([*COSTS, ("none+prune", pt(0.895, 300, 0.5), {"plan_key": "M2"})])
+    assert review_knee(tied, DEFAULT_MAX_DROP) == 6, "of two models with the same costs, the more accurate is the knee"
+    from tests.automl.test_pareto import make_study
+
+    one_cost = load_view(make_study([("none" if m == "none+prune" else m, p) for m, p, _ in COSTS], objectives=("accuracy", "latency_ms")))
+    assert review_knee(one_cost, DEFAULT_MAX_DROP) == 2, "with latency the only cost, the knee is the fastest model within 1 point (L)"
+
+
 def test_within_drop_keeps_exactly_max_drop_and_nothing_below():
     view = view_of()
     inside = {r.number for r in view.trials if within_drop(r, 0.01)}
