@@ -32,6 +32,7 @@ __all__ = [
     "params_summary",
     "pick",
     "review_knee",
+    "tolerance_knee",
     "study_constraints",
     "within_drop",
 ]
@@ -213,29 +214,38 @@ def _admitted(view: StudyView, max_drop: float | None) -> list[FrontRow]:
 
 def review_knee(view: StudyView, max_drop: float | None = None) -> int | None:
     """The knee of the front among the models within ``max_drop`` of the base's accuracy (None:
-    no such model); the trial that trained its plan stands for a plan's repeats.
+    no such model); the trial that trained its plan stands for a plan's repeats (:func:`tolerance_knee`)."""
+    admitted = {r.number for r in _admitted(view, max_drop)}
+    knee = tolerance_knee([g.row for g in group_by_plan([r for r in view.front if r.number in admitted])], view, max_drop)
+    return None if knee is None else knee.number
+
+
+def tolerance_knee(rows: Sequence[FrontRow], view: StudyView, max_drop: float | None) -> FrontRow | None:
+    """The knee among ``rows``, the models admitted within ``max_drop`` (one per plan; None: no row).
 
     Within the tolerance accuracy is the constraint, not a cost: the knee trades off the other
-    objectives (size, latency, ...) among the admitted models that no other admitted model beats on
-    all of them, and accuracy only breaks ties (then the lower trial number). Scaled to [0, 1] over
-    a front one point wide, one test sample (0.28 points of the digits test split) would weigh as
-    much as a quarter of the size or speed range, though it is well inside the test split's own
-    noise. Intel Neural Compressor and NNCF's accuracy-aware modes treat the tolerance the same
-    way. With no tolerance (``max_drop`` None, or no base accuracy) the knee is taken over every
-    objective, accuracy included (:func:`knee_point`).
+    objectives (size, latency, ...) among the rows that no other row beats on all of them, and
+    accuracy only breaks ties (then the lower trial number). Scaled to [0, 1] over a front one
+    point wide, one test sample (0.28 points of the digits test split) would weigh as much as a
+    quarter of the size or speed range, though it is well inside the test split's own noise. Intel
+    Neural Compressor and NNCF's accuracy-aware modes treat the tolerance the same way. With no
+    tolerance (``max_drop`` None, or no base accuracy) the knee of the rows' front is taken over
+    every objective, accuracy included (:func:`knee_point`).
     """
-    admitted = {r.number for r in _admitted(view, max_drop)}
-    front = [g.row for g in group_by_plan([r for r in view.front if r.number in admitted])]
     costs = [o for o in view.objectives if o != "accuracy"]
-    if max_drop is None or view.base.get("accuracy") is None or len(costs) == len(view.objectives) or not front:
-        return knee_point(front, view)
-    ordered = sorted(front, key=lambda r: (-float(r.metrics.get("accuracy") or 0.0), r.number))
-    if not costs:
-        return ordered[0].number
-    ordered = [r for r in ordered if all(r.metrics.get(o) is not None for o in costs)]
-    directions = [view.directions[view.objectives.index(o)] for o in costs]
-    pts, _ = normalise(_objective_values(ordered, costs), costs, directions, view.base)
-    return knee_point([r for r, keep in zip(ordered, nondominated_mask(pts)) if keep], view, objectives=costs)
+    if max_drop is None or view.base.get("accuracy") is None or len(costs) == len(view.objectives):
+        front = _non_dominated(rows, view)
+        number = knee_point(front, view)
+    else:
+        ordered = sorted(rows, key=lambda r: (-float(r.metrics.get("accuracy") or 0.0), r.number))
+        if not costs:
+            return ordered[0] if ordered else None
+        ordered = [r for r in ordered if all(r.metrics.get(o) is not None for o in costs)]
+        directions = [view.directions[view.objectives.index(o)] for o in costs]
+        pts, _ = normalise(_objective_values(ordered, costs), costs, directions, view.base)
+        front = [r for r, keep in zip(ordered, nondominated_mask(pts)) if keep]
+        number = knee_point(front, view, objectives=costs)
+    return next((r for r in front if r.number == number), None)
 
 
 # --- constraints and picks ------------------------------------------------------------------
@@ -283,9 +293,10 @@ def pick(view: StudyView, how: str, constraints: Constraints = Constraints(), *,
     if how == "knee":
         # The knee of the front of the admitted trials: constraining first, then taking the front,
         # keeps the pick on the trade-off curve the user can actually use.
-        front = _non_dominated(rows, view)
-        number = knee_point(front, view)
-        return next(r for r in front if r.number == number)
+        knee = tolerance_knee(rows, view, max_drop)
+        if knee is None:
+            raise ValueError(f"--pick knee: no finished trial meeting {constraints.describe()} has every objective of the study ({', '.join(view.objectives)}) measured")
+        return knee
     metric, maximise = PICKS[how]
     measured = [r for r in rows if r.metrics.get(metric) is not None]
     if not measured:

@@ -28,8 +28,8 @@ from tests.automl.test_pareto import BASE, pt
 #: Knee of the whole front {0, 2, 3, 4} (objectives scaled to [0, 1] over it): the best-accuracy
 #: extreme is trial 0, the size and latency extremes are both trial 4, so they span no plane and
 #: the knee is the point closest to the ideal: trial 3 (|z| = 0.15; trial 2: 0.92, trial 0: 1.41,
-#: trial 4: 1). Within 1 point the front is {0, 2}: trial 0 is the accuracy extreme, trial 2 both
-#: cost extremes, and trial 2 is the closer to the ideal (|z| = 1 against 1.41).
+#: trial 4: 1). Within 1 point the front is {0, 2}, and the knee trades off only size and latency
+#: there (accuracy is the constraint): trial 2 is smaller and faster than trial 0.
 TRIALS = [
     ("none", pt(0.90, 1000, 1.0), {"plan_key": "P"}),
     ("none", pt(0.90, 1000, 1.0), {"plan_key": "P", "duplicate_of": 0}),
@@ -85,6 +85,7 @@ COSTS = [
 def test_within_max_drop_the_knee_trades_off_the_costs_and_accuracy_only_breaks_ties():
     view = view_of(COSTS)
     assert review_knee(view, DEFAULT_MAX_DROP) == 4, "within 1 point the knee is M, the knee of the size/latency front S-M-L"
+    assert pick(view, "knee", max_drop=DEFAULT_MAX_DROP).number == 4, "export --pick knee and show take the same knee as the report"
     admitted = [r for r in view.front if r.number != 5]
     assert knee_point(admitted, view) == 3, "over all three objectives scaled to one point of accuracy, K's 0.6 points would win"
     tied = view_of([*COSTS, ("none+prune", pt(0.895, 300, 0.5), {"plan_key": "M2"})])
@@ -177,7 +178,9 @@ def test_show_and_export_take_the_study_tolerance_and_the_flag(tmp_path):
     assert r.exit_code == 0 and "beyond review.max_drop" in r.output and "knee: trial 2" in r.output, r.output
     assert "0 (+1)" in r.output, f"plan P is one row naming its repeat: {r.output}"
     r = runner.invoke(app, ["show", str(folder), "--json", "--max-drop", "1"])
-    assert [x["trial"] for x in json.loads(r.output) if x["knee"]] == [3], "--max-drop 1 admits every model: the whole front's knee"
+    # A tolerance of 100 points admits every model and spends all of it on size and latency: trial 4
+    # (40 points below the base) is the smallest and the fastest.
+    assert [x["trial"] for x in json.loads(r.output) if x["knee"]] == [4], "--max-drop 1 admits every model: the knee of their costs"
     for command in (["show", str(folder)], ["export", str(folder), "--pick", "knee"]):
         r = runner.invoke(app, [*command, "--max-drop", "2"])
         assert r.exit_code == 2 and r.output.strip() == "error: --max-drop must be a fraction in [0, 1] (0.01 = 1 point), got 2.0", r.output
