@@ -227,7 +227,7 @@ class ReviewConfig(_Frozen):
     front apart. The default is Intel Neural Compressor's default tolerance (1 %): a compressed
     model further below its base is rarely the one a user ships, and a knee taken over models
     many points worse would rank accuracy as just one cost among others. Within the tolerance the
-    knee trades off the other objectives only (:func:`automl._pareto.review_knee`).
+    knee trades off the other objectives only (:func:`automl._pareto.tolerance_knee`).
     """
 
     max_drop: float = Field(default=DEFAULT_MAX_DROP, ge=0.0, le=1.0)

@@ -1141,10 +1141,11 @@ class Prune(CompressionMethod):
     """Filter pruning with Torch-Pruning's dependency graph and a searched importance criterion.
 
     Searched: ``criterion`` (l1, apoz, thinet, gates, slimming), the ``allocation`` (uniform, global,
-    sensitivity; default uniform), ``round_to`` (the multiple channel counts are kept at; default 1), with ``uniform`` one ``ratio`` of channels removed from every
-    prunable layer, or with ``per_stage`` one ratio per stage (``stage_ratio_0..3``); with
-    ``global`` ``ratio`` is the share of all channels removed, with ``sensitivity`` ``share`` is the
-    share of the model's parameters removed; for gates the gate-optimisation steps per sample batch and the L1 weight,
+    sensitivity; default uniform), ``round_to`` (the multiple channel counts are kept at; default 1),
+    with ``uniform`` one ``ratio`` of channels removed from every prunable layer, or with
+    ``per_stage`` one ratio per stage (``stage_ratio_0..3``); with ``global`` ``ratio`` is the share
+    of all channels removed, with ``sensitivity`` ``share`` is the share of the model's parameters
+    removed; for gates the gate-optimisation steps per sample batch and the L1 weight,
     for slimming the gate-training epochs and the L1 weight. The trial fine-tunes (with the searched
     distillation) afterwards. The classifier's output layer is never pruned.
     """
