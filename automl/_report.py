@@ -394,7 +394,8 @@ def write_tables(data: ReportData, out: Path, fmt: str) -> list[Path]:
 def _knee_line(data: ReportData) -> str:
     if data.knee is None:
         return "- knee point: none (no finished trial)" if not data.view.trials else "- knee point: none (no model on the front within review.max_drop)"
-    within = "" if data.max_drop is None else f" (among the models within {100 * data.max_drop:g} points of the base accuracy, review.max_drop)"
+    costs = ", ".join(o for o in data.view.objectives if o != "accuracy")
+    within = "" if data.max_drop is None else f" (among the models within {100 * data.max_drop:g} points of the base accuracy, review.max_drop, trading off {costs or 'nothing: the most accurate'})"
     return f"- knee point: trial {data.knee}{within}"
 
 
