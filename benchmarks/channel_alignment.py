@@ -10,7 +10,9 @@ block-timing median. Models with the same channel counts are timed once.
     python benchmarks/channel_alignment.py [--model digits_cnn --shape 1,8,8] [--rounds 7]
 
 Prints the CPU (and whether it has AVX-512), then a markdown table: channel counts, MACs, latency,
-speed-up over the base, and the speed-up the MACs alone would predict.
+speed-up over the base, and the speed-up the MACs alone would predict. ``--tucker 0.25,0.6`` adds
+the ``tucker`` method at those rank fractions (``rank_out`` = ``rank_in``): its ranks are channel
+counts of the convolutions it inserts, on the same fast path or off it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--round-to", default="1,8,16")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tucker", default="", help="Tucker-2 rank fractions to add, comma-separated")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     torch.manual_seed(0)
@@ -64,6 +67,9 @@ def main() -> None:
             label = f"ratio {ratio:g}, round_to {multiple}"
             key = widths(out)
             models[key] = (models[key][0] + "; " + label, models[key][1]) if key in models else (label, out)
+    for fraction in (float(r) for r in args.tucker.split(",") if r):
+        out = get_method("tucker")().apply(base, {"rank_out": fraction, "rank_in": fraction}, context=ApplyContext(example_input=example)).eval()
+        models.setdefault(widths(out), (f"tucker ranks {fraction:g}", out))
     settings = LatencySettings(runtime="onnxruntime", batch_size=1, threads=1, warmup=10, repeats=15, isolate=False, max_attempts=1)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {k: build_artifact(m, example, Path(tmp) / str(i), runtime="onnxruntime", threads=1) for i, (k, (_, m)) in enumerate(models.items())}
@@ -75,7 +81,7 @@ def main() -> None:
     macs = {k: count_macs(m, example) for k, (_, m) in models.items()}
     b = widths(base)
     print(f"{cpu_name()} ({cpu_flags()}); {args.model} {shape}; ONNX Runtime, batch 1, 1 thread; median of {args.rounds} interleaved rounds\n")
-    print("| channels | pruned as | MACs | latency ms | x faster | x fewer MACs |")
+    print("| channels | model | MACs | latency ms | x faster | x fewer MACs |")
     print("|---|---|---:|---:|---:|---:|")
     for k in sorted(models, key=lambda k: -macs[k]):
         print(f"| {'/'.join(map(str, k))} | {models[k][0]} | {macs[k]:,} | {lat[k]:.4f} | {lat[b] / lat[k]:.2f} | {macs[b] / macs[k]:.2f} |")
