@@ -32,6 +32,7 @@ __all__ = [
     "params_summary",
     "pick",
     "review_knee",
+    "knee_objectives",
     "tolerance_knee",
     "study_constraints",
     "within_drop",
@@ -220,6 +221,15 @@ def review_knee(view: StudyView, max_drop: float | None = None) -> int | None:
     return None if knee is None else knee.number
 
 
+def knee_objectives(view: StudyView, max_drop: float | None) -> list[str]:
+    """The objectives the knee trades off (:func:`tolerance_knee`): within a tolerance (``max_drop``
+    given and the base's accuracy known) every objective but accuracy, which is then the
+    constraint; otherwise all of them."""
+    if max_drop is None or view.base.get("accuracy") is None:
+        return list(view.objectives)
+    return [o for o in view.objectives if o != "accuracy"]
+
+
 def tolerance_knee(rows: Sequence[FrontRow], view: StudyView, max_drop: float | None) -> FrontRow | None:
     """The knee among ``rows``, the models admitted within ``max_drop`` (one per plan; None: no row).
 
@@ -232,19 +242,13 @@ def tolerance_knee(rows: Sequence[FrontRow], view: StudyView, max_drop: float | 
     tolerance (``max_drop`` None, or no base accuracy) the knee of the rows' front is taken over
     every objective, accuracy included (:func:`knee_point`).
     """
-    costs = [o for o in view.objectives if o != "accuracy"]
-    if max_drop is None or view.base.get("accuracy") is None or len(costs) == len(view.objectives):
-        front = _non_dominated(rows, view)
-        number = knee_point(front, view)
-    else:
-        ordered = sorted(rows, key=lambda r: (-float(r.metrics.get("accuracy") or 0.0), r.number))
-        if not costs:
-            return ordered[0] if ordered else None
-        ordered = [r for r in ordered if all(r.metrics.get(o) is not None for o in costs)]
-        directions = [view.directions[view.objectives.index(o)] for o in costs]
-        pts, _ = normalise(_objective_values(ordered, costs), costs, directions, view.base)
-        front = [r for r, keep in zip(ordered, nondominated_mask(pts)) if keep]
-        number = knee_point(front, view, objectives=costs)
+    costs = knee_objectives(view, max_drop)
+    # Most accurate first: of rows tied on the traded objectives, the knee is the first.
+    ordered = sorted(rows, key=lambda r: (-float(r.metrics.get("accuracy") or 0.0), r.number))
+    if not costs:
+        return ordered[0] if ordered else None
+    front = _non_dominated([r for r in ordered if all(r.metrics.get(o) is not None for o in costs)], view, costs)
+    number = knee_point(front, view, objectives=costs)
     return next((r for r in front if r.number == number), None)
 
 
@@ -414,8 +418,11 @@ def nondominated_mask(points: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _non_dominated(rows: Sequence[FrontRow], view: StudyView) -> list[FrontRow]:
-    pts, _ = normalise(_objective_values(rows, view.objectives), view.objectives, view.directions, view.base)
+def _non_dominated(rows: Sequence[FrontRow], view: StudyView, objectives: Sequence[str] | None = None) -> list[FrontRow]:
+    """The rows no other row beats on ``objectives`` (default: all of the view's)."""
+    names = list(view.objectives if objectives is None else objectives)
+    directions = [view.directions[view.objectives.index(o)] for o in names]
+    pts, _ = normalise(_objective_values(rows, names), names, directions, view.base)
     return [r for r, k in zip(rows, nondominated_mask(pts)) if k]
 
 

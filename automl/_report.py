@@ -30,6 +30,7 @@ from automl._pareto import (
     best_per_method,
     group_by_plan,
     hypervolume_history,
+    knee_objectives,
     nondominated_mask,
     params_summary,
     review_knee,
@@ -394,7 +395,7 @@ def write_tables(data: ReportData, out: Path, fmt: str) -> list[Path]:
 def _knee_line(data: ReportData) -> str:
     if data.knee is None:
         return "- knee point: none (no finished trial)" if not data.view.trials else "- knee point: none (no model on the front within review.max_drop)"
-    costs = ", ".join(o for o in data.view.objectives if o != "accuracy")
+    costs = ", ".join(knee_objectives(data.view, data.max_drop))
     within = "" if data.max_drop is None else f" (among the models within {100 * data.max_drop:g} points of the base accuracy, review.max_drop, trading off {costs or 'nothing: the most accurate'})"
     return f"- knee point: trial {data.knee}{within}"
 
